@@ -1,0 +1,232 @@
+"""`LoadBalancer`: picks an endpoint of a service for each request.
+
+The pick path, with no lock on the common path::
+
+    pick(service, key) -> current registry snapshot -> route (prepared once per snapshot)
+                       -> strategy's picker -> Lease (counts in flight until released)
+
+A route is rebuilt when the registry publishes a new snapshot for the service; the check is one
+identity comparison, so a pick that starts after ``deregister()`` returns never sees the removed
+endpoint.  Live figures (:class:`~tai_lb.stats.EndpointStats`) are kept per address across
+rebuilds, so in-flight counts and latency averages survive topology changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Collection, Mapping
+from types import TracebackType
+from typing import Any, Callable, Optional, Union
+
+from .config import LoadBalancerConfig, ServiceConfig, load_config
+from .endpoint import Endpoint
+from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
+from .lease import Lease
+from .registry import ServiceRegistry, ServiceSnapshot
+from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
+from .strategies import Picker, RoutingKey, Strategy, StrategyLike, resolve_strategy
+
+__all__ = ["LoadBalancer"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class _Route:
+    """What picks of one service need, prepared for one registry snapshot."""
+
+    __slots__ = ("candidates", "picker", "snapshot", "strategy")
+
+    def __init__(self, snapshot: ServiceSnapshot, strategy: Strategy,
+                 candidates: tuple[EndpointStats, ...], picker: Optional[Picker]) -> None:
+        self.snapshot = snapshot
+        self.strategy = strategy
+        self.candidates = candidates
+        self.picker = picker
+
+
+class LoadBalancer:
+    """Picks endpoints of services from a registry, one :class:`~tai_lb.Lease` per request.
+
+    :param registry: where the endpoints come from; a new empty one when None.
+    :param strategy: the strategy of every service without its own (default ``round_robin``):
+        a name, a config dict, a :class:`~tai_lb.strategies.Strategy` or a function.
+    :param config: per-service settings, as built by :meth:`from_config`.
+    :param clock: monotonic clock in seconds, injectable for tests.
+    """
+
+    def __init__(self, registry: Optional[ServiceRegistry] = None,
+                 strategy: StrategyLike = "round_robin", *,
+                 config: Optional[LoadBalancerConfig] = None,
+                 clock: Clock = time.monotonic) -> None:
+        self.registry = registry if registry is not None else ServiceRegistry()
+        self.config = config if config is not None else LoadBalancerConfig()
+        self._default_strategy = resolve_strategy(strategy)
+        self._clock = clock
+        self._lock = threading.Lock()  # guards route rebuilds and the stats tables
+        self._routes: dict[str, _Route] = {}
+        self._stats: dict[str, dict[str, EndpointStats]] = {}
+        self._service_load: dict[str, collections.deque[None]] = {}
+        self._closed = False
+        for name, service in self.config.services.items():
+            self.registry.add_service(name)
+            if service.endpoints:
+                self.registry.register_many(name, service.endpoints)
+
+    @classmethod
+    def from_config(cls, source: Union[Mapping[str, Any], str, os.PathLike[str],
+                                       LoadBalancerConfig], *,
+                    registry: Optional[ServiceRegistry] = None,
+                    clock: Clock = time.monotonic) -> LoadBalancer:
+        """Build a balancer from a config dict or a JSON, TOML or YAML file.
+
+        Every key is checked here; a bad one raises :class:`~tai_lb.ConfigError`.
+        """
+        return cls(registry, config=load_config(source), clock=clock)
+
+    # -- picking ------------------------------------------------------------------------------
+
+    def pick(self, service: str, key: Optional[RoutingKey] = None, *,
+             exclude: Collection[str] = ()) -> Lease:
+        """Pick an endpoint of ``service`` and return its open :class:`~tai_lb.Lease`.
+
+        :param key: the request's routing key (used by ``consistent_hash``).
+        :param exclude: addresses not to pick while any other endpoint remains (retries use it
+            to go to a different endpoint).
+        :raises UnknownService: the service was never configured nor registered.
+        :raises NoEndpointAvailable: the service has no endpoint to pick.
+        """
+        snapshot = self.registry._snapshots.get(service)
+        route = self._routes.get(service)
+        if route is None or route.snapshot is not snapshot:
+            route = self._rebuild(service)
+        picker = route.picker
+        if picker is None:
+            raise NoEndpointAvailable(service, "no endpoints registered")
+        stats = picker(key)
+        if exclude and stats.endpoint.address in exclude:
+            stats = self._pick_excluding(route, key, exclude, stats)
+        return Lease(service, stats, key)
+
+    def _pick_excluding(self, route: _Route, key: Optional[RoutingKey],
+                        exclude: Collection[str], first: EndpointStats) -> EndpointStats:
+        remaining = tuple(c for c in route.candidates if c.endpoint.address not in exclude)
+        if not remaining:
+            return first  # everything was tried: another try on one of them beats failing
+        return route.strategy.prepare(remaining)(key)
+
+    def _rebuild(self, service: str, *, picking: bool = True) -> _Route:
+        if self._closed and picking:
+            raise LoadBalancerError("the load balancer is closed")
+        with self._lock:
+            snapshot = self.registry._snapshots.get(service)
+            if snapshot is None:
+                raise UnknownService(service)
+            route = self._routes.get(service)
+            if route is not None and route.snapshot is snapshot:
+                return route  # another thread rebuilt it meanwhile
+            strategy = self._strategy_for(service)
+            known = self._stats.setdefault(service, {})
+            load = self._service_load.setdefault(service, collections.deque())
+            candidates = []
+            for endpoint in snapshot.endpoints:
+                stats = known.get(endpoint.address)
+                if stats is None:
+                    stats = self._new_stats(endpoint, strategy, load)
+                    known[endpoint.address] = stats
+                elif stats.endpoint is not endpoint:
+                    # Changed metadata keeps the live figures and the open leases' counts.
+                    stats.endpoint = endpoint
+                candidates.append(stats)
+            # Forget removed endpoints once nothing is in flight on them.
+            for address in [a for a, s in known.items()
+                            if a not in snapshot.by_address and not s.in_flight]:
+                del known[address]
+            items = tuple(candidates)
+            picker = strategy.prepare(items) if items else None
+            route = _Route(snapshot, strategy, items, picker)
+            if not self._closed:
+                self._routes[service] = route
+            return route
+
+    def _new_stats(self, endpoint: Endpoint, strategy: Strategy,
+                   load: collections.deque[None]) -> EndpointStats:
+        return EndpointStats(endpoint, self._clock,
+                             decay=getattr(strategy, "decay", DEFAULT_DECAY),
+                             default_latency=getattr(strategy, "default_latency", DEFAULT_LATENCY),
+                             service_load=load)
+
+    def _strategy_for(self, service: str) -> Strategy:
+        settings = self.config.services.get(service)
+        return settings.strategy if settings is not None else self._default_strategy
+
+    def service_config(self, service: str) -> ServiceConfig:
+        """The settings of ``service`` (defaults if it was registered from Python)."""
+        if service not in self.registry:
+            raise UnknownService(service)
+        settings = self.config.services.get(service)
+        return settings if settings is not None else ServiceConfig(strategy=self._default_strategy)
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def stats(self, service: str) -> dict[str, EndpointStats]:
+        """The live figures of each current endpoint of ``service``, by address."""
+        route = self._route(service)
+        return {c.endpoint.address: c for c in route.candidates}
+
+    def _route(self, service: str) -> _Route:
+        route = self._routes.get(service)
+        if route is None or route.snapshot is not self.registry._snapshots.get(service):
+            route = self._rebuild(service, picking=False)
+        return route
+
+    def status(self) -> dict[str, Any]:
+        """Every service's endpoints with their figures, as a JSON-serialisable dict."""
+        services: dict[str, Any] = {}
+        for name in self.registry.services():
+            route = self._route(name)
+            endpoints: dict[str, Any] = {}
+            for stats in route.candidates:
+                endpoint = stats.endpoint
+                entry = endpoint.to_dict()
+                del entry["address"]
+                entry["health"] = "healthy"
+                entry.update(stats.snapshot())
+                endpoints[endpoint.address] = entry
+            services[name] = {
+                "strategy": route.strategy.name,
+                "strategy_options": route.strategy.options(),
+                "endpoints_total": len(route.candidates),
+                "in_flight": len(self._service_load.get(name, ())),
+                "endpoints": endpoints,
+            }
+        return {"closed": self._closed, "services": services}
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the balancer: later picks raise `LoadBalancerError`.  Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            self._routes.clear()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._closed
+
+    def __enter__(self) -> LoadBalancer:
+        return self
+
+    def __exit__(self, exc_type: Optional[type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<LoadBalancer services={list(self.registry.services())} {state}>"

@@ -1,0 +1,309 @@
+"""Configuration: frozen value objects, and the loader that builds them from dicts and files.
+
+Everything is checked at load time.  A bad key or value raises :class:`~tai_lb.ConfigError`
+whose message names the key path, the value and what is allowed, for example::
+
+    services.users.strategy: unknown strategy 'fastest'; allowed: round_robin, ...
+
+Keys of the specification that this version does not implement yet are rejected with a clear
+"not supported yet" error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Optional, Union
+
+from .endpoint import Endpoint
+from .exceptions import ConfigError
+from .registry import check_service_name
+from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
+
+__all__ = [
+    "KeySource",
+    "LoadBalancerConfig",
+    "ServiceConfig",
+    "load_config",
+    "parse_config",
+]
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "health_check",
+                "outlier_detection", "circuit_breaker", "retries", "affinity", "backups",
+                "slow_start", "pool", "timeout")
+"""Every key a service may have (some not supported yet, see :data:`NOT_SUPPORTED_YET`)."""
+
+TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
+
+NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
+    "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
+    "health_check": "active health checks are not built yet",
+    "outlier_detection": "outlier detection is not built yet",
+    "circuit_breaker": "circuit breakers are not built yet",
+    "retries": "retries come with the HTTP adapter, which is not built yet",
+    "affinity": "session affinity is not built yet",
+    "backups": "failover to backups is not built yet",
+    "slow_start": "slow start is not built yet",
+    "pool": "connection pools come with the HTTP adapter, which is not built yet",
+    "timeout": "timeouts come with the HTTP adapter, which is not built yet",
+    "metrics": "metrics export is not built yet",
+})
+"""Keys of the specification that this version rejects, with the reason shown to the user."""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where a request's routing key comes from: a header, a cookie, the source IP or the user.
+
+    Written in configuration as ``"header:X-User-Id"``, ``"cookie:sessionid"``, ``"source_ip"``
+    or ``"user_id"``; from Python a function of the request is accepted too.
+    """
+
+    kind: Literal["header", "cookie", "source_ip", "user_id", "function"]
+    name: Optional[str] = None
+    function: Optional[Callable[[Any], Optional[RoutingKey]]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind in ("header", "cookie"):
+            if not isinstance(self.name, str) or not _TOKEN.match(self.name):
+                raise ConfigError("name", f"a {self.kind} name must be an HTTP token, "
+                                          f"got {self.name!r}")
+        elif self.kind == "function":
+            if not callable(self.function):
+                raise ConfigError("function", f"must be callable, got {self.function!r}")
+        elif self.kind not in ("source_ip", "user_id"):
+            raise ConfigError("kind", f"must be header, cookie, source_ip, user_id or function, "
+                                      f"got {self.kind!r}")
+
+    @classmethod
+    def parse(cls, value: Union[str, Callable[[Any], Optional[RoutingKey]]],
+              path: str = "hash_key") -> KeySource:
+        """Build from ``"header:NAME"``, ``"cookie:NAME"``, ``"source_ip"``, ``"user_id"``, or a
+        function of the request."""
+        if callable(value):
+            return cls("function", function=value)
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be \"header:NAME\", \"cookie:NAME\", \"source_ip\" or "
+                                    f"\"user_id\", got {value!r}")
+        kind, sep, name = value.partition(":")
+        if value in ("source_ip", "user_id"):
+            return cls(value)  # type: ignore[arg-type]
+        if sep and kind in ("header", "cookie"):
+            try:
+                return cls(kind, name)  # type: ignore[arg-type]
+            except ConfigError:
+                raise ConfigError(path, f"{kind} name must be an HTTP token, "
+                                        f"got {value!r}") from None
+        raise ConfigError(path, f"must be \"header:NAME\", \"cookie:NAME\", \"source_ip\" or "
+                                f"\"user_id\", got {value!r}")
+
+    def __str__(self) -> str:
+        if self.kind in ("header", "cookie"):
+            return f"{self.kind}:{self.name}"
+        return self.kind if self.kind != "function" else repr(self.function)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The settings of one service.
+
+    :param endpoints: the static endpoints.
+    :param strategy: how to pick among them (default round robin).
+    :param scheme: ``"http"`` or ``"https"``, the scheme health probes use.
+    :param hash_key: where the routing key of an HTTP request comes from.
+    """
+
+    endpoints: tuple[Endpoint, ...] = ()
+    strategy: Strategy = field(default_factory=RoundRobin)
+    scheme: Literal["http", "https"] = "http"
+    hash_key: Optional[KeySource] = None
+
+    def __post_init__(self) -> None:
+        seen: dict[str, int] = {}
+        for i, endpoint in enumerate(self.endpoints):
+            if not isinstance(endpoint, Endpoint):
+                raise ConfigError(f"endpoints[{i}]", f"must be an Endpoint, got {endpoint!r}")
+            if endpoint.address in seen:
+                raise ConfigError(f"endpoints[{i}]", f"duplicate address {endpoint.address} "
+                                                     f"(also endpoints[{seen[endpoint.address]}])")
+            seen[endpoint.address] = i
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigError("strategy", f"must be a Strategy, got {self.strategy!r}")
+        if self.scheme not in ("http", "https"):
+            raise ConfigError("scheme", f"must be \"http\" or \"https\", got {self.scheme!r}")
+        if self.hash_key is not None and not isinstance(self.hash_key, KeySource):
+            raise ConfigError("hash_key", f"must be a KeySource, got {self.hash_key!r}")
+
+    def new(self, **changes: Any) -> ServiceConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class LoadBalancerConfig:
+    """A whole balancer's settings: the services by name."""
+
+    services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        for name, service in self.services.items():
+            check_service_name(name, f"services.{name}")
+            if not isinstance(service, ServiceConfig):
+                raise ConfigError(f"services.{name}", f"must be a ServiceConfig, got {service!r}")
+        object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
+
+    def new(self, **changes: Any) -> LoadBalancerConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+# -- the loader ---------------------------------------------------------------------------------
+
+
+def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
+    """Check a configuration dict and build its :class:`LoadBalancerConfig`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"the configuration must be a mapping, got {type(data).__name__}")
+    _reject_unknown(data, TOP_LEVEL_KEYS, "")
+    if "metrics" in data:
+        raise ConfigError("metrics", f"not supported yet: {NOT_SUPPORTED_YET['metrics']}")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        raise ConfigError("defaults", f"must be a mapping of service keys, got {defaults!r}")
+    for key in ("endpoints", "discovery"):
+        if key in defaults:
+            raise ConfigError(f"defaults.{key}", "is per service and not allowed in defaults")
+    _parse_service_fields(defaults, "defaults")  # report bad defaults under their own path
+    services = data.get("services")
+    if services is None:
+        raise ConfigError("services", "is required: a mapping of service names to settings")
+    if not isinstance(services, Mapping):
+        raise ConfigError("services", f"must be a mapping of service names to settings, "
+                                      f"got {services!r}")
+    built: dict[str, ServiceConfig] = {}
+    for name, value in services.items():
+        path = f"services.{name}"
+        check_service_name(name, path)
+        settings = {} if value is None else value
+        if not isinstance(settings, Mapping):
+            raise ConfigError(path, f"must be a mapping of service settings, got {settings!r}")
+        if "endpoints" not in settings and "discovery" not in settings:
+            raise ConfigError(path, "needs endpoints (a list of \"host:port\" or mappings) "
+                                    "or discovery")
+        built[name] = ServiceConfig(**_parse_service_fields(_merge(defaults, settings), path))
+    return LoadBalancerConfig(MappingProxyType(built))
+
+
+def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in own.items():
+        base = merged.get(key)
+        if isinstance(base, Mapping) and isinstance(value, Mapping):
+            merged[key] = {**base, **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, Any]:
+    _reject_unknown(settings, SERVICE_KEYS, path)
+    for key in settings:
+        if key in NOT_SUPPORTED_YET:
+            raise ConfigError(_join(path, key), f"not supported yet: {NOT_SUPPORTED_YET[key]}; "
+                                                "remove the key")
+    fields: dict[str, Any] = {}
+    if "endpoints" in settings:
+        raw = settings["endpoints"]
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+            raise ConfigError(_join(path, "endpoints"),
+                              f"must be a list of \"host:port\" or mappings, got {raw!r}")
+        fields["endpoints"] = tuple(
+            Endpoint.from_value(item, path=f"{_join(path, 'endpoints')}[{i}]")
+            for i, item in enumerate(raw))
+    if "strategy" in settings:
+        strategy: StrategyLike = settings["strategy"]
+        fields["strategy"] = resolve_strategy(strategy, _join(path, "strategy"))
+    if "scheme" in settings:
+        fields["scheme"] = settings["scheme"]
+    if "hash_key" in settings:
+        fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
+    try:
+        ServiceConfig(**fields)
+    except ConfigError as error:
+        raise ConfigError(_join(path, error.path), error.reason) from None
+    return fields
+
+
+def _reject_unknown(settings: Mapping[str, Any], allowed: Sequence[str], path: str) -> None:
+    for key in settings:
+        if key not in allowed:
+            raise ConfigError(_join(path, str(key)), f"unknown key; allowed: {', '.join(allowed)}")
+
+
+def load_config(source: Union[Mapping[str, Any], str, os.PathLike[str],
+                              LoadBalancerConfig]) -> LoadBalancerConfig:
+    """Build a :class:`LoadBalancerConfig` from a dict, or from a JSON, TOML or YAML file."""
+    if isinstance(source, LoadBalancerConfig):
+        return source
+    if isinstance(source, Mapping):
+        return parse_config(source)
+    return parse_config(read_config_file(os.fspath(source)))
+
+
+def read_config_file(path: str) -> Mapping[str, Any]:
+    """Read a configuration file by its extension: ``.json``, ``.toml``, ``.yaml`` or ``.yml``."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".json", ".toml", ".yaml", ".yml"):
+        raise ConfigError("", f"{path}: a configuration file must end in .json, .toml, .yaml or "
+                              f".yml, got {extension or 'no extension'!r}")
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as error:
+        raise ConfigError("", f"{path}: cannot read the configuration file: "
+                              f"{error.strerror or error}") from None
+    try:
+        if extension == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        elif extension == ".toml":
+            data = _toml_loads(raw.decode("utf-8"))
+        else:
+            data = _yaml_loads(raw.decode("utf-8"), path)
+    except ConfigError:
+        raise
+    except Exception as error:  # each parser has its own error type; all mean "malformed"
+        raise ConfigError("", f"{path}: not valid {extension[1:].upper()}: {error}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"{path}: the top level must be a mapping, got "
+                              f"{type(data).__name__}")
+    return data
+
+
+def _toml_loads(text: str) -> Mapping[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415 - only needed for TOML files
+    else:  # pragma: no cover - exercised by the 3.9 run
+        import tomli as tomllib  # noqa: PLC0415
+    data: Mapping[str, Any] = tomllib.loads(text)
+    return data
+
+
+def _yaml_loads(text: str, path: str) -> Any:
+    try:
+        import yaml  # noqa: PLC0415 - PyYAML is an optional extra
+    except ImportError:  # pragma: no cover - the test extra installs PyYAML
+        raise ConfigError("", f"{path}: reading YAML needs PyYAML: pip install "
+                              "'tai-lb[yaml]'") from None
+    return yaml.safe_load(text)

@@ -1,0 +1,79 @@
+"""`Lease`: one use of one picked endpoint, from the pick until it is released.
+
+While a lease is open the endpoint counts it as in flight; releasing it records the latency and
+whether the use succeeded.  Use it as a context manager: leaving normally is a success, leaving
+with an exception is a failure (and the exception propagates).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Optional
+
+from .endpoint import Endpoint
+from .stats import EndpointStats
+from .strategies import RoutingKey
+
+__all__ = ["Lease"]
+
+
+class Lease:
+    """The endpoint picked for one request; release it with ``with``, :meth:`done` or both.
+
+    :ivar service: the service the endpoint belongs to.
+    :ivar endpoint: the picked :class:`~tai_lb.Endpoint`.
+    :ivar key: the routing key the pick used, or None.
+    """
+
+    __slots__ = ("_failed", "_released", "_start", "_stats", "endpoint", "key", "service")
+
+    def __init__(self, service: str, stats: EndpointStats, key: Optional[RoutingKey] = None):
+        self.service = service
+        self.endpoint: Endpoint = stats.endpoint
+        self.key = key
+        self._stats = stats
+        self._released = False
+        self._failed = False
+        stats.started()
+        self._start = stats.clock()
+
+    @property
+    def address(self) -> str:
+        """The endpoint's ``host:port``."""
+        return self.endpoint.address
+
+    @property
+    def released(self) -> bool:
+        """True once the lease has been released."""
+        return self._released
+
+    def mark_failure(self) -> None:
+        """Make the release count as a failure even if no exception is raised (say, an HTTP 503)."""
+        self._failed = True
+
+    def done(self, success: Optional[bool] = None, latency: Optional[float] = None) -> None:
+        """Release the lease; later calls do nothing.
+
+        :param success: whether the use succeeded; by default, True unless :meth:`mark_failure`
+            was called.
+        :param latency: the latency to record in seconds; by default, the time since the pick.
+        """
+        if self._released:
+            return
+        self._released = True
+        stats = self._stats
+        now = stats.clock()
+        ok = (not self._failed) if success is None else success
+        stats.finished(now - self._start if latency is None else latency, ok, now)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, exc_type: Optional[type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        if not self._released:
+            self.done(success=exc_type is None and not self._failed)
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "open"
+        return f"<Lease {self.service}/{self.endpoint.address} {state}>"

@@ -1,0 +1,140 @@
+"""`EndpointStats`: the live figures of one endpoint, read by strategies on every pick.
+
+The in-flight count is a :class:`collections.deque` whose length is the count: ``append`` and
+``pop`` are atomic in CPython, so picks and leases change it without a lock and never lose a
+count.  Everything else (request counts, latency EWMA, peak EWMA) changes under a small
+per-endpoint lock when a lease ends; strategies read those fields without the lock, and a read
+racing an update sees either the old or the new figure, which is all an estimate needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from typing import Any, Callable, Optional
+
+from .endpoint import Endpoint
+
+__all__ = ["DEFAULT_DECAY", "DEFAULT_LATENCY", "EndpointStats"]
+
+DEFAULT_DECAY = 10.0
+"""Seconds for the latency averages to forget about 63% of the past (Finagle and Linkerd: 10 s)."""
+
+DEFAULT_LATENCY = 0.030
+"""Latency assumed for an endpoint with no measurement yet, in seconds (Linkerd: 30 ms)."""
+
+Clock = Callable[[], float]
+
+
+class EndpointStats:
+    """Live figures of one endpoint of one service: in flight, counts and latency averages.
+
+    :param endpoint: the endpoint measured.
+    :param clock: monotonic clock in seconds, injectable for tests.
+    :param decay: time constant of the latency averages, in seconds.
+    :param default_latency: cost of an endpoint with no measurement yet, in seconds.
+    :param service_load: a deque shared by the service's endpoints; its length is the
+        service's total in flight (used by bounded-load consistent hashing).
+    """
+
+    __slots__ = ("_default_latency", "_ewma", "_in_flight", "_lock", "_peak", "_service_load",
+                 "_stamp", "clock", "decay", "endpoint", "failures", "last_latency", "successes")
+
+    def __init__(self, endpoint: Endpoint, clock: Clock, *, decay: float = DEFAULT_DECAY,
+                 default_latency: float = DEFAULT_LATENCY,
+                 service_load: Optional[collections.deque[None]] = None) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.decay = decay
+        self._default_latency = default_latency
+        self._in_flight: collections.deque[None] = collections.deque()
+        self._service_load: collections.deque[None] = (
+            service_load if service_load is not None else collections.deque())
+        self._lock = threading.Lock()
+        self.successes = 0
+        self.failures = 0
+        self.last_latency: Optional[float] = None
+        self._ewma: Optional[float] = None
+        self._peak = 0.0
+        self._stamp = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started on this endpoint and not yet finished."""
+        return len(self._in_flight)
+
+    @property
+    def requests(self) -> int:
+        """Finished requests (successes plus failures)."""
+        return self.successes + self.failures
+
+    @property
+    def latency_ewma(self) -> Optional[float]:
+        """Time-decayed average latency in seconds, or None before the first measurement."""
+        return self._ewma
+
+    def peak_cost(self, now: float) -> float:
+        """Peak-EWMA latency decayed to ``now``, times (in flight + 1): the peak_ewma load."""
+        if self._ewma is None:
+            # As Finagle: an idle unmeasured endpoint is free, so it is tried and measured at
+            # once; while its first requests are out it costs the default latency.
+            if not self._in_flight:
+                return 0.0
+            base = self._default_latency
+        else:
+            elapsed = now - self._stamp
+            base = self._peak * math.exp(-elapsed / self.decay) if elapsed > 0 else self._peak
+        return base * (len(self._in_flight) + 1)
+
+    def started(self) -> None:
+        """Count one more request in flight."""
+        self._in_flight.append(None)
+        self._service_load.append(None)
+
+    def finished(self, latency: float, success: bool, now: float) -> None:
+        """Count a request as finished and fold its latency into the averages.
+
+        A failure counts as at least twice the current peak (and at least the default latency),
+        so an endpoint that fails fast does not look like the fastest one.
+        """
+        self._in_flight.pop()
+        self._service_load.pop()
+        latency = max(latency, 0.0)
+        with self._lock:
+            if success:
+                self.successes += 1
+            else:
+                self.failures += 1
+                latency = max(latency, 2 * self._peak, self._default_latency)
+            self.last_latency = latency
+            if self._ewma is None:
+                self._ewma = self._peak = latency
+            else:
+                elapsed = max(now - self._stamp, 0.0)
+                keep = math.exp(-elapsed / self.decay)
+                self._ewma = self._ewma * keep + latency * (1.0 - keep)
+                # Finagle's peak EWMA: a slower sample takes over at once, a faster one blends in.
+                if latency > self._peak:
+                    self._peak = latency
+                else:
+                    self._peak = self._peak * keep + latency * (1.0 - keep)
+            self._stamp = now
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures as a JSON-serialisable dict (latencies in milliseconds)."""
+        with self._lock:
+            ewma, last = self._ewma, self.last_latency
+            successes, failures = self.successes, self.failures
+        return {
+            "in_flight": len(self._in_flight),
+            "requests": successes + failures,
+            "successes": successes,
+            "failures": failures,
+            "latency_ewma_ms": None if ewma is None else round(ewma * 1000.0, 3),
+            "last_latency_ms": None if last is None else round(last * 1000.0, 3),
+        }
+
+    def __repr__(self) -> str:
+        return (f"<EndpointStats {self.endpoint.address} in_flight={len(self._in_flight)} "
+                f"ok={self.successes} failed={self.failures}>")

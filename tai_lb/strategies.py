@@ -1,0 +1,562 @@
+"""Load-balancing strategies: small objects that turn a set of endpoints into a picker.
+
+A :class:`Strategy` is configuration only.  For each registry snapshot the balancer calls
+:meth:`Strategy.prepare` once with the endpoints' live :class:`~tai_lb.stats.EndpointStats`;
+the returned *picker* holds whatever the algorithm precomputes (a hash ring, cumulative
+weights, the smooth weighted round-robin sequence) and is called for every pick with the
+request's routing key.  Pickers take no lock on the common path.
+
+=========================  ===========================================================  ========
+name                       picks                                                        per pick
+=========================  ===========================================================  ========
+``round_robin``            each endpoint in turn                                        O(1)
+``weighted_round_robin``   in proportion to weight, spread evenly (nginx's smooth WRR)  O(1)
+``random``                 uniformly at random                                          O(1)
+``weighted``               at random, in proportion to weight                           O(log n)
+``least_connections``      fewest in flight per weight; two random choices past 8       O(1)
+``consistent_hash``        the key's owner on a ketama ring (random without a key)      O(log n)
+``peak_ewma``              two random choices, lower peak-EWMA latency x (in flight+1)  O(1)
+=========================  ===========================================================  ========
+
+A plain function ``f(candidates, key) -> EndpointStats`` is accepted wherever a strategy is; it is
+wrapped in :class:`FunctionStrategy` and called with every candidate on every pick.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import itertools
+import math
+import random
+import struct
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from functools import reduce
+from typing import Any, Callable, ClassVar, Optional, Union
+
+from .endpoint import Endpoint
+from .exceptions import ConfigError
+from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
+
+__all__ = [
+    "STRATEGIES",
+    "ConsistentHash",
+    "FunctionStrategy",
+    "LeastConnections",
+    "PeakEwma",
+    "Picker",
+    "Random",
+    "RoundRobin",
+    "RoutingKey",
+    "Strategy",
+    "StrategyLike",
+    "Weighted",
+    "WeightedRoundRobin",
+    "resolve_strategy",
+]
+
+RoutingKey = Union[str, bytes, int]
+"""A request's routing key, as used by ``consistent_hash`` and affinity."""
+
+Picker = Callable[[Optional[RoutingKey]], EndpointStats]
+"""A prepared strategy: called with the routing key (or None), returns the chosen endpoint."""
+
+StrategyFunction = Callable[[Sequence[EndpointStats], Optional[RoutingKey]],
+                            Union[EndpointStats, Endpoint]]
+
+_FULL_SCAN_MAX = 8
+
+
+class Strategy(ABC):
+    """Base of every strategy: ``prepare(candidates)`` returns a picker for one snapshot.
+
+    :param rng: the random source (a seeded :class:`random.Random` makes picks repeatable).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, rng: Optional[random.Random] = None) -> None:
+        self.rng = rng if rng is not None else random.Random()
+
+    @abstractmethod
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        """Precompute what picks need over ``candidates`` (never empty) and return a picker."""
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's settings, as shown by ``status()``."""
+        return {}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({settings})"
+
+
+def _weights_equal(candidates: Sequence[EndpointStats]) -> bool:
+    first = candidates[0].endpoint.weight
+    return all(c.endpoint.weight == first for c in candidates)
+
+
+class RoundRobin(Strategy):
+    """Each endpoint in turn, from a random starting point (so processes do not move in step).
+
+    :param start: the index to start from; random when None.
+    """
+
+    name = "round_robin"
+
+    def __init__(self, *, start: Optional[int] = None, rng: Optional[random.Random] = None):
+        super().__init__(rng=rng)
+        self.start = start
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        size = len(items)
+        start = self.start if self.start is not None else self.rng.randrange(size)
+        counter = itertools.count(start)  # next() on a count is atomic in CPython
+
+        def pick(key: Optional[RoutingKey]) -> EndpointStats:
+            return items[next(counter) % size]
+
+        return pick
+
+
+class WeightedRoundRobin(Strategy):
+    """nginx's smooth weighted round robin: shares follow weights, interleaved evenly.
+
+    The whole period (sum of weights over their gcd) is computed once per snapshot when it is at
+    most ``max_period`` picks long; past that, picks step the same algorithm under a lock.
+
+    :param start: position in the period to start from; random when None.
+    """
+
+    name = "weighted_round_robin"
+
+    def __init__(self, *, start: Optional[int] = None, max_period: int = 1 << 16,
+                 rng: Optional[random.Random] = None) -> None:
+        super().__init__(rng=rng)
+        self.start = start
+        self.max_period = max_period
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        divisor = reduce(math.gcd, (c.endpoint.weight for c in items))
+        weights = [c.endpoint.weight // divisor for c in items]
+        period = sum(weights)
+        start = self.start if self.start is not None else self.rng.randrange(period)
+        sequence = smooth_weighted_sequence(weights)
+        if period <= self.max_period:
+            order = tuple(items[i] for i in itertools.islice(sequence, period))
+            counter = itertools.count(start)
+
+            def pick(key: Optional[RoutingKey]) -> EndpointStats:
+                return order[next(counter) % period]
+
+            return pick
+
+        for _ in range(start):
+            next(sequence)
+        lock = threading.Lock()
+
+        def pick_online(key: Optional[RoutingKey]) -> EndpointStats:
+            with lock:
+                return items[next(sequence)]
+
+        return pick_online
+
+
+def smooth_weighted_sequence(weights: Sequence[int]) -> Iterator[int]:
+    """Yield nginx's smooth weighted round-robin order of indices into ``weights``, forever.
+
+    nginx adds every weight to its peer's current value, picks the largest (first on ties) and
+    takes the total off it.  After t picks a peer's value is ``t*w - total*k`` (k: times picked),
+    so among peers of equal weight the largest is the one picked least (then lowest index).  One
+    heap per distinct weight makes each step O(distinct weights + log n) instead of O(n).
+    """
+    total = sum(weights)
+    classes: dict[int, list[tuple[int, int]]] = {}
+    for index, weight in enumerate(weights):
+        classes.setdefault(weight, []).append((0, index))
+    heaps = list(classes.items())
+    for _, heap in heaps:
+        heapq.heapify(heap)
+    step = 0
+    while True:
+        step += 1
+        best: Optional[tuple[int, int, list[tuple[int, int]]]] = None
+        for weight, heap in heaps:
+            picked, index = heap[0]
+            value = step * weight - total * picked
+            if best is None or value > best[0] or (value == best[0] and index < best[1]):
+                best = (value, index, heap)
+        assert best is not None
+        _, index, heap = best
+        picked, _ = heapq.heappop(heap)
+        heapq.heappush(heap, (picked + 1, index))
+        yield index
+
+
+class Random(Strategy):
+    """Uniformly at random."""
+
+    name = "random"
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        size = len(items)
+        draw = self.rng.random
+
+        def pick(key: Optional[RoutingKey]) -> EndpointStats:
+            return items[int(draw() * size)]
+
+        return pick
+
+
+class Weighted(Strategy):
+    """At random, in proportion to weight (cumulative weights and a binary search)."""
+
+    name = "weighted"
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        cumulative = list(itertools.accumulate(c.endpoint.weight for c in items))
+        total = cumulative[-1]
+        last = len(items) - 1
+        draw = self.rng.random
+        search = bisect.bisect_right
+
+        def pick(key: Optional[RoutingKey]) -> EndpointStats:
+            return items[min(search(cumulative, draw() * total), last)]
+
+        return pick
+
+
+class LeastConnections(Strategy):
+    """Fewest requests in flight per unit of weight.
+
+    Up to 8 endpoints of equal weight are all compared (ties broken at random); larger or
+    weighted sets use the power of two choices: two distinct endpoints drawn at random (in
+    proportion to weight) and the less loaded of the two, as Envoy's least_request does.
+    """
+
+    name = "least_connections"
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        size = len(items)
+        draw = self.rng.random
+        if size == 1:
+            only = items[0]
+            return lambda key: only
+        if _weights_equal(items):
+            if size <= _FULL_SCAN_MAX:
+                def scan(key: Optional[RoutingKey]) -> EndpointStats:
+                    offset = int(draw() * size)  # a random start breaks ties at random
+                    best = items[offset]
+                    best_load = len(best._in_flight)
+                    for i in range(1, size):
+                        c = items[(offset + i) % size]
+                        if len(c._in_flight) < best_load:
+                            best, best_load = c, len(c._in_flight)
+                    return best
+                return scan
+
+            def two_choices(key: Optional[RoutingKey]) -> EndpointStats:
+                i = int(draw() * size)
+                j = int(draw() * (size - 1))
+                a, b = items[i], items[j + 1 if j >= i else j]
+                return a if len(a._in_flight) <= len(b._in_flight) else b
+            return two_choices
+
+        cumulative = list(itertools.accumulate(c.endpoint.weight for c in items))
+        total = cumulative[-1]
+        last = size - 1
+        search = bisect.bisect_right
+
+        def weighted_two_choices(key: Optional[RoutingKey]) -> EndpointStats:
+            i = min(search(cumulative, draw() * total), last)
+            j = i
+            for _ in range(3):
+                j = min(search(cumulative, draw() * total), last)
+                if j != i:
+                    break
+            else:  # one endpoint holds nearly all the weight: any other will do
+                j = (i + 1 + int(draw() * last)) % size
+            a, b = items[i], items[j]
+            # a.in_flight / a.weight <= b.in_flight / b.weight, without division
+            a_load = len(a._in_flight) * b.endpoint.weight
+            return a if a_load <= len(b._in_flight) * a.endpoint.weight else b
+        return weighted_two_choices
+
+
+class ConsistentHash(Strategy):
+    """A ketama ring: a key always maps to the same endpoint while that endpoint stays.
+
+    Every endpoint gets ``vnodes`` points on a 32-bit ring per unit of weight (MD5 of
+    ``"address-i"``, four points per digest, as libketama), so adding or removing one endpoint
+    moves only the keys next to its points.  A key (str, bytes or int) is hashed with MD5 too;
+    Python's ``hash()`` is never used because it differs between processes.  With no key a pick
+    is random.  With ``load_bound`` set (for example 1.25), an endpoint that already has more than
+    ``load_bound`` times its fair share of the service's requests in flight is passed over for the
+    next one on the ring (consistent hashing with bounded loads).
+
+    The default of 1,000 points per unit of weight keeps every endpoint's share of keys within
+    about 10% of the mean for ten endpoints; the ring holds at most ``max_ring_size`` points
+    (65,536 by default, so a rebuild stays well under 100 ms), and past that every endpoint gets
+    proportionally fewer, trading evenness for build time in very large services.
+
+    :param vnodes: ring points per unit of weight.
+    :param load_bound: at most this multiple of the mean load per endpoint; None disables it.
+    :param max_ring_size: the most points on the ring; more endpoints get fewer points each.
+    """
+
+    name = "consistent_hash"
+
+    def __init__(self, *, vnodes: int = 1000, load_bound: Optional[float] = None,
+                 max_ring_size: int = 1 << 16, rng: Optional[random.Random] = None) -> None:
+        super().__init__(rng=rng)
+        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or not 4 <= vnodes <= 10_000:
+            raise ConfigError("vnodes", f"must be an integer from 4 to 10000, got {vnodes!r}")
+        if load_bound is not None and (isinstance(load_bound, bool)
+                                       or not isinstance(load_bound, (int, float))
+                                       or not load_bound > 1.0):
+            raise ConfigError("load_bound", f"must be a number > 1 or null, got {load_bound!r}")
+        if (isinstance(max_ring_size, bool) or not isinstance(max_ring_size, int)
+                or not 1024 <= max_ring_size <= 1 << 24):
+            raise ConfigError("max_ring_size", f"must be an integer from 1024 to {1 << 24}, "
+                                               f"got {max_ring_size!r}")
+        self.vnodes = vnodes
+        self.load_bound = None if load_bound is None else float(load_bound)
+        self.max_ring_size = max_ring_size
+        self._points: dict[tuple[str, int], tuple[int, ...]] = {}
+
+    def options(self) -> dict[str, Any]:
+        """The ring's settings."""
+        return {"vnodes": self.vnodes, "load_bound": self.load_bound,
+                "max_ring_size": self.max_ring_size}
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        cache = self._points
+        hashes, owners = build_ring(items, self.vnodes, self.max_ring_size, cache)
+        if len(cache) > 2 * len(items) + 64:  # forget endpoints long gone
+            current = {c.endpoint.address for c in items}
+            self._points = {k: v for k, v in cache.items() if k[0] in current}
+        ring_size = len(hashes)
+        size = len(items)
+        draw = self.rng.random
+        search = bisect.bisect_right
+        bound = self.load_bound
+
+        if bound is None:
+            def pick(key: Optional[RoutingKey]) -> EndpointStats:
+                if key is None:
+                    return items[int(draw() * size)]
+                i = search(hashes, key_hash(key))
+                return owners[i if i < ring_size else 0]
+            return pick
+
+        service_load = items[0]._service_load
+
+        def pick_bounded(key: Optional[RoutingKey]) -> EndpointStats:
+            if key is None:
+                return items[int(draw() * size)]
+            i = search(hashes, key_hash(key))
+            capacity = math.ceil(bound * (len(service_load) + 1) / size)
+            seen: set[int] = set()
+            for step in range(ring_size):
+                owner = owners[(i + step) % ring_size]
+                if len(owner._in_flight) < capacity:
+                    return owner
+                seen.add(id(owner))
+                if len(seen) == size:
+                    break
+            return owners[i % ring_size]
+        return pick_bounded
+
+
+def key_hash(key: RoutingKey) -> int:
+    """The 32-bit ring position of a routing key (MD5, stable across processes)."""
+    if isinstance(key, str):
+        data = key.encode("utf-8")
+    elif isinstance(key, bytes):
+        data = key
+    elif isinstance(key, int) and not isinstance(key, bool):
+        data = str(key).encode("ascii")
+    else:
+        raise TypeError(f"a routing key must be str, bytes or int, got {type(key).__name__}")
+    return int.from_bytes(hashlib.md5(data, usedforsecurity=False).digest()[:4], "little")
+
+
+_unpack_digest = struct.Struct("<4I").unpack
+
+
+def ring_points(address: str, count: int) -> tuple[int, ...]:
+    """``count`` (rounded up to a multiple of four) 32-bit ring points of an endpoint address.
+
+    Four points per MD5 digest of ``"address-i"``, libketama's layout.
+    """
+    points: list[int] = []
+    prefix = f"{address}-"
+    for i in range((count + 3) // 4):
+        points.extend(_unpack_digest(hashlib.md5(f"{prefix}{i}".encode(),
+                                                 usedforsecurity=False).digest()))
+    return tuple(points)
+
+
+def build_ring(items: Sequence[EndpointStats], vnodes: int, max_ring_size: int,
+               cache: Optional[dict[tuple[str, int], tuple[int, ...]]] = None,
+               ) -> tuple[list[int], list[EndpointStats]]:
+    """The ring of ``items``: sorted 32-bit points and the endpoint owning each.
+
+    ``vnodes`` points per unit of weight, scaled down when the ring would pass
+    ``max_ring_size``.  Equal points go to the lower address, so every process builds the same
+    ring whatever order it learnt the endpoints in.  ``cache`` keeps points between builds.
+    """
+    ordered = sorted(items, key=lambda c: c.endpoint.address)
+    total = sum(c.endpoint.weight for c in ordered) * vnodes
+    scale = min(1.0, max_ring_size / total)
+    shift = len(ordered).bit_length()
+    packed: list[int] = []
+    for index, c in enumerate(ordered):
+        spec = (c.endpoint.address, max(4, int(c.endpoint.weight * vnodes * scale)))
+        points = cache.get(spec) if cache is not None else None
+        if points is None:
+            points = ring_points(*spec)
+            if cache is not None:
+                cache[spec] = points
+        packed.extend([(point << shift) | index for point in points])
+    packed.sort()  # by point, then by address order
+    mask = (1 << shift) - 1
+    return [p >> shift for p in packed], [ordered[p & mask] for p in packed]
+
+
+class PeakEwma(Strategy):
+    """Power of two choices over peak-EWMA latency x (in flight + 1), as Finagle and Linkerd.
+
+    Each endpoint's cost is its peak-sensitive moving average of latency (a slower response
+    takes over at once, faster ones blend in over ``decay`` seconds), decayed towards zero while
+    the endpoint gets no traffic, times its requests in flight plus one.  An endpoint with no
+    measurement yet costs nothing while idle, so a new endpoint is tried and measured at once,
+    and ``default_latency`` per request while its first requests are out (as Finagle, with
+    Linkerd's 30 ms).  A failure counts as at least twice the current peak, so an endpoint that
+    fails fast never looks fastest.  Two distinct endpoints are drawn at random and the cheaper
+    one wins.
+
+    :param decay: time constant of the average in seconds (default 10 s, as Finagle and Linkerd).
+    :param default_latency: cost per request in flight of an unmeasured endpoint, in seconds.
+    """
+
+    name = "peak_ewma"
+
+    def __init__(self, *, decay: float = DEFAULT_DECAY, default_latency: float = DEFAULT_LATENCY,
+                 rng: Optional[random.Random] = None) -> None:
+        super().__init__(rng=rng)
+        for field, value in (("decay", decay), ("default_latency", default_latency)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(field, f"must be a number of seconds > 0, got {value!r}")
+        self.decay = float(decay)
+        self.default_latency = float(default_latency)
+
+    def options(self) -> dict[str, Any]:
+        """The averaging settings."""
+        return {"decay": self.decay, "default_latency": self.default_latency}
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        size = len(items)
+        if size == 1:
+            only = items[0]
+            return lambda key: only
+        draw = self.rng.random
+        clock = items[0].clock
+
+        def pick(key: Optional[RoutingKey]) -> EndpointStats:
+            i = int(draw() * size)
+            j = int(draw() * (size - 1))
+            a, b = items[i], items[j + 1 if j >= i else j]
+            now = clock()
+            return a if a.peak_cost(now) <= b.peak_cost(now) else b
+
+        return pick
+
+
+class FunctionStrategy(Strategy):
+    """Wraps a plain function ``f(candidates, key)`` that returns one of the candidates."""
+
+    def __init__(self, function: StrategyFunction) -> None:
+        super().__init__()
+        self.function = function
+        self.name = getattr(function, "__name__", "function")  # type: ignore[misc]
+
+    def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        items = tuple(candidates)
+        by_address = {c.endpoint.address: c for c in items}
+        function = self.function
+
+        def pick(key: Optional[RoutingKey]) -> EndpointStats:
+            chosen = function(items, key)
+            address = chosen.endpoint.address if isinstance(chosen, EndpointStats) else (
+                chosen.address if isinstance(chosen, Endpoint) else None)
+            found = by_address.get(address) if address is not None else None
+            if found is None:
+                raise ValueError(f"strategy function {function!r} returned {chosen!r}, "
+                                 "which is not one of the candidates")
+            return found
+
+        return pick
+
+    def __repr__(self) -> str:
+        return f"FunctionStrategy({self.function!r})"
+
+
+STRATEGIES: Mapping[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (RoundRobin, WeightedRoundRobin, Random, Weighted, LeastConnections,
+                ConsistentHash, PeakEwma)
+}
+"""Strategy classes by configuration name."""
+
+StrategyLike = Union[str, Strategy, StrategyFunction, Mapping[str, Any]]
+"""A strategy name, a `Strategy`, a function, or a config dict ``{"name": ..., **options}``."""
+
+_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "round_robin": (),
+    "weighted_round_robin": (),
+    "random": (),
+    "weighted": (),
+    "least_connections": (),
+    "consistent_hash": ("vnodes", "load_bound", "max_ring_size"),
+    "peak_ewma": ("decay", "default_latency"),
+}
+
+
+def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
+    """Turn a name, a config dict, a `Strategy` or a function into a `Strategy`.
+
+    Raises `ConfigError` naming ``path`` for an unknown name or a bad option.
+    """
+    if isinstance(value, Strategy):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if isinstance(value, Mapping):
+        name = value.get("name")
+        if not isinstance(name, str) or name not in STRATEGIES:
+            where = f"{path}.name" if len(value) > 1 or "name" not in value else path
+            raise ConfigError(where, f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
+        options = {k: v for k, v in value.items() if k != "name"}
+        for key in options:
+            if key not in _OPTIONS[name]:
+                allowed = ", ".join(_OPTIONS[name]) or "none"
+                raise ConfigError(f"{path}.{key}", f"unknown option of {name}; allowed: {allowed}")
+        try:
+            return STRATEGIES[name](**options)
+        except ConfigError as error:
+            raise ConfigError(f"{path}.{error.path}", error.reason) from None
+    if callable(value):
+        return FunctionStrategy(value)
+    raise ConfigError(path, f"must be a strategy name ({', '.join(STRATEGIES)}), a Strategy, a "
+                            f"function or a mapping with 'name', got {value!r}")
