@@ -179,7 +179,9 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
     _reject_unknown(data, TOP_LEVEL_KEYS, "")
     if "metrics" in data:
         raise ConfigError("metrics", f"not supported yet: {NOT_SUPPORTED_YET['metrics']}")
-    defaults = data.get("defaults") or {}
+    defaults = data.get("defaults", {})
+    if defaults is None:
+        defaults = {}
     if not isinstance(defaults, Mapping):
         raise ConfigError("defaults", f"must be a mapping of service keys, got {defaults!r}")
     for key in ("endpoints", "discovery"):
@@ -259,6 +261,9 @@ def load_config(source: Union[Mapping[str, Any], str, os.PathLike[str],
         return source
     if isinstance(source, Mapping):
         return parse_config(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError("", "the configuration must be a mapping or a file path, "
+                              f"got {type(source).__name__}")
     return parse_config(read_config_file(os.fspath(source)))
 
 

@@ -540,13 +540,18 @@ def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
     """
     if isinstance(value, Strategy):
         return value
+    allowed_names = ", ".join(STRATEGIES)
     if isinstance(value, str):
+        if value not in STRATEGIES:
+            raise ConfigError(path, f"unknown strategy {value!r}; allowed: {allowed_names}")
         value = {"name": value}
     if isinstance(value, Mapping):
-        name = value.get("name")
+        if "name" not in value:
+            raise ConfigError(path, f"a strategy mapping needs 'name'; allowed: {allowed_names}")
+        name = value["name"]
         if not isinstance(name, str) or name not in STRATEGIES:
-            where = f"{path}.name" if len(value) > 1 or "name" not in value else path
-            raise ConfigError(where, f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
+            raise ConfigError(f"{path}.name",
+                              f"unknown strategy {name!r}; allowed: {allowed_names}")
         options = {k: v for k, v in value.items() if k != "name"}
         for key in options:
             if key not in _OPTIONS[name]:

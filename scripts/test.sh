@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run ruff, mypy --strict, the docs build and pytest;
+# where pyenv has them, run the unit tests on the oldest and newest supported Pythons too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/_venv.sh
+
+ensure_venv .venv "${PYTHON:-python3}"
+.venv/bin/python -m pip install -q -e '.[test,lint,docs,all]'
+
+echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks examples
+echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb
+echo "== docs"; .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+echo "== pytest"; .venv/bin/python -m pytest -p no:cacheprovider "$@"
+
+if command -v pyenv >/dev/null && [ -z "${TAI_LB_SKIP_OTHER_PYTHONS:-}" ]; then
+    for wanted in 3.9 3.13; do
+        version=$(pyenv versions --bare 2>/dev/null | grep -E "^${wanted//./\\.}\.[0-9]+$" \
+                  | sort -V | tail -n 1 || true)
+        [ -n "$version" ] || { echo "== python $wanted: not in pyenv, skipped"; continue; }
+        echo "== unit tests on Python $version"
+        ensure_venv ".venv-$wanted" "$(pyenv root)/versions/$version/bin/python"
+        ".venv-$wanted/bin/python" -m pip install -q -e '.[test]'
+        ".venv-$wanted/bin/python" -m pytest -p no:cacheprovider -q -m "not slow"
+    done
+fi

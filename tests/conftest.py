@@ -1,0 +1,43 @@
+"""Shared fixtures, and the session-wide check that no test leaves a tai_lb thread running."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+THREAD_PREFIX = "tai-lb"
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told (as cachetools' tests' Timer)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def _tai_lb_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_thread_left_behind() -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 2.0
+    while _tai_lb_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    left = _tai_lb_threads()
+    assert not left, f"tests left tai_lb threads running: {[t.name for t in left]}"

@@ -1,0 +1,208 @@
+"""Configuration: every key is checked at load time with a ConfigError naming its path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tai_lb import ConfigError, KeySource, LoadBalancer, ServiceConfig, load_config
+from tai_lb.config import NOT_SUPPORTED_YET, LoadBalancerConfig
+from tai_lb.strategies import ConsistentHash, PeakEwma
+
+
+def users(**settings: Any) -> dict[str, Any]:
+    return {"services": {"users": {"endpoints": ["127.0.0.1:8001"], **settings}}}
+
+
+# (configuration, the key path the error must name, a fragment of the message)
+BAD: list[tuple[Any, str, str]] = [
+    ([], "", "must be a mapping or a file path"),
+    ({"service": {}}, "service", "unknown key; allowed: services, defaults, metrics"),
+    ({}, "services", "is required"),
+    ({"services": ["users"]}, "services", "mapping of service names"),
+    ({"services": {"Users": {"endpoints": []}}}, "services.Users", "lower-case host name"),
+    ({"services": {"users": "127.0.0.1:1"}}, "services.users", "mapping of service settings"),
+    ({"services": {"users": {}}}, "services.users", "needs endpoints"),
+    ({"services": {"users": None}}, "services.users", "needs endpoints"),
+    (users(colour="red"), "services.users.colour", "unknown key; allowed: endpoints"),
+    ({"services": {"users": {"endpoints": "127.0.0.1:1"}}}, "services.users.endpoints",
+     "must be a list"),
+    ({"services": {"users": {"endpoints": ["127.0.0.1"]}}}, "services.users.endpoints[0]",
+     "host:port"),
+    ({"services": {"users": {"endpoints": ["a:1", {"address": "b:0"}]}}},
+     "services.users.endpoints[1].port", "1 to 65535"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "weight": 0}]}}},
+     "services.users.endpoints[0].weight", "got 0"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "zone": 5}]}}},
+     "services.users.endpoints[0].zone", "non-empty string"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "region": ""}]}}},
+     "services.users.endpoints[0].region", "non-empty string"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "version": 1.4}]}}},
+     "services.users.endpoints[0].version", "non-empty string"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "labels": {"x": 1}}]}}},
+     "services.users.endpoints[0].labels.x", "label values must be strings"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "priority": "high"}]}}},
+     "services.users.endpoints[0].priority", "integer from 0 to 1000"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "port": 2}]}}},
+     "services.users.endpoints[0]", "either address or host and port"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "tls": True}]}}},
+     "services.users.endpoints[0].tls", "unknown key"),
+    ({"services": {"users": {"endpoints": ["a:1", "a:1"]}}}, "services.users.endpoints[1]",
+     "duplicate address a:1"),
+    (users(strategy="fastest"), "services.users.strategy", "unknown strategy 'fastest'"),
+    (users(strategy=3), "services.users.strategy", "must be a strategy name"),
+    (users(strategy={"name": "nope"}), "services.users.strategy.name", "unknown strategy"),
+    (users(strategy={"vnodes": 10}), "services.users.strategy", "needs 'name'"),
+    (users(strategy={"name": "round_robin", "vnodes": 10}), "services.users.strategy.vnodes",
+     "unknown option of round_robin; allowed: none"),
+    (users(strategy={"name": "consistent_hash", "vnodes": 2}),
+     "services.users.strategy.vnodes", "from 4 to 10000, got 2"),
+    (users(strategy={"name": "consistent_hash", "load_bound": 1.0}),
+     "services.users.strategy.load_bound", "number > 1"),
+    (users(strategy={"name": "consistent_hash", "max_ring_size": 10}),
+     "services.users.strategy.max_ring_size", "from 1024"),
+    (users(strategy={"name": "peak_ewma", "decay": -1}), "services.users.strategy.decay",
+     "seconds > 0, got -1"),
+    (users(strategy={"name": "peak_ewma", "default_latency": "30ms"}),
+     "services.users.strategy.default_latency", "seconds > 0"),
+    (users(scheme="ftp"), "services.users.scheme", "\"http\" or \"https\", got 'ftp'"),
+    (users(hash_key="query:id"), "services.users.hash_key", "header:NAME"),
+    (users(hash_key="header:bad name"), "services.users.hash_key", "HTTP token"),
+    (users(hash_key=7), "services.users.hash_key", "got 7"),
+    ({"defaults": [], "services": {}}, "defaults", "mapping of service keys"),
+    ({"defaults": {"strategy": "fastest"}, "services": {}}, "defaults.strategy",
+     "unknown strategy"),
+    ({"defaults": {"endpoints": ["a:1"]}, "services": {}}, "defaults.endpoints",
+     "not allowed in defaults"),
+    ({"defaults": {"discovery": {}}, "services": {}}, "defaults.discovery",
+     "not allowed in defaults"),
+    ({"defaults": {"scheme": "gopher"}, "services": {}}, "defaults.scheme", "http"),
+]
+BAD += [(users(**{key: {}}), f"services.users.{key}", "not supported yet")
+        for key in NOT_SUPPORTED_YET if key != "metrics"]
+BAD += [({"defaults": {key: {}}, "services": {}}, f"defaults.{key}", "not supported yet")
+        for key in NOT_SUPPORTED_YET if key not in ("metrics", "discovery")]
+BAD += [({"metrics": {"statsd": {}}, "services": {}}, "metrics", "not supported yet")]
+
+
+@pytest.mark.parametrize(("config", "path", "fragment"), BAD,
+                         ids=[f"{i}-{p or 'top'}" for i, (_, p, _f) in enumerate(BAD)])
+def test_bad_configuration_names_the_key_path(config: Any, path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        LoadBalancer.from_config(config)
+    assert caught.value.path == path
+    assert fragment in str(caught.value)
+    assert str(caught.value).startswith(f"{path}: " if path else "")
+
+
+def test_error_message_format() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(users(strategy={"name": "peak_ewma", "decay": -1}))
+    assert str(caught.value) == ("services.users.strategy.decay: must be a number of seconds "
+                                 "> 0, got -1")
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        load_config({"services": {"users": {}}})
+
+
+def test_good_configuration_becomes_frozen_value_objects() -> None:
+    config = load_config({
+        "defaults": {"strategy": {"name": "consistent_hash", "vnodes": 100}},
+        "services": {
+            "users": {"endpoints": ["127.0.0.1:8001"], "hash_key": "header:X-User-Id",
+                      "scheme": "https"},
+            "billing": {"endpoints": ["127.0.0.1:9001"], "strategy": "peak_ewma"},
+        },
+    })
+    assert isinstance(config, LoadBalancerConfig)
+    svc = config.services["users"]
+    assert isinstance(svc, ServiceConfig)
+    assert svc.scheme == "https"
+    assert svc.hash_key == KeySource("header", "X-User-Id")
+    assert str(svc.hash_key) == "header:X-User-Id"
+    assert isinstance(svc.strategy, ConsistentHash) and svc.strategy.vnodes == 100
+    assert isinstance(config.services["billing"].strategy, PeakEwma)
+    with pytest.raises(AttributeError):
+        svc.scheme = "http"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.services["x"] = svc  # type: ignore[index]
+    assert svc.new(scheme="http").scheme == "http" and svc.scheme == "https"
+    with pytest.raises(ConfigError, match="scheme"):
+        svc.new(scheme="ftp")
+
+
+def test_defaults_merge_into_mappings() -> None:
+    config = load_config({
+        "defaults": {"strategy": {"name": "consistent_hash", "vnodes": 50}},
+        "services": {"users": {"endpoints": [], "strategy": {"load_bound": 1.5}}},
+    })
+    ring = config.services["users"].strategy
+    assert isinstance(ring, ConsistentHash) and (ring.vnodes, ring.load_bound) == (50, 1.5)
+
+
+@pytest.mark.parametrize("source", ["source_ip", "user_id", "cookie:sessionid",
+                                    "header:X-User-Id"])
+def test_key_sources(source: str) -> None:
+    assert str(KeySource.parse(source)) == source
+    assert KeySource.parse(len).kind == "function"
+
+
+CONFIG = {"services": {"users": {"endpoints": ["127.0.0.1:8001",
+                                               {"address": "127.0.0.1:8002", "weight": 3}],
+                                 "strategy": "peak_ewma"}}}
+TOML = """
+[services.users]
+endpoints = ["127.0.0.1:8001", {address = "127.0.0.1:8002", weight = 3}]
+strategy = "peak_ewma"
+"""
+YAML = """
+services:
+  users:
+    endpoints:
+      - 127.0.0.1:8001
+      - {address: "127.0.0.1:8002", weight: 3}
+    strategy: peak_ewma
+"""
+
+
+@pytest.mark.parametrize(("name", "text"), [("lb.json", json.dumps(CONFIG)), ("lb.toml", TOML),
+                                            ("lb.yaml", YAML), ("lb.yml", YAML)])
+def test_files(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    lb = LoadBalancer.from_config(path)
+    assert [e.weight for e in lb.registry.endpoints("users")] == [1, 3]
+    assert lb.status()["services"]["users"]["strategy"] == "peak_ewma"
+    assert load_config(str(path)).services["users"].endpoints[1].weight == 3
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), [
+    ("lb.json", "{not json", "not valid JSON"),
+    ("lb.toml", "[services\n", "not valid TOML"),
+    ("lb.yaml", "services: [unclosed", "not valid YAML"),
+    ("lb.yaml", "- a list", "top level must be a mapping"),
+    ("lb.ini", "[x]", "must end in .json, .toml, .yaml or .yml"),
+])
+def test_bad_files(tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment) as caught:
+        LoadBalancer.from_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.json")
+
+
+def test_file_errors_name_the_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps(users(health_check={"interval": -1})))
+    with pytest.raises(ConfigError, match=r"^services\.users\.health_check: not supported yet"):
+        load_config(path)

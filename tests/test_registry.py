@@ -1,0 +1,266 @@
+"""ServiceRegistry: writes, snapshots, queries, and subscriptions delivered in order, once."""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from tai_lb import ConfigError, Endpoint, ServiceRegistry, TopologyChange, UnknownService
+from tai_lb.filters import in_zone
+
+
+def test_register_and_read_back_in_order() -> None:
+    reg = ServiceRegistry()
+    reg.register("users", "127.0.0.1:8002")
+    reg.register("users", Endpoint("127.0.0.1", 8001, zone="eu-1a"))
+    assert [e.address for e in reg.endpoints("users")] == ["127.0.0.1:8002", "127.0.0.1:8001"]
+    assert reg.services() == ("users",)
+    assert "users" in reg and "billing" not in reg
+
+
+def test_reregistering_an_address_replaces_its_metadata() -> None:
+    reg = ServiceRegistry()
+    changes: list[TopologyChange] = []
+    reg.subscribe(changes.append)
+    reg.register("users", Endpoint("127.0.0.1", 8001, weight=1))
+    reg.register("users", Endpoint("127.0.0.1", 8001, weight=4))
+    reg.register("users", Endpoint("127.0.0.1", 8001, weight=4))  # identical: no event
+    assert [e.weight for e in reg.endpoints("users")] == [4]
+    assert [(c.kind, c.endpoint.weight) for c in changes] == [("added", 1), ("changed", 4)]
+    assert changes[1].previous is not None and changes[1].previous.weight == 1
+
+
+def test_deregister_by_endpoint_or_address() -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", ["127.0.0.1:8001", "127.0.0.1:8002", "[::1]:8003"])
+    assert reg.deregister("users", "127.0.0.1:8001")
+    assert reg.deregister("users", Endpoint("127.0.0.1", 8002, weight=9))  # identity is address
+    assert reg.deregister("users", "[0:0::1]:8003")
+    assert not reg.deregister("users", "127.0.0.1:8001")
+    assert reg.endpoints("users") == ()
+    assert reg.deregister_many("users", ["127.0.0.1:9"]) == 0
+
+
+def test_a_service_stays_known_with_zero_endpoints() -> None:
+    reg = ServiceRegistry()
+    reg.register("users", "127.0.0.1:8001")
+    reg.deregister("users", "127.0.0.1:8001")
+    assert reg.services() == ("users",)
+    reg.add_service("billing")
+    assert reg.endpoints("billing") == ()
+
+
+def test_unknown_service() -> None:
+    reg = ServiceRegistry()
+    with pytest.raises(UnknownService):
+        reg.endpoints("users")
+    with pytest.raises(UnknownService):
+        reg.deregister("users", "127.0.0.1:1")
+    assert reg.get_snapshot("users") is None
+
+
+def test_bad_service_name_and_endpoint_are_config_errors() -> None:
+    reg = ServiceRegistry()
+    with pytest.raises(ConfigError, match="lower-case host name"):
+        reg.register("Users", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"endpoints\[1\].port"):
+        reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:0"])
+    assert "users" not in reg  # nothing was applied
+
+
+def test_batch_is_one_snapshot() -> None:
+    reg = ServiceRegistry()
+    reg.add_service("users")
+    before = reg.snapshot("users")
+    reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    after = reg.snapshot("users")
+    assert after.generation > before.generation
+    assert len(before) == 0 and len(after) == 3  # the old snapshot never changes
+
+
+def test_set_endpoints_emits_only_differences() -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    changes: list[TopologyChange] = []
+    reg.subscribe(changes.append)
+    reg.set_endpoints("users", ["127.0.0.1:2", {"address": "127.0.0.1:3", "weight": 2},
+                                "127.0.0.1:4"])
+    assert [(c.kind, c.endpoint.address) for c in changes] == [
+        ("removed", "127.0.0.1:1"), ("changed", "127.0.0.1:3"), ("added", "127.0.0.1:4")]
+    assert [e.address for e in reg.endpoints("users")] == [
+        "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]
+
+
+def test_find_by_metadata() -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", [
+        Endpoint("10.0.0.1", 80, zone="a", region="r1", version="1", labels={"canary": "no"}),
+        Endpoint("10.0.0.2", 80, zone="b", region="r1", version="2", labels={"canary": "yes"}),
+    ])
+    reg.register("billing", Endpoint("10.0.0.3", 80, zone="a", region="r2"))
+    assert sorted(e.address for e in reg.find(zone="a")) == ["10.0.0.1:80", "10.0.0.3:80"]
+    assert [e.address for e in reg.find("users", zone="a")] == ["10.0.0.1:80"]
+    assert [e.address for e in reg.find("users", region="r1", version="2")] == ["10.0.0.2:80"]
+    assert [e.address for e in reg.find("users", labels={"canary": "yes"})] == ["10.0.0.2:80"]
+    assert [e.address for e in reg.find("users", where=~in_zone("a"))] == ["10.0.0.2:80"]
+    assert [e.address for e in reg.find("users", where=in_zone("a") | in_zone("b"))] == [
+        "10.0.0.1:80", "10.0.0.2:80"]
+    assert reg.find("users", zone="c") == ()
+
+
+def test_failing_subscriber_never_breaks_the_others() -> None:
+    reg = ServiceRegistry()
+    seen: list[str] = []
+
+    def broken(change: TopologyChange) -> None:
+        raise RuntimeError("subscriber bug")
+
+    reg.subscribe(broken)
+    reg.subscribe(lambda c: seen.append(c.endpoint.address))
+    reg.register("users", "127.0.0.1:1")
+    reg.register("users", "127.0.0.1:2")
+    assert seen == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert reg.callback_errors == 2
+
+
+def test_unsubscribe_stops_deliveries() -> None:
+    reg = ServiceRegistry()
+    seen: list[TopologyChange] = []
+    subscription = reg.subscribe(seen.append)
+    reg.register("users", "127.0.0.1:1")
+    subscription.unsubscribe()
+    subscription.unsubscribe()  # twice is fine
+    reg.register("users", "127.0.0.1:2")
+    assert len(seen) == 1
+    with reg.subscribe(seen.append):
+        reg.register("users", "127.0.0.1:3")
+    reg.register("users", "127.0.0.1:4")
+    assert [c.endpoint.address for c in seen] == ["127.0.0.1:1", "127.0.0.1:3"]
+
+
+def test_callbacks_run_outside_the_lock_and_may_write() -> None:
+    reg = ServiceRegistry()
+    seen: list[tuple[str, str]] = []
+
+    def mirror(change: TopologyChange) -> None:
+        seen.append((change.kind, change.endpoint.address))
+        if change.service == "users" and change.kind == "added":
+            reg.register("mirror", change.endpoint)  # re-entrant write must not deadlock
+
+    reg.subscribe(mirror)
+    reg.register("users", "127.0.0.1:1")
+    assert [e.address for e in reg.endpoints("mirror")] == ["127.0.0.1:1"]
+    assert seen == [("added", "127.0.0.1:1"), ("added", "127.0.0.1:1")]
+
+
+def test_concurrent_writers_deliver_every_change_once_in_order() -> None:
+    reg = ServiceRegistry()
+    received: list[TopologyChange] = []
+    lock = threading.Lock()
+
+    def record(change: TopologyChange) -> None:
+        with lock:
+            received.append(change)
+
+    reg.subscribe(record)
+    barrier = threading.Barrier(8)
+
+    def writer(n: int) -> None:
+        barrier.wait()
+        for i in range(200):
+            reg.register("users", f"10.0.{n}.{i % 50}:80")
+            if i % 3 == 0:
+                reg.deregister("users", f"10.0.{n}.{i % 50}:80")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sequences = [c.sequence for c in received]
+    assert sequences == list(range(1, len(received) + 1))  # every change, once, in order
+    model: dict[str, Endpoint] = {}
+    for change in received:
+        if change.kind == "removed":
+            del model[change.endpoint.address]
+        else:
+            model[change.endpoint.address] = change.endpoint
+    assert set(model) == {e.address for e in reg.endpoints("users")}
+
+
+addresses = st.sampled_from([f"127.0.0.1:{port}" for port in range(8000, 8006)])
+weights = st.integers(min_value=1, max_value=3)
+services = st.sampled_from(["users", "billing"])
+
+
+class RegistryMachine(RuleBasedStateMachine):
+    """The registry matches a plain dict model, and its events replay to the same state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = ServiceRegistry()
+        self.model: dict[str, dict[str, Endpoint]] = {}
+        self.replayed: dict[str, dict[str, Endpoint]] = {}
+        self.last_sequence = 0
+        self.registry.subscribe(self.replay)
+
+    def replay(self, change: TopologyChange) -> None:
+        assert change.sequence == self.last_sequence + 1
+        self.last_sequence = change.sequence
+        endpoints = self.replayed.setdefault(change.service, {})
+        if change.kind == "added":
+            assert change.endpoint.address not in endpoints
+            endpoints[change.endpoint.address] = change.endpoint
+        elif change.kind == "changed":
+            assert endpoints[change.endpoint.address] == change.previous
+            endpoints[change.endpoint.address] = change.endpoint
+        else:
+            assert endpoints.pop(change.endpoint.address) == change.endpoint
+
+    @rule(service=services, address=addresses, weight=weights)
+    def register(self, service: str, address: str, weight: int) -> None:
+        endpoint = Endpoint.parse(address, weight=weight)
+        self.registry.register(service, endpoint)
+        self.model.setdefault(service, {})[address] = endpoint
+
+    @rule(service=services, batch=st.lists(st.tuples(addresses, weights), max_size=4))
+    def register_many(self, service: str, batch: list[tuple[str, int]]) -> None:
+        endpoints = [Endpoint.parse(a, weight=w) for a, w in batch]
+        self.registry.register_many(service, endpoints)
+        target = self.model.setdefault(service, {})
+        for endpoint in endpoints:
+            target[endpoint.address] = endpoint
+
+    @rule(service=services, address=addresses)
+    def deregister(self, service: str, address: str) -> None:
+        if service not in self.model:
+            with pytest.raises(UnknownService):
+                self.registry.deregister(service, address)
+            return
+        removed = self.registry.deregister(service, address)
+        assert removed == (self.model[service].pop(address, None) is not None)
+
+    @rule(service=services, batch=st.lists(st.tuples(addresses, weights), max_size=4))
+    def set_endpoints(self, service: str, batch: list[tuple[str, int]]) -> None:
+        wanted = {a: Endpoint.parse(a, weight=w) for a, w in batch}
+        self.registry.set_endpoints(service, list(wanted.values()))
+        self.model[service] = dict(wanted)
+
+    @invariant()
+    def matches_model(self) -> None:
+        assert set(self.registry.services()) == set(self.model)
+        for service, endpoints in self.model.items():
+            snapshot = self.registry.snapshot(service)
+            assert dict(snapshot.by_address) == endpoints
+            assert set(snapshot.endpoints) == set(endpoints.values())
+            replayed: Optional[dict[str, Endpoint]] = self.replayed.get(service, {})
+            assert replayed == endpoints
+
+
+TestRegistryMachine = RegistryMachine.TestCase
+TestRegistryMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

@@ -1,0 +1,419 @@
+"""Every strategy: one contract all must pass, then distribution and hashing properties.
+
+Distribution bounds: chi-square against uniform at p = 0.001 for the uniform strategies;
+weighted strategies within 2% (relative) of their weights over 100,000 picks.  Random sources are
+seeded, so each run checks the same sample and a failure is a real bias, not bad luck.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import Optional
+
+import pytest
+
+from tai_lb import Endpoint, LoadBalancer, NoEndpointAvailable, ServiceRegistry
+from tai_lb.stats import EndpointStats
+from tai_lb.strategies import (
+    STRATEGIES,
+    ConsistentHash,
+    LeastConnections,
+    PeakEwma,
+    RoundRobin,
+    RoutingKey,
+    Strategy,
+    Weighted,
+    WeightedRoundRobin,
+    key_hash,
+    resolve_strategy,
+    smooth_weighted_sequence,
+)
+
+from .conftest import FakeClock
+
+# Chi-square critical values at p = 0.001 (upper tail), by degrees of freedom.
+CHI2_CRITICAL_P001 = {4: 18.467, 9: 27.877}
+
+
+def chi_square(counts: Sequence[int]) -> float:
+    expected = sum(counts) / len(counts)
+    return sum((c - expected) ** 2 / expected for c in counts)
+
+
+def seeded(name: str, seed: int = 7) -> Strategy:
+    return STRATEGIES[name](rng=random.Random(seed))
+
+
+def first_pick_strategy(candidates: Sequence[EndpointStats], key: Optional[RoutingKey]) -> Endpoint:
+    return candidates[0].endpoint
+
+
+CONTRACT_STRATEGIES = [*STRATEGIES, "function"]
+
+
+def make(name: str) -> Strategy:
+    return resolve_strategy(first_pick_strategy) if name == "function" else seeded(name)
+
+
+def balancer(name: str, endpoints: Sequence[object], **kwargs: object) -> LoadBalancer:
+    reg = ServiceRegistry()
+    reg.add_service("users")
+    reg.register_many("users", endpoints)  # type: ignore[arg-type]
+    return LoadBalancer(reg, strategy=make(name), **kwargs)  # type: ignore[arg-type]
+
+
+def keys(i: int) -> Optional[str]:
+    return f"user-{i}"
+
+
+@pytest.mark.parametrize("name", CONTRACT_STRATEGIES)
+class TestStrategyContract:
+    """What every strategy, built in or a plain function, must do."""
+
+    def test_empty_service_raises_no_endpoint_available(self, name: str) -> None:
+        lb = balancer(name, [])
+        with pytest.raises(NoEndpointAvailable, match="'users': no endpoints registered"):
+            lb.pick("users")
+
+    def test_one_endpoint_is_always_picked(self, name: str) -> None:
+        lb = balancer(name, ["127.0.0.1:8001"])
+        for i in range(50):
+            with lb.pick("users", key=keys(i)) as lease:
+                assert lease.endpoint.address == "127.0.0.1:8001"
+
+    def test_removed_endpoint_is_never_picked_after_deregister_returns(self, name: str) -> None:
+        lb = balancer(name, [f"127.0.0.1:{8000 + i}" for i in range(20)])
+        for i in range(200):
+            lb.pick("users", key=keys(i)).done()
+        for removed in [f"127.0.0.1:{8000 + i}" for i in range(19)]:
+            lb.registry.deregister("users", removed)
+            for i in range(200):
+                with lb.pick("users", key=keys(i)) as lease:
+                    assert lease.endpoint.address != removed
+
+    def test_removal_under_concurrent_picks(self, name: str) -> None:
+        addresses = [f"127.0.0.1:{8000 + i}" for i in range(10)]
+        lb = balancer(name, addresses)
+        removed = threading.Event()
+        stop = threading.Event()
+        violations: list[str] = []
+        victim = addresses[3]
+
+        def picker(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                already_removed = removed.is_set()  # read before the pick starts
+                with lb.pick("users", key=keys(i + n)) as lease:
+                    if already_removed and lease.endpoint.address == victim:
+                        violations.append(lease.endpoint.address)
+                i += 1
+
+        threads = [threading.Thread(target=picker, args=(n * 1000,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:  # let the pickers run a while
+            if sum(s.requests for s in lb.stats("users").values()) > 2000:
+                break
+            time.sleep(0.005)
+        lb.registry.deregister("users", victim)
+        removed.set()
+        threading.Event().wait(0.05)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert violations == []
+
+    def test_sixteen_threads_never_lose_an_in_flight_count(self, name: str) -> None:
+        lb = balancer(name, [f"127.0.0.1:{8000 + i}" for i in range(12)])
+        barrier = threading.Barrier(16)
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            rng = random.Random(n)
+            held = []
+            try:
+                barrier.wait()
+                for i in range(10_000):
+                    held.append(lb.pick("users", key=keys(i)))
+                    if len(held) > rng.randrange(1, 4):  # keep a few open, release out of order
+                        held.pop(rng.randrange(len(held))).done(success=i % 5 != 0)
+                for lease in held:
+                    lease.done()
+            except BaseException as error:  # pragma: no cover - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        stats = lb.stats("users").values()
+        assert all(s.in_flight == 0 for s in stats)
+        assert sum(s.requests for s in stats) == 16 * 10_000
+        assert lb.status()["services"]["users"]["in_flight"] == 0
+
+
+# -- distribution ---------------------------------------------------------------------------
+
+
+def pick_counts(lb: LoadBalancer, n: int, keyed: bool = False) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for i in range(n):
+        with lb.pick("users", key=f"k{i}" if keyed else None) as lease:
+            counts[lease.endpoint.address] += 1
+    return counts
+
+
+@pytest.mark.parametrize("name", ["round_robin", "random", "least_connections",
+                                  "consistent_hash"])
+@pytest.mark.parametrize("size", [5, 10])
+def test_uniform_strategies_pass_chi_square(name: str, size: int) -> None:
+    lb = balancer(name, [f"127.0.0.1:{8000 + i}" for i in range(size)])
+    counts = pick_counts(lb, 20_000 * size // 5)
+    assert len(counts) == size
+    assert chi_square(list(counts.values())) < CHI2_CRITICAL_P001[size - 1]
+
+
+def test_least_connections_two_choices_is_uniform_when_idle() -> None:
+    lb = balancer("least_connections", [f"127.0.0.1:{8000 + i}" for i in range(10)])
+    # 10 endpoints use a full scan; 20 use two random choices.
+    lb20 = balancer("least_connections", [f"127.0.0.1:{8000 + i}" for i in range(20)])
+    for b, size in ((lb, 10), (lb20, 20)):
+        counts = pick_counts(b, 40_000)
+        # df = 19 critical value at p = 0.001 is 43.820
+        assert chi_square(list(counts.values())) < (27.877 if size == 10 else 43.820)
+
+
+WEIGHTS = [1, 2, 2, 5]
+
+
+@pytest.mark.parametrize("name", ["weighted_round_robin", "weighted", "least_connections"])
+def test_weighted_strategies_follow_weights_within_two_percent(name: str) -> None:
+    endpoints = [{"address": f"127.0.0.1:{8000 + i}", "weight": w} for i, w in enumerate(WEIGHTS)]
+    lb = balancer(name, endpoints)
+    n = 100_000
+    counts = pick_counts(lb, n)
+    total = sum(WEIGHTS)
+    for i, weight in enumerate(WEIGHTS):
+        share = counts[f"127.0.0.1:{8000 + i}"] / n
+        assert abs(share / (weight / total) - 1) <= 0.02, (i, share)
+
+
+def test_consistent_hash_keys_follow_weights() -> None:
+    endpoints = [{"address": f"127.0.0.1:{8000 + i}", "weight": w} for i, w in enumerate([1, 3])]
+    lb = balancer("consistent_hash", endpoints)
+    counts = pick_counts(lb, 100_000, keyed=True)
+    assert abs(counts["127.0.0.1:8001"] / 100_000 - 0.75) < 0.03
+
+
+def test_smooth_wrr_gives_nginx_sequence_for_5_1_1() -> None:
+    # nginx's documented smooth sequence for weights a=5, b=1, c=1: a a b a c a a
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.0.0.1", 80, weight=5), Endpoint("10.0.0.2", 80),
+                                Endpoint("10.0.0.3", 80)])
+    lb = LoadBalancer(reg, strategy=WeightedRoundRobin(start=0))
+    names = {"10.0.0.1:80": "a", "10.0.0.2:80": "b", "10.0.0.3:80": "c"}
+    seq = "".join(names[lb.pick("users").endpoint.address] for _ in range(14))
+    assert seq == "aabacaa" * 2
+
+
+def nginx_reference(weights: list[int], n: int) -> list[int]:
+    """nginx's O(n) loop, written plainly, to check the heap version against."""
+    current = [0] * len(weights)
+    total = sum(weights)
+    out = []
+    for _ in range(n):
+        best = None
+        for i, w in enumerate(weights):
+            current[i] += w
+            if best is None or current[i] > current[best]:
+                best = i
+        assert best is not None
+        current[best] -= total
+        out.append(best)
+    return out
+
+
+@pytest.mark.parametrize("weights", [[5, 1, 1], [3, 3, 2, 1], [1, 1, 1], [7, 4, 4, 2, 2, 9],
+                                     [10, 1], [2, 3, 5, 7, 11, 13]])
+def test_smooth_sequence_matches_nginx_loop(weights: list[int]) -> None:
+    import itertools
+    produced = list(itertools.islice(smooth_weighted_sequence(weights), 3 * sum(weights)))
+    assert produced == nginx_reference(weights, 3 * sum(weights))
+
+
+def test_wrr_past_max_period_steps_online_with_the_same_order() -> None:
+    weights = [97, 89, 83]
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.0.0.1", 80 + i, weight=w)
+                                for i, w in enumerate(weights)])
+    lb = LoadBalancer(reg, strategy=WeightedRoundRobin(start=0, max_period=16))
+    got = [lb.pick("users").endpoint.port - 80 for _ in range(600)]
+    assert got == nginx_reference(weights, 600)
+
+
+# -- consistent hash ------------------------------------------------------------------------
+
+
+def owners(lb: LoadBalancer, keys_: Sequence[str]) -> list[str]:
+    return [lb.pick("users", key=k).endpoint.address for k in keys_]
+
+
+KEYS = [f"user-{i}" for i in range(20_000)]
+
+
+def test_same_key_same_endpoint_across_instances_and_orders() -> None:
+    addresses = [f"10.0.0.{i}:80" for i in range(1, 9)]
+    a = balancer("consistent_hash", addresses)
+    b = balancer("consistent_hash", list(reversed(addresses)))  # another process, other order
+    first = owners(a, KEYS)
+    assert owners(a, KEYS) == first
+    assert owners(b, KEYS) == first
+
+
+def test_key_types() -> None:
+    assert key_hash("42") == key_hash(b"42") == key_hash(42)
+    with pytest.raises(TypeError):
+        key_hash(4.2)  # type: ignore[arg-type]
+    # Known value: stable across processes and Python versions (MD5, not hash()).
+    assert key_hash("user-42") == int.from_bytes(
+        __import__("hashlib").md5(b"user-42").digest()[:4], "little")
+
+
+def test_removing_one_endpoint_moves_only_its_keys() -> None:
+    addresses = [f"10.0.0.{i}:80" for i in range(1, 11)]
+    lb = balancer("consistent_hash", addresses)
+    before = owners(lb, KEYS)
+    lb.registry.deregister("users", "10.0.0.4:80")
+    after = owners(lb, KEYS)
+    moved = [(b, a) for b, a in zip(before, after) if b != a]
+    assert moved and all(b == "10.0.0.4:80" for b, _ in moved)
+    assert len(moved) == before.count("10.0.0.4:80")
+
+
+@pytest.mark.parametrize("n", [4, 10, 25])
+def test_adding_one_endpoint_moves_at_most_its_share(n: int) -> None:
+    addresses = [f"10.1.0.{i}:80" for i in range(1, n + 1)]
+    lb = balancer("consistent_hash", addresses)
+    before = owners(lb, KEYS)
+    lb.registry.register("users", f"10.1.0.{n + 1}:80")
+    after = owners(lb, KEYS)
+    moved = [a for b, a in zip(before, after) if b != a]
+    assert all(a == f"10.1.0.{n + 1}:80" for a in moved)  # keys only move to the new one
+    assert len(moved) / len(KEYS) <= 1.1 / (n + 1)
+
+
+def test_ten_endpoints_hundred_thousand_keys_max_over_mean() -> None:
+    lb = balancer("consistent_hash", [f"192.168.7.{i}:8080" for i in range(10, 20)])
+    counts = collections.Counter(owners(lb, [f"session-{i}" for i in range(100_000)]))
+    assert max(counts.values()) / (100_000 / 10) <= 1.10
+
+
+def test_bounded_load_passes_over_a_full_endpoint() -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", [f"10.0.0.{i}:80" for i in range(1, 5)])
+    lb = LoadBalancer(reg, strategy=ConsistentHash(load_bound=1.25))
+    home = lb.pick("users", key="hot-key")
+    home.done()
+    held = [lb.pick("users", key="hot-key") for _ in range(2)]
+    # capacity = ceil(1.25 * (in flight + 1) / 4) = 1: the home endpoint is full after one
+    assert held[0].endpoint.address == home.endpoint.address
+    assert held[1].endpoint.address != home.endpoint.address
+    for h in held:
+        h.done()
+    with lb.pick("users", key="hot-key") as lease:
+        assert lease.endpoint.address == home.endpoint.address  # back home once load drops
+
+
+# -- load-aware strategies ------------------------------------------------------------------
+
+
+def test_least_connections_avoids_busy_endpoints() -> None:
+    for size in (3, 20):  # full scan and two choices
+        lb = balancer("least_connections", [f"10.0.0.{i}:80" for i in range(size)])
+        busy = lb.pick("users")
+        others = [a for a in lb.stats("users") if a != busy.endpoint.address]
+        held = [lb.pick("users", exclude=others) for _ in range(4)]  # five open on one endpoint
+        assert {h.endpoint.address for h in held} == {busy.endpoint.address}
+        hits = 0
+        for _ in range(500):
+            with lb.pick("users") as lease:
+                hits += lease.endpoint.address == busy.endpoint.address
+        # the full scan never picks it; two distinct random choices always see a lighter one
+        assert hits == 0
+
+
+def test_peak_ewma_prefers_the_fast_endpoint_and_decays(clock: FakeClock) -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", ["10.0.0.1:80", "10.0.0.2:80"])
+    lb = LoadBalancer(reg, strategy=PeakEwma(decay=10.0, rng=random.Random(3)), clock=clock)
+    latency = {"10.0.0.1:80": 0.010, "10.0.0.2:80": 0.200}
+    counts: collections.Counter[str] = collections.Counter()
+    for _ in range(400):
+        lease = lb.pick("users")
+        counts[lease.endpoint.address] += 1
+        clock.advance(0.001)
+        lease.done(latency=latency[lease.endpoint.address])
+    assert counts["10.0.0.1:80"] > 0.9 * 400
+    # Without traffic the slow endpoint's cost decays until it is tried again.
+    clock.advance(60.0)
+    slow = lb.stats("users")["10.0.0.2:80"].peak_cost(clock())
+    fast = lb.stats("users")["10.0.0.1:80"].peak_cost(clock())
+    assert slow < 0.2 * 0.01 and fast < slow
+
+
+def test_peak_ewma_peak_takes_over_at_once(clock: FakeClock) -> None:
+    reg = ServiceRegistry()
+    reg.register("users", "10.0.0.1:80")
+    lb = LoadBalancer(reg, strategy="peak_ewma", clock=clock)
+    stats = lb.stats("users")["10.0.0.1:80"]
+    assert stats.peak_cost(clock()) == 0.0  # unmeasured and idle: free, so it gets tried
+    lease = lb.pick("users")
+    assert stats.peak_cost(clock()) == pytest.approx(0.030 * 2)  # default while in flight
+    lease.done(latency=0.005)
+    clock.advance(1.0)
+    lb.pick("users").done(latency=0.500)
+    assert stats.peak_cost(clock()) == pytest.approx(0.500)
+    lb.pick("users").done(latency=0.001, success=False)  # failures are penalised
+    assert stats.last_latency is not None and stats.last_latency >= 2 * 0.4
+
+
+def test_weighted_random_is_log_n_and_handles_one_heavy_endpoint() -> None:
+    lb = balancer("weighted", [{"address": "10.0.0.1:80", "weight": 1_000_000},
+                               "10.0.0.2:80"])
+    counts = pick_counts(lb, 2000)
+    assert counts["10.0.0.1:80"] >= 1990
+
+
+def test_weighted_least_connections_with_a_dominant_weight() -> None:
+    lb = balancer("least_connections", [{"address": "10.0.0.1:80", "weight": 1000},
+                                        "10.0.0.2:80", "10.0.0.3:80"])
+    counts = pick_counts(lb, 3000)
+    assert counts["10.0.0.1:80"] > 2900
+
+
+# -- resolution -----------------------------------------------------------------------------
+
+
+def test_resolve_names_dicts_objects_and_functions() -> None:
+    assert isinstance(resolve_strategy("round_robin"), RoundRobin)
+    assert isinstance(resolve_strategy({"name": "weighted"}), Weighted)
+    ring = resolve_strategy({"name": "consistent_hash", "vnodes": 40, "load_bound": 1.5})
+    assert isinstance(ring, ConsistentHash) and (ring.vnodes, ring.load_bound) == (40, 1.5)
+    obj = LeastConnections()
+    assert resolve_strategy(obj) is obj
+    assert resolve_strategy(first_pick_strategy).name == "first_pick_strategy"
+    assert repr(PeakEwma()) == "PeakEwma(decay=10.0, default_latency=0.03)"
+
+
+def test_function_strategy_must_return_a_candidate() -> None:
+    lb = balancer("round_robin", ["10.0.0.1:80"])
+    lb2 = LoadBalancer(lb.registry, strategy=lambda c, k: Endpoint("10.9.9.9", 1))
+    with pytest.raises(ValueError, match="not one of the candidates"):
+        lb2.pick("users")
