@@ -22,6 +22,7 @@ from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
 
+from . import _forksafe
 from .config import LoadBalancerConfig, ServiceConfig, load_config
 from .endpoint import Endpoint
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
@@ -73,10 +74,18 @@ class LoadBalancer:
         self._stats: dict[str, dict[str, EndpointStats]] = {}
         self._service_load: dict[str, collections.deque[None]] = {}
         self._closed = False
+        _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         for name, service in self.config.services.items():
             self.registry.add_service(name)
             if service.endpoints:
                 self.registry.register_many(name, service.endpoints)
+
+    def _reset_after_fork(self) -> None:
+        # A lock held by another thread at the fork stays held in the child: replace them all.
+        self._lock = threading.Lock()
+        for table in self._stats.values():
+            for stats in table.values():
+                stats._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, source: Union[Mapping[str, Any], str, os.PathLike[str],

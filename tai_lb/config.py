@@ -213,7 +213,10 @@ def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any
     for key, value in own.items():
         base = merged.get(key)
         if isinstance(base, Mapping) and isinstance(value, Mapping):
-            merged[key] = {**base, **value}
+            if key == "strategy" and value.get("name", base.get("name")) != base.get("name"):
+                merged[key] = value  # another strategy: the default's options do not apply
+            else:
+                merged[key] = {**base, **value}
         else:
             merged[key] = value
     return merged

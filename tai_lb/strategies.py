@@ -1,10 +1,10 @@
 """Load-balancing strategies: small objects that turn a set of endpoints into a picker.
 
 A :class:`Strategy` is configuration only.  For each registry snapshot the balancer calls
-:meth:`Strategy.prepare` once with the endpoints' live :class:`~tai_lb.stats.EndpointStats`;
-the returned *picker* holds whatever the algorithm precomputes (a hash ring, cumulative
-weights, the smooth weighted round-robin sequence) and is called for every pick with the
-request's routing key.  Pickers take no lock on the common path.
+:meth:`Strategy.prepare <tai_lb.strategies.Strategy.prepare>` once with the endpoints' live
+:class:`~tai_lb.stats.EndpointStats`; the returned *picker* holds whatever the algorithm
+precomputes (a hash ring, cumulative weights, the smooth weighted round-robin sequence) and is
+called for every pick with the request's routing key.  Pickers take no lock on the common path.
 
 =========================  ===========================================================  ========
 name                       picks                                                        per pick
@@ -13,10 +13,12 @@ name                       picks                                                
 ``weighted_round_robin``   in proportion to weight, spread evenly (nginx's smooth WRR)  O(1)
 ``random``                 uniformly at random                                          O(1)
 ``weighted``               at random, in proportion to weight                           O(log n)
-``least_connections``      fewest in flight per weight; two random choices past 8       O(1)
+``least_connections``      fewest in flight per weight; two random choices past 8       O(1) [#]_
 ``consistent_hash``        the key's owner on a ketama ring (random without a key)      O(log n)
 ``peak_ewma``              two random choices, lower peak-EWMA latency x (in flight+1)  O(1)
 =========================  ===========================================================  ========
+
+.. [#] O(log n) when weights differ: the two choices are drawn in proportion to weight.
 
 A plain function ``f(candidates, key) -> EndpointStats`` is accepted wherever a strategy is; it is
 wrapped in :class:`FunctionStrategy` and called with every candidate on every pick.
@@ -304,7 +306,8 @@ class ConsistentHash(Strategy):
 
     The default of 1,000 points per unit of weight keeps every endpoint's share of keys within
     about 10% of the mean for ten endpoints; the ring holds at most ``max_ring_size`` points
-    (65,536 by default, so a rebuild stays well under 100 ms), and past that every endpoint gets
+    (65,536 by default, so a rebuild takes about a tenth of a second even for a thousand
+    endpoints), and past that every endpoint gets
     proportionally fewer, trading evenness for build time in very large services.
 
     :param vnodes: ring points per unit of weight.
@@ -536,7 +539,7 @@ _OPTIONS: Mapping[str, tuple[str, ...]] = {
 def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
     """Turn a name, a config dict, a `Strategy` or a function into a `Strategy`.
 
-    Raises `ConfigError` naming ``path`` for an unknown name or a bad option.
+    Raises :class:`~tai_lb.ConfigError` naming ``path`` for an unknown name or a bad option.
     """
     if isinstance(value, Strategy):
         return value

@@ -174,11 +174,14 @@ def test_default_strategy_is_round_robin() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
-def test_registry_usable_in_a_child_forked_while_its_lock_was_held() -> None:
+def test_usable_in_a_child_forked_while_every_lock_was_held() -> None:
     reg = ServiceRegistry()
     reg.register("users", "10.0.0.1:80")
     lb = LoadBalancer(reg)
-    reg._lock.acquire()  # as if another thread were writing at the moment of the fork
+    stats_lock = lb.stats("users")["10.0.0.1:80"]._lock
+    held = [reg._lock, lb._lock, stats_lock]
+    for lock in held:  # as if other threads were writing at the moment of the fork
+        lock.acquire()
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
@@ -190,7 +193,8 @@ def test_registry_usable_in_a_child_forked_while_its_lock_was_held() -> None:
             finally:
                 os._exit(code)
     finally:
-        reg._lock.release()
+        for lock in held:
+            lock.release()
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
 

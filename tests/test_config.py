@@ -145,6 +145,17 @@ def test_defaults_merge_into_mappings() -> None:
     assert isinstance(ring, ConsistentHash) and (ring.vnodes, ring.load_bound) == (50, 1.5)
 
 
+def test_default_strategy_options_do_not_leak_into_another_strategy() -> None:
+    config = load_config({
+        "defaults": {"strategy": {"name": "peak_ewma", "decay": 5}},
+        "services": {"users": {"endpoints": [], "strategy": {"name": "consistent_hash"}},
+                     "billing": {"endpoints": []}},
+    })
+    assert isinstance(config.services["users"].strategy, ConsistentHash)
+    billing = config.services["billing"].strategy
+    assert isinstance(billing, PeakEwma) and billing.decay == 5.0
+
+
 @pytest.mark.parametrize("source", ["source_ip", "user_id", "cookie:sessionid",
                                     "header:X-User-Id"])
 def test_key_sources(source: str) -> None:
