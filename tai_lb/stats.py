@@ -25,6 +25,7 @@ DEFAULT_LATENCY = 0.030
 """Latency assumed for an endpoint with no measurement yet, in seconds (Linkerd: 30 ms)."""
 
 Clock = Callable[[], float]
+_exp = math.exp
 
 
 class EndpointStats:
@@ -98,27 +99,28 @@ class EndpointStats:
         A failure counts as at least twice the current peak (and at least the default latency),
         so an endpoint that fails fast does not look like the fastest one.
         """
+        # This runs once per request: plain comparisons rather than max() calls.
         self._in_flight.pop()
         self._service_load.pop()
-        latency = max(latency, 0.0)
+        if latency < 0.0:  # noqa: PLR1730 - a comparison is cheaper than a call here
+            latency = 0.0
         with self._lock:
             if success:
                 self.successes += 1
             else:
                 self.failures += 1
-                latency = max(latency, 2 * self._peak, self._default_latency)
+                latency = max(latency, 2.0 * self._peak, self._default_latency)
             self.last_latency = latency
-            if self._ewma is None:
+            ewma = self._ewma
+            if ewma is None:
                 self._ewma = self._peak = latency
             else:
-                elapsed = max(now - self._stamp, 0.0)
-                keep = math.exp(-elapsed / self.decay)
-                self._ewma = self._ewma * keep + latency * (1.0 - keep)
+                elapsed = now - self._stamp
+                keep = _exp(-elapsed / self.decay) if elapsed > 0.0 else 1.0
+                self._ewma = ewma * keep + latency * (1.0 - keep)
                 # Finagle's peak EWMA: a slower sample takes over at once, a faster one blends in.
-                if latency > self._peak:
-                    self._peak = latency
-                else:
-                    self._peak = self._peak * keep + latency * (1.0 - keep)
+                peak = self._peak
+                self._peak = latency if latency > peak else peak * keep + latency * (1.0 - keep)
             self._stamp = now
 
     def snapshot(self) -> dict[str, Any]:

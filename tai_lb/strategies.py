@@ -27,6 +27,7 @@ wrapped in :class:`FunctionStrategy` and called with every candidate on every pi
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import heapq
 import itertools
@@ -352,12 +353,18 @@ class ConsistentHash(Strategy):
         draw = self.rng.random
         search = bisect.bisect_right
         bound = self.load_bound
+        shift, starts = bucket_index(hashes)
+        md5, unpack = _md5, _unpack_first
 
         if bound is None:
             def pick(key: Optional[RoutingKey]) -> EndpointStats:
                 if key is None:
                     return items[int(draw() * size)]
-                i = search(hashes, key_hash(key))
+                # key_hash(), inlined for the common str key: this is the hot path
+                h = (unpack(md5(key.encode()).digest())[0] if type(key) is str
+                     else key_hash(key))
+                bucket = h >> shift
+                i = search(hashes, h, starts[bucket], starts[bucket + 1])
                 return owners[i if i < ring_size else 0]
             return pick
 
@@ -366,7 +373,9 @@ class ConsistentHash(Strategy):
         def pick_bounded(key: Optional[RoutingKey]) -> EndpointStats:
             if key is None:
                 return items[int(draw() * size)]
-            i = search(hashes, key_hash(key))
+            h = key_hash(key)
+            bucket = h >> shift
+            i = search(hashes, h, starts[bucket], starts[bucket + 1])
             capacity = math.ceil(bound * (len(service_load) + 1) / size)
             seen: set[int] = set()
             for step in range(ring_size):
@@ -380,6 +389,20 @@ class ConsistentHash(Strategy):
         return pick_bounded
 
 
+def _find_md5() -> Callable[[bytes], Any]:
+    # Passing usedforsecurity=False costs more than hashing a short key, so pass it only where
+    # the OpenSSL build refuses MD5 without it (FIPS mode).
+    try:
+        hashlib.md5(b"")
+    except ValueError:  # pragma: no cover - FIPS systems only
+        return functools.partial(hashlib.md5, usedforsecurity=False)
+    return hashlib.md5
+
+
+_md5 = _find_md5()
+_unpack_first = struct.Struct("<I").unpack_from
+
+
 def key_hash(key: RoutingKey) -> int:
     """The 32-bit ring position of a routing key (MD5, stable across processes)."""
     if isinstance(key, str):
@@ -390,23 +413,43 @@ def key_hash(key: RoutingKey) -> int:
         data = str(key).encode("ascii")
     else:
         raise TypeError(f"a routing key must be str, bytes or int, got {type(key).__name__}")
-    return int.from_bytes(hashlib.md5(data, usedforsecurity=False).digest()[:4], "little")
+    first: int = _unpack_first(_md5(data).digest())[0]
+    return first
+
+
+def bucket_index(hashes: Sequence[int]) -> tuple[int, list[int]]:
+    """A table that narrows a ring search to one bucket of the 32-bit space.
+
+    The space is cut into a power of two of equal buckets, about one per point; ``starts[b]`` is
+    the index of the first point in bucket ``b`` or after it.  A lookup bisects only between
+    ``starts[b]`` and ``starts[b + 1]``, usually zero to two points, whatever the ring's size.
+    Returns the shift that turns a hash into its bucket, and ``starts``.
+    """
+    bits = max(1, min(24, len(hashes).bit_length() - 1))
+    shift = 32 - bits
+    total = len(hashes)
+    starts = [total] * ((1 << bits) + 1)
+    for index in range(total - 1, -1, -1):  # backwards, so each bucket keeps its first point
+        starts[hashes[index] >> shift] = index
+    for bucket in range((1 << bits) - 1, -1, -1):
+        if starts[bucket] == total:  # an empty bucket starts where the next one does
+            starts[bucket] = starts[bucket + 1]
+    return shift, starts
 
 
 _unpack_digest = struct.Struct("<4I").unpack
 
 
 def ring_points(address: str, count: int) -> tuple[int, ...]:
-    """``count`` (rounded up to a multiple of four) 32-bit ring points of an endpoint address.
+    """``count`` 32-bit ring points of an endpoint address.
 
     Four points per MD5 digest of ``"address-i"``, libketama's layout.
     """
     points: list[int] = []
     prefix = f"{address}-"
     for i in range((count + 3) // 4):
-        points.extend(_unpack_digest(hashlib.md5(f"{prefix}{i}".encode(),
-                                                 usedforsecurity=False).digest()))
-    return tuple(points)
+        points.extend(_unpack_digest(_md5(f"{prefix}{i}".encode()).digest()))
+    return tuple(points[:count])
 
 
 def build_ring(items: Sequence[EndpointStats], vnodes: int, max_ring_size: int,

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tai_lb import Endpoint, LoadBalancer, NoEndpointAvailable, ServiceRegistry
 from tai_lb.stats import EndpointStats
@@ -28,6 +30,8 @@ from tai_lb.strategies import (
     Strategy,
     Weighted,
     WeightedRoundRobin,
+    bucket_index,
+    build_ring,
     key_hash,
     resolve_strategy,
     smooth_weighted_sequence,
@@ -417,3 +421,28 @@ def test_function_strategy_must_return_a_candidate() -> None:
     lb2 = LoadBalancer(lb.registry, strategy=lambda c, k: Endpoint("10.9.9.9", 1))
     with pytest.raises(ValueError, match="not one of the candidates"):
         lb2.pick("users")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**32 - 1), min_size=1, max_size=300),
+       st.lists(st.integers(min_value=0, max_value=2**32 - 1), min_size=1, max_size=50))
+def test_bucket_index_narrows_to_the_same_answer_as_a_full_search(
+        points: list[int], probes: list[int]) -> None:
+    import bisect
+    ring = sorted(points)
+    shift, starts = bucket_index(ring)
+    for h in [*probes, *ring, 0, 2**32 - 1]:
+        bucket = h >> shift
+        assert bisect.bisect_right(ring, h, starts[bucket], starts[bucket + 1]) == (
+            bisect.bisect_right(ring, h))
+
+
+def test_ring_never_exceeds_max_ring_size_and_follows_weights() -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.0.0.1", 80 + i, weight=1 + i % 3)
+                                for i in range(300)])
+    lb = LoadBalancer(reg)
+    items = tuple(lb.stats("users").values())
+    hashes, ring_owners = build_ring(items, vnodes=1000, max_ring_size=4096)
+    assert len(hashes) <= 4096 and hashes == sorted(hashes)
+    per_weight = collections.Counter(o.endpoint.weight for o in ring_owners)
+    assert per_weight[3] > per_weight[2] > per_weight[1]

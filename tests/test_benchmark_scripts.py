@@ -1,0 +1,23 @@
+"""The benchmark scripts still run (in their quick mode, which writes no results)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_picks_benchmark_quick_mode_prints_its_tables() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "picks.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    for name in ("round_robin", "consistent_hash", "peak_ewma", "x raw GET"):
+        assert name in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
