@@ -16,6 +16,12 @@ apt_install() {
     fi
 }
 
+pip_install() {
+    # pip install into the venv at $1, without the machine's notes about absent local indexes.
+    local venv=$1; shift
+    "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
+
 ensure_venv() {
     local dir=$1 python=$2
     if [ ! -x "$dir/bin/python" ]; then
@@ -23,6 +29,6 @@ ensure_venv() {
             apt_install python3-venv
         fi
         "$python" -m venv "$dir"
-        "$dir/bin/python" -m pip install -q --upgrade pip
+        pip_install "$dir" --upgrade pip
     fi
 }

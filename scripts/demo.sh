@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 ensure_venv .venv "${PYTHON:-python3}"
-.venv/bin/python -m pip install -q .
+pip_install .venv .
 exec .venv/bin/python -m tai_lb picks "$@"

@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 
 ensure_venv .venv "${PYTHON:-python3}"
-.venv/bin/python -m pip install -q -e '.[test,lint,docs,all]'
+pip_install .venv -e '.[test,lint,docs,all]'
 
 echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks examples
-echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb
+echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb benchmarks
 echo "== docs"; .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 echo "== pytest"; .venv/bin/python -m pytest -p no:cacheprovider "$@"
 
@@ -20,7 +20,7 @@ if command -v pyenv >/dev/null && [ -z "${TAI_LB_SKIP_OTHER_PYTHONS:-}" ]; then
         [ -n "$version" ] || { echo "== python $wanted: not in pyenv, skipped"; continue; }
         echo "== unit tests on Python $version"
         ensure_venv ".venv-$wanted" "$(pyenv root)/versions/$version/bin/python"
-        ".venv-$wanted/bin/python" -m pip install -q -e '.[test]'
+        pip_install ".venv-$wanted" -e '.[test]'
         ".venv-$wanted/bin/python" -m pytest -p no:cacheprovider -q -m "not slow"
     done
 fi

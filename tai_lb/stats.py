@@ -104,7 +104,9 @@ class EndpointStats:
         self._service_load.pop()
         if latency < 0.0:  # noqa: PLR1730 - a comparison is cheaper than a call here
             latency = 0.0
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not `with`: the context manager protocol costs as much as the lock
+        try:
             if success:
                 self.successes += 1
             else:
@@ -122,6 +124,8 @@ class EndpointStats:
                 peak = self._peak
                 self._peak = latency if latency > peak else peak * keep + latency * (1.0 - keep)
             self._stamp = now
+        finally:
+            lock.release()
 
     def snapshot(self) -> dict[str, Any]:
         """The figures as a JSON-serialisable dict (latencies in milliseconds)."""
