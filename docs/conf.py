@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
-import tai_lb  # noqa: E402  (after the path change, so a plain checkout builds too)
+import tai_lb
 
 project = "tai-lb"
 author = "tai-lb contributors"
@@ -48,7 +48,7 @@ def _drop_exception_return_type(app: object, domain: str, objtype: str,
     With ``autodoc_typehints = "description"`` autodoc suppresses the ``__init__`` return type
     for classes but not for exceptions (Sphinx checks for the object type ``class`` only).
     """
-    from docutils import nodes
+    from docutils import nodes  # noqa: PLC0415 - only needed while Sphinx runs
 
     if domain != "py" or objtype != "exception":
         return

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv -e '.[test,lint,docs,all]'
 
-echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks examples
+echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks docs/conf.py
 echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb benchmarks
 echo "== docs"; .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 echo "== pytest"; .venv/bin/python -m pytest -p no:cacheprovider "$@"

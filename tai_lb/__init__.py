@@ -11,35 +11,47 @@ from __future__ import annotations
 
 import logging
 
+from .adapter import LoadBalancedAdapter
 from .balancer import LoadBalancer
 from .config import KeySource, LoadBalancerConfig, ServiceConfig, load_config
 from .endpoint import Endpoint, Labels
 from .exceptions import (
     ConfigError,
+    HTTPPoolExhausted,
     LoadBalancerError,
     NoEndpointAvailable,
     PoolExhausted,
     UnknownService,
 )
 from .lease import Lease
+from .pool import PoolConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
+from .retry import RetryBudget, RetryPolicy
 from .stats import EndpointStats
 from .strategies import Strategy
+from .trace import Attempt, DecisionTrace, trace_of
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attempt",
     "ConfigError",
+    "DecisionTrace",
     "Endpoint",
     "EndpointStats",
+    "HTTPPoolExhausted",
     "KeySource",
     "Labels",
     "Lease",
+    "LoadBalancedAdapter",
     "LoadBalancer",
     "LoadBalancerConfig",
     "LoadBalancerError",
     "NoEndpointAvailable",
+    "PoolConfig",
     "PoolExhausted",
+    "RetryBudget",
+    "RetryPolicy",
     "ServiceConfig",
     "ServiceRegistry",
     "ServiceSnapshot",
@@ -49,6 +61,7 @@ __all__ = [
     "UnknownService",
     "__version__",
     "load_config",
+    "trace_of",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -20,16 +20,23 @@ import threading
 import time
 from collections.abc import Collection, Mapping
 from types import TracebackType
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import requests
 
 from . import _forksafe
 from .config import LoadBalancerConfig, ServiceConfig, load_config
 from .endpoint import Endpoint
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
 from .lease import Lease
-from .registry import ServiceRegistry, ServiceSnapshot
+from .pool import EndpointPools
+from .registry import ServiceRegistry, ServiceSnapshot, TopologyChange
+from .retry import RetryBudget
 from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
 from .strategies import Picker, RoutingKey, Strategy, StrategyLike, resolve_strategy
+
+if TYPE_CHECKING:
+    from .adapter import LoadBalancedAdapter
 
 __all__ = ["LoadBalancer"]
 
@@ -74,6 +81,9 @@ class LoadBalancer:
         self._stats: dict[str, dict[str, EndpointStats]] = {}
         self._service_load: dict[str, collections.deque[None]] = {}
         self._closed = False
+        self._pools = EndpointPools()
+        self._budgets: dict[str, RetryBudget] = {}
+        self._subscription = self.registry.subscribe(self._on_change)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         for name, service in self.config.services.items():
             self.registry.add_service(name)
@@ -86,6 +96,10 @@ class LoadBalancer:
         for table in self._stats.values():
             for stats in table.values():
                 stats._lock = threading.Lock()
+        # The parent's connections must not be shared: the child starts with no pools.
+        self._pools = EndpointPools()
+        for budget in self._budgets.values():
+            budget._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, source: Union[Mapping[str, Any], str, os.PathLike[str],
@@ -181,6 +195,60 @@ class LoadBalancer:
         settings = self.config.services.get(service)
         return settings if settings is not None else ServiceConfig(strategy=self._default_strategy)
 
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def session(self) -> requests.Session:
+        """A :class:`requests.Session` whose ``http(s)://<service>/`` requests are balanced.
+
+        Any other host passes through as with plain requests.  Sessions share this balancer's
+        connection pools; make as many as you like (one per thread is the usual pattern).
+        """
+        session = requests.Session()
+        adapter = self.adapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def adapter(self) -> LoadBalancedAdapter:
+        """A :class:`~tai_lb.LoadBalancedAdapter` for this balancer, to mount on a session."""
+        from .adapter import LoadBalancedAdapter  # noqa: PLC0415 - adapter imports balancer
+
+        return LoadBalancedAdapter(self)
+
+    def retry_budget(self, service: str) -> RetryBudget:
+        """The retry budget of ``service`` (created on first use)."""
+        budget = self._budgets.get(service)
+        if budget is None:
+            with self._lock:
+                budget = self._budgets.get(service)
+                if budget is None:
+                    policy = self.service_config(service).retries
+                    budget = RetryBudget.for_policy(policy, self._clock)
+                    self._budgets[service] = budget
+        return budget
+
+    def strategy_name(self, service: str) -> str:
+        """The name of the strategy ``service`` uses."""
+        return self._strategy_for(service).name
+
+    def _on_change(self, change: TopologyChange) -> None:
+        if change.kind == "changed":
+            return
+        table = self._stats.get(change.service, {})
+        stats = table.get(change.endpoint.address)
+        if change.kind == "added":
+            if stats is not None:
+                stats.on_drained = None  # back before it drained: keep its pools
+            return
+        endpoint = change.endpoint
+        if stats is None or not stats.in_flight:
+            self._pools.close_endpoint(endpoint.host, endpoint.port)
+        else:  # drain: requests in flight finish, then the pools close
+            def close_pools() -> None:
+                self._pools.close_endpoint(endpoint.host, endpoint.port)
+
+            stats.on_drained = close_pools
+
     # -- inspection -----------------------------------------------------------------------------
 
     def stats(self, service: str) -> dict[str, EndpointStats]:
@@ -207,7 +275,9 @@ class LoadBalancer:
                 entry["health"] = "healthy"
                 entry.update(stats.snapshot())
                 endpoints[endpoint.address] = entry
+            budget = self._budgets.get(name)
             services[name] = {
+                "retry_budget": budget.snapshot() if budget is not None else None,
                 "strategy": route.strategy.name,
                 "strategy_options": route.strategy.options(),
                 "endpoints_total": len(route.candidates),
@@ -221,8 +291,11 @@ class LoadBalancer:
     def close(self) -> None:
         """Stop the balancer: later picks raise `LoadBalancerError`.  Safe to call twice."""
         with self._lock:
-            self._closed = True
+            already, self._closed = self._closed, True
             self._routes.clear()
+        if not already:
+            self._subscription.unsubscribe()
+            self._pools.close()
 
     @property
     def closed(self) -> bool:

@@ -23,7 +23,9 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from .endpoint import Endpoint
 from .exceptions import ConfigError
+from .pool import PoolConfig
 from .registry import check_service_name
+from .retry import RetryPolicy
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
@@ -48,12 +50,9 @@ NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "health_check": "active health checks are not built yet",
     "outlier_detection": "outlier detection is not built yet",
     "circuit_breaker": "circuit breakers are not built yet",
-    "retries": "retries come with the HTTP adapter, which is not built yet",
     "affinity": "session affinity is not built yet",
     "backups": "failover to backups is not built yet",
     "slow_start": "slow start is not built yet",
-    "pool": "connection pools come with the HTTP adapter, which is not built yet",
-    "timeout": "timeouts come with the HTTP adapter, which is not built yet",
     "metrics": "metrics export is not built yet",
 })
 """Keys of the specification that this version rejects, with the reason shown to the user."""
@@ -123,12 +122,19 @@ class ServiceConfig:
     :param strategy: how to pick among them (default round robin).
     :param scheme: ``"http"`` or ``"https"``, the scheme health probes use.
     :param hash_key: where the routing key of an HTTP request comes from.
+    :param retries: when and how often a failed HTTP request is retried on another endpoint.
+    :param pool: the HTTP connections kept per endpoint.
+    :param timeout: (connect, read) seconds for HTTP requests that set no timeout of their own;
+        None waits as long as plain requests does.
     """
 
     endpoints: tuple[Endpoint, ...] = ()
     strategy: Strategy = field(default_factory=RoundRobin)
     scheme: Literal["http", "https"] = "http"
     hash_key: Optional[KeySource] = None
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    timeout: Optional[tuple[Optional[float], Optional[float]]] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -145,6 +151,12 @@ class ServiceConfig:
             raise ConfigError("scheme", f"must be \"http\" or \"https\", got {self.scheme!r}")
         if self.hash_key is not None and not isinstance(self.hash_key, KeySource):
             raise ConfigError("hash_key", f"must be a KeySource, got {self.hash_key!r}")
+        if not isinstance(self.retries, RetryPolicy):
+            raise ConfigError("retries", f"must be a RetryPolicy, got {self.retries!r}")
+        if not isinstance(self.pool, PoolConfig):
+            raise ConfigError("pool", f"must be a PoolConfig, got {self.pool!r}")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", parse_timeout(self.timeout, "timeout"))
 
     def new(self, **changes: Any) -> ServiceConfig:
         """A copy with ``changes`` applied (and checked)."""
@@ -244,11 +256,45 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         fields["scheme"] = settings["scheme"]
     if "hash_key" in settings:
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
+    for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config)):
+        if key in settings:
+            try:
+                fields[key] = build(settings[key])
+            except ConfigError as error:
+                raise ConfigError(_join(_join(path, key), error.path) if error.path
+                                  else _join(path, key), error.reason) from None
+    if "timeout" in settings and settings["timeout"] is not None:
+        fields["timeout"] = parse_timeout(settings["timeout"], _join(path, "timeout"))
     try:
         ServiceConfig(**fields)
     except ConfigError as error:
         raise ConfigError(_join(path, error.path), error.reason) from None
     return fields
+
+
+def parse_timeout(value: Any, path: str) -> tuple[Optional[float], Optional[float]]:
+    """A timeout setting as (connect, read) seconds: a number, a pair or ``{connect, read}``."""
+    if isinstance(value, Mapping):
+        for key in value:
+            if key not in ("connect", "read"):
+                raise ConfigError(f"{path}.{key}", "unknown key; allowed: connect, read")
+        pair = (value.get("connect"), value.get("read"))
+        names = (f"{path}.connect", f"{path}.read")
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = (value[0], value[1])
+        names = (f"{path}[0]", f"{path}[1]")
+    else:
+        pair = (value, value)
+        names = (path, path)
+    result: list[Optional[float]] = []
+    for item, name in zip(pair, names):
+        if item is None:
+            result.append(None)
+        elif isinstance(item, bool) or not isinstance(item, (int, float)) or not item > 0:
+            raise ConfigError(name, f"must be a number of seconds > 0, got {item!r}")
+        else:
+            result.append(float(item))
+    return (result[0], result[1])
 
 
 def _reject_unknown(settings: Mapping[str, Any], allowed: Sequence[str], path: str) -> None:

@@ -19,7 +19,7 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
 _MAX_WEIGHT = 1_000_000
 _ENDPOINT_KEYS = ("address", "host", "port", "weight", "zone", "region", "version", "labels",
-                  "priority")
+                  "priority", "tls_name")
 
 
 def _join(path: str, key: str) -> str:
@@ -86,10 +86,12 @@ class Endpoint:
     :param version: the version the instance runs, such as ``"1.4"``.
     :param labels: free-form string labels; stored as immutable :class:`Labels`.
     :param priority: failover group; 0 is used first, then 1, and so on.
+    :param tls_name: the name to send as SNI and verify the certificate against, for an
+        endpoint whose certificate does not carry the service name; None: the service name.
     """
 
-    __slots__ = ("_hash", "address", "host", "labels", "port", "priority", "region", "version",
-                 "weight", "zone")
+    __slots__ = ("_hash", "address", "host", "labels", "port", "priority", "region", "tls_name",
+                 "version", "weight", "zone")
 
     host: str
     port: int
@@ -99,13 +101,14 @@ class Endpoint:
     version: Optional[str]
     labels: Labels
     priority: int
+    tls_name: Optional[str]
     address: str
     _hash: int
 
     def __init__(self, host: str, port: int, weight: int = 1, zone: Optional[str] = None,
                  region: Optional[str] = None, version: Optional[str] = None,
                  labels: Union[Mapping[str, str], Labels, None] = None, priority: int = 0,
-                 *, path: str = "") -> None:
+                 tls_name: Optional[str] = None, *, path: str = "") -> None:
         set_ = object.__setattr__
         host = _check_host(host, _join(path, "host"))
         set_(self, "host", host)
@@ -120,6 +123,10 @@ class Endpoint:
         set_(self, "labels", labels if isinstance(labels, Labels)
              else Labels(labels, path=_join(path, "labels")))
         set_(self, "priority", _check_int(priority, _join(path, "priority"), 0, 1000))
+        if tls_name is not None and (":" in tls_name if isinstance(tls_name, str) else True):
+            raise ConfigError(_join(path, "tls_name"), f"must be a host name, got {tls_name!r}")
+        set_(self, "tls_name", None if tls_name is None
+             else _check_host(tls_name, _join(path, "tls_name")))
         shown = f"[{host}]" if ":" in host else host
         set_(self, "address", f"{shown}:{self.port}")
         set_(self, "_hash", hash(self._fields()))
@@ -138,7 +145,7 @@ class Endpoint:
         """Build an endpoint from a configuration value: a string, a dict or an `Endpoint`.
 
         A dict has ``address`` (or ``host`` and ``port``) and optionally ``weight``, ``zone``,
-        ``region``, ``version``, ``labels`` and ``priority``.
+        ``region``, ``version``, ``labels``, ``priority`` and ``tls_name``.
         """
         if isinstance(value, Endpoint):
             return value
@@ -167,7 +174,7 @@ class Endpoint:
         fields: dict[str, Any] = {
             "host": self.host, "port": self.port, "weight": self.weight, "zone": self.zone,
             "region": self.region, "version": self.version, "labels": self.labels,
-            "priority": self.priority,
+            "priority": self.priority, "tls_name": self.tls_name,
         }
         fields.update(changes)
         return Endpoint(**fields)
@@ -176,7 +183,7 @@ class Endpoint:
 
     def _fields(self) -> tuple[Any, ...]:
         return (self.host, self.port, self.weight, self.zone, self.region, self.version,
-                self.labels, self.priority)
+                self.labels, self.priority, self.tls_name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Endpoint is immutable; use replace({name}=...)")
@@ -200,6 +207,8 @@ class Endpoint:
             extras.append(f"labels={dict(self.labels)!r}")
         if self.priority:
             extras.append(f"priority={self.priority}")
+        if self.tls_name:
+            extras.append(f"tls_name={self.tls_name!r}")
         return f"Endpoint({self.address!r}{''.join(', ' + e for e in extras)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -215,12 +224,15 @@ class Endpoint:
             out["labels"] = dict(self.labels)
         if self.priority:
             out["priority"] = self.priority
+        if self.tls_name:
+            out["tls_name"] = self.tls_name
         return out
 
 
 def _rebuild(host: str, port: int, weight: int, zone: Optional[str], region: Optional[str],
-             version: Optional[str], labels: Labels, priority: int) -> Endpoint:
-    return Endpoint(host, port, weight, zone, region, version, labels, priority)
+             version: Optional[str], labels: Labels, priority: int,
+             tls_name: Optional[str] = None) -> Endpoint:
+    return Endpoint(host, port, weight, zone, region, version, labels, priority, tls_name)
 
 
 def _split_address(address: object, path: str) -> tuple[str, int]:

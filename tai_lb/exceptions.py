@@ -8,9 +8,12 @@
      +-- NoEndpointAvailable              nothing could be picked for a service
      |    (requests.exceptions.ConnectionError)
      +-- PoolExhausted                    no connection free within the acquire timeout
+          +-- HTTPPoolExhausted           the same on the HTTP path
+               (requests.exceptions.ConnectionError)
 
-``NoEndpointAvailable`` is also a :class:`requests.exceptions.ConnectionError`, so code that
-already handles connection failures from ``requests`` handles it too.  Errors that concern a
+``NoEndpointAvailable`` and ``HTTPPoolExhausted`` are also
+:class:`requests.exceptions.ConnectionError`, so code that already handles connection failures
+from ``requests`` handles them too.  Errors that concern a
 service carry ``service``; errors that concern one endpoint carry ``endpoint`` as well.
 """
 
@@ -22,6 +25,7 @@ import requests
 
 __all__ = [
     "ConfigError",
+    "HTTPPoolExhausted",
     "LoadBalancerError",
     "NoEndpointAvailable",
     "PoolExhausted",
@@ -95,3 +99,7 @@ class PoolExhausted(LoadBalancerError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.endpoint, self.timeout, self.service))
+
+
+class HTTPPoolExhausted(PoolExhausted, requests.exceptions.ConnectionError):
+    """An endpoint's HTTP pool had no free connection in time (a requests ConnectionError)."""

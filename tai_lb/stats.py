@@ -40,7 +40,8 @@ class EndpointStats:
     """
 
     __slots__ = ("_default_latency", "_ewma", "_in_flight", "_lock", "_peak", "_service_load",
-                 "_stamp", "clock", "decay", "endpoint", "failures", "last_latency", "successes")
+                 "_stamp", "clock", "decay", "endpoint", "failures", "last_latency",
+                 "on_drained", "successes")
 
     def __init__(self, endpoint: Endpoint, clock: Clock, *, decay: float = DEFAULT_DECAY,
                  default_latency: float = DEFAULT_LATENCY,
@@ -59,6 +60,8 @@ class EndpointStats:
         self._ewma: Optional[float] = None
         self._peak = 0.0
         self._stamp = 0.0
+        # Set while the endpoint drains after removal: runs once nothing is in flight.
+        self.on_drained: Optional[Callable[[], None]] = None
 
     @property
     def in_flight(self) -> int:
@@ -126,6 +129,10 @@ class EndpointStats:
             self._stamp = now
         finally:
             lock.release()
+        if self.on_drained is not None and not self._in_flight:
+            drained, self.on_drained = self.on_drained, None
+            if drained is not None:
+                drained()
 
     def snapshot(self) -> dict[str, Any]:
         """The figures as a JSON-serialisable dict (latencies in milliseconds)."""

@@ -1,0 +1,438 @@
+"""`LoadBalancedAdapter`: routes ``http(s)://<service>/...`` requests through the balancer.
+
+The request path::
+
+    Session.send -> LoadBalancedAdapter.send -> [attempt loop, tenacity-driven]
+        -> LoadBalancer.pick (excluding endpoints already tried) -> endpoint's urllib3 pool
+        -> response (body read inside the loop unless streaming) -> lease released
+
+The URL requests sees stays the logical one (``http://users/api``), so its redirect handling,
+auth stripping, cookie domains and netrc all work on the service name; only the connection goes
+to the endpoint's address, with ``Host`` (and, for HTTPS, SNI and certificate verification) set
+to the service name.  Hosts that are not services pass through to plain requests.
+
+Errors are translated here and only here, into the same requests exceptions plain requests
+raises; when every attempt fails the last attempt's exception is raised with the decision trace
+attached as ``error.lb_trace``.
+"""
+
+from __future__ import annotations
+
+import http.cookies
+import io
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional, Union
+from urllib.parse import urlsplit
+
+import requests
+import tenacity
+from requests.adapters import HTTPAdapter
+from requests.exceptions import (
+    ChunkedEncodingError,
+    ConnectTimeout,
+    InvalidHeader,
+    ProxyError,
+    ReadTimeout,
+    RetryError,
+    SSLError,
+)
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, extract_zipped_paths
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    EmptyPoolError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    ResponseError,
+)
+from urllib3.exceptions import InvalidHeader as Urllib3InvalidHeader
+from urllib3.exceptions import ProxyError as Urllib3ProxyError
+from urllib3.exceptions import SSLError as Urllib3SSLError
+from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout
+
+from . import context
+from .config import KeySource
+from .exceptions import HTTPPoolExhausted, NoEndpointAvailable
+from .lease import Lease
+from .pool import failed_while_connecting, on_release
+from .retry import RetryPolicy, classify
+from .strategies import RoutingKey
+from .trace import Attempt, DecisionTrace
+
+if TYPE_CHECKING:
+    from .balancer import LoadBalancer
+
+__all__ = ["LoadBalancedAdapter"]
+
+log = logging.getLogger(__name__)
+
+_NO_RETRIES = Retry(0, read=False)  # what requests passes: urllib3 never retries by itself
+_TimeoutArg = Union[float, tuple[Optional[float], Optional[float]], Timeout, None]
+_CertArg = Union[bytes, str, tuple[Union[bytes, str], Union[bytes, str]], None]
+
+
+class _RetryAttempt(Exception):
+    """Raised inside the attempt loop to ask tenacity for another attempt."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LoadBalancedAdapter(HTTPAdapter):
+    """A requests transport adapter that balances requests to services over their endpoints.
+
+    Mount it for ``http://`` and ``https://`` (as :meth:`LoadBalancer.session
+    <tai_lb.LoadBalancer.session>` does) or for one service's prefix
+    (``session.mount("http://users/", adapter)``).  A host that is a service of the balancer is
+    balanced; any other host is sent exactly as :class:`requests.adapters.HTTPAdapter` would.
+
+    :param balancer: the :class:`~tai_lb.LoadBalancer` that picks endpoints.
+    :param kwargs: passed to :class:`~requests.adapters.HTTPAdapter` (for pass-through hosts).
+    """
+
+    def __init__(self, balancer: LoadBalancer, **kwargs: Any) -> None:
+        self.balancer = balancer
+        super().__init__(**kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = {attr: getattr(self, attr, None) for attr in self.__attrs__}
+        state["balancer"] = self.balancer
+        return state
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: _TimeoutArg = None, verify: Union[bool, str] = True,
+             cert: _CertArg = None,
+             proxies: Optional[Mapping[str, str]] = None) -> requests.Response:
+        """Send ``request``: balanced if its host is a service, else as plain requests does."""
+        parts = urlsplit(request.url or "")
+        host = (parts.hostname or "").lower()
+        if not host or host not in self.balancer.registry:
+            return super().send(request, stream=stream,
+                                timeout=timeout,  # type: ignore[arg-type]
+                                verify=verify, cert=cert, proxies=proxies)
+        return _BalancedSend(self, request, host, parts.scheme.lower(), parts.netloc, stream,
+                             timeout, verify, cert).run()
+
+
+def _resolve_timeout(timeout: _TimeoutArg) -> Timeout:
+    if isinstance(timeout, Timeout):
+        return timeout
+    if isinstance(timeout, tuple):
+        try:
+            connect, read = timeout
+        except ValueError:
+            raise ValueError(f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, "
+                             "or a single float to set both timeouts to the same value.") from None
+        return Timeout(connect=connect, read=read)
+    return Timeout(connect=timeout, read=timeout)
+
+
+def _seconds_of(value: object) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _clip(value: Optional[float], limit: Optional[float]) -> Optional[float]:
+    if limit is None:
+        return value
+    return limit if value is None else min(value, limit)
+
+
+def routing_key(source: Optional[KeySource], request: requests.PreparedRequest,
+                ) -> Optional[RoutingKey]:
+    """The routing key of ``request`` according to a service's ``hash_key`` setting."""
+    if source is None:
+        return None
+    if source.kind == "header":
+        value = request.headers.get(source.name or "")
+        return value if value else None
+    if source.kind == "cookie":
+        header = request.headers.get("Cookie")
+        if not header:
+            return None
+        jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        try:
+            jar.load(header)
+        except http.cookies.CookieError:
+            return None
+        morsel = jar.get(source.name or "")
+        return morsel.value if morsel is not None and morsel.value else None
+    if source.kind == "function":
+        assert source.function is not None
+        return source.function(request)
+    current = context.current()
+    return current.source_ip if source.kind == "source_ip" else current.user_id
+
+
+def to_requests_error(error: BaseException, request: requests.PreparedRequest,
+                      service: Optional[str] = None, endpoint: Optional[str] = None,
+                      pool_timeout: Optional[float] = None) -> BaseException:
+    """The requests exception that plain requests raises for a urllib3 ``error``.
+
+    The one place where tai-lb translates urllib3's errors (as requests' own ``send`` does),
+    plus an exhausted pool, which becomes :class:`~tai_lb.exceptions.HTTPPoolExhausted`.
+    """
+    if isinstance(error, EmptyPoolError):
+        exhausted = HTTPPoolExhausted(endpoint or "?", pool_timeout, service)
+        exhausted.request = request
+        return exhausted
+    if isinstance(error, (ProtocolError, OSError)):
+        return requests.exceptions.ConnectionError(error, request=request)
+    if isinstance(error, MaxRetryError):
+        reason = error.reason
+        if isinstance(reason, ConnectTimeoutError) and not isinstance(reason, NewConnectionError):
+            return ConnectTimeout(error, request=request)
+        if isinstance(reason, ResponseError):
+            return RetryError(error, request=request)
+        if isinstance(reason, Urllib3ProxyError):
+            return ProxyError(error, request=request)
+        if isinstance(reason, Urllib3SSLError):
+            return SSLError(error, request=request)
+        return requests.exceptions.ConnectionError(error, request=request)
+    if isinstance(error, ClosedPoolError):
+        return requests.exceptions.ConnectionError(error, request=request)
+    if isinstance(error, Urllib3ProxyError):
+        return ProxyError(error)
+    if isinstance(error, Urllib3SSLError):
+        return SSLError(error, request=request)
+    if isinstance(error, ReadTimeoutError):
+        return ReadTimeout(error, request=request)
+    if isinstance(error, Urllib3InvalidHeader):
+        return InvalidHeader(error, request=request)
+    return error
+
+
+def _body_rewinder(body: Any) -> tuple[bool, Optional[int]]:
+    """Whether ``body`` can be sent again, and the position to rewind a file to."""
+    if body is None or isinstance(body, (bytes, str, bytearray)):
+        return True, None
+    seek = getattr(body, "seek", None)
+    tell = getattr(body, "tell", None)
+    if seek is not None and tell is not None:
+        try:
+            if isinstance(body, io.IOBase) and not body.seekable():
+                return False, None
+            return True, tell()
+        except (OSError, ValueError):
+            return False, None
+    return False, None  # a generator or iterator: it can be consumed only once
+
+
+class _BalancedSend:
+    """One balanced request: the attempt loop and its decisions."""
+
+    def __init__(self, adapter: LoadBalancedAdapter, request: requests.PreparedRequest,
+                 service: str, scheme: str, netloc: str, stream: bool, timeout: _TimeoutArg,
+                 verify: Union[bool, str], cert: _CertArg) -> None:
+        lb = adapter.balancer
+        self.adapter = adapter
+        self.lb = lb
+        self.request = request
+        self.service = service
+        self.scheme = scheme
+        self.stream = stream
+        self.verify = verify
+        self.cert = cert
+        self.settings = lb.service_config(service)
+        self.policy: RetryPolicy = self.settings.retries
+        self.budget = lb.retry_budget(service)
+        self.clock = lb._clock
+        self.started = self.clock()
+        self.deadline = (None if self.policy.deadline is None
+                         else self.started + self.policy.deadline)
+        self.timeout = _resolve_timeout(timeout if timeout is not None
+                                        else self.settings.timeout)
+        self.method = (request.method or "GET").upper()
+        self.headers = dict(request.headers)
+        self.headers["Host"] = netloc.rpartition("@")[2]
+        self.idempotent = (self.method in self.policy.methods
+                           or "Idempotency-Key" in request.headers)
+        self.replayable, self.rewind_to = _body_rewinder(request.body)
+        self.key = routing_key(self.settings.hash_key, request)
+        self.tried: list[str] = []
+        self.trace = DecisionTrace(service, self.method, request.path_url)
+        self.last_error: Optional[BaseException] = None
+        self.strategy_name = lb.strategy_name(service)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> requests.Response:
+        self.budget.request()
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.policy.attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(_RetryAttempt),
+            reraise=True,
+            sleep=time.sleep,
+        )
+        try:
+            # _attempt() raises _RetryAttempt only when another attempt is allowed, so the
+            # loop ends with a response or with the last attempt's error.
+            for attempt in retrying:
+                with attempt:
+                    return self._attempt(attempt.retry_state.attempt_number)
+        finally:
+            self._finish_trace()
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        delay = self.policy.backoff(state.attempt_number, random.random())
+        if self.deadline is not None:
+            delay = max(0.0, min(delay, self.deadline - self.clock()))
+        return delay
+
+    def _remaining(self) -> Optional[float]:
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def _may_retry(self, number: int, kind: str) -> Optional[str]:
+        """None if another attempt may run, else why not."""
+        if number >= self.policy.attempts:
+            return "no attempts left"
+        if kind != "not_sent" and not self.idempotent:
+            return f"{self.method} may have reached the server and is not idempotent"
+        if not self.replayable:
+            return "the body cannot be sent again"
+        remaining = self._remaining()
+        if remaining is not None and remaining <= 0:
+            return "deadline passed"
+        if not self.budget.try_retry():
+            return "retry budget exhausted"
+        return None
+
+    def _attempt(self, number: int) -> requests.Response:
+        excluded = len(self.tried)
+        try:
+            lease = self.lb.pick(self.service, self.key, exclude=self.tried)
+        except NoEndpointAvailable as error:
+            self.trace.attempts.append(Attempt(None, "no endpoint", "no_endpoint",
+                                               error=str(error), decision="stop"))
+            error.request = self.request
+            raise self._with_trace(self.last_error or error) from None
+        reason = f"picked by {self.strategy_name}" + (
+            f", excluding {excluded} tried" if excluded else "")
+        if lease.address in self.tried:
+            reason += ", every endpoint tried already"
+        record = Attempt(lease.address, reason)
+        self.trace.attempts.append(record)
+        self.tried.append(lease.address)
+        begun = self.clock()
+        try:
+            return self._exchange(number, lease, record)
+        finally:
+            record.elapsed = self.clock() - begun
+
+    def _exchange(self, number: int, lease: Lease, record: Attempt) -> requests.Response:
+        endpoint = lease.endpoint
+        remaining = self._remaining()
+        connect = _seconds_of(self.timeout.connect_timeout)
+        timeout = Timeout(connect=_clip(connect, remaining),
+                          read=_clip(_seconds_of(self.timeout.read_timeout), remaining))
+        pool_wait = _clip(_clip(self.settings.pool.timeout, connect), remaining)
+        pool = self.lb._pools.pool_for(endpoint.host, endpoint.port, self.scheme,
+                                       self.settings.pool, self._tls(endpoint.tls_name))
+        body = self.request.body
+        if self.rewind_to is not None:
+            body.seek(self.rewind_to)  # type: ignore[union-attr]
+        chunked = not (body is None or "Content-Length" in self.request.headers)
+        try:
+            raw = pool.urlopen(method=self.method, url=self.request.path_url, body=body,
+                               headers=self.headers, redirect=False, assert_same_host=False,
+                               preload_content=False, decode_content=False,
+                               retries=_NO_RETRIES, timeout=timeout, chunked=chunked,
+                               pool_timeout=pool_wait)  # type: ignore[arg-type]
+        except Exception as error:
+            lease.done(success=False)
+            kind = "not_sent" if failed_while_connecting(error) else classify(error)
+            translated = to_requests_error(error, self.request, self.service, lease.address,
+                                           pool_wait)
+            return self._failed(number, record, kind, translated)
+
+        response = self.adapter.build_response(self.request, raw)
+        record.outcome, record.status = "response", response.status_code
+        status_failed = response.status_code >= 500
+        if response.status_code in self.policy.statuses:
+            why_not = self._may_retry(number, "status")
+            if why_not is None:
+                record.decision = f"retry: status {response.status_code}"
+                raw.drain_conn()  # keep the connection for the next request
+                raw.release_conn()
+                lease.done(success=False)
+                self.last_error = None
+                raise _RetryAttempt(record.decision)
+            record.decision = f"stop: {why_not}"
+        if not self.stream:
+            try:
+                response.content  # noqa: B018 - read the body inside the loop
+            except (ChunkedEncodingError, requests.exceptions.ConnectionError) as error:
+                lease.done(success=False)
+                record.outcome, record.status = "error", None
+                return self._failed(number, record, "sent", error)
+            lease.done(success=not status_failed)
+        else:
+            self._release_when_read(raw, lease, not status_failed)
+        if not record.decision:
+            record.decision = "done"
+        response.lb_trace = self.trace  # type: ignore[attr-defined]
+        return response
+
+    def _failed(self, number: int, record: Attempt, kind: str,
+                error: BaseException) -> requests.Response:
+        record.outcome = "error"
+        record.error = f"{type(error).__name__}: {error}"
+        self.last_error = error
+        why_not = self._may_retry(number, kind)
+        if why_not is None:
+            record.decision = f"retry: {kind.replace('_', ' ')}"
+            raise _RetryAttempt(record.decision)
+        record.decision = f"stop: {why_not}"
+        raise self._with_trace(error) from None
+
+    def _release_when_read(self, raw: Any, lease: Lease, success: bool) -> None:
+        connection = getattr(raw, "_connection", None)
+        if connection is None:  # nothing left to read: the connection is back already
+            lease.done(success=success)
+        else:
+            on_release(connection, lambda: lease.done(success=success))
+
+    def _with_trace(self, error: BaseException) -> BaseException:
+        self._finish_trace()
+        error.lb_trace = self.trace  # type: ignore[attr-defined]
+        return error
+
+    def _finish_trace(self) -> None:
+        self.trace.elapsed = self.clock() - self.started
+        self.trace.budget = self.budget.snapshot()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tai-lb: %s", self.trace)
+
+    def _tls(self, tls_name: Optional[str]) -> dict[str, Any]:
+        if self.scheme != "https":
+            return {}
+        name = tls_name or self.service
+        tls: dict[str, Any] = {"server_hostname": name}
+        if self.verify is False:
+            tls["cert_reqs"] = "CERT_NONE"
+            tls["assert_hostname"] = False
+        else:
+            tls["cert_reqs"] = "CERT_REQUIRED"
+            tls["assert_hostname"] = name
+            if isinstance(self.verify, str):
+                where = "ca_cert_dir" if os.path.isdir(self.verify) else "ca_certs"
+                tls[where] = self.verify
+            else:
+                tls["ca_certs"] = extract_zipped_paths(  # type: ignore[no-untyped-call]
+                    DEFAULT_CA_BUNDLE_PATH)
+        if self.cert is not None:
+            if isinstance(self.cert, tuple):
+                tls["cert_file"], tls["key_file"] = (os.fsdecode(p) for p in self.cert)
+            else:
+                tls["cert_file"] = os.fsdecode(self.cert)
+        return tls
+

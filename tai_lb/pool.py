@@ -1,0 +1,193 @@
+"""HTTP connection pools per endpoint: urllib3's pools, with three additions.
+
+* A connection idle for longer than ``idle_timeout`` is closed before reuse, so a backend that
+  closes idle keep-alive connections never fails a request sent on one it is closing.
+* A failure while connecting (TCP or the TLS handshake) is marked, so retries can tell that the
+  request never left (see :func:`tai_lb.retry.classify`).
+* A callback can be attached to a connection; it runs when the connection returns to the pool,
+  which is when a streamed response has been read to the end or closed.
+
+Pools are urllib3 ``PoolManager`` pools keyed by endpoint address, scheme and every TLS setting
+(server name, CA bundle, client certificate, verification), so a request with ``verify=False``
+gets its own pool and never weakens the next request (CVE-2024-35195).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
+
+from .exceptions import ConfigError
+
+__all__ = ["EndpointPools", "PoolConfig"]
+
+log = logging.getLogger(__name__)
+
+_CONNECT_PHASE = "_tai_lb_connect_phase"
+_IDLE_SINCE = "_tai_lb_idle_since"
+_ON_RELEASE = "_tai_lb_on_release"
+
+
+def _seconds(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(path, f"must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The ``pool`` settings of a service: the HTTP connections kept per endpoint.
+
+    :param maxsize: connections per endpoint (and TLS setting); requests' default is 10.
+    :param block: wait for a free connection rather than open one past ``maxsize``.
+    :param timeout: longest wait for a free connection, in seconds; a request's own timeout
+        shortens it.  Then :class:`~tai_lb.exceptions.PoolExhausted` is raised.
+    :param idle_timeout: a connection idle longer than this is closed rather than reused; keep
+        it below the backends' keep-alive timeout (gunicorn's is 2 s).
+    """
+
+    maxsize: int = 10
+    block: bool = True
+    timeout: float = 5.0
+    idle_timeout: float = 1.5
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int)
+                or not 1 <= self.maxsize <= 10_000):
+            raise ConfigError("maxsize", f"must be an integer from 1 to 10000, got "
+                                         f"{self.maxsize!r}")
+        if not isinstance(self.block, bool):
+            raise ConfigError("block", f"must be true or false, got {self.block!r}")
+        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+        object.__setattr__(self, "idle_timeout", _seconds(self.idle_timeout, "idle_timeout"))
+
+    @classmethod
+    def from_config(cls, value: Any) -> PoolConfig:
+        """Build from the ``pool`` mapping of a configuration."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping, got {value!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
+        return cls(**value)
+
+    def new(self, **changes: Any) -> PoolConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+class _PoolMixin:
+    """What tai-lb adds to urllib3's HTTP and HTTPS connection pools."""
+
+    idle_timeout: float = 1.5
+
+    def _get_conn(self, timeout: Optional[float] = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        idle_since = getattr(conn, _IDLE_SINCE, None)
+        if idle_since is not None and time.monotonic() - idle_since > self.idle_timeout:
+            conn.close()  # reconnects on use, before anything is sent
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            on_release = conn.__dict__.pop(_ON_RELEASE, None)
+            setattr(conn, _IDLE_SINCE, time.monotonic())
+            if on_release is not None:
+                try:
+                    on_release()
+                except Exception:
+                    log.exception("tai-lb: releasing a streamed response's lease failed")
+        super()._put_conn(conn)  # type: ignore[misc]
+
+    def _validate_conn(self, conn: Any) -> None:
+        try:
+            super()._validate_conn(conn)  # type: ignore[misc]
+        except BaseException as error:
+            setattr(error, _CONNECT_PHASE, True)
+            raise
+
+
+class TaiHTTPConnectionPool(_PoolMixin, HTTPConnectionPool):
+    """urllib3's HTTP pool with idle expiry and release callbacks."""
+
+
+class TaiHTTPSConnectionPool(_PoolMixin, HTTPSConnectionPool):
+    """urllib3's HTTPS pool with idle expiry, release callbacks and connect-phase marking."""
+
+
+def failed_while_connecting(error: BaseException) -> bool:
+    """True if ``error`` (or an error it wraps) was raised while connecting."""
+    seen: set[int] = set()
+    stack: list[Any] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen or not isinstance(current, BaseException):
+            continue
+        seen.add(id(current))
+        if getattr(current, _CONNECT_PHASE, False):
+            return True
+        stack.extend((getattr(current, "reason", None), current.__cause__, current.__context__,
+                      *[a for a in current.args if isinstance(a, BaseException)]))
+    return False
+
+
+def on_release(conn: Any, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once, when ``conn`` goes back to its pool."""
+    setattr(conn, _ON_RELEASE, callback)
+
+
+class EndpointPools:
+    """All the HTTP pools of one balancer: one per endpoint, scheme and TLS setting.
+
+    Thread-safe.  :meth:`close_endpoint` closes an endpoint's pools (its idle connections at
+    once, connections in use when they come back); :meth:`close` closes everything.
+    """
+
+    def __init__(self, num_pools: int = 1000) -> None:
+        self._manager = PoolManager(num_pools=num_pools)
+        self._manager.pool_classes_by_scheme = {"http": TaiHTTPConnectionPool,
+                                                "https": TaiHTTPSConnectionPool}
+        self._lock = threading.Lock()
+
+    def pool_for(self, host: str, port: int, scheme: str, settings: PoolConfig,
+                 tls: Mapping[str, Any]) -> HTTPConnectionPool:
+        """The pool for one endpoint, scheme, pool settings and TLS settings."""
+        kwargs: dict[str, Any] = {"maxsize": settings.maxsize, "block": settings.block}
+        if scheme == "https":
+            kwargs.update(tls)
+        pool = self._manager.connection_from_host(host, port, scheme, pool_kwargs=kwargs)
+        pool.idle_timeout = settings.idle_timeout  # type: ignore[attr-defined]
+        return pool
+
+    def close_endpoint(self, host: str, port: int) -> int:
+        """Close every pool of the endpoint at ``host:port``; returns how many."""
+        pools = self._manager.pools
+        with self._lock:
+            # The container refuses plain iteration (not thread-safe); keys() takes its lock.
+            keys = [k for k in pools.keys()  # noqa: SIM118
+                    if k.key_host == host and k.key_port == port]
+        closed = 0
+        for key in keys:
+            try:
+                del pools[key]  # the container closes the pool it drops
+                closed += 1
+            except KeyError:
+                pass
+        return closed
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs that have at least one pool."""
+        return sorted({(k.key_host, k.key_port or 0)
+                       for k in self._manager.pools.keys()})  # noqa: SIM118
+
+    def close(self) -> None:
+        """Close every pool."""
+        self._manager.clear()

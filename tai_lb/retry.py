@@ -1,0 +1,234 @@
+"""Retries: which failures may be retried, on which requests, and how many retries may run.
+
+:class:`RetryPolicy` is the ``retries`` setting of a service.  :class:`RetryBudget` caps retries
+at a share of recent requests plus a floor per second (Finagle's ``RetryBudget``), so that when a
+whole service is failing, retries do not multiply its load.  :func:`classify` sorts a failure
+into what it proves about the request: whether it could have reached a server.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    EmptyPoolError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import SSLError as Urllib3SSLError
+
+from .exceptions import ConfigError
+
+__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""Methods that RFC 9110 defines as idempotent: retried after any transport failure."""
+
+FailureKind = Literal["not_sent", "sent", "status"]
+"""``not_sent``: the request provably never reached a server (refused, connect timeout, name
+resolution, TLS handshake, no free connection); ``sent``: it may have (reset, read timeout, a
+response cut off); ``status``: a response came back with a retryable status."""
+
+
+def _positive(value: object, path: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or (
+            value < 0 if allow_zero else value <= 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(path, f"must be a number of seconds {bound}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The ``retries`` settings of a service.
+
+    :param attempts: attempts in all, the first included (1 disables retries).
+    :param statuses: response statuses retried for idempotent requests.
+    :param methods: methods retried after a failure that may have reached a server.
+    :param backoff_base: first backoff in seconds; each retry waits a random time up to
+        ``backoff_base * 2**retry``, capped at ``backoff_max`` (full jitter).
+    :param backoff_max: the longest backoff in seconds.
+    :param deadline: seconds for all attempts together (None: attempts alone bound them).
+    :param budget_percent: retries allowed as a share of requests in the budget window.
+    :param budget_min_per_second: retries always allowed per second, whatever the share.
+    :param budget_ttl: seconds of history the budget counts.
+    """
+
+    attempts: int = 3
+    statuses: frozenset[int] = frozenset({502, 503, 504})
+    methods: frozenset[str] = IDEMPOTENT_METHODS
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    deadline: Optional[float] = None
+    budget_percent: float = 0.2
+    budget_min_per_second: float = 10.0
+    budget_ttl: float = 10.0
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.attempts, bool) or not isinstance(self.attempts, int)
+                or not 1 <= self.attempts <= 10):
+            raise ConfigError("attempts", f"must be an integer from 1 to 10, got "
+                                          f"{self.attempts!r}")
+        for status in self.statuses:
+            if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+                raise ConfigError("statuses", f"must be HTTP statuses (100-599), got {status!r}")
+        for method in self.methods:
+            if not isinstance(method, str) or not method.isalpha() or not method.isupper():
+                raise ConfigError("methods", f"must be upper-case HTTP methods, got {method!r}")
+        _positive(self.backoff_base, "backoff.base", allow_zero=True)
+        _positive(self.backoff_max, "backoff.max", allow_zero=True)
+        if self.deadline is not None:
+            _positive(self.deadline, "deadline")
+        if (isinstance(self.budget_percent, bool)
+                or not isinstance(self.budget_percent, (int, float))
+                or not 0.0 <= self.budget_percent <= 10.0):
+            raise ConfigError("budget.percent", f"must be a share from 0 to 10, got "
+                                                f"{self.budget_percent!r}")
+        _positive(self.budget_min_per_second, "budget.min_per_second", allow_zero=True)
+        _positive(self.budget_ttl, "budget.ttl")
+        object.__setattr__(self, "statuses", frozenset(self.statuses))
+        object.__setattr__(self, "methods", frozenset(self.methods))
+
+    @classmethod
+    def from_config(cls, value: Any) -> RetryPolicy:
+        """Build from the ``retries`` mapping of a configuration (errors name the sub-key)."""
+        if value is False:
+            return cls(attempts=1)
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping (or false to disable), got {value!r}")
+        allowed = ("attempts", "statuses", "methods", "backoff", "deadline", "budget")
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
+        fields: dict[str, Any] = {}
+        if "attempts" in value:
+            fields["attempts"] = value["attempts"]
+        for key in ("statuses", "methods"):
+            if key in value:
+                raw = value[key]
+                if isinstance(raw, (str, bytes)) or not isinstance(raw, Collection):
+                    raise ConfigError(key, f"must be a list, got {raw!r}")
+                fields[key] = frozenset(raw)
+        if "deadline" in value:
+            fields["deadline"] = value["deadline"]
+        for key, prefix, names in (("backoff", "backoff_", ("base", "max")),
+                                   ("budget", "budget_", ("percent", "min_per_second", "ttl"))):
+            if key in value:
+                sub = value[key]
+                if not isinstance(sub, Mapping):
+                    raise ConfigError(key, f"must be a mapping, got {sub!r}")
+                for name in sub:
+                    if name not in names:
+                        raise ConfigError(f"{key}.{name}",
+                                          f"unknown key; allowed: {', '.join(names)}")
+                    fields[prefix + name] = sub[name]
+        return cls(**fields)
+
+    def new(self, **changes: Any) -> RetryPolicy:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    def backoff(self, retry: int, draw: float) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``draw``."""
+        return draw * min(self.backoff_max, self.backoff_base * 2.0 ** (retry - 1))
+
+
+RetryPolicy.DEFAULT = RetryPolicy()  # type: ignore[attr-defined]
+
+
+@dataclass
+class RetryBudget:
+    """Retries allowed: ``percent`` of the requests of the last ``ttl`` seconds plus a floor.
+
+    Thread-safe.  Every request calls :meth:`request`; a retry runs only if :meth:`try_retry`
+    returns True.  Counts are kept in one-second buckets, so the window slides in steps of a
+    second.  (Finagle's ``RetryBudget``: 20% plus 10 per second over 10 seconds by default.)
+    """
+
+    percent: float = 0.2
+    min_per_second: float = 10.0
+    ttl: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _requests: collections.deque[list[float]] = field(default_factory=collections.deque,
+                                                      repr=False)
+    _retries: collections.deque[list[float]] = field(default_factory=collections.deque,
+                                                     repr=False)
+    exhausted: int = 0
+
+    @classmethod
+    def for_policy(cls, policy: RetryPolicy, clock: Callable[[], float]) -> RetryBudget:
+        """The budget a service with ``policy`` uses."""
+        return cls(policy.budget_percent, policy.budget_min_per_second, policy.budget_ttl, clock)
+
+    def _count(self, buckets: collections.deque[list[float]], now: float, add: int) -> float:
+        second = math.floor(now)
+        while buckets and buckets[0][0] <= second - self.ttl:
+            buckets.popleft()
+        if add:
+            if buckets and buckets[-1][0] == second:
+                buckets[-1][1] += add
+            else:
+                buckets.append([second, float(add)])
+        return float(sum(b[1] for b in buckets))
+
+    def request(self) -> None:
+        """Count one request (its first attempt)."""
+        now = self.clock()
+        with self._lock:
+            self._count(self._requests, now, 1)
+
+    def try_retry(self) -> bool:
+        """Take one retry from the budget if it allows one; False (and counted) if not."""
+        now = self.clock()
+        with self._lock:
+            requests = self._count(self._requests, now, 0)
+            retries = self._count(self._retries, now, 0)
+            if retries + 1 > self.percent * requests + self.min_per_second * self.ttl:
+                self.exhausted += 1
+                return False
+            self._count(self._retries, now, 1)
+            return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """Requests, retries and refusals in the window, as a JSON-serialisable dict."""
+        now = self.clock()
+        with self._lock:
+            requests = self._count(self._requests, now, 0)
+            retries = self._count(self._retries, now, 0)
+        allowed = self.percent * requests + self.min_per_second * self.ttl
+        return {"requests": int(requests), "retries": int(retries),
+                "retries_left": max(0, int(allowed - retries)), "refused": self.exhausted,
+                "percent": self.percent, "min_per_second": self.min_per_second,
+                "ttl": self.ttl}
+
+
+def classify(error: BaseException) -> FailureKind:
+    """Whether a urllib3 failure proves the request never reached a server.
+
+    Refused and failed connections, connect timeouts, name resolution, TLS handshakes and an
+    exhausted or closed pool all fail before a byte of the request is sent.  Anything else (a
+    reset, a read timeout, a response cut off) may have reached the server.
+    """
+    if isinstance(error, MaxRetryError) and error.reason is not None:
+        error = error.reason
+    if isinstance(error, (NewConnectionError, ConnectTimeoutError, NameResolutionError,
+                          EmptyPoolError, ClosedPoolError)):
+        return "not_sent"
+    if isinstance(error, Urllib3SSLError):
+        return "not_sent"  # urllib3 raises SSLError only while connecting (the handshake)
+    if isinstance(error, (ProtocolError, ReadTimeoutError)):
+        return "sent"
+    return "sent"

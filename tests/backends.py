@@ -1,0 +1,204 @@
+"""Real HTTP(S) backends on 127.0.0.1 for the tests, with faults on demand.
+
+Each :class:`Backend` is a threaded ``http.server`` on an ephemeral port, with TCP_NODELAY on
+every accepted socket (otherwise each keep-alive request waits about 40 ms for delayed ACKs).
+It records what it received, and its ``mode`` chooses what it does with the next requests.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+from typing import Any, Callable, Optional
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
+        if self.server.backend.idle_close is not None:
+            self.connection.settimeout(self.server.backend.idle_close)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (TimeoutError, socket.timeout):  # idle keep-alive connection: close it
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
+            self.close_connection = True
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(length) if length else b""
+
+    def _serve(self) -> None:
+        backend = self.server.backend
+        body = self._body()
+        sni = getattr(self.connection, "tai_sni", None)
+        record = {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                  "body": body, "sni": sni}
+        with backend.lock:
+            backend.received.append(record)
+        backend.handle(self, record)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
+
+    def reply(self, status: int = 200, body: bytes = b"", headers: Optional[dict[str, str]] = None,
+              ) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def reset(self) -> None:
+        """Abort the connection with a TCP reset."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    backend: Backend
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        context = self.backend.tls_context
+        if context is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = context.wrap_socket(sock, server_side=True)
+        return sock, address
+
+
+Behaviour = Callable[[_Handler, dict[str, Any]], None]
+
+
+class Backend:
+    """One real HTTP backend on 127.0.0.1 with a replaceable behaviour.
+
+    :param name: sent back in the ``X-Backend`` header and the JSON body.
+    :param tls_context: serve HTTPS with this server-side context.
+    :param idle_close: close a keep-alive connection idle this many seconds.
+    """
+
+    def __init__(self, name: str = "backend", tls_context: Optional[ssl.SSLContext] = None,
+                 idle_close: Optional[float] = None) -> None:
+        self.name = name
+        self.tls_context = tls_context
+        self.idle_close = idle_close
+        self.lock = threading.Lock()
+        self.received: list[dict[str, Any]] = []
+        self.behaviour: Behaviour = self.ok
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.backend = self
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05},
+                                       name=f"test-backend-{name}", daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def handle(self, handler: _Handler, record: dict[str, Any]) -> None:
+        self.behaviour(handler, record)
+
+    def ok(self, handler: _Handler, record: dict[str, Any]) -> None:
+        body = json.dumps({"backend": self.name, "path": record["path"],
+                           "host": record["headers"].get("Host")}).encode()
+        handler.reply(200, body, {"X-Backend": self.name, "Content-Type": "application/json"})
+
+    def requests_count(self) -> int:
+        with self.lock:
+            return len(self.received)
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket: new connections are refused."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=2)
+
+
+def status(code: int) -> Behaviour:
+    def behaviour(handler: _Handler, record: dict[str, Any]) -> None:
+        handler.reply(code, f"status {code}".encode(), {"X-Backend": handler.server.backend.name})
+    return behaviour
+
+
+def reset_connection(handler: _Handler, record: dict[str, Any]) -> None:
+    handler.reset()
+
+
+def cut_off_body(handler: _Handler, record: dict[str, Any]) -> None:
+    """Promise 1000 bytes, send 10, then reset."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    handler.wfile.write(b"x" * 10)
+    handler.wfile.flush()
+    time.sleep(0.01)
+    handler.reset()
+
+
+def redirect_to(location: str) -> Behaviour:
+    def behaviour(handler: _Handler, record: dict[str, Any]) -> None:
+        handler.reply(302, b"", {"Location": location})
+    return behaviour
+
+
+def slow(seconds: float) -> Behaviour:
+    def behaviour(handler: _Handler, record: dict[str, Any]) -> None:
+        time.sleep(seconds)
+        handler.server.backend.ok(handler, record)
+    return behaviour
+
+
+def streamed(chunks: int, size: int, pause: float = 0.0) -> Behaviour:
+    def behaviour(handler: _Handler, record: dict[str, Any]) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(chunks * size))
+        handler.end_headers()
+        for _ in range(chunks):
+            handler.wfile.write(b"s" * size)
+            handler.wfile.flush()
+            time.sleep(pause)
+    return behaviour
+
+
+def sni_recording_context(cert_chain: Any) -> ssl.SSLContext:
+    """A server context that stores the SNI name a client sent on the socket."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert_chain.configure_cert(context)
+
+    def remember(sock: ssl.SSLSocket, name: Optional[str], ctx: ssl.SSLContext) -> None:
+        sock.tai_sni = name  # type: ignore[attr-defined]
+
+    context.sni_callback = remember
+    return context

@@ -1,0 +1,455 @@
+"""The requests adapter against real HTTP(S) servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+import requests
+import trustme
+
+import tai_lb
+from tai_lb import HTTPPoolExhausted, LoadBalancer, NoEndpointAvailable, trace_of
+
+from . import backends
+from .backends import Backend
+
+Factory = Callable[..., Backend]
+
+
+@pytest.fixture
+def backend_factory() -> Iterator[Factory]:
+    made: list[Backend] = []
+
+    def make(name: str = "", **kwargs: Any) -> Backend:
+        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        with contextlib.suppress(OSError):
+            backend.stop()
+
+
+def balancer(*backends_: Backend, **service: Any) -> LoadBalancer:
+    settings = {"endpoints": [b.address for b in backends_], **service}
+    return LoadBalancer.from_config({"services": {"users": settings}})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_balanced_get_sends_the_service_name_as_host(backend_factory: Factory) -> None:
+    a, b = backend_factory(), backend_factory()
+    with balancer(a, b) as lb:
+        s = lb.session()
+        seen = {s.get("http://users/api/users/42").json()["backend"] for _ in range(4)}
+        assert seen == {"b1", "b2"}
+        r = s.get("http://users:8080/x?q=1")
+        assert r.json()["host"] == "users:8080"  # the URL's port stays in Host only
+        assert r.json()["path"] == "/x?q=1"
+        assert r.url == "http://users:8080/x?q=1"  # requests sees the logical URL
+    assert {rec["headers"]["Host"] for rec in a.received + b.received} == {"users", "users:8080"}
+
+
+def test_other_hosts_pass_through(backend_factory: Factory) -> None:
+    plain = backend_factory("plain")
+    with balancer(backend_factory()) as lb:
+        s = lb.session()
+        r = s.get(f"http://localhost:{plain.port}/direct")
+        assert r.json() == {"backend": "plain", "path": "/direct",
+                            "host": f"localhost:{plain.port}"}
+        assert trace_of(r) is None
+        with pytest.raises(requests.exceptions.ConnectionError) as caught:
+            s.get(f"http://localhost:{free_port()}/")  # not a service: plain requests' error
+        assert not isinstance(caught.value, tai_lb.LoadBalancerError)
+
+
+def test_mount_on_one_service_prefix(backend_factory: Factory) -> None:
+    a = backend_factory()
+    with balancer(a) as lb:
+        s = requests.Session()
+        s.mount("http://users/", tai_lb.LoadBalancedAdapter(lb))
+        assert s.get("http://users/ping").json()["backend"] == "b1"
+
+
+def test_decision_trace_on_response_and_in_logs(backend_factory: Factory) -> None:
+    a = backend_factory()
+    with balancer(a) as lb:
+        r = lb.session().get("http://users/api")
+        trace = trace_of(r)
+        assert trace is not None and trace.service == "users"
+        assert [(t.endpoint, t.status, t.decision) for t in trace.attempts] == [
+            (a.address, 200, "done")]
+        assert "picked by round_robin" in str(trace)
+        assert json.loads(json.dumps(trace.to_dict()))["attempts"][0]["endpoint"] == a.address
+
+
+def test_no_endpoint_is_a_requests_connection_error() -> None:
+    with LoadBalancer.from_config({"services": {"users": {"endpoints": []}}}) as lb:
+        with pytest.raises(requests.exceptions.ConnectionError) as caught:
+            lb.session().get("http://users/")
+        assert isinstance(caught.value, NoEndpointAvailable)
+        assert trace_of(caught.value) is not None
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+def test_refused_connection_is_retried_on_another_endpoint_even_for_post(
+        backend_factory: Factory) -> None:
+    live = backend_factory("live")
+    dead = f"127.0.0.1:{free_port()}"
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [dead, live.address], "strategy": {"name": "round_robin"}}}})
+    with lb:
+        s = lb.session()
+        for _ in range(4):
+            r = s.post("http://users/orders", data=b"payload")
+            assert r.status_code == 200
+        assert [rec["body"] for rec in live.received] == [b"payload"] * 4
+        refused = [t for t in itertools.chain.from_iterable(
+            trace_of(s.post("http://users/o", data=b"x")).attempts  # type: ignore[union-attr]
+            for _ in range(2)) if t.endpoint == dead]
+        assert refused and all(t.decision == "retry: not sent" for t in refused)
+
+
+def test_post_reset_after_reading_is_not_retried_but_get_is(backend_factory: Factory) -> None:
+    bad, good = backend_factory("bad"), backend_factory("good")
+    bad.behaviour = backends.reset_connection
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [bad.address, good.address], "strategy": {"name": "round_robin"}}}})
+    with lb:
+        s = lb.session()
+        # Find the order: send GETs until one went to the bad endpoint first.
+        outcomes = []
+        for _ in range(4):
+            r = s.get("http://users/item")
+            outcomes.append([t.endpoint for t in trace_of(r).attempts])  # type: ignore[union-attr]
+            assert r.status_code == 200 and r.json()["backend"] == "good"
+        assert [bad.address, good.address] in outcomes  # a GET survived the reset
+        bad.received.clear()
+        good.received.clear()
+        errors = 0
+        for _ in range(4):
+            try:
+                s.post("http://users/orders", data=b"pay-once")
+            except requests.exceptions.ConnectionError as error:
+                errors += 1
+                trace = trace_of(error)
+                assert trace is not None and "not idempotent" in trace.attempts[-1].decision
+        assert errors == 2  # the two POSTs that met the bad endpoint failed...
+        assert len(bad.received) == 2  # ...which received each exactly once
+        assert len(good.received) == 2
+
+
+def test_idempotency_key_makes_a_post_retryable(backend_factory: Factory) -> None:
+    bad, good = backend_factory("bad"), backend_factory("good")
+    bad.behaviour = backends.reset_connection
+    with balancer(bad, good) as lb:
+        s = lb.session()
+        for i in range(4):
+            r = s.post("http://users/orders", data=b"x", headers={"Idempotency-Key": f"k{i}"})
+            assert r.json()["backend"] == "good"
+
+
+def test_unreplayable_body_is_never_retried(backend_factory: Factory) -> None:
+    bad, good = backend_factory("bad"), backend_factory("good")
+    bad.behaviour = backends.reset_connection
+    with balancer(bad, good) as lb:
+        s = lb.session()
+        failures = 0
+        for _ in range(4):
+            try:
+                s.put("http://users/upload", data=(chunk for chunk in [b"a", b"b"]))
+            except requests.exceptions.ConnectionError as error:
+                failures += 1
+                assert "cannot be sent again" in trace_of(error).attempts[-1].decision  # type: ignore[union-attr]
+        assert failures == 2
+
+
+def test_body_cut_off_mid_response_is_retried_for_get(backend_factory: Factory) -> None:
+    bad, good = backend_factory("bad"), backend_factory("good")
+    bad.behaviour = backends.cut_off_body
+    with balancer(bad, good) as lb:
+        s = lb.session()
+        for _ in range(4):
+            assert s.get("http://users/big").json()["backend"] == "good"
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in range(2):
+                s.post("http://users/big", data=b"x")
+
+
+def test_retryable_status_goes_to_another_endpoint(backend_factory: Factory) -> None:
+    bad, good = backend_factory("bad"), backend_factory("good")
+    bad.behaviour = backends.status(503)
+    with balancer(bad, good) as lb:
+        s = lb.session()
+        for _ in range(4):
+            assert s.get("http://users/").status_code == 200
+        # POST gets the 503 itself: it reached a server
+        codes = {s.post("http://users/", data=b"x").status_code for _ in range(4)}
+        assert codes == {200, 503}
+
+
+def test_every_attempt_failing_raises_the_last_requests_error(backend_factory: Factory) -> None:
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    with LoadBalancer.from_config({"services": {"users": {"endpoints": dead}}}) as lb:
+        with pytest.raises(requests.exceptions.ConnectionError) as caught:
+            lb.session().get("http://users/")
+        assert not isinstance(caught.value, NoEndpointAvailable)
+        trace = trace_of(caught.value)
+        assert trace is not None
+        assert sorted(t.endpoint for t in trace.attempts) == sorted(dead)  # each tried once
+        assert trace.attempts[-1].decision == "stop: no attempts left"
+
+
+def test_retry_budget_caps_upstream_attempts(backend_factory: Factory) -> None:
+    failing = [backend_factory(f"f{i}") for i in range(3)]
+    for backend in failing:
+        backend.behaviour = backends.status(503)
+    lb = balancer(*failing, retries={"attempts": 3, "backoff": {"base": 0},
+                                     "budget": {"percent": 0.2, "min_per_second": 1, "ttl": 10}})
+    with lb:
+        s = lb.session()
+        requests_sent = 150
+        for _ in range(requests_sent):
+            assert s.get("http://users/").status_code == 503
+        attempts = sum(b.requests_count() for b in failing)
+        floor = 1 * 10
+        assert attempts <= 1.2 * requests_sent + floor
+        assert attempts >= requests_sent
+        budget = lb.status()["services"]["users"]["retry_budget"]
+        assert budget["refused"] > 0
+
+
+def test_deadline_bounds_all_attempts(backend_factory: Factory) -> None:
+    slow = [backend_factory(f"s{i}") for i in range(3)]
+    for backend in slow:
+        backend.behaviour = backends.slow(0.5)
+    with balancer(*slow, retries={"deadline": 0.3}) as lb:
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ReadTimeout) as caught:
+            lb.session().get("http://users/", timeout=5)
+        trace = trace_of(caught.value)
+        assert trace is not None and len(trace.attempts) == 1
+        assert "deadline" in trace.attempts[0].decision
+        assert time.monotonic() - started < 2.5  # not 3 x 5 s
+
+
+def test_read_timeout_is_retried_for_get(backend_factory: Factory) -> None:
+    slow, good = backend_factory("slow"), backend_factory("good")
+    slow.behaviour = backends.slow(1.0)
+    with balancer(slow, good) as lb:
+        s = lb.session()
+        for _ in range(2):
+            assert s.get("http://users/", timeout=(1, 0.2)).json()["backend"] == "good"
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+def test_idle_keep_alive_close_never_fails_a_post(backend_factory: Factory) -> None:
+    backend = backend_factory(idle_close=0.3)
+    lb = balancer(backend, pool={"idle_timeout": 0.2}, retries={"attempts": 1})
+    with lb:
+        s = lb.session()
+        assert s.post("http://users/a", data=b"1").status_code == 200
+        time.sleep(0.35)  # the backend closes the idle connection meanwhile
+        assert s.post("http://users/b", data=b"2").status_code == 200
+        time.sleep(0.25)  # idle past our limit but not the backend's: still replaced
+        assert s.post("http://users/c", data=b"3").status_code == 200
+    assert [r["body"] for r in backend.received] == [b"1", b"2", b"3"]
+
+
+def test_pool_bounds_sockets_and_times_out_clearly(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.slow(0.2)
+    lb = balancer(backend, pool={"maxsize": 8, "timeout": 0.05}, retries={"attempts": 1})
+    peers: set[Any] = set()
+    original = backend.behaviour
+
+    def record_peer(handler: Any, record: dict[str, Any]) -> None:
+        with backend.lock:
+            peers.add(handler.client_address)
+        original(handler, record)
+
+    backend.behaviour = record_peer
+    results: list[Any] = []
+    with lb:
+        barrier = threading.Barrier(64)
+
+        def call() -> None:
+            s = lb.session()
+            barrier.wait()
+            try:
+                results.append(s.get("http://users/").status_code)
+            except Exception as error:
+                results.append(error)
+
+        threads = [threading.Thread(target=call) for _ in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(peers) <= 8  # never more than maxsize sockets to the endpoint
+    exhausted = [r for r in results if isinstance(r, Exception)]
+    assert exhausted and all(isinstance(e, HTTPPoolExhausted) for e in exhausted)
+    assert all(isinstance(e, requests.exceptions.ConnectionError) for e in exhausted)
+    assert "became free within 0.05 s" in str(exhausted[0])
+    assert results.count(200) >= 8
+
+
+def test_streaming_keeps_the_lease_until_the_body_is_read(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.streamed(chunks=5, size=1000)
+    with balancer(backend) as lb:
+        s = lb.session()
+        stats = lb.stats("users")[backend.address]
+        r = s.get("http://users/stream", stream=True)
+        assert stats.in_flight == 1 and stats.requests == 0
+        assert sum(len(c) for c in r.iter_content(1000)) == 5000
+        assert stats.in_flight == 0 and stats.successes == 1
+        r2 = s.get("http://users/stream", stream=True)
+        assert stats.in_flight == 1
+        r2.close()  # closed unread
+        assert stats.in_flight == 0 and stats.requests == 2
+
+
+def test_removed_endpoint_drains_then_its_pool_closes(backend_factory: Factory) -> None:
+    a, b = backend_factory("a"), backend_factory("b")
+    a.behaviour = backends.streamed(chunks=3, size=100, pause=0.05)
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [a.address], "strategy": "round_robin"}}})
+    with lb:
+        s = lb.session()
+        r = s.get("http://users/", stream=True)
+        lb.registry.register("users", b.address)
+        lb.registry.deregister("users", a.address)
+        assert ("127.0.0.1", a.port) in lb._pools.endpoints()  # still in flight: kept
+        assert len(r.content) == 300  # no ClosedPoolError for the request in flight
+        assert ("127.0.0.1", a.port) not in lb._pools.endpoints()
+        assert s.get("http://users/").json()["backend"] == "b"
+
+
+def test_redirect_to_another_host_carries_no_credentials(backend_factory: Factory) -> None:
+    other = backend_factory("other")
+    service = backend_factory("svc")
+
+    def login_then_redirect(handler: Any, record: dict[str, Any]) -> None:
+        if record["path"] == "/login":
+            handler.reply(200, b"ok", {"Set-Cookie": "session=secret; Path=/"})
+        else:
+            handler.reply(302, b"", {"Location": f"http://localhost:{other.port}/landing"})
+
+    service.behaviour = login_then_redirect
+    with balancer(service) as lb:
+        s = lb.session()
+        s.get("http://users/login")
+        # cookielib files a dotless host's cookie under "<host>.local": the logical name
+        assert [(c.name, c.domain) for c in s.cookies] == [("session", "users.local")]
+        r = s.get("http://users/go", auth=("alice", "pw"))
+        assert r.json()["backend"] == "other"
+    sent_to_service = service.received[-1]["headers"]
+    assert "Authorization" in sent_to_service and "session=secret" in sent_to_service["Cookie"]
+    landed = other.received[-1]["headers"]
+    assert "Authorization" not in landed
+    assert "Cookie" not in landed
+
+
+def test_environment_proxies_are_bypassed_for_services(
+        backend_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = backend_factory()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    with balancer(backend) as lb:
+        assert lb.session().get("http://users/").status_code == 200
+
+
+def test_concurrent_requests_through_one_endpoint_overlap(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.slow(0.3)
+    with balancer(backend) as lb:
+        started = time.monotonic()
+        threads = [threading.Thread(target=lambda: lb.session().get("http://users/"))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    assert backend.requests_count() == 4
+    assert elapsed < 4 * 0.3  # serialised they would take at least 1.2 s
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_backend(factory: Factory, ca: trustme.CA, *names: str) -> Backend:
+    cert = ca.issue_cert(*names)
+    return factory(tls_context=backends.sni_recording_context(cert))
+
+
+def test_tls_verifies_the_service_name_and_sends_it_as_sni(
+        backend_factory: Factory, ca: trustme.CA, tmp_path: Any) -> None:
+    backend = tls_backend(backend_factory, ca, "users")
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with balancer(backend) as lb:
+        r = lb.session().get("https://users/secure", verify=str(bundle))
+        assert r.status_code == 200 and r.url == "https://users/secure"
+    assert backend.received[-1]["sni"] == "users"
+    assert backend.received[-1]["headers"]["Host"] == "users"
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_wrong_name_fails_and_verify_false_never_weakens_the_next_request(
+        backend_factory: Factory, ca: trustme.CA, tmp_path: Any) -> None:
+    backend = tls_backend(backend_factory, ca, "billing")
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with balancer(backend) as lb:
+        s = lb.session()
+        with pytest.raises(requests.exceptions.SSLError):
+            s.get("https://users/", verify=str(bundle))
+        assert s.get("https://users/", verify=False).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):
+            s.get("https://users/", verify=str(bundle))
+        with pytest.raises(requests.exceptions.SSLError):
+            s.get("https://users/")  # default: the system bundle, which does not know our CA
+
+
+def test_endpoint_tls_name_and_client_certificate(backend_factory: Factory, ca: trustme.CA,
+                                                  tmp_path: Any) -> None:
+    server_cert = ca.issue_cert("node-1.internal")
+    context = backends.sni_recording_context(server_cert)
+    ca.configure_trust(context)
+    import ssl
+    context.verify_mode = ssl.CERT_REQUIRED  # the server asks for a client certificate
+    backend = backend_factory(tls_context=context)
+    client = ca.issue_cert("client")
+    client_pem = tmp_path / "client.pem"
+    client.private_key_and_cert_chain_pem.write_to_path(str(client_pem))
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    lb = LoadBalancer.from_config({"services": {"users": {"endpoints": [
+        {"address": backend.address, "tls_name": "node-1.internal"}]}}})
+    with lb:
+        r = lb.session().get("https://users/", verify=str(bundle), cert=str(client_pem))
+        assert r.status_code == 200
+    assert backend.received[-1]["sni"] == "node-1.internal"
