@@ -14,8 +14,8 @@ rebuilds, so in-flight counts and latency averages survive topology changes.
 from __future__ import annotations
 
 import collections
-import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -33,14 +33,12 @@ from .pool import EndpointPools
 from .registry import ServiceRegistry, ServiceSnapshot, TopologyChange
 from .retry import RetryBudget
 from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
-from .strategies import Picker, RoutingKey, Strategy, StrategyLike, resolve_strategy
+from .strategies import EXCLUDING, Picker, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 if TYPE_CHECKING:
     from .adapter import LoadBalancedAdapter
 
 __all__ = ["LoadBalancer"]
-
-log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
@@ -76,7 +74,8 @@ class LoadBalancer:
         self.config = config if config is not None else LoadBalancerConfig()
         self._default_strategy = resolve_strategy(strategy)
         self._clock = clock
-        self._lock = threading.Lock()  # guards route rebuilds and the stats tables
+        self._lock = threading.Lock()  # guards the tables below (never held while building)
+        self._rebuild_locks: dict[str, threading.Lock] = {}
         self._routes: dict[str, _Route] = {}
         self._stats: dict[str, dict[str, EndpointStats]] = {}
         self._service_load: dict[str, collections.deque[None]] = {}
@@ -93,6 +92,7 @@ class LoadBalancer:
     def _reset_after_fork(self) -> None:
         # A lock held by another thread at the fork stays held in the child: replace them all.
         self._lock = threading.Lock()
+        self._rebuild_locks = {}
         for table in self._stats.values():
             for stats in table.values():
                 stats._lock = threading.Lock()
@@ -138,15 +138,32 @@ class LoadBalancer:
 
     def _pick_excluding(self, route: _Route, key: Optional[RoutingKey],
                         exclude: Collection[str], first: EndpointStats) -> EndpointStats:
-        remaining = tuple(c for c in route.candidates if c.endpoint.address not in exclude)
+        picker = route.picker
+        assert picker is not None
+        own = getattr(picker, EXCLUDING, None)
+        if own is not None:
+            chosen: Optional[EndpointStats] = own(key, exclude)
+            return chosen if chosen is not None else first
+        for _ in range(3):  # the strategy's own choice, when it soon lands elsewhere
+            stats = picker(key)
+            if stats.endpoint.address not in exclude:
+                return stats
+        remaining = [c for c in route.candidates if c.endpoint.address not in exclude]
         if not remaining:
             return first  # everything was tried: another try on one of them beats failing
-        return route.strategy.prepare(remaining)(key)
+        # Few remain (retries exclude one endpoint per attempt): weighted at random among them,
+        # without preparing strategy state for a single pick.
+        return random.choices(remaining, weights=[c.endpoint.weight for c in remaining])[0]
 
     def _rebuild(self, service: str, *, picking: bool = True) -> _Route:
         if self._closed and picking:
             raise LoadBalancerError("the load balancer is closed")
-        with self._lock:
+        # One lock per service: a slow rebuild (a big hash ring) never holds up other services.
+        lock = self._rebuild_locks.get(service)
+        if lock is None:
+            with self._lock:
+                lock = self._rebuild_locks.setdefault(service, threading.Lock())
+        with lock:
             snapshot = self.registry._snapshots.get(service)
             if snapshot is None:
                 raise UnknownService(service)
@@ -154,8 +171,9 @@ class LoadBalancer:
             if route is not None and route.snapshot is snapshot:
                 return route  # another thread rebuilt it meanwhile
             strategy = self._strategy_for(service)
-            known = self._stats.setdefault(service, {})
-            load = self._service_load.setdefault(service, collections.deque())
+            with self._lock:
+                known = self._stats.setdefault(service, {})
+                load = self._service_load.setdefault(service, collections.deque())
             candidates = []
             for endpoint in snapshot.endpoints:
                 stats = known.get(endpoint.address)
@@ -292,7 +310,7 @@ class LoadBalancer:
         """Stop the balancer: later picks raise `LoadBalancerError`.  Safe to call twice."""
         with self._lock:
             already, self._closed = self._closed, True
-            self._routes.clear()
+            self._routes.clear()  # picks now take the slow path, which refuses
         if not already:
             self._subscription.unsubscribe()
             self._pools.close()

@@ -48,6 +48,8 @@ TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
     "health_check": "active health checks are not built yet",
+    "scheme": "it sets the scheme of health probes, which are not built yet (a request's URL "
+              "sets its own scheme)",
     "outlier_detection": "outlier detection is not built yet",
     "circuit_breaker": "circuit breakers are not built yet",
     "affinity": "session affinity is not built yet",

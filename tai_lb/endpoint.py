@@ -249,7 +249,7 @@ def _split_address(address: object, path: str) -> tuple[str, int]:
         if not sep or ":" in host:
             raise ConfigError(path, f"must be \"host:port\" (IPv6 as \"[addr]:port\"), "
                                     f"got {address!r}")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(path, f"the port must be a number 1-65535, got {address!r}")
     return host, int(port_text)
 

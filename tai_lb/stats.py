@@ -16,13 +16,16 @@ from typing import Any, Callable, Optional
 
 from .endpoint import Endpoint
 
-__all__ = ["DEFAULT_DECAY", "DEFAULT_LATENCY", "EndpointStats"]
+__all__ = ["DEFAULT_DECAY", "DEFAULT_LATENCY", "FAILURE_PENALTY_CAP", "EndpointStats"]
 
 DEFAULT_DECAY = 10.0
 """Seconds for the latency averages to forget about 63% of the past (Finagle and Linkerd: 10 s)."""
 
 DEFAULT_LATENCY = 0.030
 """Latency assumed for an endpoint with no measurement yet, in seconds (Linkerd: 30 ms)."""
+
+FAILURE_PENALTY_CAP = 1.0
+"""The most a fast failure adds to an endpoint's peak-EWMA cost, in seconds."""
 
 Clock = Callable[[], float]
 _exp = math.exp
@@ -99,33 +102,38 @@ class EndpointStats:
     def finished(self, latency: float, success: bool, now: float) -> None:
         """Count a request as finished and fold its latency into the averages.
 
-        A failure counts as at least twice the current peak (and at least the default latency),
-        so an endpoint that fails fast does not look like the fastest one.
+        For the peak-EWMA cost, a failure counts as at least twice the current peak and at
+        least the default latency (at most :data:`FAILURE_PENALTY_CAP`, unless the failure
+        itself took longer), so an endpoint that fails fast never looks like the fastest one.
+        The reported latency average uses the real latency.
         """
         # This runs once per request: plain comparisons rather than max() calls.
         self._in_flight.pop()
         self._service_load.pop()
-        if latency < 0.0:  # noqa: PLR1730 - a comparison is cheaper than a call here
-            latency = 0.0
+        if not 0.0 <= latency < math.inf:  # negative, infinite or NaN: a broken measurement
+            latency = 0.0 if latency < 0.0 else FAILURE_PENALTY_CAP
         lock = self._lock
         lock.acquire()  # not `with`: the context manager protocol costs as much as the lock
         try:
+            cost = latency
             if success:
                 self.successes += 1
             else:
                 self.failures += 1
-                latency = max(latency, 2.0 * self._peak, self._default_latency)
+                cost = max(latency, min(max(2.0 * self._peak, self._default_latency),
+                                        FAILURE_PENALTY_CAP))
             self.last_latency = latency
             ewma = self._ewma
             if ewma is None:
-                self._ewma = self._peak = latency
+                self._ewma = latency
+                self._peak = cost
             else:
                 elapsed = now - self._stamp
                 keep = _exp(-elapsed / self.decay) if elapsed > 0.0 else 1.0
                 self._ewma = ewma * keep + latency * (1.0 - keep)
                 # Finagle's peak EWMA: a slower sample takes over at once, a faster one blends in.
                 peak = self._peak
-                self._peak = latency if latency > peak else peak * keep + latency * (1.0 - keep)
+                self._peak = cost if cost > peak else peak * keep + cost * (1.0 - keep)
             self._stamp = now
         finally:
             lock.release()

@@ -36,7 +36,7 @@ import random
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from functools import reduce
 from typing import Any, Callable, ClassVar, Optional, Union
 
@@ -71,6 +71,10 @@ StrategyFunction = Callable[[Sequence[EndpointStats], Optional[RoutingKey]],
                             Union[EndpointStats, Endpoint]]
 
 _FULL_SCAN_MAX = 8
+
+EXCLUDING = "excluding"
+"""A picker may carry ``picker.excluding(key, exclude)``: a pick that avoids the addresses in
+``exclude`` (or returns None when none remains), cheaper or truer than the balancer's fallback."""
 
 
 class Strategy(ABC):
@@ -159,7 +163,9 @@ class WeightedRoundRobin(Strategy):
 
             return pick
 
-        for _ in range(start):
+        # Too long to precompute: step online, from a start within the first round only, so a
+        # rebuild never walks millions of steps.
+        for _ in range(start % len(items)):
             next(sequence)
         lock = threading.Lock()
 
@@ -256,13 +262,19 @@ class LeastConnections(Strategy):
         if _weights_equal(items):
             if size <= _FULL_SCAN_MAX:
                 def scan(key: Optional[RoutingKey]) -> EndpointStats:
-                    offset = int(draw() * size)  # a random start breaks ties at random
-                    best = items[offset]
+                    # One pass; ties broken uniformly by reservoir sampling.
+                    best = items[0]
                     best_load = len(best._in_flight)
+                    ties = 1
                     for i in range(1, size):
-                        c = items[(offset + i) % size]
-                        if len(c._in_flight) < best_load:
-                            best, best_load = c, len(c._in_flight)
+                        c = items[i]
+                        load = len(c._in_flight)
+                        if load < best_load:
+                            best, best_load, ties = c, load, 1
+                        elif load == best_load:
+                            ties += 1
+                            if draw() * ties < 1.0:
+                                best = c
                     return best
                 return scan
 
@@ -306,10 +318,12 @@ class ConsistentHash(Strategy):
     next one on the ring (consistent hashing with bounded loads).
 
     The default of 1,000 points per unit of weight keeps every endpoint's share of keys within
-    about 10% of the mean for ten endpoints; the ring holds at most ``max_ring_size`` points
+    about 10% of the mean for ten endpoints.  The ring holds at most ``max_ring_size`` points
     (65,536 by default, so a rebuild takes about a tenth of a second even for a thousand
-    endpoints), and past that every endpoint gets
-    proportionally fewer, trading evenness for build time in very large services.
+    endpoints): past that, every endpoint's points are halved, as often as needed.  Because the
+    factor is a power of two, it changes only when the service's total weight crosses a power
+    of two (66, 132, 263... endpoints of weight 1 by default); only a change across one of those
+    sizes moves keys between endpoints that stay.
 
     :param vnodes: ring points per unit of weight.
     :param load_bound: at most this multiple of the mean load per endpoint; None disables it.
@@ -325,8 +339,9 @@ class ConsistentHash(Strategy):
             raise ConfigError("vnodes", f"must be an integer from 4 to 10000, got {vnodes!r}")
         if load_bound is not None and (isinstance(load_bound, bool)
                                        or not isinstance(load_bound, (int, float))
-                                       or not load_bound > 1.0):
-            raise ConfigError("load_bound", f"must be a number > 1 or null, got {load_bound!r}")
+                                       or not 1.0 < load_bound < math.inf):
+            raise ConfigError("load_bound", f"must be a finite number > 1 or null, "
+                                            f"got {load_bound!r}")
         if (isinstance(max_ring_size, bool) or not isinstance(max_ring_size, int)
                 or not 1024 <= max_ring_size <= 1 << 24):
             raise ConfigError("max_ring_size", f"must be an integer from 1024 to {1 << 24}, "
@@ -356,6 +371,22 @@ class ConsistentHash(Strategy):
         shift, starts = bucket_index(hashes)
         md5, unpack = _md5, _unpack_first
 
+        def excluding(key: Optional[RoutingKey],
+                      exclude: Collection[str]) -> Optional[EndpointStats]:
+            # The next owner clockwise that is not excluded: where the key would go if the
+            # excluded endpoints were removed from the ring.
+            if key is None:
+                remaining = [c for c in items if c.endpoint.address not in exclude]
+                return remaining[int(draw() * len(remaining))] if remaining else None
+            h = key_hash(key)
+            bucket = h >> shift
+            i = search(hashes, h, starts[bucket], starts[bucket + 1])
+            for step in range(ring_size):
+                owner = owners[(i + step) % ring_size]
+                if owner.endpoint.address not in exclude:
+                    return owner
+            return None
+
         if bound is None:
             def pick(key: Optional[RoutingKey]) -> EndpointStats:
                 if key is None:
@@ -366,6 +397,7 @@ class ConsistentHash(Strategy):
                 bucket = h >> shift
                 i = search(hashes, h, starts[bucket], starts[bucket + 1])
                 return owners[i if i < ring_size else 0]
+            setattr(pick, EXCLUDING, excluding)
             return pick
 
         service_load = items[0]._service_load
@@ -386,6 +418,7 @@ class ConsistentHash(Strategy):
                 if len(seen) == size:
                     break
             return owners[i % ring_size]
+        setattr(pick_bounded, EXCLUDING, excluding)
         return pick_bounded
 
 
@@ -457,13 +490,18 @@ def build_ring(items: Sequence[EndpointStats], vnodes: int, max_ring_size: int,
                ) -> tuple[list[int], list[EndpointStats]]:
     """The ring of ``items``: sorted 32-bit points and the endpoint owning each.
 
-    ``vnodes`` points per unit of weight, scaled down when the ring would pass
+    ``vnodes`` points per unit of weight, halved as often as needed to stay within
     ``max_ring_size``.  Equal points go to the lower address, so every process builds the same
     ring whatever order it learnt the endpoints in.  ``cache`` keeps points between builds.
     """
     ordered = sorted(items, key=lambda c: c.endpoint.address)
     total = sum(c.endpoint.weight for c in ordered) * vnodes
-    scale = min(1.0, max_ring_size / total)
+    # Halve the points per endpoint as often as needed to fit, never by another factor: the
+    # scale then changes only when a service crosses a power of two, so between those sizes
+    # adding or removing an endpoint moves only that endpoint's keys.
+    scale = 1.0
+    while total * scale > max_ring_size:
+        scale /= 2.0
     shift = len(ordered).bit_length()
     packed: list[int] = []
     for index, c in enumerate(ordered):
@@ -501,8 +539,10 @@ class PeakEwma(Strategy):
                  rng: Optional[random.Random] = None) -> None:
         super().__init__(rng=rng)
         for field, value in (("decay", decay), ("default_latency", default_latency)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(field, f"must be a number of seconds > 0, got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 < value < math.inf):
+                raise ConfigError(field, f"must be a finite number of seconds > 0, "
+                                         f"got {value!r}")
         self.decay = float(decay)
         self.default_latency = float(default_latency)
 

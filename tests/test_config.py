@@ -66,9 +66,16 @@ BAD: list[tuple[Any, str, str]] = [
      "services.users.strategy.max_ring_size", "from 1024"),
     (users(strategy={"name": "peak_ewma", "decay": -1}), "services.users.strategy.decay",
      "seconds > 0, got -1"),
+    (users(strategy={"name": "peak_ewma", "decay": float("inf")}),
+     "services.users.strategy.decay", "finite"),
+    (users(strategy={"name": "consistent_hash", "load_bound": float("inf")}),
+     "services.users.strategy.load_bound", "finite"),
+    ({"services": {"users": {"endpoints": ["a:\u00b2"]}}}, "services.users.endpoints[0]",
+     "port must be a number"),
+    ({"services": {"users": {"endpoints": ["a:\u0668\u0660"]}}}, "services.users.endpoints[0]",
+     "port must be a number"),
     (users(strategy={"name": "peak_ewma", "default_latency": "30ms"}),
      "services.users.strategy.default_latency", "seconds > 0"),
-    (users(scheme="ftp"), "services.users.scheme", "\"http\" or \"https\", got 'ftp'"),
     (users(hash_key="query:id"), "services.users.hash_key", "header:NAME"),
     (users(hash_key="header:bad name"), "services.users.hash_key", "HTTP token"),
     (users(hash_key=7), "services.users.hash_key", "got 7"),
@@ -79,8 +86,33 @@ BAD: list[tuple[Any, str, str]] = [
      "not allowed in defaults"),
     ({"defaults": {"discovery": {}}, "services": {}}, "defaults.discovery",
      "not allowed in defaults"),
-    ({"defaults": {"scheme": "gopher"}, "services": {}}, "defaults.scheme", "http"),
-]
+    (users(timeout=-1), "services.users.timeout", "seconds > 0, got -1"),
+    (users(timeout={"connect": 1, "total": 2}), "services.users.timeout.total", "unknown key"),
+    (users(timeout=[1, "x"]), "services.users.timeout[1]", "got 'x'"),
+    (users(retries=3), "services.users.retries", "must be a mapping"),
+    (users(retries={"attempts": 0}), "services.users.retries.attempts", "from 1 to 10"),
+    (users(retries={"tries": 2}), "services.users.retries.tries", "unknown key"),
+    (users(retries={"statuses": [503, 700]}), "services.users.retries.statuses", "100-599"),
+    (users(retries={"statuses": "503"}), "services.users.retries.statuses", "must be a list"),
+    (users(retries={"methods": ["get"]}), "services.users.retries.methods", "upper-case"),
+    (users(retries={"backoff": {"base": -1}}), "services.users.retries.backoff.base", ">= 0"),
+    (users(retries={"backoff": {"cap": 1}}), "services.users.retries.backoff.cap",
+     "unknown key"),
+    (users(retries={"deadline": 0}), "services.users.retries.deadline", "> 0, got 0"),
+    (users(retries={"budget": {"percent": -0.1}}), "services.users.retries.budget.percent",
+     "share from 0 to 10"),
+    (users(retries={"budget": {"ttl": 0}}), "services.users.retries.budget.ttl", "> 0"),
+    (users(retries={"budget": []}), "services.users.retries.budget", "must be a mapping"),
+    (users(pool=[]), "services.users.pool", "must be a mapping"),
+    (users(pool={"maxsize": 0}), "services.users.pool.maxsize", "from 1 to 10000"),
+    (users(pool={"block": "yes"}), "services.users.pool.block", "true or false"),
+    (users(pool={"timeout": 0}), "services.users.pool.timeout", "> 0"),
+    (users(pool={"idle_timeout": "1s"}), "services.users.pool.idle_timeout", "> 0"),
+    (users(pool={"size": 3}), "services.users.pool.size", "unknown key"),
+    ({"services": {"users": {"endpoints": [{"address": "a:1", "tls_name": "[::1]"}]}}},
+     "services.users.endpoints[0].tls_name", "host name"),
+    ({"defaults": {"retries": {"attempts": 11}}, "services": {}}, "defaults.retries.attempts",
+     "from 1 to 10"),]
 BAD += [(users(**{key: {}}), f"services.users.{key}", "not supported yet")
         for key in NOT_SUPPORTED_YET if key != "metrics"]
 BAD += [({"defaults": {key: {}}, "services": {}}, f"defaults.{key}", "not supported yet")
@@ -101,8 +133,8 @@ def test_bad_configuration_names_the_key_path(config: Any, path: str, fragment: 
 def test_error_message_format() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(users(strategy={"name": "peak_ewma", "decay": -1}))
-    assert str(caught.value) == ("services.users.strategy.decay: must be a number of seconds "
-                                 "> 0, got -1")
+    assert str(caught.value) == ("services.users.strategy.decay: must be a finite number of "
+                                 "seconds > 0, got -1")
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -115,25 +147,32 @@ def test_good_configuration_becomes_frozen_value_objects() -> None:
         "defaults": {"strategy": {"name": "consistent_hash", "vnodes": 100}},
         "services": {
             "users": {"endpoints": ["127.0.0.1:8001"], "hash_key": "header:X-User-Id",
-                      "scheme": "https"},
+                      "timeout": {"connect": 1, "read": 5},
+                      "retries": {"attempts": 2, "statuses": [503], "deadline": 3,
+                                  "budget": {"percent": 0.1}},
+                      "pool": {"maxsize": 4, "timeout": 2}},
             "billing": {"endpoints": ["127.0.0.1:9001"], "strategy": "peak_ewma"},
         },
     })
     assert isinstance(config, LoadBalancerConfig)
     svc = config.services["users"]
     assert isinstance(svc, ServiceConfig)
-    assert svc.scheme == "https"
+    assert svc.timeout == (1.0, 5.0)
+    assert (svc.retries.attempts, svc.retries.statuses, svc.retries.deadline) == (
+        2, frozenset({503}), 3.0)
+    assert svc.retries.budget_percent == 0.1 and svc.retries.budget_min_per_second == 10.0
+    assert (svc.pool.maxsize, svc.pool.timeout, svc.pool.block) == (4, 2.0, True)
     assert svc.hash_key == KeySource("header", "X-User-Id")
     assert str(svc.hash_key) == "header:X-User-Id"
     assert isinstance(svc.strategy, ConsistentHash) and svc.strategy.vnodes == 100
     assert isinstance(config.services["billing"].strategy, PeakEwma)
     with pytest.raises(AttributeError):
-        svc.scheme = "http"  # type: ignore[misc]
+        svc.timeout = None  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.services["x"] = svc  # type: ignore[index]
-    assert svc.new(scheme="http").scheme == "http" and svc.scheme == "https"
-    with pytest.raises(ConfigError, match="scheme"):
-        svc.new(scheme="ftp")
+    assert svc.new(timeout=2).timeout == (2.0, 2.0) and svc.timeout == (1.0, 5.0)
+    with pytest.raises(ConfigError, match="timeout"):
+        svc.new(timeout=-2)
 
 
 def test_defaults_merge_into_mappings() -> None:
