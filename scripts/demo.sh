@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv .
-exec .venv/bin/python -m tai_lb picks "$@"
+exec .venv/bin/python -m tai_lb demo "$@"

@@ -1,7 +1,8 @@
 """The ``tai-lb`` command (``python -m tai_lb``).
 
+``demo [--duration S]`` balances live traffic over backends on loopback and kills one midway.
 ``check CONFIG_FILE`` loads a configuration and exits 0 when it is valid, or prints the
-`ConfigError` and exits 2.  ``picks`` runs a short demonstration of picks from every strategy.
+`ConfigError` and exits 2.  ``picks`` shows how every strategy spreads picks.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tai-lb", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tai-lb {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="balance live traffic on loopback, kill a backend")
+    demo.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     check = commands.add_parser("check", help="validate a configuration file")
     check.add_argument("config_file")
     picks = commands.add_parser("picks", help="show how each strategy spreads picks")
@@ -62,6 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args.config_file)
+    if args.command == "demo":
+        from .demo import run_demo  # noqa: PLC0415 - only the demo needs its servers
+
+        return run_demo(args.duration)
     return _picks(args.count)
 
 

@@ -47,3 +47,12 @@ def test_picks_prints_every_strategy(capsys: pytest.CaptureFixture[str]) -> None
         assert name in out
     wrr = next(line for line in out.splitlines() if line.startswith("weighted_round_robin"))
     assert wrr.split()[1:] == ["100", "200", "300"]
+
+
+def test_demo_routes_around_the_killed_backend_with_no_failures() -> None:
+    result = run("demo", "--duration", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 failed in " in result.stdout
+    assert "KILLED" in result.stdout and "bravo killed at 1.5 s" in result.stdout
+    killed_line = next(line for line in result.stdout.splitlines()[::-1] if "KILLED" in line)
+    assert "bravo" in killed_line
