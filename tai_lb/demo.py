@@ -37,10 +37,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def handle(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # killed under our feet
             super().handle()
-        except OSError:  # killed under our feet
-            pass
 
     def do_GET(self) -> None:
         time.sleep(random.uniform(0.5, 1.5) * self.server.delay)
