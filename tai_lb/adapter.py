@@ -265,25 +265,30 @@ class _BalancedSend:
 
     def run(self) -> requests.Response:
         self.budget.request()
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.policy.attempts),
-            wait=self._wait,
-            retry=tenacity.retry_if_exception_type(_RetryAttempt),
-            reraise=True,
-            sleep=time.sleep,
-        )
         try:
-            # _attempt() raises _RetryAttempt only when another attempt is allowed, so the
+            # _attempt() raises _RetryAttempt only when another attempt is allowed, so each
             # loop ends with a response or with the last attempt's error.
+            try:
+                return self._attempt(1)  # the common case: no retry machinery at all
+            except _RetryAttempt:
+                pass
+            time.sleep(self._backoff(1))
+            retrying = tenacity.Retrying(
+                stop=tenacity.stop_after_attempt(self.policy.attempts - 1),
+                wait=lambda state: self._backoff(state.attempt_number + 1),
+                retry=tenacity.retry_if_exception_type(_RetryAttempt),
+                reraise=True,
+                sleep=time.sleep,
+            )
             for attempt in retrying:
                 with attempt:
-                    return self._attempt(attempt.retry_state.attempt_number)
+                    return self._attempt(attempt.retry_state.attempt_number + 1)
         finally:
             self._finish_trace()
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        delay = self.policy.backoff(state.attempt_number, random.random())
+    def _backoff(self, retry: int) -> float:
+        delay = self.policy.backoff(retry, random.random())
         if self.deadline is not None:
             delay = max(0.0, min(delay, self.deadline - self.clock()))
         return delay
@@ -332,11 +337,15 @@ class _BalancedSend:
         endpoint = lease.endpoint
         remaining = self._remaining()
         connect = _seconds_of(self.timeout.connect_timeout)
-        timeout = Timeout(connect=_clip(connect, remaining),
-                          read=_clip(_seconds_of(self.timeout.read_timeout), remaining))
+        timeout = self.timeout if remaining is None else Timeout(
+            connect=_clip(connect, remaining),
+            read=_clip(_seconds_of(self.timeout.read_timeout), remaining))
         pool_wait = _clip(_clip(self.settings.pool.timeout, connect), remaining)
+        cert = tuple(self.cert) if isinstance(self.cert, list) else self.cert
+        tls_key = (self.verify, cert, endpoint.tls_name) if self.scheme == "https" else None
         pool = self.lb._pools.pool_for(endpoint.host, endpoint.port, self.scheme,
-                                       self.settings.pool, self._tls(endpoint.tls_name))
+                                       self.settings.pool, tls_key,
+                                       lambda: self._tls(endpoint.tls_name))
         body = self.request.body
         if self.rewind_to is not None:
             body.seek(self.rewind_to)  # type: ignore[union-attr]

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -156,19 +156,33 @@ class EndpointPools:
         self._manager.pool_classes_by_scheme = {"http": TaiHTTPConnectionPool,
                                                 "https": TaiHTTPSConnectionPool}
         self._lock = threading.Lock()
+        # The manager's key normalisation costs more than the rest of a pick: remember its
+        # answers by the raw settings.  Entries go with close_endpoint() and close().
+        self._cache: dict[tuple[Any, ...], HTTPConnectionPool] = {}
 
     def pool_for(self, host: str, port: int, scheme: str, settings: PoolConfig,
-                 tls: Mapping[str, Any]) -> HTTPConnectionPool:
-        """The pool for one endpoint, scheme, pool settings and TLS settings."""
+                 tls_key: Hashable, tls: Callable[[], Mapping[str, Any]]) -> HTTPConnectionPool:
+        """The pool for one endpoint, scheme, pool settings and TLS settings.
+
+        :param tls_key: the raw TLS settings (verify, cert, server name), hashable.
+        :param tls: builds urllib3's TLS keyword arguments; called only for a new pool.
+        """
+        key = (host, port, scheme, settings, tls_key)
+        pool = self._cache.get(key)
+        if pool is not None and pool.pool is not None:
+            return pool
         kwargs: dict[str, Any] = {"maxsize": settings.maxsize, "block": settings.block}
         if scheme == "https":
-            kwargs.update(tls)
+            kwargs.update(tls())
         pool = self._manager.connection_from_host(host, port, scheme, pool_kwargs=kwargs)
         pool.idle_timeout = settings.idle_timeout  # type: ignore[attr-defined]
+        self._cache[key] = pool
         return pool
 
     def close_endpoint(self, host: str, port: int) -> int:
         """Close every pool of the endpoint at ``host:port``; returns how many."""
+        for cached in [k for k in list(self._cache) if k[0] == host and k[1] == port]:
+            self._cache.pop(cached, None)
         pools = self._manager.pools
         with self._lock:
             # The container refuses plain iteration (not thread-safe); keys() takes its lock.
@@ -190,4 +204,5 @@ class EndpointPools:
 
     def close(self) -> None:
         """Close every pool."""
+        self._cache.clear()
         self._manager.clear()

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 from urllib3.exceptions import (
@@ -148,71 +148,94 @@ class RetryPolicy:
 RetryPolicy.DEFAULT = RetryPolicy()  # type: ignore[attr-defined]
 
 
-@dataclass
 class RetryBudget:
     """Retries allowed: ``percent`` of the requests of the last ``ttl`` seconds plus a floor.
 
     Thread-safe.  Every request calls :meth:`request`; a retry runs only if :meth:`try_retry`
-    returns True.  Counts are kept in one-second buckets, so the window slides in steps of a
-    second.  (Finagle's ``RetryBudget``: 20% plus 10 per second over 10 seconds by default.)
+    returns True.  Counts are kept in one-second buckets with running totals, so every call is
+    O(1) and the window slides in steps of a second.  (Finagle's ``RetryBudget``: 20% plus 10
+    per second over 10 seconds by default.)
+
+    :param percent: retries allowed per request in the window.
+    :param min_per_second: retries always allowed per second of the window.
+    :param ttl: seconds of history counted.
+    :param clock: monotonic clock in seconds.
     """
 
-    percent: float = 0.2
-    min_per_second: float = 10.0
-    ttl: float = 10.0
-    clock: Callable[[], float] = time.monotonic
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _requests: collections.deque[list[float]] = field(default_factory=collections.deque,
-                                                      repr=False)
-    _retries: collections.deque[list[float]] = field(default_factory=collections.deque,
-                                                     repr=False)
-    exhausted: int = 0
+    def __init__(self, percent: float = 0.2, min_per_second: float = 10.0, ttl: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.percent = percent
+        self.min_per_second = min_per_second
+        self.ttl = ttl
+        self.clock = clock
+        self.refused = 0
+        self._lock = threading.Lock()
+        # (second, requests, retries) per bucket, oldest first, and the window's totals
+        self._buckets: collections.deque[list[int]] = collections.deque()
+        self._requests = 0
+        self._retries = 0
 
     @classmethod
     def for_policy(cls, policy: RetryPolicy, clock: Callable[[], float]) -> RetryBudget:
         """The budget a service with ``policy`` uses."""
         return cls(policy.budget_percent, policy.budget_min_per_second, policy.budget_ttl, clock)
 
-    def _count(self, buckets: collections.deque[list[float]], now: float, add: int) -> float:
-        second = math.floor(now)
-        while buckets and buckets[0][0] <= second - self.ttl:
-            buckets.popleft()
-        if add:
-            if buckets and buckets[-1][0] == second:
-                buckets[-1][1] += add
-            else:
-                buckets.append([second, float(add)])
-        return float(sum(b[1] for b in buckets))
+    def _bucket(self, now: float) -> list[int]:
+        # Called with the lock held: expire old buckets, return the current one.
+        second = int(now)
+        buckets = self._buckets
+        horizon = second - self.ttl
+        while buckets and buckets[0][0] <= horizon:
+            _, requests, retries = buckets.popleft()
+            self._requests -= requests
+            self._retries -= retries
+        if not buckets or buckets[-1][0] != second:
+            buckets.append([second, 0, 0])
+        return buckets[-1]
+
+    def _allowed(self) -> float:
+        return self.percent * self._requests + self.min_per_second * self.ttl
 
     def request(self) -> None:
         """Count one request (its first attempt)."""
         now = self.clock()
         with self._lock:
-            self._count(self._requests, now, 1)
+            self._bucket(now)[1] += 1
+            self._requests += 1
 
     def try_retry(self) -> bool:
         """Take one retry from the budget if it allows one; False (and counted) if not."""
         now = self.clock()
         with self._lock:
-            requests = self._count(self._requests, now, 0)
-            retries = self._count(self._retries, now, 0)
-            if retries + 1 > self.percent * requests + self.min_per_second * self.ttl:
-                self.exhausted += 1
+            bucket = self._bucket(now)
+            if self._retries + 1 > self._allowed():
+                self.refused += 1
                 return False
-            self._count(self._retries, now, 1)
+            bucket[2] += 1
+            self._retries += 1
             return True
+
+    def retries_left(self) -> int:
+        """Retries the budget would allow now."""
+        now = self.clock()
+        with self._lock:
+            self._bucket(now)
+            return max(0, int(self._allowed() - self._retries))
 
     def snapshot(self) -> dict[str, Any]:
         """Requests, retries and refusals in the window, as a JSON-serialisable dict."""
         now = self.clock()
         with self._lock:
-            requests = self._count(self._requests, now, 0)
-            retries = self._count(self._retries, now, 0)
-        allowed = self.percent * requests + self.min_per_second * self.ttl
-        return {"requests": int(requests), "retries": int(retries),
-                "retries_left": max(0, int(allowed - retries)), "refused": self.exhausted,
-                "percent": self.percent, "min_per_second": self.min_per_second,
-                "ttl": self.ttl}
+            self._bucket(now)
+            requests, retries, refused = self._requests, self._retries, self.refused
+            left = max(0, int(self._allowed() - retries))
+        return {"requests": requests, "retries": retries, "retries_left": left,
+                "refused": refused, "percent": self.percent,
+                "min_per_second": self.min_per_second, "ttl": self.ttl}
+
+    def __repr__(self) -> str:
+        return (f"RetryBudget(percent={self.percent}, min_per_second={self.min_per_second}, "
+                f"ttl={self.ttl})")
 
 
 def classify(error: BaseException) -> FailureKind:

@@ -453,3 +453,27 @@ def test_endpoint_tls_name_and_client_certificate(backend_factory: Factory, ca: 
         r = lb.session().get("https://users/", verify=str(bundle), cert=str(client_pem))
         assert r.status_code == 200
     assert backend.received[-1]["sni"] == "node-1.internal"
+
+
+@pytest.mark.parametrize(("hash_key", "make"), [
+    ("header:X-User-Id", lambda s, k: s.get("http://users/", headers={"X-User-Id": k})),
+    ("cookie:uid", lambda s, k: s.get("http://users/", cookies={"uid": k})),
+    ("user_id", None),
+])
+def test_hash_key_routes_each_key_to_one_endpoint(backend_factory: Factory, hash_key: str,
+                                                  make: Any) -> None:
+    pool = [backend_factory(f"h{i}") for i in range(4)]
+    with balancer(*pool, strategy="consistent_hash", hash_key=hash_key) as lb:
+        s = lb.session()
+        homes: dict[str, set[str]] = {}
+        for _ in range(3):
+            for i in range(12):
+                key = f"user-{i}"
+                if make is None:
+                    with tai_lb.context.routing_context(user_id=key):
+                        r = s.get("http://users/")
+                else:
+                    r = make(s, key)
+                homes.setdefault(key, set()).add(r.json()["backend"])
+        assert all(len(v) == 1 for v in homes.values())  # sticky per key
+        assert len({next(iter(v)) for v in homes.values()}) > 1  # yet spread over endpoints
