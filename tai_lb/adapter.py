@@ -34,12 +34,14 @@ from requests.adapters import HTTPAdapter
 from requests.exceptions import (
     ChunkedEncodingError,
     ConnectTimeout,
+    ContentDecodingError,
     InvalidHeader,
     ProxyError,
     ReadTimeout,
     RetryError,
     SSLError,
 )
+from requests.structures import CaseInsensitiveDict
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, extract_zipped_paths
 from urllib3.exceptions import (
     ClosedPoolError,
@@ -74,6 +76,7 @@ __all__ = ["LoadBalancedAdapter"]
 log = logging.getLogger(__name__)
 
 _NO_RETRIES = Retry(0, read=False)  # what requests passes: urllib3 never retries by itself
+_MIN_TIMEOUT = 0.001  # an attempt started just before the deadline still gets a valid timeout
 _TimeoutArg = Union[float, tuple[Optional[float], Optional[float]], Timeout, None]
 _CertArg = Union[bytes, str, tuple[Union[bytes, str], Union[bytes, str]], None]
 
@@ -209,6 +212,44 @@ def to_requests_error(error: BaseException, request: requests.PreparedRequest,
     return error
 
 
+def _release_when_read(raw: Any, lease: Lease, success: bool) -> None:
+    """Release a streamed response's lease when its connection goes back to the pool.
+
+    The connection goes back when the body has been read or the response closed, and also when a
+    read breaks; so reads are watched, and a read that raised makes the release a failure.
+    """
+    connection = getattr(raw, "_connection", None)
+    if connection is None:  # nothing left to read: the connection is back already
+        lease.done(success=success)
+        return
+    state = {"reading": False, "released": False, "failed": False}
+
+    def finish() -> None:
+        if state["released"] and not lease.released:
+            lease.done(success=success and not state["failed"])
+
+    def released() -> None:
+        state["released"] = True
+        if not state["reading"]:  # closed by the caller, or read outside read()
+            finish()
+
+    original_read = raw.read
+
+    def read(*args: Any, **kwargs: Any) -> Any:
+        state["reading"] = True
+        try:
+            return original_read(*args, **kwargs)
+        except BaseException:
+            state["failed"] = True
+            raise
+        finally:
+            state["reading"] = False
+            finish()
+
+    raw.read = read  # urllib3's stream() and requests' iter_content() call self.read()
+    on_release(connection, released)
+
+
 def _body_rewinder(body: Any) -> tuple[bool, Optional[int]]:
     """Whether ``body`` can be sent again, and the position to rewind a file to."""
     if body is None or isinstance(body, (bytes, str, bytearray)):
@@ -250,7 +291,10 @@ class _BalancedSend:
         self.timeout = _resolve_timeout(timeout if timeout is not None
                                         else self.settings.timeout)
         self.method = (request.method or "GET").upper()
-        self.headers = dict(request.headers)
+        # Case-insensitive, so a caller's own "host" header is replaced, not doubled; proxies
+        # are bypassed for services, so a proxy's credentials must not reach an endpoint.
+        self.headers = CaseInsensitiveDict(request.headers)
+        self.headers.pop("Proxy-Authorization", None)
         self.headers["Host"] = netloc.rpartition("@")[2]
         self.idempotent = (self.method in self.policy.methods
                            or "Idempotency-Key" in request.headers)
@@ -259,6 +303,7 @@ class _BalancedSend:
         self.tried: list[str] = []
         self.trace = DecisionTrace(service, self.method, request.path_url)
         self.last_error: Optional[BaseException] = None
+        self.finished = False
         self.strategy_name = lb.strategy_name(service)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -313,6 +358,12 @@ class _BalancedSend:
 
     def _attempt(self, number: int) -> requests.Response:
         excluded = len(self.tried)
+        remaining = self._remaining()
+        if remaining is not None and remaining <= 0 and number > 1:
+            # The backoff used up the deadline: no attempt starts after it.
+            self.trace.attempts[-1].decision = "stop: deadline passed"
+            raise self._with_trace(self.last_error or ReadTimeout(
+                f"deadline of {self.policy.deadline:g} s passed", request=self.request)) from None
         try:
             lease = self.lb.pick(self.service, self.key, exclude=self.tried)
         except NoEndpointAvailable as error:
@@ -330,19 +381,27 @@ class _BalancedSend:
         begun = self.clock()
         try:
             return self._exchange(number, lease, record)
+        except (_RetryAttempt, requests.exceptions.RequestException):
+            raise
+        except BaseException:  # a bug or an interrupt: never leave the lease open
+            lease.done(success=False)
+            raise
         finally:
             record.elapsed = self.clock() - begun
 
     def _exchange(self, number: int, lease: Lease, record: Attempt) -> requests.Response:
         endpoint = lease.endpoint
         remaining = self._remaining()
+        if remaining is not None:
+            remaining = max(remaining, _MIN_TIMEOUT)
         connect = _seconds_of(self.timeout.connect_timeout)
         timeout = self.timeout if remaining is None else Timeout(
             connect=_clip(connect, remaining),
             read=_clip(_seconds_of(self.timeout.read_timeout), remaining))
         pool_wait = _clip(_clip(self.settings.pool.timeout, connect), remaining)
         cert = tuple(self.cert) if isinstance(self.cert, list) else self.cert
-        tls_key = (self.verify, cert, endpoint.tls_name) if self.scheme == "https" else None
+        tls_key = ((self.verify, cert, endpoint.tls_name or self.service)
+                   if self.scheme == "https" else None)
         pool = self.lb._pools.pool_for(endpoint.host, endpoint.port, self.scheme,
                                        self.settings.pool, tls_key,
                                        lambda: self._tls(endpoint.tls_name))
@@ -380,12 +439,18 @@ class _BalancedSend:
             try:
                 response.content  # noqa: B018 - read the body inside the loop
             except (ChunkedEncodingError, requests.exceptions.ConnectionError) as error:
-                lease.done(success=False)
+                lease.done(success=False)  # cut off: a transport failure, retried as such
                 record.outcome, record.status = "error", None
                 return self._failed(number, record, "sent", error)
+            except (ContentDecodingError, requests.exceptions.RequestException) as error:
+                lease.done(success=False)  # the endpoint sent a body that cannot be decoded
+                record.outcome = "error"
+                record.error = f"{type(error).__name__}: {error}"
+                record.decision = "stop: the response body is invalid"
+                raise self._with_trace(error) from None
             lease.done(success=not status_failed)
         else:
-            self._release_when_read(raw, lease, not status_failed)
+            _release_when_read(raw, lease, not status_failed)
         if not record.decision:
             record.decision = "done"
         response.lb_trace = self.trace  # type: ignore[attr-defined]
@@ -403,19 +468,15 @@ class _BalancedSend:
         record.decision = f"stop: {why_not}"
         raise self._with_trace(error) from None
 
-    def _release_when_read(self, raw: Any, lease: Lease, success: bool) -> None:
-        connection = getattr(raw, "_connection", None)
-        if connection is None:  # nothing left to read: the connection is back already
-            lease.done(success=success)
-        else:
-            on_release(connection, lambda: lease.done(success=success))
-
     def _with_trace(self, error: BaseException) -> BaseException:
         self._finish_trace()
         error.lb_trace = self.trace  # type: ignore[attr-defined]
         return error
 
     def _finish_trace(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
         self.trace.elapsed = self.clock() - self.started
         self.trace.budget = self.budget.snapshot()
         if log.isEnabledFor(logging.DEBUG):

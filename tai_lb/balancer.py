@@ -259,6 +259,9 @@ class LoadBalancer:
                 stats.on_drained = None  # back before it drained: keep its pools
             return
         endpoint = change.endpoint
+        if any(endpoint.address in snapshot.by_address
+               for name, snapshot in self.registry._snapshots.items() if name != change.service):
+            return  # another service still sends to this address: its pools stay
         if stats is None or not stats.in_flight:
             self._pools.close_endpoint(endpoint.host, endpoint.port)
         else:  # drain: requests in flight finish, then the pools close

@@ -122,7 +122,8 @@ class ServiceConfig:
 
     :param endpoints: the static endpoints.
     :param strategy: how to pick among them (default round robin).
-    :param scheme: ``"http"`` or ``"https"``, the scheme health probes use.
+    :param scheme: ``"http"`` or ``"https"``, for health probes (not in configuration files
+        yet: they reject the key until health checks exist).
     :param hash_key: where the routing key of an HTTP request comes from.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.

@@ -1,8 +1,8 @@
 """Request context: the caller's user id and source IP, for ``user_id`` and ``source_ip`` keys.
 
-A web integration (or your own middleware) sets them for the duration of an incoming request;
-balanced requests made meanwhile use them as their routing key when the service's ``hash_key``
-(or affinity key) is ``"user_id"`` or ``"source_ip"``::
+Your middleware (or, later, a web integration) sets them for the duration of an incoming
+request; balanced requests made meanwhile use them as their routing key when the service's
+``hash_key`` is ``"user_id"`` or ``"source_ip"``::
 
     with tai_lb.context.routing_context(user_id="42", source_ip="203.0.113.7"):
         session.get("http://users/api/profile")

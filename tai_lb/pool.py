@@ -47,8 +47,9 @@ class PoolConfig:
 
     :param maxsize: connections per endpoint (and TLS setting); requests' default is 10.
     :param block: wait for a free connection rather than open one past ``maxsize``.
-    :param timeout: longest wait for a free connection, in seconds; a request's own timeout
-        shortens it.  Then :class:`~tai_lb.exceptions.PoolExhausted` is raised.
+    :param timeout: longest wait for a free connection, in seconds; a request's connect timeout
+        shortens it.  Then the attempt fails with :class:`~tai_lb.HTTPPoolExhausted` (and,
+        since nothing was sent, may be retried on another endpoint).
     :param idle_timeout: a connection idle longer than this is closed rather than reused; keep
         it below the backends' keep-alive timeout (gunicorn's is 2 s).
     """

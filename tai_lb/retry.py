@@ -27,7 +27,6 @@ from urllib3.exceptions import (
     ProtocolError,
     ReadTimeoutError,
 )
-from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .exceptions import ConfigError
 
@@ -38,8 +37,9 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 FailureKind = Literal["not_sent", "sent", "status"]
 """``not_sent``: the request provably never reached a server (refused, connect timeout, name
-resolution, TLS handshake, no free connection); ``sent``: it may have (reset, read timeout, a
-response cut off); ``status``: a response came back with a retryable status."""
+resolution, no free connection; the adapter adds any failure while connecting, TLS handshake
+included); ``sent``: it may have (reset, read timeout, a response cut off, a TLS error after
+connecting); ``status``: a response came back with a retryable status."""
 
 
 def _positive(value: object, path: str, *, allow_zero: bool = False) -> float:
@@ -241,8 +241,9 @@ class RetryBudget:
 def classify(error: BaseException) -> FailureKind:
     """Whether a urllib3 failure proves the request never reached a server.
 
-    Refused and failed connections, connect timeouts, name resolution, TLS handshakes and an
-    exhausted or closed pool all fail before a byte of the request is sent.  Anything else (a
+    Refused and failed connections, connect timeouts, name resolution and an exhausted or closed
+    pool all fail before a byte of the request is sent.  (TLS handshake failures are recognised
+    by the adapter, which marks errors raised while connecting.)  Anything else (a
     reset, a read timeout, a response cut off) may have reached the server.
     """
     if isinstance(error, MaxRetryError) and error.reason is not None:
@@ -250,8 +251,9 @@ def classify(error: BaseException) -> FailureKind:
     if isinstance(error, (NewConnectionError, ConnectTimeoutError, NameResolutionError,
                           EmptyPoolError, ClosedPoolError)):
         return "not_sent"
-    if isinstance(error, Urllib3SSLError):
-        return "not_sent"  # urllib3 raises SSLError only while connecting (the handshake)
+    # An SSLError may come from the handshake or from a record received after the request was
+    # sent: only the adapter knows which (it marks errors of the connect phase), so here it is
+    # "sent", like anything else that is not provably before sending.
     if isinstance(error, (ProtocolError, ReadTimeoutError)):
         return "sent"
     return "sent"

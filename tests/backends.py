@@ -58,7 +58,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         sni = getattr(self.connection, "tai_sni", None)
         record = {"method": self.command, "path": self.path, "headers": dict(self.headers),
-                  "body": body, "sni": sni}
+                  "body": body, "sni": sni, "host_headers": self.headers.get_all("Host")}
         with backend.lock:
             backend.received.append(record)
         backend.handle(self, record)
@@ -202,3 +202,7 @@ def sni_recording_context(cert_chain: Any) -> ssl.SSLContext:
 
     context.sni_callback = remember
     return context
+
+
+def bad_gzip(handler: _Handler, record: dict[str, Any]) -> None:
+    handler.reply(200, b"this is not gzip", {"Content-Encoding": "gzip"})

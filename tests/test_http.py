@@ -477,3 +477,88 @@ def test_hash_key_routes_each_key_to_one_endpoint(backend_factory: Factory, hash
                 homes.setdefault(key, set()).add(r.json()["backend"])
         assert all(len(v) == 1 for v in homes.values())  # sticky per key
         assert len({next(iter(v)) for v in homes.values()}) > 1  # yet spread over endpoints
+
+
+def test_https_pools_never_cross_services_on_one_address(
+        backend_factory: Factory, ca: trustme.CA, tmp_path: Any) -> None:
+    backend = tls_backend(backend_factory, ca, "users")  # a certificate for users only
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    lb = LoadBalancer.from_config({"services": {"users": {"endpoints": [backend.address]},
+                                                "admin": {"endpoints": [backend.address]}}})
+    with lb:
+        s = lb.session()
+        assert s.get("https://users/", verify=str(bundle)).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):
+            s.get("https://admin/", verify=str(bundle))  # checked against "admin", not reused
+    assert [r["sni"] for r in backend.received] == ["users"]
+
+
+def test_one_host_header_and_no_proxy_credentials_reach_the_endpoint(
+        backend_factory: Factory) -> None:
+    backend = backend_factory()
+    with balancer(backend) as lb:
+        lb.session().get("http://users/", headers={"host": "elsewhere",
+                                                   "Proxy-Authorization": "Basic c2VjcmV0"})
+    record = backend.received[-1]
+    assert record["host_headers"] == ["users"]
+    assert "Proxy-Authorization" not in record["headers"]
+
+
+def test_backoff_that_uses_up_the_deadline_ends_cleanly() -> None:
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": dead, "retries": {"deadline": 0.2, "backoff": {"base": 5, "max": 5}}}}})
+    with lb:
+        with pytest.raises(requests.exceptions.ConnectionError) as caught:
+            lb.session().get("http://users/")
+        trace = trace_of(caught.value)
+        assert trace is not None and "deadline" in trace.attempts[-1].decision
+        assert lb.status()["services"]["users"]["in_flight"] == 0
+
+
+def test_undecodable_body_is_an_error_with_a_trace_and_no_leaked_lease(
+        backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.bad_gzip
+    with balancer(backend) as lb:
+        with pytest.raises(requests.exceptions.ContentDecodingError) as caught:
+            lb.session().get("http://users/")
+        assert trace_of(caught.value) is not None
+        stats = lb.stats("users")[backend.address]
+        assert (stats.in_flight, stats.failures) == (0, 1)
+
+
+def test_streamed_body_cut_off_counts_as_a_failure(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.cut_off_body
+    with balancer(backend) as lb:
+        r = lb.session().get("http://users/", stream=True)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in r.iter_content(100):
+                pass
+        stats = lb.stats("users")[backend.address]
+        assert (stats.in_flight, stats.successes, stats.failures) == (0, 0, 1)
+
+
+def test_a_failed_request_is_logged_once_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    lb = LoadBalancer.from_config({"services": {"users": {"endpoints": [dead]}}})
+    with lb, caplog.at_level("DEBUG", logger="tai_lb.adapter"), \
+            pytest.raises(requests.exceptions.ConnectionError):
+        lb.session().get("http://users/")
+    traces = [r for r in caplog.records if r.name == "tai_lb.adapter"]
+    assert len(traces) == 1 and "users GET /" in traces[0].getMessage()
+
+
+def test_removing_an_address_from_one_service_keeps_the_others_pools(
+        backend_factory: Factory) -> None:
+    backend = backend_factory()
+    lb = LoadBalancer.from_config({"services": {"users": {"endpoints": [backend.address]},
+                                                "admin": {"endpoints": [backend.address]}}})
+    with lb:
+        s = lb.session()
+        s.get("http://admin/")
+        lb.registry.deregister("users", backend.address)
+        assert ("127.0.0.1", backend.port) in lb._pools.endpoints()
+        assert s.get("http://admin/").status_code == 200
