@@ -23,6 +23,7 @@ from .exceptions import (
     PoolExhausted,
     UnknownService,
 )
+from .health import HealthCheckConfig
 from .lease import Lease
 from .pool import PoolConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
@@ -40,6 +41,7 @@ __all__ = [
     "Endpoint",
     "EndpointStats",
     "HTTPPoolExhausted",
+    "HealthCheckConfig",
     "KeySource",
     "Labels",
     "Lease",

@@ -28,6 +28,7 @@ from . import _forksafe
 from .config import LoadBalancerConfig, ServiceConfig, load_config
 from .endpoint import Endpoint
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
+from .health import HealthCheckConfig, HealthChecker
 from .lease import Lease
 from .pool import EndpointPools
 from .registry import ServiceRegistry, ServiceSnapshot, TopologyChange
@@ -44,16 +45,27 @@ Clock = Callable[[], float]
 
 
 class _Route:
-    """What picks of one service need, prepared for one registry snapshot."""
+    """What picks of one service need, prepared for one registry snapshot and health epoch.
 
-    __slots__ = ("candidates", "picker", "snapshot", "strategy")
+    ``everyone`` is every endpoint's figures; ``candidates`` the ones picks choose from (the
+    healthy ones, or everyone in panic).  ``refusal`` says why nothing can be picked.
+    """
+
+    __slots__ = ("candidates", "epoch", "everyone", "panic", "picker", "refusal", "snapshot",
+                 "strategy")
 
     def __init__(self, snapshot: ServiceSnapshot, strategy: Strategy,
-                 candidates: tuple[EndpointStats, ...], picker: Optional[Picker]) -> None:
+                 everyone: tuple[EndpointStats, ...], candidates: tuple[EndpointStats, ...],
+                 picker: Optional[Picker], epoch: int = 0, panic: bool = False,
+                 refusal: str = "no endpoints registered") -> None:
         self.snapshot = snapshot
         self.strategy = strategy
+        self.everyone = everyone
         self.candidates = candidates
         self.picker = picker
+        self.epoch = epoch
+        self.panic = panic
+        self.refusal = refusal
 
 
 class LoadBalancer:
@@ -82,12 +94,17 @@ class LoadBalancer:
         self._closed = False
         self._pools = EndpointPools()
         self._budgets: dict[str, RetryBudget] = {}
+        self._health_epoch: dict[str, int] = {}
+        self._health = HealthChecker(self._health_changed, self._last_success, clock=clock)
         self._subscription = self.registry.subscribe(self._on_change)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         for name, service in self.config.services.items():
             self.registry.add_service(name)
             if service.endpoints:
                 self.registry.register_many(name, service.endpoints)
+            self._sync_health(name)
+        if any(s.health_check is not None for s in self.config.services.values()):
+            self._health.start()
 
     def _reset_after_fork(self) -> None:
         # A lock held by another thread at the fork stays held in the child: replace them all.
@@ -130,7 +147,7 @@ class LoadBalancer:
             route = self._rebuild(service)
         picker = route.picker
         if picker is None:
-            raise NoEndpointAvailable(service, "no endpoints registered")
+            raise NoEndpointAvailable(service, route.refusal)
         stats = picker(key)
         if exclude and stats.endpoint.address in exclude:
             stats = self._pick_excluding(route, key, exclude, stats)
@@ -164,36 +181,67 @@ class LoadBalancer:
             with self._lock:
                 lock = self._rebuild_locks.setdefault(service, threading.Lock())
         with lock:
-            snapshot = self.registry._snapshots.get(service)
-            if snapshot is None:
-                raise UnknownService(service)
-            route = self._routes.get(service)
-            if route is not None and route.snapshot is snapshot:
-                return route  # another thread rebuilt it meanwhile
-            strategy = self._strategy_for(service)
-            with self._lock:
-                known = self._stats.setdefault(service, {})
-                load = self._service_load.setdefault(service, collections.deque())
-            candidates = []
-            for endpoint in snapshot.endpoints:
-                stats = known.get(endpoint.address)
-                if stats is None:
-                    stats = self._new_stats(endpoint, strategy, load)
-                    known[endpoint.address] = stats
-                elif stats.endpoint is not endpoint:
-                    # Changed metadata keeps the live figures and the open leases' counts.
-                    stats.endpoint = endpoint
-                candidates.append(stats)
-            # Forget removed endpoints once nothing is in flight on them.
-            for address in [a for a, s in known.items()
-                            if a not in snapshot.by_address and not s.in_flight]:
-                del known[address]
-            items = tuple(candidates)
-            picker = strategy.prepare(items) if items else None
-            route = _Route(snapshot, strategy, items, picker)
-            if not self._closed:
-                self._routes[service] = route
-            return route
+            while True:
+                epoch = self._health_epoch.get(service, 0)
+                route = self._build_route(service, epoch)
+                if self._health_epoch.get(service, 0) == epoch:
+                    return route
+                # Health changed while the route was built: build it again.
+
+    def _build_route(self, service: str, epoch: int) -> _Route:
+        # Called with the service's rebuild lock held.
+        snapshot = self.registry._snapshots.get(service)
+        if snapshot is None:
+            raise UnknownService(service)
+        route = self._routes.get(service)
+        if route is not None and route.snapshot is snapshot and route.epoch == epoch:
+            return route  # another thread rebuilt it meanwhile
+        strategy = self._strategy_for(service)
+        with self._lock:
+            known = self._stats.setdefault(service, {})
+            load = self._service_load.setdefault(service, collections.deque())
+        candidates = []
+        for endpoint in snapshot.endpoints:
+            stats = known.get(endpoint.address)
+            if stats is None:
+                stats = self._new_stats(endpoint, strategy, load)
+                known[endpoint.address] = stats
+            elif stats.endpoint is not endpoint:
+                # Changed metadata keeps the live figures and the open leases' counts.
+                stats.endpoint = endpoint
+            candidates.append(stats)
+        # Forget removed endpoints once nothing is in flight on them.
+        for address in [a for a, s in known.items()
+                        if a not in snapshot.by_address and not s.in_flight]:
+            del known[address]
+        everyone = tuple(candidates)
+        pickable, panic, refusal = self._healthy_subset(service, everyone)
+        picker = strategy.prepare(pickable) if pickable else None
+        route = _Route(snapshot, strategy, everyone, pickable, picker, epoch, panic, refusal)
+        if not self._closed:
+            self._routes[service] = route
+        return route
+
+    def _healthy_subset(self, service: str, everyone: tuple[EndpointStats, ...],
+                        ) -> tuple[tuple[EndpointStats, ...], bool, str]:
+        """The endpoints picks may choose from, whether that is panic mode, and why not."""
+        if not everyone:
+            return (), False, "no endpoints registered"
+        checks = self._health_config(service)
+        if checks is None:
+            return everyone, False, ""
+        healthy = tuple(s for s in everyone
+                        if self._health.is_healthy(service, s.endpoint.address))
+        if len(healthy) == len(everyone):
+            return healthy, False, ""
+        if len(healthy) < checks.panic_threshold * len(everyone):
+            # Panic: too few healthy endpoints to carry the load; spread it over all of them
+            # rather than overload the few (Envoy's healthy_panic_threshold).
+            return everyone, True, ""
+        if not healthy:
+            return (), False, (f"{len(everyone)} of {len(everyone)} unhealthy "
+                               "(panic mode is off)")
+        return healthy, False, ""
 
     def _new_stats(self, endpoint: Endpoint, strategy: Strategy,
                    load: collections.deque[None]) -> EndpointStats:
@@ -233,6 +281,29 @@ class LoadBalancer:
 
         return LoadBalancedAdapter(self)
 
+    # -- health -----------------------------------------------------------------------------------
+
+    def _health_config(self, service: str) -> Optional[HealthCheckConfig]:
+        settings = self.config.services.get(service)
+        return settings.health_check if settings is not None else None
+
+    def _sync_health(self, service: str) -> None:
+        checks = self._health_config(service)
+        snapshot = self.registry.get_snapshot(service)
+        if checks is not None and snapshot is not None:
+            settings = self.config.services[service]
+            self._health.set_endpoints(service, snapshot.endpoints, checks, settings.scheme)
+
+    def _health_changed(self, service: str) -> None:
+        # Called by the checker, outside its lock: the next pick builds a route on the new health.
+        with self._lock:
+            self._health_epoch[service] = self._health_epoch.get(service, 0) + 1
+            self._routes.pop(service, None)
+
+    def _last_success(self, service: str, address: str) -> Optional[float]:
+        stats = self._stats.get(service, {}).get(address)
+        return stats.last_success if stats is not None else None
+
     def retry_budget(self, service: str) -> RetryBudget:
         """The retry budget of ``service`` (created on first use)."""
         budget = self._budgets.get(service)
@@ -250,6 +321,7 @@ class LoadBalancer:
         return self._strategy_for(service).name
 
     def _on_change(self, change: TopologyChange) -> None:
+        self._sync_health(change.service)
         if change.kind == "changed":
             return
         table = self._stats.get(change.service, {})
@@ -275,7 +347,7 @@ class LoadBalancer:
     def stats(self, service: str) -> dict[str, EndpointStats]:
         """The live figures of each current endpoint of ``service``, by address."""
         route = self._route(service)
-        return {c.endpoint.address: c for c in route.candidates}
+        return {c.endpoint.address: c for c in route.everyone}
 
     def _route(self, service: str) -> _Route:
         route = self._routes.get(service)
@@ -289,11 +361,16 @@ class LoadBalancer:
         for name in self.registry.services():
             route = self._route(name)
             endpoints: dict[str, Any] = {}
-            for stats in route.candidates:
+            for stats in route.everyone:
                 endpoint = stats.endpoint
                 entry = endpoint.to_dict()
                 del entry["address"]
-                entry["health"] = "healthy"
+                health = self._health.health(name, endpoint.address)
+                if health is None:
+                    entry["health"] = "unchecked"
+                else:
+                    entry["health"] = "healthy" if health.healthy else "unhealthy"
+                    entry["health_checks"] = health.to_dict()
                 entry.update(stats.snapshot())
                 endpoints[endpoint.address] = entry
             budget = self._budgets.get(name)
@@ -301,11 +378,14 @@ class LoadBalancer:
                 "retry_budget": budget.snapshot() if budget is not None else None,
                 "strategy": route.strategy.name,
                 "strategy_options": route.strategy.options(),
-                "endpoints_total": len(route.candidates),
+                "endpoints_total": len(route.everyone),
+                "endpoints_pickable": len(route.candidates),
+                "panic": route.panic,
                 "in_flight": len(self._service_load.get(name, ())),
                 "endpoints": endpoints,
             }
-        return {"closed": self._closed, "services": services}
+        return {"closed": self._closed, "health_checker": self._health.snapshot(),
+                "services": services}
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -316,6 +396,7 @@ class LoadBalancer:
             self._routes.clear()  # picks now take the slow path, which refuses
         if not already:
             self._subscription.unsubscribe()
+            self._health.stop()
             self._pools.close()
 
     @property

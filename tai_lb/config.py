@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from .endpoint import Endpoint
 from .exceptions import ConfigError
+from .health import HealthCheckConfig
 from .pool import PoolConfig
 from .registry import check_service_name
 from .retry import RetryPolicy
@@ -47,9 +48,6 @@ TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
-    "health_check": "active health checks are not built yet",
-    "scheme": "it sets the scheme of health probes, which are not built yet (a request's URL "
-              "sets its own scheme)",
     "outlier_detection": "outlier detection is not built yet",
     "circuit_breaker": "circuit breakers are not built yet",
     "affinity": "session affinity is not built yet",
@@ -122,8 +120,9 @@ class ServiceConfig:
 
     :param endpoints: the static endpoints.
     :param strategy: how to pick among them (default round robin).
-    :param scheme: ``"http"`` or ``"https"``, for health probes (not in configuration files
-        yet: they reject the key until health checks exist).
+    :param scheme: ``"http"`` or ``"https"``: the scheme of health probes (a request's URL sets
+        its own).
+    :param health_check: active health checks, or None for none.
     :param hash_key: where the routing key of an HTTP request comes from.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
@@ -138,6 +137,7 @@ class ServiceConfig:
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     pool: PoolConfig = field(default_factory=PoolConfig)
     timeout: Optional[tuple[Optional[float], Optional[float]]] = None
+    health_check: Optional[HealthCheckConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -156,6 +156,10 @@ class ServiceConfig:
             raise ConfigError("hash_key", f"must be a KeySource, got {self.hash_key!r}")
         if not isinstance(self.retries, RetryPolicy):
             raise ConfigError("retries", f"must be a RetryPolicy, got {self.retries!r}")
+        if self.health_check is not None and not isinstance(self.health_check,
+                                                            HealthCheckConfig):
+            raise ConfigError("health_check", f"must be a HealthCheckConfig, got "
+                                              f"{self.health_check!r}")
         if not isinstance(self.pool, PoolConfig):
             raise ConfigError("pool", f"must be a PoolConfig, got {self.pool!r}")
         if self.timeout is not None:
@@ -259,7 +263,8 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         fields["scheme"] = settings["scheme"]
     if "hash_key" in settings:
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
-    for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config)):
+    for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config),
+                       ("health_check", HealthCheckConfig.from_config)):
         if key in settings:
             try:
                 fields[key] = build(settings[key])

@@ -44,7 +44,7 @@ class EndpointStats:
 
     __slots__ = ("_default_latency", "_ewma", "_in_flight", "_lock", "_peak", "_service_load",
                  "_stamp", "clock", "decay", "endpoint", "failures", "last_latency",
-                 "on_drained", "successes")
+                 "last_success", "on_drained", "successes")
 
     def __init__(self, endpoint: Endpoint, clock: Clock, *, decay: float = DEFAULT_DECAY,
                  default_latency: float = DEFAULT_LATENCY,
@@ -60,6 +60,7 @@ class EndpointStats:
         self.successes = 0
         self.failures = 0
         self.last_latency: Optional[float] = None
+        self.last_success: Optional[float] = None  # clock time of the last successful request
         self._ewma: Optional[float] = None
         self._peak = 0.0
         self._stamp = 0.0
@@ -118,6 +119,7 @@ class EndpointStats:
             cost = latency
             if success:
                 self.successes += 1
+                self.last_success = now
             else:
                 self.failures += 1
                 cost = max(latency, min(max(2.0 * self._peak, self._default_latency),

@@ -106,7 +106,7 @@ def test_status_is_json_serialisable_and_complete(clock: FakeClock) -> None:
     assert users["in_flight"] == 1
     entry = users["endpoints"]["127.0.0.1:8001"]
     assert entry["weight"] == 3 and entry["zone"] == "eu-1a"
-    assert entry["health"] == "healthy"
+    assert entry["health"] == "unchecked"  # no health_check configured
     assert (entry["in_flight"], entry["requests"], entry["successes"]) == (1, 1, 1)
     assert entry["latency_ewma_ms"] == pytest.approx(10.0)
     assert status["services"]["billing"]["endpoints"] == {}

@@ -87,6 +87,8 @@ BAD: list[tuple[Any, str, str]] = [
     ({"defaults": {"discovery": {}}, "services": {}}, "defaults.discovery",
      "not allowed in defaults"),
     (users(timeout=-1), "services.users.timeout", "seconds > 0, got -1"),
+    (users(scheme="ftp"), "services.users.scheme", "\"http\" or \"https\", got 'ftp'"),
+    ({"defaults": {"scheme": "gopher"}, "services": {}}, "defaults.scheme", "http"),
     (users(timeout={"connect": 1, "total": 2}), "services.users.timeout.total", "unknown key"),
     (users(timeout=[1, "x"]), "services.users.timeout[1]", "got 'x'"),
     (users(retries=3), "services.users.retries", "must be a mapping"),
@@ -253,6 +255,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_file_errors_name_the_key_path(tmp_path: Path) -> None:
     path = tmp_path / "lb.json"
-    path.write_text(json.dumps(users(health_check={"interval": -1})))
-    with pytest.raises(ConfigError, match=r"^services\.users\.health_check: not supported yet"):
+    path.write_text(json.dumps(users(health_check={"path": "/h", "interval": -1})))
+    with pytest.raises(ConfigError) as caught:
         load_config(path)
+    assert str(caught.value) == "services.users.health_check.interval: must be a number > 0, got -1"

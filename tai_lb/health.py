@@ -1,0 +1,443 @@
+"""Active health checks: probes on a small, fixed set of named daemon threads.
+
+One scheduler thread keeps every endpoint's next check time; a bounded pool of worker threads
+runs the probes (HTTP GET of a path, TCP connect, or a function).  A probe that hangs ties up one
+worker and never delays the others, and an endpoint is never probed twice at once.  An endpoint
+turns unhealthy after ``unhealthy_threshold`` failed checks in a row and healthy again after
+``healthy_threshold`` passed ones (HAProxy's fall and rise).
+
+A new endpoint is healthy until proven otherwise and is probed at once.  A client-side balancer
+usually learns of an endpoint from configuration or discovery, both of which list instances that
+are meant to serve; holding traffic back until a first probe passes would make every process
+start cold and every discovery update wait an interval, while retries already cover an endpoint
+that turns out dead.  ``grace`` gives slow starters time: failed checks in the first ``grace``
+seconds after an endpoint appears are recorded but do not count.
+
+Traffic-proven health: an endpoint that answered real traffic successfully within the last
+interval is not probed (the success counts as a passed check), so busy endpoints see no probe
+load from any worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import http.client
+import logging
+import math
+import queue
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Union
+
+from . import _forksafe
+from .endpoint import Endpoint
+from .exceptions import ConfigError
+
+__all__ = ["EndpointHealth", "HealthCheckConfig", "HealthChecker"]
+
+log = logging.getLogger(__name__)
+
+ProbeFunction = Callable[[Endpoint], bool]
+
+
+def _number(value: object, path: str, low: float, high: float = math.inf,
+            *, low_open: bool = True) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        limit = "" if high == math.inf else f" and <= {high:g}"
+        raise ConfigError(path, f"must be a number {bound}{limit}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _statuses(value: Any, path: str) -> frozenset[int]:
+    items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    result: set[int] = set()
+    for item in items:
+        if isinstance(item, str) and "-" in item:
+            low, _, high = item.partition("-")
+            if low.strip().isdigit() and high.strip().isdigit():
+                result.update(range(int(low), int(high) + 1))
+                continue
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got {item!r}")
+        result.add(item)
+    if not result or min(result) < 100 or max(result) > 599:
+        raise ConfigError(path, f"must be HTTP statuses from 100 to 599, got {value!r}")
+    return frozenset(result)
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """The ``health_check`` settings of a service.
+
+    :param type: ``"http"`` (GET ``path``), ``"tcp"`` (connect) or ``"function"`` (Python only).
+    :param path: the path an HTTP check requests; required for ``"http"``.
+    :param expected_statuses: statuses that pass an HTTP check (default 200-399, as HAProxy).
+    :param interval: seconds between checks of one endpoint.
+    :param jitter: each wait is ``interval`` times a random factor in ``1 +- jitter``.
+    :param timeout: seconds a check may take.
+    :param healthy_threshold: passed checks in a row that make an unhealthy endpoint healthy.
+    :param unhealthy_threshold: failed checks in a row that make a healthy endpoint unhealthy.
+    :param grace: seconds after an endpoint appears during which failed checks do not count.
+    :param history: checks remembered per endpoint (shown by ``status()``).
+    :param skip_if_traffic: skip the probe of an endpoint that answered real traffic
+        successfully within the last interval.
+    :param panic_threshold: when the healthy share of a service falls strictly below this, balance
+        over all its endpoints (Envoy's panic mode); 0 never does, failing closed instead.
+    :param verify: for ``https`` services: verify the certificate (True), not (False), or
+        against this CA bundle path.
+    :param function: for ``"function"`` checks: called with the endpoint; True passes.
+    """
+
+    type: Literal["http", "tcp", "function"] = "http"
+    path: Optional[str] = None
+    expected_statuses: frozenset[int] = frozenset(range(200, 400))
+    interval: float = 1.0
+    jitter: float = 0.1
+    timeout: float = 0.5
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 2
+    grace: float = 0.0
+    history: int = 10
+    skip_if_traffic: bool = True
+    panic_threshold: float = 0.5
+    verify: Union[bool, str] = True
+    function: Optional[ProbeFunction] = None
+
+    def __post_init__(self) -> None:
+        if self.type not in ("http", "tcp", "function"):
+            raise ConfigError("type", f"must be http, tcp or function, got {self.type!r}")
+        if self.type == "http" and (not isinstance(self.path, str)
+                                    or not self.path.startswith("/")):
+            raise ConfigError("path", f"an http check needs a path starting with '/', got "
+                                      f"{self.path!r}")
+        if self.type == "function" and not callable(self.function):
+            raise ConfigError("function", f"a function check needs a callable, got "
+                                          f"{self.function!r}")
+        object.__setattr__(self, "expected_statuses",
+                           _statuses(self.expected_statuses, "expected_statuses"))
+        _number(self.interval, "interval", 0.0)
+        _number(self.jitter, "jitter", 0.0, 1.0, low_open=False)
+        _number(self.timeout, "timeout", 0.0)
+        _number(self.grace, "grace", 0.0, low_open=False)
+        _number(self.panic_threshold, "panic_threshold", 0.0, 1.0, low_open=False)
+        for name in ("healthy_threshold", "unhealthy_threshold", "history"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ConfigError(name, f"must be an integer from 1 to 1000, got {value!r}")
+        if not isinstance(self.skip_if_traffic, bool):
+            raise ConfigError("skip_if_traffic", f"must be true or false, got "
+                                                 f"{self.skip_if_traffic!r}")
+        if not isinstance(self.verify, (bool, str)):
+            raise ConfigError("verify", f"must be true, false or a CA bundle path, got "
+                                        f"{self.verify!r}")
+
+    @classmethod
+    def from_config(cls, value: Any) -> HealthCheckConfig:
+        """Build from the ``health_check`` mapping of a configuration."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping, got {value!r}")
+        allowed = [f.name for f in dataclasses.fields(cls) if f.name != "function"]
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
+        fields = dict(value)
+        if fields.get("type") == "function":
+            raise ConfigError("type", "function checks are set from Python "
+                                      "(HealthCheckConfig(type='function', function=...))")
+        return cls(**fields)
+
+    def new(self, **changes: Any) -> HealthCheckConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class EndpointHealth:
+    """What the checks know about one endpoint of one service."""
+
+    healthy: bool = True
+    checked: bool = False
+    passes_in_row: int = 0
+    failures_in_row: int = 0
+    added_at: float = 0.0
+    last_check: Optional[float] = None
+    history: collections.deque[tuple[float, bool, str]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=10))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary."""
+        return {"healthy": self.healthy, "checked": self.checked,
+                "passes_in_row": self.passes_in_row, "failures_in_row": self.failures_in_row,
+                "history": [{"ok": ok, "detail": detail} for _, ok, detail in self.history]}
+
+
+class _Target:
+    __slots__ = ("address", "config", "due", "endpoint", "health", "running", "scheme",
+                 "service")
+
+    def __init__(self, service: str, endpoint: Endpoint, config: HealthCheckConfig, scheme: str,
+                 now: float) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self.address = endpoint.address
+        self.config = config
+        self.scheme = scheme
+        self.due = now
+        self.running = False
+        self.health = EndpointHealth(added_at=now,
+                                     history=collections.deque(maxlen=config.history))
+
+
+def probe(target: _Target) -> tuple[bool, str]:
+    """Run one check; returns (passed, detail).  Never raises."""
+    config = target.config
+    endpoint = target.endpoint
+    try:
+        if config.type == "function":
+            assert config.function is not None
+            ok = bool(config.function(endpoint))
+            return ok, "function returned " + ("true" if ok else "false")
+        if config.type == "tcp":
+            with socket.create_connection((endpoint.host, endpoint.port), config.timeout):
+                return True, "connected"
+        name = endpoint.tls_name or target.service
+        connection: http.client.HTTPConnection
+        if target.scheme == "https":
+            context = ssl.create_default_context(
+                cafile=config.verify if isinstance(config.verify, str) else None)
+            if config.verify is False:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            connection = _NamedHTTPSConnection(endpoint.host, endpoint.port, name, context,
+                                               config.timeout)
+        else:
+            connection = http.client.HTTPConnection(endpoint.host, endpoint.port,
+                                                    timeout=config.timeout)
+        try:
+            connection.request("GET", config.path or "/", headers={
+                "Host": name, "User-Agent": "tai-lb health check", "Connection": "close"})
+            response = connection.getresponse()
+            response.read(65536)
+            ok = response.status in config.expected_statuses
+            return ok, f"HTTP {response.status}"
+        finally:
+            connection.close()
+    except Exception as error:  # a failed probe, whatever the cause
+        return False, f"{type(error).__name__}: {error}"[:200]
+
+
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an address, with SNI and certificate checks for a name."""
+
+    def __init__(self, host: str, port: int, name: str, context: ssl.SSLContext,
+                 timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls_name = name
+        self._tls_context = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._tls_context.wrap_socket(sock, server_hostname=self._tls_name)
+
+
+class HealthChecker:
+    """Probes the endpoints of the services that have a health check, and keeps their health.
+
+    :param on_change: called with the service name when an endpoint's health flips (outside any
+        lock of the checker).
+    :param last_success: ``(service, address) -> monotonic time`` of the endpoint's last
+        successful real request, or None; used for traffic-proven health.
+    :param workers: threads that run probes.
+    """
+
+    def __init__(self, on_change: Callable[[str], None],
+                 last_success: Callable[[str, str], Optional[float]],
+                 workers: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+        self._on_change = on_change
+        self._last_success = last_success
+        self._workers_wanted = workers
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._targets: dict[tuple[str, str], _Target] = {}
+        self._heap: list[tuple[float, int, tuple[str, str]]] = []
+        self._counter = 0
+        self._queue: queue.Queue[Optional[_Target]] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.errors = 0
+        self.checks = 0
+        self.skipped = 0
+        _forksafe.after_fork_in_child(self, HealthChecker._reset_after_fork)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler and worker threads; calling it again does nothing."""
+        with self._lock:
+            if self._threads:
+                return
+            self._stop.clear()
+            threads = [threading.Thread(target=self._schedule, name="tai-lb-health-scheduler",
+                                        daemon=True)]
+            threads += [threading.Thread(target=self._work, name=f"tai-lb-health-{i}",
+                                         daemon=True) for i in range(self._workers_wanted)]
+            self._threads = threads
+        for thread in threads:
+            thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop every thread (within ``timeout`` seconds); calling it again does nothing."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+            self._stop.set()
+            self._wake.notify_all()
+        for _ in threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _reset_after_fork(self) -> None:
+        was_running = bool(self._threads)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue = queue.Queue()
+        self._threads = []
+        for target in self._targets.values():
+            target.running = False
+        if was_running and not self._stop.is_set():
+            self.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the threads run."""
+        return bool(self._threads)
+
+    # -- targets --------------------------------------------------------------------------------
+
+    def set_endpoints(self, service: str, endpoints: Iterable[Endpoint],
+                      config: HealthCheckConfig, scheme: str) -> None:
+        """Make ``endpoints`` the checked set of ``service`` (new ones are checked at once)."""
+        now = self._clock()
+        wanted = {e.address: e for e in endpoints}
+        with self._lock:
+            for key in [k for k in self._targets if k[0] == service and k[1] not in wanted]:
+                del self._targets[key]
+            for address, endpoint in wanted.items():
+                key = (service, address)
+                target = self._targets.get(key)
+                if target is None:
+                    target = _Target(service, endpoint, config, scheme, now)
+                    self._targets[key] = target
+                    self._push(key, now)
+                else:
+                    target.endpoint = endpoint
+            self._wake.notify_all()
+
+    def health(self, service: str, address: str) -> Optional[EndpointHealth]:
+        """The health of one endpoint, or None if it is not checked."""
+        target = self._targets.get((service, address))
+        return target.health if target is not None else None
+
+    def is_healthy(self, service: str, address: str) -> bool:
+        """False only for an endpoint whose checks have failed; unchecked ones are healthy."""
+        target = self._targets.get((service, address))
+        return target is None or target.health.healthy
+
+    # -- threads --------------------------------------------------------------------------------
+
+    def _push(self, key: tuple[str, str], due: float) -> None:
+        self._counter += 1
+        heapq.heappush(self._heap, (due, self._counter, key))
+
+    def _schedule(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    now = self._clock()
+                    while self._heap and self._heap[0][0] <= now:
+                        _, _, key = heapq.heappop(self._heap)
+                        target = self._targets.get(key)
+                        if target is None:
+                            continue  # removed meanwhile
+                        config = target.config
+                        spread = 1.0 + random.uniform(-config.jitter, config.jitter)
+                        self._push(key, now + config.interval * spread)
+                        if target.running:
+                            continue  # the previous check still runs: never two at once
+                        if (config.skip_if_traffic and target.health.healthy
+                                and self._recent_success(target, now)):
+                            self.skipped += 1
+                            continue
+                        target.running = True
+                        self._queue.put(target)
+                    wait = self._heap[0][0] - now if self._heap else 1.0
+                    self._wake.wait(min(max(wait, 0.005), 1.0))
+            except Exception:  # the scheduler must outlive any bug
+                self.errors += 1
+                log.exception("tai-lb: health check scheduler error")
+                self._stop.wait(0.1)
+
+    def _recent_success(self, target: _Target, now: float) -> bool:
+        last = self._last_success(target.service, target.address)
+        return last is not None and now - last < target.config.interval
+
+    def _work(self) -> None:
+        while True:
+            target = self._queue.get()
+            if target is None or self._stop.is_set():
+                return
+            try:
+                ok, detail = probe(target)
+                self._record(target, ok, detail)
+            except Exception:
+                self.errors += 1
+                log.exception("tai-lb: health check of %s failed unexpectedly", target.address)
+            finally:
+                target.running = False
+
+    def _record(self, target: _Target, ok: bool, detail: str) -> None:
+        now = self._clock()
+        config = target.config
+        flipped = False
+        with self._lock:
+            self.checks += 1
+            health = target.health
+            health.checked = True
+            health.last_check = now
+            health.history.append((now, ok, detail))
+            if ok:
+                health.passes_in_row += 1
+                health.failures_in_row = 0
+                if not health.healthy and health.passes_in_row >= config.healthy_threshold:
+                    health.healthy = flipped = True
+            elif now - health.added_at >= config.grace:
+                health.failures_in_row += 1
+                health.passes_in_row = 0
+                if health.healthy and health.failures_in_row >= config.unhealthy_threshold:
+                    health.healthy = False
+                    flipped = True
+        if flipped:
+            log.info("tai-lb: %s endpoint %s is now %s (%s)", target.service, target.address,
+                     "healthy" if ok else "unhealthy", detail)
+            try:
+                self._on_change(target.service)
+            except Exception:
+                self.errors += 1
+                log.exception("tai-lb: health change listener failed")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters of the checker, JSON-serialisable."""
+        return {"running": self.running, "checks": self.checks, "skipped_for_traffic":
+                self.skipped, "errors": self.errors, "targets": len(self._targets)}

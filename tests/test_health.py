@@ -1,0 +1,263 @@
+"""Active health checks against real servers, panic mode and fail-closed picking."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+from tai_lb import ConfigError, Endpoint, LoadBalancer, NoEndpointAvailable, ServiceRegistry
+from tai_lb.config import ServiceConfig, load_config
+from tai_lb.health import HealthCheckConfig
+
+from .backends import Backend
+
+FAST = {"interval": 0.05, "jitter": 0.2, "timeout": 0.5, "healthy_threshold": 2,
+        "unhealthy_threshold": 2, "skip_if_traffic": False}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Backend]]:
+    made = [Backend(f"s{i}") for i in range(4)]
+    yield made
+    for backend in made:
+        with contextlib.suppress(OSError):
+            backend.stop()
+
+
+def health_paths(backend: Backend) -> list[str]:
+    with backend.lock:
+        return [r["path"] for r in backend.received if r["path"] == "/healthz"]
+
+
+def flag_health(backend: Backend, state: dict[str, int]) -> None:
+    def behaviour(handler: Any, record: dict[str, Any]) -> None:
+        if record["path"] == "/healthz":
+            code = state["code"]
+            handler.reply(code, b"", {})
+        else:
+            backend.ok(handler, record)
+    backend.behaviour = behaviour
+
+
+def make_lb(endpoints: list[str], **checks: Any) -> LoadBalancer:
+    return LoadBalancer.from_config({"services": {"users": {
+        "endpoints": endpoints, "health_check": {"path": "/healthz", **FAST, **checks}}}})
+
+
+def test_http_check_takes_an_endpoint_out_and_back(servers: list[Backend]) -> None:
+    a, b = servers[0], servers[1]
+    state = {"code": 200}
+    flag_health(a, state)
+    with make_lb([a.address, b.address]) as lb:
+        assert wait_for(lambda: len(health_paths(a)) >= 2)
+        state["code"] = 503
+        assert wait_for(lambda: lb.status()["services"]["users"]["endpoints"][a.address][
+            "health"] == "unhealthy")
+        picks = {lb.pick("users").address for _ in range(20)}
+        assert picks == {b.address}
+        entry = lb.status()["services"]["users"]["endpoints"][a.address]
+        assert entry["health_checks"]["history"][-1] == {"ok": False, "detail": "HTTP 503"}
+        state["code"] = 200
+        assert wait_for(lambda: a.address in {lb.pick("users").address for _ in range(20)})
+    probe = next(r for r in a.received if r["path"] == "/healthz")
+    assert probe["headers"]["Host"] == "users"  # probes carry the service name
+
+
+def test_tcp_check_notices_a_dead_endpoint(servers: list[Backend]) -> None:
+    a, b = servers[0], servers[1]
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [a.address, b.address],
+        "health_check": {"type": "tcp", **FAST}}}})
+    with lb:
+        a.stop()
+        assert wait_for(lambda: not lb._health.is_healthy("users", a.address))
+        assert {lb.pick("users").address for _ in range(20)} == {b.address}
+
+
+def test_rise_and_fall_thresholds_and_grace() -> None:
+    outcomes: collections.deque[bool] = collections.deque([False, True, False, False, True,
+                                                           True, True])
+    calls: list[float] = []
+
+    def check(endpoint: Endpoint) -> bool:
+        calls.append(time.monotonic())
+        return outcomes.popleft() if outcomes else True
+
+    config = ServiceConfig(endpoints=(Endpoint("10.0.0.1", 80),), health_check=HealthCheckConfig(
+        type="function", function=check, interval=0.02, jitter=0.0, healthy_threshold=2,
+        unhealthy_threshold=2, skip_if_traffic=False))
+    lb = LoadBalancer(config=load_config({"services": {}}).new(services={"users": config}))
+    seen: list[bool] = []
+    with lb:
+        assert wait_for(lambda: len(calls) >= 7)
+        health = lb._health.health("users", "10.0.0.1:80")
+        assert health is not None
+        seen = [ok for _, ok, _ in health.history]
+    assert seen[:7] == [False, True, False, False, True, True, True]
+    # F T: one failure, then reset; F F: down after two; T T: up after two.
+    assert health.healthy
+
+
+def test_failures_during_grace_do_not_count() -> None:
+    config = ServiceConfig(endpoints=(Endpoint("10.0.0.1", 80),), health_check=HealthCheckConfig(
+        type="function", function=lambda e: False, interval=0.02, jitter=0.0, grace=60.0,
+        unhealthy_threshold=1, skip_if_traffic=False))
+    with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
+        assert wait_for(lambda: lb._health.checks >= 5)
+        assert lb._health.is_healthy("users", "10.0.0.1:80")
+
+
+def test_panic_spreads_over_all_and_fail_closed_refuses() -> None:
+    addresses = [f"10.0.0.{i}:80" for i in range(1, 5)]
+    bad = set(addresses[1:])
+
+    def check(endpoint: Endpoint) -> bool:
+        return endpoint.address not in bad
+
+    def lb_with(threshold: float) -> LoadBalancer:
+        config = ServiceConfig(endpoints=tuple(Endpoint.parse(a) for a in addresses),
+                               health_check=HealthCheckConfig(
+                                   type="function", function=check, interval=0.02,
+                                   unhealthy_threshold=1, healthy_threshold=1,
+                                   panic_threshold=threshold, skip_if_traffic=False))
+        return LoadBalancer(config=load_config({"services": {}}).new(services={"users": config}))
+
+    with lb_with(0.5) as lb:  # 1 of 4 healthy is below 50%: panic, use all four
+        assert wait_for(lambda: lb.status()["services"]["users"]["panic"])
+        assert {lb.pick("users").address for _ in range(200)} == set(addresses)
+    with lb_with(0.0) as lb:  # fail closed: only the healthy one
+        assert wait_for(lambda: lb.status()["services"]["users"]["endpoints_pickable"] == 1)
+        assert {lb.pick("users").address for _ in range(50)} == {addresses[0]}
+        bad.add(addresses[0])
+        assert wait_for(lambda: lb.status()["services"]["users"]["endpoints_pickable"] == 0)
+        with pytest.raises(NoEndpointAvailable, match="4 of 4 unhealthy"):
+            lb.pick("users")
+
+
+def test_a_hanging_check_never_delays_the_others() -> None:
+    release = threading.Event()
+    counts: collections.Counter[str] = collections.Counter()
+
+    def check(endpoint: Endpoint) -> bool:
+        counts[endpoint.address] += 1
+        if endpoint.address == "10.0.0.1:80":
+            release.wait(5)  # hangs, ignoring any timeout
+        return True
+
+    config = ServiceConfig(endpoints=tuple(Endpoint("10.0.0.1", 80 + i) for i in range(3)),
+                           health_check=HealthCheckConfig(type="function", function=check,
+                                                          interval=0.02, skip_if_traffic=False))
+    lb = LoadBalancer(config=load_config({"services": {}}).new(services={"users": config}))
+    try:
+        assert wait_for(lambda: counts["10.0.0.1:81"] >= 10 and counts["10.0.0.1:82"] >= 10)
+        assert counts["10.0.0.1:80"] == 1  # never probed twice at once
+    finally:
+        release.set()
+        lb.close()
+
+
+def test_exception_in_a_check_is_a_failed_probe_and_the_threads_survive() -> None:
+    def check(endpoint: Endpoint) -> bool:
+        raise RuntimeError("probe bug")
+
+    config = ServiceConfig(endpoints=(Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80)),
+                           health_check=HealthCheckConfig(type="function", function=check,
+                                                          interval=0.02, unhealthy_threshold=1,
+                                                          skip_if_traffic=False))
+    with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
+        assert wait_for(lambda: lb._health.checks >= 10)
+        health = lb._health.health("users", "10.0.0.1:80")
+        assert health is not None and not health.healthy
+        assert "RuntimeError: probe bug" in health.history[-1][2]
+        assert all(t.is_alive() for t in lb._health._threads)
+
+
+def test_traffic_proven_health_skips_probes(servers: list[Backend]) -> None:
+    a = servers[0]
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [a.address],
+        "health_check": {"path": "/healthz", **FAST, "interval": 0.2,
+                         "skip_if_traffic": True}}}})
+    with lb:
+        s = lb.session()
+        assert wait_for(lambda: len(health_paths(a)) >= 1)  # probed at once on start
+        before = len(health_paths(a))
+        ends = time.monotonic() + 1.0
+        while time.monotonic() < ends:
+            assert s.get("http://users/").status_code == 200
+        assert len(health_paths(a)) == before  # busy with real traffic: no probe
+        assert lb.status()["health_checker"]["skipped_for_traffic"] >= 3
+
+
+def test_close_stops_the_health_threads(servers: list[Backend]) -> None:
+    lb = make_lb([servers[0].address])
+    assert any(t.name.startswith("tai-lb-health") for t in threading.enumerate())
+    started = time.monotonic()
+    lb.close()
+    assert time.monotonic() - started < 1.5
+    assert not [t for t in threading.enumerate() if t.name.startswith("tai-lb-health")]
+
+
+@pytest.mark.parametrize(("checks", "path", "fragment"), [
+    ({"path": "healthz"}, "path", "starting with '/'"),
+    ({}, "path", "needs a path"),
+    ({"type": "udp"}, "type", "http, tcp or function"),
+    ({"type": "function"}, "type", "set from Python"),
+    ({"path": "/h", "interval": 0}, "interval", "> 0"),
+    ({"path": "/h", "jitter": 2}, "jitter", "<= 1"),
+    ({"path": "/h", "timeout": -1}, "timeout", "> 0"),
+    ({"path": "/h", "healthy_threshold": 0}, "healthy_threshold", "1 to 1000"),
+    ({"path": "/h", "unhealthy_threshold": 1.5}, "unhealthy_threshold", "1 to 1000"),
+    ({"path": "/h", "grace": -1}, "grace", ">= 0"),
+    ({"path": "/h", "history": 0}, "history", "1 to 1000"),
+    ({"path": "/h", "panic_threshold": 1.5}, "panic_threshold", "<= 1"),
+    ({"path": "/h", "expected_statuses": [99]}, "expected_statuses", "100 to 599"),
+    ({"path": "/h", "expected_statuses": ["2xx"]}, "expected_statuses", "ranges"),
+    ({"path": "/h", "skip_if_traffic": "yes"}, "skip_if_traffic", "true or false"),
+    ({"path": "/h", "verify": 3}, "verify", "CA bundle"),
+    ({"path": "/h", "rise": 2}, "rise", "unknown key"),
+])
+def test_health_check_config_errors_name_the_key(checks: dict[str, Any], path: str,
+                                                 fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"services": {"users": {"endpoints": [], "health_check": checks}}})
+    assert caught.value.path == f"services.users.health_check.{path}"
+    assert fragment in str(caught.value)
+
+
+def test_expected_status_ranges() -> None:
+    config = HealthCheckConfig(path="/h", expected_statuses=["200-204", 301])
+    assert config.expected_statuses == {200, 201, 202, 203, 204, 301}
+
+
+def test_registry_changes_reach_the_checker(servers: list[Backend]) -> None:
+    a, b = servers[0], servers[1]
+    with make_lb([a.address]) as lb:
+        lb.registry.register("users", b.address)
+        assert wait_for(lambda: len(health_paths(b)) >= 1)
+        lb.registry.deregister("users", a.address)
+        assert lb._health.health("users", a.address) is None
+
+
+def test_services_registered_from_python_stay_unchecked() -> None:
+    reg = ServiceRegistry()
+    reg.register("users", "10.0.0.1:80")
+    with LoadBalancer(reg) as lb:
+        assert lb.status()["services"]["users"]["endpoints"]["10.0.0.1:80"]["health"] == (
+            "unchecked")
+        assert not lb._health.running
