@@ -212,7 +212,7 @@ def to_requests_error(error: BaseException, request: requests.PreparedRequest,
     return error
 
 
-def _release_when_read(raw: Any, lease: Lease, success: bool) -> None:
+def _release_when_read(raw: Any, lease: Lease, success: bool, status: Optional[int]) -> None:
     """Release a streamed response's lease when its connection goes back to the pool.
 
     The connection goes back when the body has been read or the response closed, and also when a
@@ -220,13 +220,16 @@ def _release_when_read(raw: Any, lease: Lease, success: bool) -> None:
     """
     connection = getattr(raw, "_connection", None)
     if connection is None:  # nothing left to read: the connection is back already
-        lease.done(success=success)
+        lease.done(success=success, status=status)
         return
     state = {"reading": False, "released": False, "failed": False}
 
     def finish() -> None:
         if state["released"] and not lease.released:
-            lease.done(success=success and not state["failed"])
+            if state["failed"]:  # the body broke off: a local-origin failure
+                lease.done(success=False)
+            else:
+                lease.done(success=success, status=status)
 
     def released() -> None:
         state["released"] = True
@@ -431,7 +434,7 @@ class _BalancedSend:
                 record.decision = f"retry: status {response.status_code}"
                 raw.drain_conn()  # keep the connection for the next request
                 raw.release_conn()
-                lease.done(success=False)
+                lease.done(success=False, status=response.status_code)
                 self.last_error = None
                 raise _RetryAttempt(record.decision)
             record.decision = f"stop: {why_not}"
@@ -448,9 +451,11 @@ class _BalancedSend:
                 record.error = f"{type(error).__name__}: {error}"
                 record.decision = "stop: the response body is invalid"
                 raise self._with_trace(error) from None
-            lease.done(success=not status_failed)
+            lease.done(success=not status_failed,
+                       status=response.status_code if status_failed else None)
         else:
-            _release_when_read(raw, lease, not status_failed)
+            _release_when_read(raw, lease, not status_failed,
+                               response.status_code if status_failed else None)
         if not record.decision:
             record.decision = "done"
         response.lb_trace = self.trace  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ rebuilds, so in-flight counts and latency averages survive topology changes.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import threading
@@ -30,6 +31,7 @@ from .endpoint import Endpoint
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
 from .health import HealthCheckConfig, HealthChecker
 from .lease import Lease
+from .outlier import OutlierConfig, OutlierDetector
 from .pool import EndpointPools
 from .registry import ServiceRegistry, ServiceSnapshot, TopologyChange
 from .retry import RetryBudget
@@ -96,6 +98,7 @@ class LoadBalancer:
         self._budgets: dict[str, RetryBudget] = {}
         self._health_epoch: dict[str, int] = {}
         self._health = HealthChecker(self._health_changed, self._last_success, clock=clock)
+        self._outliers = OutlierDetector(self._health_changed, self._service_size, clock=clock)
         self._subscription = self.registry.subscribe(self._on_change)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         for name, service in self.config.services.items():
@@ -205,6 +208,10 @@ class LoadBalancer:
             stats = known.get(endpoint.address)
             if stats is None:
                 stats = self._new_stats(endpoint, strategy, load)
+                outliers = self._outlier_config(service)
+                if outliers is not None:
+                    stats.on_failure = functools.partial(self._outliers.report_failure, service,
+                                                         config=outliers)
                 known[endpoint.address] = stats
             elif stats.endpoint is not endpoint:
                 # Changed metadata keeps the live figures and the open leases' counts.
@@ -228,13 +235,15 @@ class LoadBalancer:
         if not everyone:
             return (), False, "no endpoints registered"
         checks = self._health_config(service)
-        if checks is None:
+        if checks is None and self._outlier_config(service) is None:
             return everyone, False, ""
         healthy = tuple(s for s in everyone
-                        if self._health.is_healthy(service, s.endpoint.address))
+                        if self._health.is_healthy(service, s.endpoint.address)
+                        and not self._outliers.is_ejected(service, s.endpoint.address))
         if len(healthy) == len(everyone):
             return healthy, False, ""
-        if len(healthy) < checks.panic_threshold * len(everyone):
+        threshold = checks.panic_threshold if checks is not None else 0.5
+        if len(healthy) < threshold * len(everyone):
             # Panic: too few healthy endpoints to carry the load; spread it over all of them
             # rather than overload the few (Envoy's healthy_panic_threshold).
             return everyone, True, ""
@@ -300,6 +309,14 @@ class LoadBalancer:
             self._health_epoch[service] = self._health_epoch.get(service, 0) + 1
             self._routes.pop(service, None)
 
+    def _outlier_config(self, service: str) -> Optional[OutlierConfig]:
+        settings = self.config.services.get(service)
+        return settings.outlier_detection if settings is not None else None
+
+    def _service_size(self, service: str) -> int:
+        snapshot = self.registry.get_snapshot(service)
+        return len(snapshot) if snapshot is not None else 0
+
     def _last_success(self, service: str, address: str) -> Optional[float]:
         stats = self._stats.get(service, {}).get(address)
         return stats.last_success if stats is not None else None
@@ -331,6 +348,7 @@ class LoadBalancer:
                 stats.on_drained = None  # back before it drained: keep its pools
             return
         endpoint = change.endpoint
+        self._outliers.forget(change.service, endpoint.address)
         if any(endpoint.address in snapshot.by_address
                for name, snapshot in self.registry._snapshots.items() if name != change.service):
             return  # another service still sends to this address: its pools stay
@@ -365,6 +383,9 @@ class LoadBalancer:
                 endpoint = stats.endpoint
                 entry = endpoint.to_dict()
                 del entry["address"]
+                outlier = self._outliers.state(name, endpoint.address)
+                if outlier is not None:
+                    entry["outlier"] = outlier
                 health = self._health.health(name, endpoint.address)
                 if health is None:
                     entry["health"] = "unchecked"
@@ -385,6 +406,7 @@ class LoadBalancer:
                 "endpoints": endpoints,
             }
         return {"closed": self._closed, "health_checker": self._health.snapshot(),
+                "outlier_detection": self._outliers.snapshot(),
                 "services": services}
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -397,6 +419,7 @@ class LoadBalancer:
         if not already:
             self._subscription.unsubscribe()
             self._health.stop()
+            self._outliers.stop()
             self._pools.close()
 
     @property

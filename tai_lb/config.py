@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .health import HealthCheckConfig
+from .outlier import OutlierConfig
 from .pool import PoolConfig
 from .registry import check_service_name
 from .retry import RetryPolicy
@@ -48,7 +49,6 @@ TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
-    "outlier_detection": "outlier detection is not built yet",
     "circuit_breaker": "circuit breakers are not built yet",
     "affinity": "session affinity is not built yet",
     "backups": "failover to backups is not built yet",
@@ -123,6 +123,7 @@ class ServiceConfig:
     :param scheme: ``"http"`` or ``"https"``: the scheme of health probes (a request's URL sets
         its own).
     :param health_check: active health checks, or None for none.
+    :param outlier_detection: passive ejection of endpoints failing real traffic, or None.
     :param hash_key: where the routing key of an HTTP request comes from.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
@@ -138,6 +139,7 @@ class ServiceConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     timeout: Optional[tuple[Optional[float], Optional[float]]] = None
     health_check: Optional[HealthCheckConfig] = None
+    outlier_detection: Optional[OutlierConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -160,6 +162,10 @@ class ServiceConfig:
                                                             HealthCheckConfig):
             raise ConfigError("health_check", f"must be a HealthCheckConfig, got "
                                               f"{self.health_check!r}")
+        if self.outlier_detection is not None and not isinstance(self.outlier_detection,
+                                                                 OutlierConfig):
+            raise ConfigError("outlier_detection", f"must be an OutlierConfig, got "
+                                                   f"{self.outlier_detection!r}")
         if not isinstance(self.pool, PoolConfig):
             raise ConfigError("pool", f"must be a PoolConfig, got {self.pool!r}")
         if self.timeout is not None:
@@ -264,7 +270,8 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
     if "hash_key" in settings:
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
     for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config),
-                       ("health_check", HealthCheckConfig.from_config)):
+                       ("health_check", HealthCheckConfig.from_config),
+                       ("outlier_detection", OutlierConfig.from_config)):
         if key in settings:
             try:
                 fields[key] = build(settings[key])

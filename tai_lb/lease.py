@@ -52,12 +52,15 @@ class Lease:
         """Make the release count as a failure even if no exception is raised (say, an HTTP 503)."""
         self._failed = True
 
-    def done(self, success: Optional[bool] = None, latency: Optional[float] = None) -> None:
+    def done(self, success: Optional[bool] = None, latency: Optional[float] = None,
+             status: Optional[int] = None) -> None:
         """Release the lease; later calls do nothing.
 
         :param success: whether the use succeeded; by default, True unless :meth:`mark_failure`
             was called.
         :param latency: the latency to record in seconds; by default, the time since the pick.
+        :param status: for a failed HTTP request that got a response, its status (outlier
+            detection tells 5xx and gateway failures from local-origin ones).
         """
         if self._released:
             return
@@ -65,7 +68,7 @@ class Lease:
         stats = self._stats
         now = stats.clock()
         ok = (not self._failed) if success is None else success
-        stats.finished(now - self._start if latency is None else latency, ok, now)
+        stats.finished(now - self._start if latency is None else latency, ok, now, status)
 
     def __enter__(self) -> Lease:
         return self

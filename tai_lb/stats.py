@@ -43,8 +43,9 @@ class EndpointStats:
     """
 
     __slots__ = ("_default_latency", "_ewma", "_in_flight", "_lock", "_peak", "_service_load",
-                 "_stamp", "clock", "decay", "endpoint", "failures", "last_latency",
-                 "last_success", "on_drained", "successes")
+                 "_stamp", "clock", "consecutive_5xx", "consecutive_gateway",
+                 "consecutive_local", "decay", "endpoint", "failures", "last_latency",
+                 "last_success", "on_drained", "on_failure", "successes")
 
     def __init__(self, endpoint: Endpoint, clock: Clock, *, decay: float = DEFAULT_DECAY,
                  default_latency: float = DEFAULT_LATENCY,
@@ -66,6 +67,11 @@ class EndpointStats:
         self._stamp = 0.0
         # Set while the endpoint drains after removal: runs once nothing is in flight.
         self.on_drained: Optional[Callable[[], None]] = None
+        # Runs of failures, for outlier detection, and who to tell after a failure.
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.consecutive_local = 0
+        self.on_failure: Optional[Callable[[EndpointStats], None]] = None
 
     @property
     def in_flight(self) -> int:
@@ -100,8 +106,12 @@ class EndpointStats:
         self._in_flight.append(None)
         self._service_load.append(None)
 
-    def finished(self, latency: float, success: bool, now: float) -> None:
+    def finished(self, latency: float, success: bool, now: float,
+                 status: Optional[int] = None) -> None:
         """Count a request as finished and fold its latency into the averages.
+
+        ``status`` is the HTTP status of a failed request that got a response; a failure
+        without one is a local-origin failure (refused, reset, timed out, an exception).
 
         For the peak-EWMA cost, a failure counts as at least twice the current peak and at
         least the default latency (at most :data:`FAILURE_PENALTY_CAP`, unless the failure
@@ -120,8 +130,19 @@ class EndpointStats:
             if success:
                 self.successes += 1
                 self.last_success = now
+                self.consecutive_5xx = self.consecutive_gateway = self.consecutive_local = 0
             else:
                 self.failures += 1
+                self.consecutive_5xx += 1
+                if status is None:
+                    self.consecutive_local += 1
+                    self.consecutive_gateway += 1
+                else:
+                    self.consecutive_local = 0
+                    if status in (502, 503, 504):
+                        self.consecutive_gateway += 1
+                    else:
+                        self.consecutive_gateway = 0
                 cost = max(latency, min(max(2.0 * self._peak, self._default_latency),
                                         FAILURE_PENALTY_CAP))
             self.last_latency = latency
@@ -139,10 +160,17 @@ class EndpointStats:
             self._stamp = now
         finally:
             lock.release()
+        if not success and self.on_failure is not None:
+            self.on_failure(self)
         if self.on_drained is not None and not self._in_flight:
             drained, self.on_drained = self.on_drained, None
             if drained is not None:
                 drained()
+
+    def reset_failure_runs(self) -> None:
+        """Start the runs of consecutive failures over (after an ejection)."""
+        with self._lock:
+            self.consecutive_5xx = self.consecutive_gateway = self.consecutive_local = 0
 
     def snapshot(self) -> dict[str, Any]:
         """The figures as a JSON-serialisable dict (latencies in milliseconds)."""
