@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 from urllib.parse import urlsplit
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 
 _NO_RETRIES = Retry(0, read=False)  # what requests passes: urllib3 never retries by itself
 _MIN_TIMEOUT = 0.001  # an attempt started just before the deadline still gets a valid timeout
+_MIN_ATTEMPT_TIME = 0.005  # no retry starts with less time than this left before the deadline
 _TimeoutArg = Union[float, tuple[Optional[float], Optional[float]], Timeout, None]
 _CertArg = Union[bytes, str, tuple[Union[bytes, str], Union[bytes, str]], None]
 
@@ -212,6 +214,27 @@ def to_requests_error(error: BaseException, request: requests.PreparedRequest,
     return error
 
 
+def _close_raw(raw: Any) -> None:
+    """Close an abandoned streamed response: the connection is closed, its pool slot freed."""
+    try:
+        raw.close()
+        raw.release_conn()
+    except Exception:  # a finaliser must not raise
+        log.debug("tai-lb: closing an abandoned response failed", exc_info=True)
+
+
+def _check_tls_paths(verify: Union[bool, str], cert: _CertArg) -> None:
+    """Raise the OSError plain requests raises for a missing CA bundle or client certificate."""
+    if isinstance(verify, str) and not os.path.exists(verify):
+        raise OSError("Could not find a suitable TLS CA certificate bundle, invalid path: "
+                      f"{verify}")
+    files = cert if isinstance(cert, (tuple, list)) else ((cert,) if cert else ())
+    for kind, path in zip(("certificate", "key"), files):
+        if not os.path.exists(os.fsdecode(path)):
+            raise OSError(f"Could not find the TLS {kind} file, invalid path: "
+                          f"{os.fsdecode(path)}")
+
+
 def _release_when_read(raw: Any, lease: Lease, success: bool, status: Optional[int]) -> None:
     """Release a streamed response's lease when its connection goes back to the pool.
 
@@ -237,6 +260,7 @@ def _release_when_read(raw: Any, lease: Lease, success: bool, status: Optional[i
             finish()
 
     original_read = raw.read
+    original_read_chunked = raw.read_chunked
 
     def read(*args: Any, **kwargs: Any) -> Any:
         state["reading"] = True
@@ -249,7 +273,23 @@ def _release_when_read(raw: Any, lease: Lease, success: bool, status: Optional[i
             state["reading"] = False
             finish()
 
-    raw.read = read  # urllib3's stream() and requests' iter_content() call self.read()
+    def read_chunked(*args: Any, **kwargs: Any) -> Any:
+        state["reading"] = True
+        try:
+            yield from original_read_chunked(*args, **kwargs)
+        except GeneratorExit:  # the caller stopped early: not the endpoint's fault
+            raise
+        except BaseException:
+            state["failed"] = True
+            raise
+        finally:
+            state["reading"] = False
+            finish()
+
+    # urllib3's stream() and requests' iter_content() call self.read() (self.read_chunked()
+    # for chunked bodies).
+    raw.read = read
+    raw.read_chunked = read_chunked
     on_release(connection, released)
 
 
@@ -303,10 +343,13 @@ class _BalancedSend:
                            or "Idempotency-Key" in request.headers)
         self.replayable, self.rewind_to = _body_rewinder(request.body)
         self.key = routing_key(self.settings.hash_key, request)
+        if scheme == "https":
+            _check_tls_paths(verify, cert)
         self.tried: list[str] = []
         self.trace = DecisionTrace(service, self.method, request.path_url)
         self.last_error: Optional[BaseException] = None
         self.finished = False
+        self.next_backoff = 0.0
         self.strategy_name = lb.strategy_name(service)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -320,10 +363,10 @@ class _BalancedSend:
                 return self._attempt(1)  # the common case: no retry machinery at all
             except _RetryAttempt:
                 pass
-            time.sleep(self._backoff(1))
+            time.sleep(self.next_backoff)
             retrying = tenacity.Retrying(
                 stop=tenacity.stop_after_attempt(self.policy.attempts - 1),
-                wait=lambda state: self._backoff(state.attempt_number + 1),
+                wait=lambda state: self.next_backoff,  # decided with the retry, in _may_retry
                 retry=tenacity.retry_if_exception_type(_RetryAttempt),
                 reraise=True,
                 sleep=time.sleep,
@@ -334,12 +377,6 @@ class _BalancedSend:
         finally:
             self._finish_trace()
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
-
-    def _backoff(self, retry: int) -> float:
-        delay = self.policy.backoff(retry, random.random())
-        if self.deadline is not None:
-            delay = max(0.0, min(delay, self.deadline - self.clock()))
-        return delay
 
     def _remaining(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -352,10 +389,12 @@ class _BalancedSend:
             return f"{self.method} may have reached the server and is not idempotent"
         if not self.replayable:
             return "the body cannot be sent again"
+        self.next_backoff = self.policy.backoff(number, random.random())
         remaining = self._remaining()
-        if remaining is not None and remaining <= 0:
-            return "deadline passed"
-        if not self.budget.try_retry():
+        if remaining is not None and remaining <= self.next_backoff + _MIN_ATTEMPT_TIME:
+            return ("deadline passed" if remaining <= 0
+                    else "too little time left before the deadline")
+        if not self.budget.try_retry():  # taken only for a retry that will run
             return "retry budget exhausted"
         return None
 
@@ -368,6 +407,8 @@ class _BalancedSend:
             raise self._with_trace(self.last_error or ReadTimeout(
                 f"deadline of {self.policy.deadline:g} s passed", request=self.request)) from None
         try:
+            if self.lb.closed:
+                raise NoEndpointAvailable(self.service, "the load balancer is closed")
             lease = self.lb.pick(self.service, self.key, exclude=self.tried)
         except NoEndpointAvailable as error:
             self.trace.attempts.append(Attempt(None, "no endpoint", "no_endpoint",
@@ -456,6 +497,9 @@ class _BalancedSend:
         else:
             _release_when_read(raw, lease, not status_failed,
                                response.status_code if status_failed else None)
+            # A streamed response dropped unread would hold its connection (and, with
+            # block=True, its pool slot) and its lease for ever: give both back when it goes.
+            weakref.finalize(response, _close_raw, raw)
         if not record.decision:
             record.decision = "done"
         response.lb_trace = self.trace  # type: ignore[attr-defined]

@@ -427,6 +427,14 @@ class LoadBalancer:
         """True once :meth:`close` has been called."""
         return self._closed
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Locks, threads and sockets cannot cross processes: what pickles is the recipe (the
+        # configuration, every service's endpoints and the default strategy), and unpickling
+        # builds a new balancer from it, with its own threads and pools.  A pickled
+        # requests.Session with a balanced adapter therefore keeps balancing.
+        endpoints = {name: self.registry.endpoints(name) for name in self.registry.services()}
+        return (_restore, (self.config, endpoints, self._default_strategy))
+
     def __enter__(self) -> LoadBalancer:
         return self
 
@@ -437,3 +445,12 @@ class LoadBalancer:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<LoadBalancer services={list(self.registry.services())} {state}>"
+
+
+def _restore(config: LoadBalancerConfig, endpoints: Mapping[str, Any],
+             strategy: Strategy) -> LoadBalancer:
+    registry = ServiceRegistry()
+    for name, items in endpoints.items():
+        registry.add_service(name)
+        registry.register_many(name, items)
+    return LoadBalancer(registry, strategy, config=config)

@@ -189,6 +189,9 @@ class LoadBalancerConfig:
                 raise ConfigError(f"services.{name}", f"must be a ServiceConfig, got {service!r}")
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LoadBalancerConfig, (dict(self.services),))
+
     def new(self, **changes: Any) -> LoadBalancerConfig:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)

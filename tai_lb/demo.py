@@ -127,18 +127,21 @@ class _Clients:
 def _table(lb: LoadBalancer, backends: list[_Backend], clients: _Clients, elapsed: float,
            note: str) -> list[str]:
     stats = lb.stats("users")
+    views = lb.status()["services"]["users"]["endpoints"]
     total = sum(s.requests for s in stats.values()) or 1
     lines = [f"tai-lb demo: {elapsed:5.1f} s  ok {clients.ok:>7}  failed {clients.failed:>3}  "
              f"retried {clients.retried:>4}   {note}",
-             f"  {'endpoint':<18}{'backend':<10}{'state':<7}{'requests':>9}{'share':>7}"
-             f"{'failures':>9}{'in flight':>10}{'latency ms':>11}"]
+             f"  {'endpoint':<18}{'backend':<10}{'process':<9}{'balancer':<10}{'requests':>9}"
+             f"{'share':>7}{'failures':>9}{'in flight':>10}{'latency ms':>11}"]
     for backend in backends:
         s = stats.get(backend.address)
         if s is None:
             continue
         ewma = s.latency_ewma
+        outlier = views.get(backend.address, {}).get("outlier") or {}
+        view = "ejected" if outlier.get("ejected") else "in use"
         lines.append(f"  {backend.address:<18}{backend.name:<10}"
-                     f"{backend.state:<7}{s.requests:>9}"
+                     f"{backend.state:<9}{view:<10}{s.requests:>9}"
                      f"{100.0 * s.requests / total:>6.1f}%{s.failures:>9}{s.in_flight:>10}"
                      f"{'-' if ewma is None else f'{ewma * 1000:.2f}':>11}")
     return lines
@@ -148,8 +151,10 @@ def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
     """Run the demonstration for ``duration`` seconds; returns 0 if no request failed."""
     backends = [_Backend("alpha", 0.002), _Backend("bravo", 0.002), _Backend("charlie", 0.002),
                 _Backend("delta", 0.008)]
-    config = {"services": {"users": {"endpoints": [b.address for b in backends],
-                                     "strategy": "peak_ewma"}}}
+    config = {"services": {"users": {
+        "endpoints": [b.address for b in backends], "strategy": "peak_ewma",
+        "outlier_detection": {"consecutive_local_origin_failure": 2, "base_ejection_time": 30,
+                              "max_ejection_percent": 50}}}}
     live = out.isatty()
     shown = 0
     victim = backends[1]
@@ -190,7 +195,8 @@ def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
     out.write(f"\n{clients.ok} requests succeeded and {clients.failed} failed in {elapsed:.1f} s "
               f"({clients.ok / elapsed:.0f} per second).\n"
               f"After {victim.name} was killed, {after_kill} attempts went to it; each failed "
-              f"fast and was retried on another endpoint ({clients.retried} retries in all).\n")
+              f"fast and was retried on another endpoint ({clients.retried} retries in all), "
+              f"and outlier detection ejected it.\n")
     if clients.last_error:
         out.write(f"Last failure: {clients.last_error}\n")
     out.flush()

@@ -56,12 +56,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self) -> None:
         backend = self.server.backend
         body = self._body()
+        last_done = getattr(self, "last_done", None)
+        if (backend.drop_idle_after is not None and last_done is not None
+                and time.monotonic() - last_done > backend.drop_idle_after):
+            # A keep-alive connection idle too long: read the request, then close without an
+            # answer, as a server closing idle connections does when a request races its close.
+            with backend.lock:
+                backend.dropped += 1
+            self.close_connection = True
+            return
         sni = getattr(self.connection, "tai_sni", None)
         record = {"method": self.command, "path": self.path, "headers": dict(self.headers),
                   "body": body, "sni": sni, "host_headers": self.headers.get_all("Host")}
         with backend.lock:
             backend.received.append(record)
-        backend.handle(self, record)
+            backend.active += 1
+            backend.max_active = max(backend.max_active, backend.active)
+        try:
+            backend.handle(self, record)
+        finally:
+            with backend.lock:
+                backend.active -= 1
+            self.last_done = time.monotonic()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
 
@@ -108,10 +124,15 @@ class Backend:
     """
 
     def __init__(self, name: str = "backend", tls_context: Optional[ssl.SSLContext] = None,
-                 idle_close: Optional[float] = None) -> None:
+                 idle_close: Optional[float] = None,
+                 drop_idle_after: Optional[float] = None) -> None:
         self.name = name
         self.tls_context = tls_context
         self.idle_close = idle_close
+        self.drop_idle_after = drop_idle_after
+        self.dropped = 0
+        self.active = 0
+        self.max_active = 0
         self.lock = threading.Lock()
         self.received: list[dict[str, Any]] = []
         self.behaviour: Behaviour = self.ok
@@ -206,3 +227,14 @@ def sni_recording_context(cert_chain: Any) -> ssl.SSLContext:
 
 def bad_gzip(handler: _Handler, record: dict[str, Any]) -> None:
     handler.reply(200, b"this is not gzip", {"Content-Encoding": "gzip"})
+
+
+def chunked_cut_off(handler: _Handler, record: dict[str, Any]) -> None:
+    """A chunked body that stops after one chunk, with a reset."""
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b"5\r\nhello\r\n")
+    handler.wfile.flush()
+    time.sleep(0.01)
+    handler.reset()

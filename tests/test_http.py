@@ -84,7 +84,8 @@ def test_mount_on_one_service_prefix(backend_factory: Factory) -> None:
         assert s.get("http://users/ping").json()["backend"] == "b1"
 
 
-def test_decision_trace_on_response_and_in_logs(backend_factory: Factory) -> None:
+def test_decision_trace_on_response_is_readable_and_serialisable(
+        backend_factory: Factory) -> None:
     a = backend_factory()
     with balancer(a) as lb:
         r = lb.session().get("http://users/api")
@@ -261,16 +262,24 @@ def test_read_timeout_is_retried_for_get(backend_factory: Factory) -> None:
 
 
 def test_idle_keep_alive_close_never_fails_a_post(backend_factory: Factory) -> None:
-    backend = backend_factory(idle_close=0.3)
-    lb = balancer(backend, pool={"idle_timeout": 0.2}, retries={"attempts": 1})
-    with lb:
+    # The backend drops (reads, then closes unanswered) a request that arrives on a connection
+    # idle for more than 0.3 s: the race between its idle close and our reuse, made certain.
+    backend = backend_factory(drop_idle_after=0.3)
+    with balancer(backend, pool={"idle_timeout": 0.2}, retries={"attempts": 1}) as lb:
         s = lb.session()
         assert s.post("http://users/a", data=b"1").status_code == 200
-        time.sleep(0.35)  # the backend closes the idle connection meanwhile
+        time.sleep(0.4)  # idle past both limits: our pool reconnects before sending
         assert s.post("http://users/b", data=b"2").status_code == 200
-        time.sleep(0.25)  # idle past our limit but not the backend's: still replaced
+    assert backend.dropped == 0
+    assert [r["body"] for r in backend.received] == [b"1", b"2"]
+    # The control: with an idle limit above the backend's, the same POST fails.
+    with balancer(backend, pool={"idle_timeout": 10}, retries={"attempts": 1}) as lb:
+        s = lb.session()
         assert s.post("http://users/c", data=b"3").status_code == 200
-    assert [r["body"] for r in backend.received] == [b"1", b"2", b"3"]
+        time.sleep(0.4)
+        with pytest.raises(requests.exceptions.ConnectionError):
+            s.post("http://users/d", data=b"4")
+    assert backend.dropped == 1
 
 
 def test_pool_bounds_sockets_and_times_out_clearly(backend_factory: Factory) -> None:
@@ -380,16 +389,20 @@ def test_concurrent_requests_through_one_endpoint_overlap(backend_factory: Facto
     backend = backend_factory()
     backend.behaviour = backends.slow(0.3)
     with balancer(backend) as lb:
-        started = time.monotonic()
-        threads = [threading.Thread(target=lambda: lb.session().get("http://users/"))
-                   for _ in range(4)]
+        barrier = threading.Barrier(4)
+
+        def call() -> None:
+            s = lb.session()
+            barrier.wait()
+            s.get("http://users/")
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        elapsed = time.monotonic() - started
     assert backend.requests_count() == 4
-    assert elapsed < 4 * 0.3  # serialised they would take at least 1.2 s
+    assert backend.max_active == 4  # all four were at the backend at once: nothing serialised
 
 
 # -- TLS --------------------------------------------------------------------------------------
@@ -562,3 +575,120 @@ def test_removing_an_address_from_one_service_keeps_the_others_pools(
         lb.registry.deregister("users", backend.address)
         assert ("127.0.0.1", backend.port) in lb._pools.endpoints()
         assert s.get("http://admin/").status_code == 200
+
+
+def test_pool_wait_is_bounded_by_the_request_timeout(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.slow(0.5)
+    with balancer(backend, pool={"maxsize": 1, "timeout": 30}, retries={"attempts": 1}) as lb:
+        holder = threading.Thread(target=lambda: lb.session().get("http://users/"))
+        holder.start()
+        assert wait_until(lambda: backend.active == 1)
+        with pytest.raises(HTTPPoolExhausted, match=r"within 0\.1 s"):
+            lb.session().get("http://users/", timeout=(0.1, 5))
+        holder.join()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def test_unseekable_file_body_is_never_retried(backend_factory: Factory) -> None:
+    import os
+    bad, good = backend_factory("bad"), backend_factory("good")
+    bad.behaviour = backends.reset_connection
+    with balancer(bad, good) as lb:
+        s = lb.session()
+        failures = 0
+        for _ in range(2):
+            read_end, write_end = os.pipe()
+            os.write(write_end, b"streamed upload")
+            os.close(write_end)
+            with open(read_end, "rb") as body:
+                try:
+                    s.put("http://users/upload", data=body)  # sent chunked
+                except requests.exceptions.ConnectionError as error:
+                    failures += 1
+                    assert "cannot be sent again" in trace_of(error).attempts[-1].decision  # type: ignore[union-attr]
+        assert failures == 1
+
+
+def test_dropped_unread_stream_gives_back_its_slot_and_lease(backend_factory: Factory) -> None:
+    import gc
+    backend = backend_factory()
+    backend.behaviour = backends.streamed(chunks=4, size=1000)
+    with balancer(backend, pool={"maxsize": 2, "timeout": 0.5}) as lb:
+        s = lb.session()
+        for _ in range(5):
+            s.get("http://users/", stream=True)  # dropped at once, never read nor closed
+        gc.collect()
+        assert lb.stats("users")[backend.address].in_flight == 0
+        assert s.get("http://users/").status_code == 200  # no slot was lost
+
+
+def test_chunked_stream_cut_off_counts_as_a_failure(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.chunked_cut_off
+    with balancer(backend) as lb:
+        r = lb.session().get("http://users/", stream=True)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in r.iter_content(1):
+                pass
+        stats = lb.stats("users")[backend.address]
+        assert (stats.in_flight, stats.successes, stats.failures) == (0, 0, 1)
+
+
+def test_deadline_never_turns_a_response_into_a_made_up_timeout(
+        backend_factory: Factory) -> None:
+    slow503 = [backend_factory(f"u{i}") for i in range(2)]
+
+    def late_503(handler: Any, record: dict[str, Any]) -> None:
+        time.sleep(0.2)
+        handler.reply(503, b"busy", {})
+
+    for backend in slow503:
+        backend.behaviour = late_503
+    with balancer(*slow503, retries={"deadline": 0.5, "backoff": {"base": 0.2, "max": 0.2}}) as lb:
+        r = lb.session().get("http://users/")
+        assert r.status_code == 503  # the real answer, not a ReadTimeout
+        trace = trace_of(r)
+        assert trace is not None and trace.attempts[-1].decision.startswith("stop:")
+        budget = lb.status()["services"]["users"]["retry_budget"]
+        assert budget["retries"] == len(trace.attempts) - 1  # only retries that ran
+
+
+def test_missing_ca_bundle_fails_before_sending_like_requests(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    with balancer(backend) as lb:
+        with pytest.raises(OSError, match="Could not find a suitable TLS CA certificate bundle"):
+            lb.session().get("https://users/", verify="/nonexistent/ca.pem")
+        assert lb.stats("users")[backend.address].requests == 0
+
+
+def test_a_closed_balancer_raises_a_requests_error(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    lb = balancer(backend)
+    s = lb.session()
+    lb.close()
+    with pytest.raises(requests.exceptions.ConnectionError, match="closed"):
+        s.get("http://users/")
+
+
+def test_a_session_pickles_and_keeps_balancing(backend_factory: Factory) -> None:
+    import pickle
+    a, b = backend_factory(), backend_factory()
+    with balancer(a, b, strategy="peak_ewma") as lb:
+        copy = pickle.loads(pickle.dumps(lb.session()))
+        adapter = copy.get_adapter("http://users/")
+        try:
+            assert isinstance(adapter, tai_lb.LoadBalancedAdapter)
+            assert adapter.balancer is not lb and adapter.balancer.strategy_name("users") == (
+                "peak_ewma")
+            assert {copy.get("http://users/").json()["backend"] for _ in range(6)} == {"b1", "b2"}
+        finally:
+            adapter.balancer.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 from urllib3.exceptions import (
+    ClosedPoolError,
     ConnectTimeoutError,
     EmptyPoolError,
     MaxRetryError,
+    NameResolutionError,
     NewConnectionError,
     ProtocolError,
     ReadTimeoutError,
+    SSLError,
 )
 
 from tai_lb import ConfigError, RetryBudget, RetryPolicy
@@ -58,8 +61,20 @@ def test_policy_defaults_and_backoff() -> None:
     (MaxRetryError(None, "/", NewConnectionError(None, "refused")), "not_sent"),  # type: ignore[arg-type]
     (ConnectTimeoutError("connect timed out"), "not_sent"),
     (EmptyPoolError(None, "empty"), "not_sent"),  # type: ignore[arg-type]
+    (NameResolutionError("nosuch", None, OSError("no such name")), "not_sent"),  # type: ignore[arg-type]
+    (ClosedPoolError(None, "closed"), "not_sent"),  # type: ignore[arg-type]
+    (SSLError("bad record mac"), "sent"),  # TLS after connecting: it may have been sent
     (ProtocolError("reset"), "sent"),
     (ReadTimeoutError(None, "/", "read timed out"), "sent"),  # type: ignore[arg-type]
 ])
 def test_classify(error: BaseException, kind: str) -> None:
     assert classify(error) == kind
+
+
+def test_an_error_raised_while_connecting_is_not_sent() -> None:
+    from tai_lb.pool import _CONNECT_PHASE, failed_while_connecting
+    inner = OSError("handshake failed")
+    setattr(inner, _CONNECT_PHASE, True)
+    wrapped = SSLError(inner)
+    assert failed_while_connecting(wrapped)
+    assert not failed_while_connecting(SSLError(OSError("after sending")))
