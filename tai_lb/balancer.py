@@ -29,6 +29,7 @@ from . import _forksafe
 from .config import LoadBalancerConfig, ServiceConfig, load_config
 from .endpoint import Endpoint
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
+from .failover import EndpointBreaker
 from .health import HealthCheckConfig, HealthChecker
 from .lease import Lease
 from .outlier import OutlierConfig, OutlierDetector
@@ -97,6 +98,7 @@ class LoadBalancer:
         self._pools = EndpointPools()
         self._budgets: dict[str, RetryBudget] = {}
         self._health_epoch: dict[str, int] = {}
+        self.breaker_transitions = 0
         self._health = HealthChecker(self._health_changed, self._last_success, clock=clock)
         self._outliers = OutlierDetector(self._health_changed, self._service_size, clock=clock)
         self._subscription = self.registry.subscribe(self._on_change)
@@ -154,7 +156,29 @@ class LoadBalancer:
         stats = picker(key)
         if exclude and stats.endpoint.address in exclude:
             stats = self._pick_excluding(route, key, exclude, stats)
+        breaker = stats.breaker
+        if breaker is not None and not breaker.admit():
+            stats = self._pick_admitted(service, route, key, exclude, stats)
         return Lease(service, stats, key)
+
+    def _pick_admitted(self, service: str, route: _Route, key: Optional[RoutingKey],
+                       exclude: Collection[str], refused: EndpointStats) -> EndpointStats:
+        """Another endpoint when the picked one's circuit breaker refuses the request."""
+        rejected = {refused.endpoint.address}
+        candidates = route.candidates
+        while len(rejected) < len(candidates):
+            skip = set(exclude) | rejected
+            if len(skip) >= len(candidates):
+                skip = rejected  # the excluded ones are all that is left: they may do
+            stats = self._pick_excluding(route, key, skip, refused)
+            if stats.endpoint.address in rejected:
+                break
+            breaker = stats.breaker
+            if breaker is None or breaker.admit():
+                return stats
+            rejected.add(stats.endpoint.address)
+        raise NoEndpointAvailable(service, f"{len(rejected)} of {len(candidates)} circuit "
+                                           "breakers open")
 
     def _pick_excluding(self, route: _Route, key: Optional[RoutingKey],
                         exclude: Collection[str], first: EndpointStats) -> EndpointStats:
@@ -208,6 +232,10 @@ class LoadBalancer:
             stats = known.get(endpoint.address)
             if stats is None:
                 stats = self._new_stats(endpoint, strategy, load)
+                breakers = self._service_setting(service, "circuit_breaker")
+                if breakers is not None:
+                    stats.breaker = EndpointBreaker(f"{service}/{endpoint.address}", breakers,
+                                                    self._breaker_changed, self._clock)
                 outliers = self._outlier_config(service)
                 if outliers is not None:
                     stats.on_failure = functools.partial(self._outliers.report_failure, service,
@@ -309,6 +337,13 @@ class LoadBalancer:
             self._health_epoch[service] = self._health_epoch.get(service, 0) + 1
             self._routes.pop(service, None)
 
+    def _service_setting(self, service: str, name: str) -> Any:
+        settings = self.config.services.get(service)
+        return getattr(settings, name) if settings is not None else None
+
+    def _breaker_changed(self, old: str, new: str) -> None:
+        self.breaker_transitions += 1
+
     def _outlier_config(self, service: str) -> Optional[OutlierConfig]:
         settings = self.config.services.get(service)
         return settings.outlier_detection if settings is not None else None
@@ -383,6 +418,8 @@ class LoadBalancer:
                 endpoint = stats.endpoint
                 entry = endpoint.to_dict()
                 del entry["address"]
+                if stats.breaker is not None:
+                    entry["breaker"] = stats.breaker.snapshot()
                 outlier = self._outliers.state(name, endpoint.address)
                 if outlier is not None:
                     entry["outlier"] = outlier

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from .endpoint import Endpoint
 from .exceptions import ConfigError
+from .failover import BreakerConfig
 from .health import HealthCheckConfig
 from .outlier import OutlierConfig
 from .pool import PoolConfig
@@ -49,7 +50,6 @@ TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
-    "circuit_breaker": "circuit breakers are not built yet",
     "affinity": "session affinity is not built yet",
     "backups": "failover to backups is not built yet",
     "slow_start": "slow start is not built yet",
@@ -124,6 +124,7 @@ class ServiceConfig:
         its own).
     :param health_check: active health checks, or None for none.
     :param outlier_detection: passive ejection of endpoints failing real traffic, or None.
+    :param circuit_breaker: a circuit breaker per endpoint, or None.
     :param hash_key: where the routing key of an HTTP request comes from.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
@@ -140,6 +141,7 @@ class ServiceConfig:
     timeout: Optional[tuple[Optional[float], Optional[float]]] = None
     health_check: Optional[HealthCheckConfig] = None
     outlier_detection: Optional[OutlierConfig] = None
+    circuit_breaker: Optional[BreakerConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -166,6 +168,10 @@ class ServiceConfig:
                                                                  OutlierConfig):
             raise ConfigError("outlier_detection", f"must be an OutlierConfig, got "
                                                    f"{self.outlier_detection!r}")
+        if self.circuit_breaker is not None and not isinstance(self.circuit_breaker,
+                                                               BreakerConfig):
+            raise ConfigError("circuit_breaker", f"must be a BreakerConfig, got "
+                                                 f"{self.circuit_breaker!r}")
         if not isinstance(self.pool, PoolConfig):
             raise ConfigError("pool", f"must be a PoolConfig, got {self.pool!r}")
         if self.timeout is not None:
@@ -274,7 +280,8 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
     for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config),
                        ("health_check", HealthCheckConfig.from_config),
-                       ("outlier_detection", OutlierConfig.from_config)):
+                       ("outlier_detection", OutlierConfig.from_config),
+                       ("circuit_breaker", BreakerConfig.from_config)):
         if key in settings:
             try:
                 fields[key] = build(settings[key])

@@ -12,9 +12,12 @@ from __future__ import annotations
 import collections
 import math
 import threading
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from .failover import EndpointBreaker
 
 __all__ = ["DEFAULT_DECAY", "DEFAULT_LATENCY", "FAILURE_PENALTY_CAP", "EndpointStats"]
 
@@ -42,10 +45,28 @@ class EndpointStats:
         service's total in flight (used by bounded-load consistent hashing).
     """
 
-    __slots__ = ("_default_latency", "_ewma", "_in_flight", "_lock", "_peak", "_service_load",
-                 "_stamp", "clock", "consecutive_5xx", "consecutive_gateway",
-                 "consecutive_local", "decay", "endpoint", "failures", "last_latency",
-                 "last_success", "on_drained", "on_failure", "successes")
+    __slots__ = (
+        "_default_latency",
+        "_ewma",
+        "_in_flight",
+        "_lock",
+        "_peak",
+        "_service_load",
+        "_stamp",
+        "breaker",
+        "clock",
+        "consecutive_5xx",
+        "consecutive_gateway",
+        "consecutive_local",
+        "decay",
+        "endpoint",
+        "failures",
+        "last_latency",
+        "last_success",
+        "on_drained",
+        "on_failure",
+        "successes",
+    )
 
     def __init__(self, endpoint: Endpoint, clock: Clock, *, decay: float = DEFAULT_DECAY,
                  default_latency: float = DEFAULT_LATENCY,
@@ -72,6 +93,7 @@ class EndpointStats:
         self.consecutive_gateway = 0
         self.consecutive_local = 0
         self.on_failure: Optional[Callable[[EndpointStats], None]] = None
+        self.breaker: Optional[EndpointBreaker] = None  # set for services with breakers
 
     @property
     def in_flight(self) -> int:
@@ -160,6 +182,8 @@ class EndpointStats:
             self._stamp = now
         finally:
             lock.release()
+        if self.breaker is not None:
+            self.breaker.record(success)
         if not success and self.on_failure is not None:
             self.on_failure(self)
         if self.on_drained is not None and not self._in_flight:

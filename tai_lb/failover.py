@@ -1,0 +1,184 @@
+"""Circuit breakers: one ``pybreaker`` breaker per endpoint, driven by recorded outcomes.
+
+``pybreaker.CircuitBreaker.call()`` holds the breaker's lock for the whole call, so running a
+request inside it would serialise every request to the endpoint.  Requests run outside; their
+outcome is then recorded by calling the breaker with a function that returns (a success) or
+raises (a failure) at once, so the lock is held only for that bookkeeping.  pybreaker keeps the
+state, the counters and the listeners; tai-lb decides admission with a monotonic, injectable
+clock (pybreaker's open timer reads the wall clock):
+
+* **closed**: every request passes;
+* **open**: none passes until ``reset_timeout`` seconds have passed since it opened;
+* **half-open**: exactly one probe request passes at a time; ``success_threshold`` successes
+  close the breaker, one failure opens it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pybreaker
+
+from .exceptions import ConfigError
+
+__all__ = ["BreakerConfig", "EndpointBreaker"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The ``circuit_breaker`` settings of a service.
+
+    :param fail_max: failures in a row that open an endpoint's breaker.
+    :param reset_timeout: seconds an open breaker waits before it lets a probe through.
+    :param success_threshold: successful probes that close a half-open breaker.
+    """
+
+    fail_max: int = 5
+    reset_timeout: float = 30.0
+    success_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("fail_max", "success_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+                raise ConfigError(name, f"must be an integer from 1 to 10000, got {value!r}")
+        value = self.reset_timeout
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 < value < math.inf):
+            raise ConfigError("reset_timeout", f"must be a finite number of seconds > 0, got "
+                                               f"{value!r}")
+
+    @classmethod
+    def from_config(cls, value: Any) -> BreakerConfig:
+        """Build from the ``circuit_breaker`` mapping of a configuration."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping, got {value!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
+        return cls(**value)
+
+    def new(self, **changes: Any) -> BreakerConfig:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+class _Failure(Exception):
+    """The failure a recorded outcome raises inside the breaker."""
+
+
+def _succeed() -> None:
+    return None
+
+
+def _fail() -> None:
+    raise _Failure("request failed")
+
+
+class _StateListener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: EndpointBreaker) -> None:
+        self.owner = owner
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        self.owner._state_changed(getattr(old_state, "name", None), new_state.name)
+
+
+class EndpointBreaker:
+    """The breaker of one endpoint of one service.
+
+    :param on_change: called with ``(old_state, new_state)`` after each transition, outside the
+        breaker's lock.
+    """
+
+    def __init__(self, name: str, config: BreakerConfig,
+                 on_change: Callable[[str, str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.config = config
+        self._clock = clock
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._opened_at: Optional[float] = None
+        self._probe_out = False
+        self._changes: list[tuple[str, str]] = []
+        self.trips = 0
+        self.rejected = 0
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=config.fail_max, reset_timeout=config.reset_timeout,
+            success_threshold=config.success_threshold, name=name,
+            listeners=[_StateListener(self)])
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half-open"``."""
+        return str(self.breaker.current_state)
+
+    def admit(self) -> bool:
+        """Whether a request may go to the endpoint now (taking the probe slot if half-open)."""
+        state = self.breaker.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return True
+        with self._lock:
+            if state == pybreaker.STATE_OPEN:
+                opened = self._opened_at
+                if opened is not None and self._clock() - opened < self.config.reset_timeout:
+                    self.rejected += 1
+                    return False
+                self.breaker.half_open()
+            if self._probe_out:  # half-open: exactly one probe at a time
+                self.rejected += 1
+                return False
+            self._probe_out = True
+        self._flush()
+        return True
+
+    def record(self, success: bool) -> None:
+        """Record the outcome of a request that went to the endpoint."""
+        state = self.breaker.current_state
+        if state == pybreaker.STATE_OPEN:
+            return  # a request started before the breaker opened: it no longer matters
+        with contextlib.suppress(_Failure, pybreaker.CircuitBreakerError):
+            self.breaker.call(_succeed if success else _fail)
+        with self._lock:
+            if state == pybreaker.STATE_HALF_OPEN:
+                self._probe_out = False
+            if self.breaker.current_state == pybreaker.STATE_OPEN and self._opened_at is None:
+                self._opened_at = self._clock()
+            elif self.breaker.current_state != pybreaker.STATE_OPEN:
+                self._opened_at = None
+        self._flush()
+
+    def _state_changed(self, old: Optional[str], new: str) -> None:
+        # Called by pybreaker with its lock held: only note it; _flush() reports it outside.
+        if new == pybreaker.STATE_OPEN:
+            self.trips += 1
+            self._opened_at = self._clock()
+        self._changes.append((old or "?", new))
+
+    def _flush(self) -> None:
+        while self._changes:
+            try:
+                old, new = self._changes.pop(0)
+            except IndexError:
+                return
+            log.warning("tai-lb: breaker of %s: %s -> %s", self.name, old, new)
+            try:
+                self._on_change(old, new)
+            except Exception:
+                log.exception("tai-lb: breaker state listener failed")
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state of the breaker."""
+        return {"state": self.state, "failures_in_row": self.breaker.fail_counter,
+                "trips": self.trips, "rejected": self.rejected}
