@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import os
 import random
 import threading
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from .adapter import LoadBalancedAdapter
 
 __all__ = ["LoadBalancer"]
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
@@ -99,14 +102,16 @@ class LoadBalancer:
         self._budgets: dict[str, RetryBudget] = {}
         self._health_epoch: dict[str, int] = {}
         self.breaker_transitions = 0
+        self._active_group: dict[str, int] = {}
+        self.failover_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self._health = HealthChecker(self._health_changed, self._last_success, clock=clock)
         self._outliers = OutlierDetector(self._health_changed, self._service_size, clock=clock)
         self._subscription = self.registry.subscribe(self._on_change)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         for name, service in self.config.services.items():
             self.registry.add_service(name)
-            if service.endpoints:
-                self.registry.register_many(name, service.endpoints)
+            if service.endpoints or service.backups:
+                self.registry.register_many(name, (*service.endpoints, *service.backups))
             self._sync_health(name)
         if any(s.health_check is not None for s in self.config.services.values()):
             self._health.start()
@@ -263,11 +268,19 @@ class LoadBalancer:
         if not everyone:
             return (), False, "no endpoints registered"
         checks = self._health_config(service)
-        if checks is None and self._outlier_config(service) is None:
+        watched = checks is not None or self._outlier_config(service) is not None
+
+        def usable(stats: EndpointStats) -> bool:
+            address = stats.endpoint.address
+            return not watched or (self._health.is_healthy(service, address)
+                                   and not self._outliers.is_ejected(service, address))
+
+        groups = self._priority_groups(everyone)
+        if len(groups) > 1:
+            everyone = self._choose_group(service, groups, usable)
+        if not watched:
             return everyone, False, ""
-        healthy = tuple(s for s in everyone
-                        if self._health.is_healthy(service, s.endpoint.address)
-                        and not self._outliers.is_ejected(service, s.endpoint.address))
+        healthy = tuple(s for s in everyone if usable(s))
         if len(healthy) == len(everyone):
             return healthy, False, ""
         threshold = checks.panic_threshold if checks is not None else 0.5
@@ -279,6 +292,48 @@ class LoadBalancer:
             return (), False, (f"{len(everyone)} of {len(everyone)} unhealthy "
                                "(panic mode is off)")
         return healthy, False, ""
+
+    @staticmethod
+    def _priority_groups(everyone: tuple[EndpointStats, ...],
+                         ) -> list[tuple[int, tuple[EndpointStats, ...]]]:
+        groups: dict[int, list[EndpointStats]] = {}
+        for stats in everyone:
+            groups.setdefault(stats.endpoint.priority, []).append(stats)
+        return [(priority, tuple(groups[priority])) for priority in sorted(groups)]
+
+    def _choose_group(self, service: str, groups: list[tuple[int, tuple[EndpointStats, ...]]],
+                      usable: Callable[[EndpointStats], bool]) -> tuple[EndpointStats, ...]:
+        """The priority group traffic goes to, with hysteresis between failover and failback.
+
+        The current group keeps the traffic while its usable share is at least
+        ``failover_below``; a lower-priority group takes it over on the same condition; a
+        higher-priority group takes it back only once its share reaches ``failback_at``.  When no
+        group qualifies, the one with the largest usable share does.
+        """
+        policy = self.service_config(service).failover
+        shares = [sum(1 for s in members if usable(s)) / len(members) for _, members in groups]
+        priorities = [priority for priority, _ in groups]
+        current = self._active_group.get(service, priorities[0])
+        current_index = priorities.index(current) if current in priorities else 0
+        chosen = None
+        for index, share in enumerate(shares):
+            need = policy.failback_at if index < current_index else policy.failover_below
+            if share >= need:
+                chosen = index
+                break
+        if chosen is None:
+            chosen = max(range(len(groups)), key=lambda i: (shares[i], -i))
+        priority = priorities[chosen]
+        if priority != current:
+            self._active_group[service] = priority
+            kind = "failback" if priority < current else "failover"
+            event = {"service": service, "kind": kind, "from_priority": current,
+                     "to_priority": priority, "usable_shares": [round(s, 3) for s in shares],
+                     "at": round(self._clock(), 3)}
+            self.failover_events.append(event)
+            log.warning("tai-lb: %s %s from priority %d to %d (usable shares %s)", service,
+                        kind, current, priority, event["usable_shares"])
+        return groups[chosen][1]
 
     def _new_stats(self, endpoint: Endpoint, strategy: Strategy,
                    load: collections.deque[None]) -> EndpointStats:
@@ -439,10 +494,13 @@ class LoadBalancer:
                 "endpoints_total": len(route.everyone),
                 "endpoints_pickable": len(route.candidates),
                 "panic": route.panic,
+                "active_priority": self._active_group.get(
+                    name, min((s.endpoint.priority for s in route.everyone), default=0)),
                 "in_flight": len(self._service_load.get(name, ())),
                 "endpoints": endpoints,
             }
-        return {"closed": self._closed, "health_checker": self._health.snapshot(),
+        return {"closed": self._closed, "failover_events": list(self.failover_events),
+                "health_checker": self._health.snapshot(),
                 "outlier_detection": self._outliers.snapshot(),
                 "services": services}
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from .endpoint import Endpoint
 from .exceptions import ConfigError
-from .failover import BreakerConfig
+from .failover import BreakerConfig, FailoverPolicy
 from .health import HealthCheckConfig
 from .outlier import OutlierConfig
 from .pool import PoolConfig
@@ -51,7 +51,6 @@ TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
     "affinity": "session affinity is not built yet",
-    "backups": "failover to backups is not built yet",
     "slow_start": "slow start is not built yet",
     "metrics": "metrics export is not built yet",
 })
@@ -125,6 +124,9 @@ class ServiceConfig:
     :param health_check: active health checks, or None for none.
     :param outlier_detection: passive ejection of endpoints failing real traffic, or None.
     :param circuit_breaker: a circuit breaker per endpoint, or None.
+    :param backups: endpoints used only when the primary groups fail (their priority is after
+        every endpoint's).
+    :param failover: when traffic moves between priority groups and back.
     :param hash_key: where the routing key of an HTTP request comes from.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
@@ -142,16 +144,20 @@ class ServiceConfig:
     health_check: Optional[HealthCheckConfig] = None
     outlier_detection: Optional[OutlierConfig] = None
     circuit_breaker: Optional[BreakerConfig] = None
+    backups: tuple[Endpoint, ...] = ()
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
-        for i, endpoint in enumerate(self.endpoints):
+        for i, endpoint in enumerate((*self.endpoints, *self.backups)):
             if not isinstance(endpoint, Endpoint):
                 raise ConfigError(f"endpoints[{i}]", f"must be an Endpoint, got {endpoint!r}")
             if endpoint.address in seen:
                 raise ConfigError(f"endpoints[{i}]", f"duplicate address {endpoint.address} "
                                                      f"(also endpoints[{seen[endpoint.address]}])")
             seen[endpoint.address] = i
+        if not isinstance(self.failover, FailoverPolicy):
+            raise ConfigError("failover", f"must be a FailoverPolicy, got {self.failover!r}")
         if not isinstance(self.strategy, Strategy):
             raise ConfigError("strategy", f"must be a Strategy, got {self.strategy!r}")
         if self.scheme not in ("http", "https"):
@@ -288,6 +294,9 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
             except ConfigError as error:
                 raise ConfigError(_join(_join(path, key), error.path) if error.path
                                   else _join(path, key), error.reason) from None
+    if "backups" in settings:
+        fields.update(_parse_backups(settings["backups"], _join(path, "backups"),
+                                     fields.get("endpoints", ())))
     if "timeout" in settings and settings["timeout"] is not None:
         fields["timeout"] = parse_timeout(settings["timeout"], _join(path, "timeout"))
     try:
@@ -295,6 +304,33 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
     except ConfigError as error:
         raise ConfigError(_join(path, error.path), error.reason) from None
     return fields
+
+
+def _parse_backups(value: Any, path: str, primaries: tuple[Endpoint, ...]) -> dict[str, Any]:
+    """``backups``: a list of endpoints, or ``{"endpoints": [...], "failover_below": ...,
+    "failback_at": ...}``.  Backups get priorities after every primary endpoint's."""
+    policy: dict[str, Any] = {}
+    items = value
+    if isinstance(value, Mapping):
+        for key in value:
+            if key not in ("endpoints", "failover_below", "failback_at"):
+                raise ConfigError(f"{path}.{key}",
+                                  "unknown key; allowed: endpoints, failover_below, failback_at")
+        items = value.get("endpoints", [])
+        policy = {k: value[k] for k in ("failover_below", "failback_at") if k in value}
+        path = f"{path}.endpoints"
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise ConfigError(path, f"must be a list of \"host:port\" or mappings, got {items!r}")
+    after = max((e.priority for e in primaries), default=0) + 1
+    backups = []
+    for i, item in enumerate(items):
+        endpoint = Endpoint.from_value(item, path=f"{path}[{i}]")
+        backups.append(endpoint.replace(priority=min(1000, after + endpoint.priority)))
+    try:
+        failover = FailoverPolicy(**policy)
+    except ConfigError as error:
+        raise ConfigError(f"{path.rsplit('.endpoints', 1)[0]}.{error.path}", error.reason) from None
+    return {"backups": tuple(backups), "failover": failover}
 
 
 def parse_timeout(value: Any, path: str) -> tuple[Optional[float], Optional[float]]:

@@ -29,7 +29,7 @@ import pybreaker
 
 from .exceptions import ConfigError
 
-__all__ = ["BreakerConfig", "EndpointBreaker"]
+__all__ = ["BreakerConfig", "EndpointBreaker", "FailoverPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,31 @@ class BreakerConfig:
     def new(self, **changes: Any) -> BreakerConfig:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """When traffic moves between priority groups (endpoint ``priority``, then ``backups``).
+
+    :param failover_below: the group in use keeps the traffic while this share of its endpoints
+        is usable (healthy and not ejected); below it, the next group that meets it takes over.
+    :param failback_at: a higher-priority group takes the traffic back only once this share of
+        it is usable again (above ``failover_below``, so traffic does not flap).
+    """
+
+    failover_below: float = 0.5
+    failback_at: float = 0.7
+
+    def __post_init__(self) -> None:
+        for name in ("failover_below", "failback_at"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value <= 1):
+                raise ConfigError(name, f"must be a share > 0 and <= 1, got {value!r}")
+        if self.failback_at < self.failover_below:
+            raise ConfigError("failback_at", f"must be >= failover_below "
+                                             f"({self.failover_below:g}), got "
+                                             f"{self.failback_at!r}")
 
 
 class _Failure(Exception):
