@@ -278,6 +278,7 @@ class HealthChecker:
         self.errors = 0
         self.checks = 0
         self.skipped = 0
+        self.flips = 0
         _forksafe.after_fork_in_child(self, HealthChecker._reset_after_fork)
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -429,6 +430,7 @@ class HealthChecker:
                     health.healthy = False
                     flipped = True
         if flipped:
+            self.flips += 1
             log.info("tai-lb: %s endpoint %s is now %s (%s)", target.service, target.address,
                      "healthy" if ok else "unhealthy", detail)
             try:
@@ -440,4 +442,5 @@ class HealthChecker:
     def snapshot(self) -> dict[str, Any]:
         """Counters of the checker, JSON-serialisable."""
         return {"running": self.running, "checks": self.checks, "skipped_for_traffic":
-                self.skipped, "errors": self.errors, "targets": len(self._targets)}
+                self.skipped, "flips": self.flips, "errors": self.errors,
+                "targets": len(self._targets)}
