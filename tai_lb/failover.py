@@ -16,17 +16,16 @@ clock (pybreaker's open timer reads the wall clock):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import pybreaker
 
+from ._settings import Settings
 from .exceptions import ConfigError
 
 __all__ = ["BreakerConfig", "EndpointBreaker", "FailoverPolicy"]
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BreakerConfig:
+class BreakerConfig(Settings):
     """The ``circuit_breaker`` settings of a service.
 
     :param fail_max: failures in a row that open an endpoint's breaker.
@@ -57,21 +56,6 @@ class BreakerConfig:
                 or not 0 < value < math.inf):
             raise ConfigError("reset_timeout", f"must be a finite number of seconds > 0, got "
                                                f"{value!r}")
-
-    @classmethod
-    def from_config(cls, value: Any) -> BreakerConfig:
-        """Build from the ``circuit_breaker`` mapping of a configuration."""
-        if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping, got {value!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in value:
-            if key not in allowed:
-                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
-        return cls(**value)
-
-    def new(self, **changes: Any) -> BreakerConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
 from . import _forksafe
+from ._settings import Settings
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 
@@ -76,7 +77,7 @@ def _statuses(value: Any, path: str) -> frozenset[int]:
 
 
 @dataclass(frozen=True)
-class HealthCheckConfig:
+class HealthCheckConfig(Settings):
     """The ``health_check`` settings of a service.
 
     :param type: ``"http"`` (GET ``path``), ``"tcp"`` (connect) or ``"function"`` (Python only).
@@ -141,24 +142,15 @@ class HealthCheckConfig:
             raise ConfigError("verify", f"must be true, false or a CA bundle path, got "
                                         f"{self.verify!r}")
 
+    python_only = ("function",)
+
     @classmethod
     def from_config(cls, value: Any) -> HealthCheckConfig:
         """Build from the ``health_check`` mapping of a configuration."""
-        if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping, got {value!r}")
-        allowed = [f.name for f in dataclasses.fields(cls) if f.name != "function"]
-        for key in value:
-            if key not in allowed:
-                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
-        fields = dict(value)
-        if fields.get("type") == "function":
+        if isinstance(value, Mapping) and value.get("type") == "function":
             raise ConfigError("type", "function checks are set from Python "
                                       "(HealthCheckConfig(type='function', function=...))")
-        return cls(**fields)
-
-    def new(self, **changes: Any) -> HealthCheckConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+        return super().from_config(value)
 
 
 @dataclass

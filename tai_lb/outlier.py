@@ -16,17 +16,16 @@ service's endpoints are out at once, but one endpoint is always ejectable.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import _forksafe
+from ._settings import Settings
 from .exceptions import ConfigError
 from .stats import EndpointStats
 
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OutlierConfig:
+class OutlierConfig(Settings):
     """The ``outlier_detection`` settings of a service (Envoy's names and defaults).
 
     :param consecutive_5xx: 5xx responses and local-origin failures in a row that eject.
@@ -74,21 +73,6 @@ class OutlierConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
             raise ConfigError("max_ejection_percent", f"must be a percentage from 0 to 100, got "
                                                       f"{value!r}")
-
-    @classmethod
-    def from_config(cls, value: Any) -> OutlierConfig:
-        """Build from the ``outlier_detection`` mapping of a configuration."""
-        if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping, got {value!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in value:
-            if key not in allowed:
-                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
-        return cls(**value)
-
-    def new(self, **changes: Any) -> OutlierConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
 
 
 class _Ejection:

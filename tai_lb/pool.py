@@ -14,7 +14,6 @@ gets its own pool and never weakens the next request (CVE-2024-35195).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
+from ._settings import Settings
 from .exceptions import ConfigError
 
 __all__ = ["EndpointPools", "PoolConfig"]
@@ -42,7 +42,7 @@ def _seconds(value: object, path: str) -> float:
 
 
 @dataclass(frozen=True)
-class PoolConfig:
+class PoolConfig(Settings):
     """The ``pool`` settings of a service: the HTTP connections kept per endpoint.
 
     :param maxsize: connections per endpoint (and TLS setting); requests' default is 10.
@@ -68,21 +68,6 @@ class PoolConfig:
             raise ConfigError("block", f"must be true or false, got {self.block!r}")
         object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
         object.__setattr__(self, "idle_timeout", _seconds(self.idle_timeout, "idle_timeout"))
-
-    @classmethod
-    def from_config(cls, value: Any) -> PoolConfig:
-        """Build from the ``pool`` mapping of a configuration."""
-        if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping, got {value!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in value:
-            if key not in allowed:
-                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
-        return cls(**value)
-
-    def new(self, **changes: Any) -> PoolConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
 
 
 class _PoolMixin:

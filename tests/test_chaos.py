@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
@@ -19,18 +19,11 @@ import requests
 from tai_lb import LoadBalancer, NoEndpointAvailable, TopologyChange
 
 from .backends import Backend
+from .conftest import wait_for
 from .faultproxy import FaultProxy
 
 THREADS = 8
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 class Load:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -11,17 +10,11 @@ from tai_lb import ConfigError, Endpoint, HealthCheckConfig, LoadBalancer, load_
 from tai_lb.config import LoadBalancerConfig, ServiceConfig
 from tai_lb.failover import FailoverPolicy
 
+from .conftest import wait_for
+
 PRIMARY = ["10.0.0.1:80", "10.0.0.2:80"]
 BACKUP = "10.0.9.1:80"
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def balancer_with(bad: set[str], **failover: Any) -> LoadBalancer:

@@ -7,7 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -16,18 +16,11 @@ from tai_lb.config import ServiceConfig, load_config
 from tai_lb.health import HealthCheckConfig
 
 from .backends import Backend
+from .conftest import wait_for
 
 FAST = {"interval": 0.05, "jitter": 0.2, "timeout": 0.5, "healthy_threshold": 2,
         "unhealthy_threshold": 2, "skip_if_traffic": False}
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from tai_lb import HTTPPoolExhausted, LoadBalancer, NoEndpointAvailable, trace_o
 
 from . import backends
 from .backends import Backend
+from .conftest import wait_for
 
 Factory = Callable[..., Backend]
 
@@ -583,19 +584,11 @@ def test_pool_wait_is_bounded_by_the_request_timeout(backend_factory: Factory) -
     with balancer(backend, pool={"maxsize": 1, "timeout": 30}, retries={"attempts": 1}) as lb:
         holder = threading.Thread(target=lambda: lb.session().get("http://users/"))
         holder.start()
-        assert wait_until(lambda: backend.active == 1)
+        assert wait_for(lambda: backend.active == 1)
         with pytest.raises(HTTPPoolExhausted, match=r"within 0\.1 s"):
             lb.session().get("http://users/", timeout=(0.1, 5))
         holder.join()
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def test_unseekable_file_body_is_never_retried(backend_factory: Factory) -> None:

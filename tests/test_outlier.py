@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -13,17 +12,10 @@ from tai_lb import ConfigError, LoadBalancer, load_config, trace_of
 
 from . import backends
 from .backends import Backend
+from .conftest import wait_for
 
 QUICK = {"base_ejection_time": 0.2, "max_ejection_time": 5.0, "max_ejection_percent": 50}
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 @pytest.fixture
