@@ -127,6 +127,10 @@ class LoadBalancer:
         self._pools = EndpointPools()
         for budget in self._budgets.values():
             budget._lock = threading.Lock()
+        for table in self._stats.values():
+            for stats in table.values():
+                if stats.breaker is not None:
+                    stats.breaker._reset_after_fork()
 
     @classmethod
     def from_config(cls, source: Union[Mapping[str, Any], str, os.PathLike[str],
@@ -162,13 +166,17 @@ class LoadBalancer:
         if exclude and stats.endpoint.address in exclude:
             stats = self._pick_excluding(route, key, exclude, stats)
         breaker = stats.breaker
-        if breaker is not None and not breaker.admit():
-            stats = self._pick_admitted(service, route, key, exclude, stats)
-        return Lease(service, stats, key)
+        if breaker is None:
+            return Lease(service, stats, key)
+        ticket = breaker.admit()
+        if ticket is None:
+            stats, ticket = self._pick_admitted(service, route, key, exclude, stats)
+        return Lease(service, stats, key, ticket)
 
     def _pick_admitted(self, service: str, route: _Route, key: Optional[RoutingKey],
-                       exclude: Collection[str], refused: EndpointStats) -> EndpointStats:
-        """Another endpoint when the picked one's circuit breaker refuses the request."""
+                       exclude: Collection[str], refused: EndpointStats,
+                       ) -> tuple[EndpointStats, int]:
+        """Another endpoint (and its breaker ticket) when the picked one's breaker refuses."""
         rejected = {refused.endpoint.address}
         candidates = route.candidates
         while len(rejected) < len(candidates):
@@ -178,11 +186,20 @@ class LoadBalancer:
             stats = self._pick_excluding(route, key, skip, refused)
             if stats.endpoint.address in rejected:
                 break
-            breaker = stats.breaker
-            if breaker is None or breaker.admit():
-                return stats
+            ticket = stats.breaker.admit() if stats.breaker is not None else 0
+            if ticket is not None:
+                return stats, ticket
             rejected.add(stats.endpoint.address)
-        raise NoEndpointAvailable(service, f"{len(rejected)} of {len(candidates)} circuit "
+        # Every breaker of the group in use refuses: any other endpoint (the next priority
+        # groups, backups) beats refusing the request.
+        for stats in sorted(route.everyone, key=lambda s: s.endpoint.priority):
+            if stats.endpoint.address in rejected or stats in candidates:
+                continue
+            ticket = stats.breaker.admit() if stats.breaker is not None else 0
+            if ticket is not None:
+                return stats, ticket
+            rejected.add(stats.endpoint.address)
+        raise NoEndpointAvailable(service, f"{len(rejected)} of {len(route.everyone)} circuit "
                                            "breakers open")
 
     def _pick_excluding(self, route: _Route, key: Optional[RoutingKey],

@@ -119,7 +119,8 @@ class EndpointBreaker:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._opened_at: Optional[float] = None
-        self._probe_out = False
+        self._probe = 0  # the probe ticket out while half-open, 0 when none
+        self._probes = 0
         self._changes: list[tuple[str, str]] = []
         self.trips = 0
         self.rejected = 0
@@ -133,40 +134,57 @@ class EndpointBreaker:
         """``"closed"``, ``"open"`` or ``"half-open"``."""
         return str(self.breaker.current_state)
 
-    def admit(self) -> bool:
-        """Whether a request may go to the endpoint now (taking the probe slot if half-open)."""
-        state = self.breaker.current_state
-        if state == pybreaker.STATE_CLOSED:
-            return True
+    def admit(self) -> Optional[int]:
+        """Whether a request may go to the endpoint now: None if not, else a ticket.
+
+        The ticket is 0 for a request let through a closed breaker, and a probe number for the
+        one request a half-open breaker lets through; pass it back to :meth:`record`, so that
+        only the probe's own outcome decides the probe (and frees its slot).
+        """
+        if self.breaker.current_state == pybreaker.STATE_CLOSED:
+            return 0  # the common case, without a lock: a stale read only lets one more by
         with self._lock:
+            state = self.breaker.current_state
+            if state == pybreaker.STATE_CLOSED:
+                return 0
             if state == pybreaker.STATE_OPEN:
                 opened = self._opened_at
                 if opened is not None and self._clock() - opened < self.config.reset_timeout:
                     self.rejected += 1
-                    return False
+                    return None
                 self.breaker.half_open()
-            if self._probe_out:  # half-open: exactly one probe at a time
+                self._probe = 0
+            if self._probe:  # half-open: exactly one probe at a time
                 self.rejected += 1
-                return False
-            self._probe_out = True
+                return None
+            self._probes += 1
+            self._probe = self._probes
+            ticket = self._probe
         self._flush()
-        return True
+        return ticket
 
-    def record(self, success: bool) -> None:
-        """Record the outcome of a request that went to the endpoint."""
-        state = self.breaker.current_state
-        if state == pybreaker.STATE_OPEN:
-            return  # a request started before the breaker opened: it no longer matters
-        with contextlib.suppress(_Failure, pybreaker.CircuitBreakerError):
-            self.breaker.call(_succeed if success else _fail)
+    def record(self, success: bool, ticket: int = 0) -> None:
+        """Record the outcome of a request let through with ``ticket`` (see :meth:`admit`)."""
         with self._lock:
-            if state == pybreaker.STATE_HALF_OPEN:
-                self._probe_out = False
-            if self.breaker.current_state == pybreaker.STATE_OPEN and self._opened_at is None:
-                self._opened_at = self._clock()
-            elif self.breaker.current_state != pybreaker.STATE_OPEN:
+            state = self.breaker.current_state
+            is_probe = ticket != 0 and ticket == self._probe
+            if is_probe:
+                self._probe = 0
+            if state == pybreaker.STATE_OPEN or (state == pybreaker.STATE_HALF_OPEN
+                                                 and not is_probe):
+                pass  # started before the breaker opened, or not the probe: no say
+            else:
+                # Bookkeeping only: the request already ran, outside the breaker's lock.
+                with contextlib.suppress(_Failure, pybreaker.CircuitBreakerError):
+                    self.breaker.call(_succeed if success else _fail)
+            if self.breaker.current_state != pybreaker.STATE_OPEN:
                 self._opened_at = None
         self._flush()
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.breaker._lock = threading.RLock()  # pybreaker's own, held at the fork maybe
+        self._probe = 0
 
     def _state_changed(self, old: Optional[str], new: str) -> None:
         # Called by pybreaker with its lock held: only note it; _flush() reports it outside.
@@ -176,7 +194,7 @@ class EndpointBreaker:
         self._changes.append((old or "?", new))
 
     def _flush(self) -> None:
-        while self._changes:
+        while True:
             try:
                 old, new = self._changes.pop(0)
             except IndexError:

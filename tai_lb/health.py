@@ -262,7 +262,8 @@ class HealthChecker:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._targets: dict[tuple[str, str], _Target] = {}
-        self._heap: list[tuple[float, int, tuple[str, str]]] = []
+        # (due, tie-breaker, target): an entry whose target was replaced or removed is dropped
+        self._heap: list[tuple[float, int, _Target]] = []
         self._counter = 0
         self._queue: queue.Queue[Optional[_Target]] = queue.Queue()
         self._stop = threading.Event()
@@ -290,7 +291,11 @@ class HealthChecker:
             thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop every thread (within ``timeout`` seconds); calling it again does nothing."""
+        """Stop every thread (within ``timeout`` seconds); calling it again does nothing.
+
+        A worker inside a check that ignores its timeout (a function check that hangs) cannot be
+        interrupted: it is left behind as a daemon thread and ends when the check returns.
+        """
         with self._lock:
             threads, self._threads = self._threads, []
             self._stop.set()
@@ -333,7 +338,7 @@ class HealthChecker:
                 if target is None:
                     target = _Target(service, endpoint, config, scheme, now)
                     self._targets[key] = target
-                    self._push(key, now)
+                    self._push(target, now)
                 else:
                     target.endpoint = endpoint
             self._wake.notify_all()
@@ -350,9 +355,9 @@ class HealthChecker:
 
     # -- threads --------------------------------------------------------------------------------
 
-    def _push(self, key: tuple[str, str], due: float) -> None:
+    def _push(self, target: _Target, due: float) -> None:
         self._counter += 1
-        heapq.heappush(self._heap, (due, self._counter, key))
+        heapq.heappush(self._heap, (due, self._counter, target))
 
     def _schedule(self) -> None:
         while not self._stop.is_set():
@@ -360,18 +365,20 @@ class HealthChecker:
                 with self._lock:
                     now = self._clock()
                     while self._heap and self._heap[0][0] <= now:
-                        _, _, key = heapq.heappop(self._heap)
-                        target = self._targets.get(key)
-                        if target is None:
-                            continue  # removed meanwhile
+                        _, _, target = heapq.heappop(self._heap)
+                        if self._targets.get((target.service, target.address)) is not target:
+                            continue  # removed (or removed and added again) meanwhile
                         config = target.config
                         spread = 1.0 + random.uniform(-config.jitter, config.jitter)
-                        self._push(key, now + config.interval * spread)
+                        self._push(target, now + config.interval * spread)
                         if target.running:
                             continue  # the previous check still runs: never two at once
                         if (config.skip_if_traffic and target.health.healthy
                                 and self._recent_success(target, now)):
+                            # Real traffic succeeded within the interval: that is a pass.
                             self.skipped += 1
+                            target.health.failures_in_row = 0
+                            target.health.passes_in_row += 1
                             continue
                         target.running = True
                         self._queue.put(target)

@@ -25,15 +25,18 @@ class Lease:
     :ivar key: the routing key the pick used, or None.
     """
 
-    __slots__ = ("_failed", "_released", "_start", "_stats", "endpoint", "key", "service")
+    __slots__ = ("_failed", "_released", "_start", "_stats", "_ticket", "endpoint", "key",
+                 "service")
 
-    def __init__(self, service: str, stats: EndpointStats, key: Optional[RoutingKey] = None):
+    def __init__(self, service: str, stats: EndpointStats, key: Optional[RoutingKey] = None,
+                 ticket: int = 0):
         self.service = service
         self.endpoint: Endpoint = stats.endpoint
         self.key = key
         self._stats = stats
         self._released = False
         self._failed = False
+        self._ticket = ticket  # the circuit breaker's (0: none or closed)
         stats._in_flight.append(None)  # EndpointStats.started(), inlined: this is the hot path
         stats._service_load.append(None)
         self._start = stats.clock()
@@ -68,7 +71,8 @@ class Lease:
         stats = self._stats
         now = stats.clock()
         ok = (not self._failed) if success is None else success
-        stats.finished(now - self._start if latency is None else latency, ok, now, status)
+        stats.finished(now - self._start if latency is None else latency, ok, now, status,
+                       self._ticket)
 
     def __enter__(self) -> Lease:
         return self
@@ -79,7 +83,8 @@ class Lease:
             self._released = True
             stats = self._stats
             now = stats.clock()
-            stats.finished(now - self._start, exc_type is None and not self._failed, now)
+            stats.finished(now - self._start, exc_type is None and not self._failed, now, None,
+                           self._ticket)
 
     def __repr__(self) -> str:
         state = "released" if self._released else "open"

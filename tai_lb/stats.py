@@ -129,11 +129,14 @@ class EndpointStats:
         self._service_load.append(None)
 
     def finished(self, latency: float, success: bool, now: float,
-                 status: Optional[int] = None) -> None:
+                 status: Optional[int] = None, ticket: int = 0) -> None:
         """Count a request as finished and fold its latency into the averages.
 
         ``status`` is the HTTP status of a failed request that got a response; a failure
-        without one is a local-origin failure (refused, reset, timed out, an exception).
+        without one is a local-origin failure (refused, reset, timed out, an exception).  A
+        failed status below 500 (a retried 429, say) is not the endpoint failing: it ends the
+        runs of failures and counts as a success for the circuit breaker.  ``ticket`` is the
+        circuit breaker's, from its ``admit()``.
 
         For the peak-EWMA cost, a failure counts as at least twice the current peak and at
         least the default latency (at most :data:`FAILURE_PENALTY_CAP`, unless the failure
@@ -152,6 +155,9 @@ class EndpointStats:
             if success:
                 self.successes += 1
                 self.last_success = now
+                self.consecutive_5xx = self.consecutive_gateway = self.consecutive_local = 0
+            elif status is not None and status < 500:
+                self.failures += 1
                 self.consecutive_5xx = self.consecutive_gateway = self.consecutive_local = 0
             else:
                 self.failures += 1
@@ -182,9 +188,10 @@ class EndpointStats:
             self._stamp = now
         finally:
             lock.release()
+        endpoint_failed = not success and (status is None or status >= 500)
         if self.breaker is not None:
-            self.breaker.record(success)
-        if not success and self.on_failure is not None:
+            self.breaker.record(not endpoint_failed, ticket)
+        if endpoint_failed and self.on_failure is not None:
             self.on_failure(self)
         if self.on_drained is not None and not self._in_flight:
             drained, self.on_drained = self.on_drained, None

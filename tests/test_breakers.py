@@ -113,3 +113,111 @@ def test_config_errors_name_the_key(settings: dict[str, Any], path: str, fragmen
         load_config({"services": {"db": {"endpoints": [], "circuit_breaker": settings}}})
     assert caught.value.path == f"services.db.circuit_breaker.{path}"
     assert fragment in str(caught.value)
+
+
+def test_half_open_lets_exactly_one_of_many_concurrent_picks_through(clock: FakeClock) -> None:
+    with lb_with(clock) as lb:
+        fail(lb, "10.0.0.1:5432", 3)
+        clock.advance(10.0)
+        breaker = lb.stats("db")["10.0.0.1:5432"].breaker
+        assert breaker is not None
+        barrier = threading.Barrier(8)
+        tickets: list[object] = []
+
+        def admit() -> None:
+            barrier.wait()
+            tickets.append(breaker.admit())
+
+        threads = [threading.Thread(target=admit) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len([t for t in tickets if t]) == 1  # one probe ticket, seven refusals
+
+
+def test_a_request_from_before_the_trip_does_not_decide_the_probe(clock: FakeClock) -> None:
+    with lb_with(clock) as lb:
+        early = lb.pick("db", exclude={"10.0.0.2:5432"})  # let through while closed
+        fail(lb, "10.0.0.1:5432", 3)
+        clock.advance(10.0)
+        probe = lb.pick("db", exclude={"10.0.0.2:5432"})
+        breaker = lb.stats("db")["10.0.0.1:5432"].breaker
+        assert breaker is not None and breaker.state == "half-open"
+        early.done()  # succeeds late: not the probe, no say
+        assert breaker.state == "half-open" and breaker.admit() is None  # probe still out
+        probe.done(success=False)
+        assert breaker.state == "open"
+
+
+def test_breaker_recovers_under_concurrent_load(clock: FakeClock) -> None:
+    with lb_with(clock, fail_max=2, reset_timeout=1) as lb:
+        healthy = threading.Event()
+        stop = threading.Event()
+
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    lease = lb.pick("db")
+                except NoEndpointAvailable:
+                    continue
+                ok = healthy.is_set() or lease.address != "10.0.0.1:5432"
+                lease.done(success=ok)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(200):  # failing, tripping, probing, failing again...
+            clock.advance(0.05)
+            threading.Event().wait(0.001)
+        healthy.set()
+        breaker = lb.stats("db")["10.0.0.1:5432"].breaker
+        assert breaker is not None
+        for _ in range(2000):
+            clock.advance(0.05)
+            if breaker.state == "closed":
+                break
+            threading.Event().wait(0.001)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert breaker.state == "closed" and breaker.trips >= 1
+
+
+def test_backups_take_requests_when_every_primary_breaker_refuses(clock: FakeClock) -> None:
+    lb = LoadBalancer.from_config({"services": {"db": {
+        "endpoints": ["10.0.0.1:5432"], "backups": ["10.0.9.1:5432"],
+        "circuit_breaker": {"fail_max": 1, "reset_timeout": 10}}}}, clock=clock)
+    with lb:
+        with lb.pick("db") as lease:
+            assert lease.address == "10.0.0.1:5432"
+            lease.mark_failure()
+        assert lb.pick("db").address == "10.0.9.1:5432"  # not NoEndpointAvailable
+
+
+def test_breaker_locks_are_fresh_in_a_forked_child(clock: FakeClock) -> None:
+    import os
+    with lb_with(clock) as lb:
+        breaker = lb.stats("db")["10.0.0.1:5432"].breaker
+        assert breaker is not None
+        fail(lb, "10.0.0.1:5432", 3)
+        clock.advance(10)
+        breaker._lock.acquire()
+        breaker.breaker._lock.acquire()
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    signal_alarm = __import__("signal")
+                    signal_alarm.alarm(5)
+                    for _ in range(4):
+                        lb.pick("db").done()
+                    code = 0
+                finally:
+                    os._exit(code)
+        finally:
+            breaker.breaker._lock.release()
+            breaker._lock.release()
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

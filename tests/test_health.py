@@ -101,8 +101,10 @@ def test_rise_and_fall_thresholds_and_grace() -> None:
         health = lb._health.health("users", "10.0.0.1:80")
         assert health is not None
         seen = [ok for _, ok, _ in health.history]
+        flips = lb._health.flips
     assert seen[:7] == [False, True, False, False, True, True, True]
-    # F T: one failure, then reset; F F: down after two; T T: up after two.
+    # F T: one failure, then reset (no flip); F F: down after two; T T: up after two.
+    assert flips == 2
     assert health.healthy
 
 
@@ -254,3 +256,34 @@ def test_services_registered_from_python_stay_unchecked() -> None:
         assert lb.status()["services"]["users"]["endpoints"]["10.0.0.1:80"]["health"] == (
             "unchecked")
         assert not lb._health.running
+
+
+def test_removing_and_adding_an_endpoint_again_never_doubles_its_checks(
+        servers: list[Backend]) -> None:
+    a = servers[0]
+    with make_lb([a.address, servers[1].address]) as lb:
+        for _ in range(6):
+            lb.registry.deregister("users", a.address)
+            lb.registry.register("users", a.address)
+        assert wait_for(lambda: lb._health.checks >= 20)
+        with lb._health._lock:
+            entries = [t for _, _, t in lb._health._heap if t.address == a.address]
+        live = [t for t in entries if lb._health._targets.get(("users", a.address)) is t]
+        assert len(live) == 1  # one schedule for the endpoint, however often it came back
+
+
+def test_traffic_counts_as_a_passed_check() -> None:
+    results = iter([False] + [True] * 1000)
+    config = ServiceConfig(endpoints=(Endpoint("10.0.0.1", 80),), health_check=HealthCheckConfig(
+        type="function", function=lambda e: next(results), interval=0.05, jitter=0.0,
+        unhealthy_threshold=2, skip_if_traffic=True))
+    with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
+        assert wait_for(lambda: lb._health.checks >= 1)
+        health = lb._health.health("users", "10.0.0.1:80")
+        assert health is not None and health.failures_in_row == 1
+        deadline = time.monotonic() + 2
+        while lb._health.skipped < 2 and time.monotonic() < deadline:
+            lb.pick("users").done()  # real traffic succeeding
+            time.sleep(0.01)
+        assert lb._health.skipped >= 2
+        assert health.failures_in_row == 0 and health.healthy

@@ -145,3 +145,18 @@ def test_config_errors_name_the_key(settings: dict[str, Any], path: str, fragmen
         load_config({"services": {"users": {"endpoints": [], "outlier_detection": settings}}})
     assert caught.value.path == f"services.users.outlier_detection.{path}"
     assert fragment in str(caught.value)
+
+
+def test_a_retried_4xx_never_counts(servers: list[Backend]) -> None:
+    busy, good = servers[0], servers[1]
+    busy.behaviour = backends.status(429)
+    lb = LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [busy.address, good.address], "strategy": "round_robin",
+        "retries": {"statuses": [429]},
+        "outlier_detection": {**QUICK, "consecutive_5xx": 2}}}})
+    with lb:
+        s = lb.session()
+        for _ in range(10):
+            assert s.get("http://users/").status_code == 200  # retried on the good one
+        assert busy.requests_count() >= 4
+        assert not ejected(lb, busy.address)
