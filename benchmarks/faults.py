@@ -1,0 +1,970 @@
+"""Latency and errors when a backend slows down or dies: tai-lb's strategies, and HAProxy.
+
+Two experiments on 127.0.0.1, each backend a threaded ``http.server`` in a process of its own
+(so the backends never compete with the client threads for the benchmark's GIL), steered through
+shared memory:
+
+(a) **a slow backend**: 10 backends answer after a random delay around a base delay; one of them
+    turns 20 x slower for the middle half of the run.  16 threads, each with its own
+    ``lb.session()``, send GETs for the whole run; p50, p99 and p99.9 of every request, for
+    ``peak_ewma``, ``least_connections`` and ``round_robin``, each next to the same run without
+    the slow backend (the two runs of a strategy back to back, in alternating order);
+(b) **a failing backend**: 5 backends; under load one of them starts refusing connections (its
+    process is killed: listener and open connections closed) or answering 503.  Three clients
+    send GETs at the same time, through the same fault: tai-lb with retries (the default 3
+    attempts), tai-lb without retries (``"retries": false``), both with outlier detection at its
+    default thresholds, and HAProxy (Debian ``haproxy``; apt-get installs it when missing, which
+    needs root) with HTTP checks every 2 s and ``fall 3``.  For each: the errors its callers see
+    after the fault, and the time from the fault to the ejection (tai-lb) or to the server marked
+    DOWN (HAProxy's stats socket, polled every 10 ms).
+
+::
+
+    python benchmarks/faults.py          # about 3 minutes; updates "## faults.py" in RESULTS.md
+    python benchmarks/faults.py --quick  # under 40 seconds; never writes RESULTS.md
+
+Targets (printed as PASS/FAIL, never asserted): peak_ewma's p99 <= 1.3 x and p99.9 <= 2 x the
+run without the slow backend (the other strategies are shown for contrast); with retries on, 0
+errors seen by callers of idempotent requests when a backend fails; time to eject a refusing
+backend <= 0.05 x HAProxy's default detection time, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import http.server
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import requests
+from http_overhead import find_program, sigterm_raises
+from picks import markdown_table, plain_table, source_revision, verdict
+
+import tai_lb
+from tai_lb.trace import trace_of
+
+SECTION = "## faults.py"
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS_HEADER = (
+    "# tai-lb benchmark results\n\n"
+    "Each section is written by the script it is named after (`python benchmarks/<name>`); a run\n"
+    "replaces only its own section.  Figures are medians over interleaved rounds and ratios\n"
+    "measured side by side in one run on one machine; absolute times are for context only.\n"
+)
+
+SERVICE = "users"
+STRATEGY_NAMES = ("peak_ewma", "least_connections", "round_robin")
+TARGETED = "peak_ewma"  # the strategy the latency targets apply to; the others are contrast
+SLOW_FACTOR = 20  # the slow backend's delays are this many times the others'
+JITTER = 0.5  # each delay is the base delay x a uniform factor in 1 +- JITTER
+REFUSE = "refusing"
+UNAVAILABLE = "503"
+FAULTS = (REFUSE, UNAVAILABLE)
+TAI_RETRIES = "tai-lb, retries on"
+TAI_NO_RETRIES = "tai-lb, retries off"
+HAPROXY = "HAProxy"
+FAULT_CLIENTS = (TAI_RETRIES, TAI_NO_RETRIES, HAPROXY)
+
+TARGET_P99 = 1.3  # peak_ewma p99 with the slow backend <= 1.3 x without
+TARGET_P999 = 2.0  # peak_ewma p99.9 with the slow backend <= 2 x without
+TARGET_ERRORS = 0  # caller-visible errors with retries on, after a backend fails
+TARGET_EJECT_SHARE = 0.05  # tai-lb's time to eject <= 0.05 x HAProxy's detection time
+
+HAPROXY_INTER = 2.0  # HAProxy's default check interval, seconds
+HAPROXY_FALL = 3  # HAProxy's default failed checks before DOWN
+HAPROXY_RISE = 2  # HAProxy's default passed checks before UP
+POLL_S = 0.01  # how often HAProxy's stats socket is read after the fault
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure."""
+
+    slow_backends: int  # backends of experiment (a)
+    threads: int  # client threads of experiment (a)
+    base_delay: float  # seconds; each answer takes base_delay x uniform(0.5, 1.5)
+    run_s: float  # seconds of one run of (a); the slow phase is its middle half
+    warm: int  # untimed GETs per thread before a run of (a)
+    fault_backends: int  # backends of experiment (b)
+    fault_threads: int  # threads per client in (b)
+    fault_delay: float  # base delay of the backends of (b)
+    before_fault_s: float  # seconds of load in (b) before the fault
+    after_down_s: float  # seconds of load in (b) after HAProxy marked the backend DOWN
+    max_wait_s: float  # the longest wait for HAProxy to mark the backend DOWN
+
+
+FULL = Settings(slow_backends=10, threads=16, base_delay=0.02, run_s=24.0, warm=5,
+                fault_backends=5, fault_threads=6, fault_delay=0.005, before_fault_s=3.0,
+                after_down_s=1.0, max_wait_s=15.0)
+QUICK = Settings(slow_backends=10, threads=16, base_delay=0.02, run_s=2.0, warm=2,
+                 fault_backends=5, fault_threads=6, fault_delay=0.005, before_fault_s=1.0,
+                 after_down_s=0.3, max_wait_s=10.0)
+
+
+# -- backends ------------------------------------------------------------------------------------
+
+
+class _BackendHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with ``ok`` after the backend's delay, or at once with its error."""
+
+    protocol_version = "HTTP/1.1"
+    server: _BackendServer
+
+    def setup(self) -> None:
+        # Without TCP_NODELAY each keep-alive response waits about 40 ms for a delayed ACK.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
+
+    def handle(self) -> None:
+        # A client (or HAProxy) that resets its connection is normal here, not worth a traceback.
+        with contextlib.suppress(ConnectionError):
+            super().handle()
+
+    def do_GET(self) -> None:
+        server = self.server
+        status = server.statuses[server.index]
+        if status == 200:
+            time.sleep(server.delays[server.index] * server.rng.uniform(1 - JITTER, 1 + JITTER))
+            body = b"ok\n"
+        else:
+            body = b"unavailable\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _BackendServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A threaded HTTP server on a listening socket made by the parent process."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, index: int, delays: Any, statuses: Any,
+                 seed: int) -> None:
+        super().__init__(sock.getsockname()[:2], _BackendHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.index = index
+        self.delays = delays
+        self.statuses = statuses
+        self.rng = random.Random(seed)
+
+
+def _serve(sock: socket.socket, index: int, delays: Any, statuses: Any, seed: int) -> None:
+    """The body of a backend process: serve until killed or terminated."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the parent, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.disable(logging.CRITICAL)
+    _BackendServer(sock, index, delays, statuses, seed).serve_forever(poll_interval=0.5)
+
+
+class Backends:
+    """HTTP backends on 127.0.0.1, one process each, with delays and statuses set from here.
+
+    The listening sockets are made here and inherited by the forked processes, so each port
+    accepts connections before its process runs, and is closed (refusing connections) once its
+    process dies.  Create every set before the first thread starts: forking a process with
+    threads is unsafe.
+    """
+
+    def __init__(self, count: int, base_delay: float, seed: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self.base_delay = base_delay
+        self.delays: Any = context.RawArray("d", [base_delay] * count)
+        self.statuses: Any = context.RawArray("i", [200] * count)
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.addresses: list[str] = []
+        try:
+            for index in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    sock.listen(256)
+                    self.addresses.append(f"127.0.0.1:{sock.getsockname()[1]}")
+                    process = context.Process(
+                        target=_serve, args=(sock, index, self.delays, self.statuses,
+                                             seed * 1000 + index),
+                        name=f"faults-backend-{index}", daemon=True)
+                    process.start()
+                    self.processes.append(process)
+        except BaseException:
+            self.close()
+            raise
+
+    def ports(self) -> list[int]:
+        """The backends' ports, in order."""
+        return [int(address.rpartition(":")[2]) for address in self.addresses]
+
+    def reset(self) -> None:
+        """Every live backend back to its base delay and to answering 200."""
+        for index in range(len(self.processes)):
+            self.delays[index] = self.base_delay
+            self.statuses[index] = 200
+
+    def slow_down(self, index: int, factor: float) -> None:
+        """Backend ``index`` answers ``factor`` times slower from its next request on."""
+        self.delays[index] = self.base_delay * factor
+
+    def fail(self, index: int, fault: str) -> None:
+        """Backend ``index`` starts answering 503 or, killed, refusing connections."""
+        if fault == UNAVAILABLE:
+            self.statuses[index] = 503
+        else:
+            process = self.processes[index]
+            process.kill()  # SIGKILL: the kernel closes its listener and every connection
+            process.join(5)
+
+    def close(self) -> None:
+        """Stop every backend process (SIGTERM, then SIGKILL after 5 s)."""
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        self.processes.clear()
+
+    def __enter__(self) -> Backends:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# -- HAProxy -------------------------------------------------------------------------------------
+
+
+def ensure_haproxy() -> str:
+    """The path of haproxy, installing Debian's ``haproxy`` when it is missing."""
+    if find_program("haproxy") is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            sys.exit("faults.py needs the Debian package haproxy; install it "
+                     "(apt-get install haproxy) or run as root")
+        print("installing haproxy with apt-get", file=sys.stderr, flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "haproxy"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+    haproxy = find_program("haproxy")
+    if haproxy is None:
+        sys.exit("haproxy is still missing after apt-get install")
+    return haproxy
+
+
+def haproxy_version(haproxy: str) -> str:
+    """``HAProxy 2.x.y`` as the program reports itself."""
+    output = subprocess.run([haproxy, "-v"], check=False, capture_output=True, text=True,
+                            timeout=10)
+    match = re.search(r"HAProxy version ([\w.]+)", output.stdout + output.stderr)
+    return f"HAProxy {match.group(1)}" if match else "HAProxy"
+
+
+def haproxy_config(port: int, backends: Sequence[int], stats: Path) -> str:
+    """haproxy.cfg: round robin over ``backends`` with HTTP checks at HAProxy's default timing."""
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{backend}"
+                        for i, backend in enumerate(backends))
+    return f"""\
+global
+    maxconn 4096
+    stats socket {stats} mode 600 level user
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend app
+
+backend app
+    balance roundrobin
+    option httpchk GET /healthz
+    default-server check inter {HAPROXY_INTER:g}s fall {HAPROXY_FALL} rise {HAPROXY_RISE}
+{servers}
+"""
+
+
+class HAProxy:
+    """HAProxy as a foreground child process in front of some backends, with a stats socket."""
+
+    def __init__(self, program: str, backends: Sequence[int]) -> None:
+        self.temp = tempfile.TemporaryDirectory(prefix="tai-lb-faults-")
+        directory = Path(self.temp.name)
+        self.stats_path = directory / "haproxy.sock"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        config = directory / "haproxy.cfg"
+        config.write_text(haproxy_config(self.port, backends, self.stats_path), encoding="utf-8")
+        self.log_path = directory / "haproxy.log"
+        self.log: TextIO = self.log_path.open("w", encoding="utf-8")
+        # A session of its own: a Ctrl-C reaches only this script, which then stops HAProxy.
+        self.process = subprocess.Popen([program, "-f", str(config), "-db"],
+                                        stdin=subprocess.DEVNULL, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_until_up(len(backends))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        """The URL of HAProxy's frontend."""
+        return f"http://127.0.0.1:{self.port}/"
+
+    def _wait_until_up(self, count: int) -> None:
+        """Wait until every server has passed a check (10 s at most)."""
+        deadline = time.monotonic() + 10
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"haproxy exited with status {self.process.returncode}:\n"
+                                   + self.log_path.read_text(encoding="utf-8", errors="replace"))
+            with contextlib.suppress(OSError):
+                rows = self.servers()
+                if len(rows) == count and all(row["status"] == "UP"
+                                              and row["check_status"] == "L7OK"
+                                              for row in rows.values()):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("haproxy's servers are not all UP after 10 s")
+            time.sleep(0.05)
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        """``show stat`` of the servers of backend ``app``, by server name."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(self.stats_path))
+            sock.sendall(b"show stat\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        lines = b"".join(chunks).decode("utf-8", "replace").splitlines()
+        if not lines or not lines[0].startswith("# "):
+            return {}
+        names = lines[0][2:].split(",")
+        rows: dict[str, dict[str, str]] = {}
+        for line in lines[1:]:
+            row = dict(zip(names, line.split(",")))
+            if row.get("pxname") == "app" and row.get("svname") not in ("BACKEND", None):
+                rows[row["svname"]] = row
+        return rows
+
+    def close(self) -> None:
+        """Stop HAProxy (SIGTERM, then SIGKILL after 5 s) and remove its directory."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.log.close()
+        self.temp.cleanup()
+
+    def __enter__(self) -> HAProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# -- (a) a slow backend --------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyRun:
+    """One run of experiment (a): one strategy, with or without the slow backend."""
+
+    strategy: str
+    slow: bool
+    seconds: float  # from the barrier to the last request's end
+    latencies: list[float]  # seconds, sorted
+    errors: int
+    to_slow: int  # requests to backend 0 in the middle half (slow in the slow runs)
+    to_recovered: int  # requests to backend 0 in the last quarter (fast again)
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return len(self.latencies) / self.seconds
+
+    def percentile(self, share: float) -> float:
+        """The nearest-rank percentile of the latencies, in seconds."""
+        if not self.latencies:
+            return float("nan")
+        return self.latencies[max(1, math.ceil(share * len(self.latencies))) - 1]
+
+
+def latency_config(addresses: Sequence[str], strategy: str, threads: int) -> dict[str, Any]:
+    """A service over ``addresses`` with ``strategy``; pools sized for the threads."""
+    return {"services": {SERVICE: {
+        "endpoints": list(addresses), "strategy": strategy,
+        "pool": {"maxsize": threads}, "timeout": {"connect": 1, "read": 10},
+    }}}
+
+
+def last_endpoint(outcome: object) -> Optional[str]:
+    """The endpoint of the last attempt of a balanced request (a response or an error)."""
+    trace = trace_of(outcome)
+    return trace.attempts[-1].endpoint if trace is not None and trace.attempts else None
+
+
+def latency_run(backends: Backends, strategy: str, slow: bool, settings: Settings) -> LatencyRun:
+    """16 threads of GETs for ``settings.run_s``; backend 0 slow in the middle half if ``slow``.
+
+    Every thread warms its session up, then waits at a barrier; the run starts when all are
+    released.  A request counts if it started before the end; its latency is the wall time of
+    ``session.get`` on its thread, as the caller sees it.
+    """
+    backends.reset()
+    slow_address = backends.addresses[0]
+    threads = settings.threads
+    url = f"http://{SERVICE}/"
+    starts = [0.0]
+    results: list[list[tuple[float, float, bool, bool]]] = [[] for _ in range(threads)]
+    failures: list[BaseException] = []
+    with tai_lb.LoadBalancer.from_config(
+            latency_config(backends.addresses, strategy, threads)) as lb:
+        sessions = [lb.session() for _ in range(threads)]
+        barrier = threading.Barrier(threads + 1,
+                                    action=lambda: starts.__setitem__(0, time.perf_counter()))
+
+        def work(index: int) -> None:
+            session = sessions[index]
+            try:
+                for _ in range(settings.warm):
+                    session.get(url).raise_for_status()
+            except BaseException as error:
+                failures.append(error)
+                barrier.abort()
+                return
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return
+            end = starts[0] + settings.run_s
+            local = results[index]
+            get = session.get
+            clock = time.perf_counter
+            while True:
+                begun = clock()
+                if begun >= end:
+                    break
+                outcome: object
+                try:
+                    response = get(url)
+                    outcome, ok = response, response.status_code == 200
+                except requests.RequestException as error:
+                    outcome, ok = error, False
+                local.append((begun, clock() - begun, ok, last_endpoint(outcome) == slow_address))
+
+        workers = [threading.Thread(target=work, args=(i,), name=f"faults-{i}", daemon=True)
+                   for i in range(threads)]
+        gc.collect()
+        for worker in workers:
+            worker.start()
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            for worker in workers:
+                worker.join()
+            raise RuntimeError(f"{strategy}: a warm-up request failed") from failures[0]
+        start = starts[0]
+        slow_from, slow_until = start + settings.run_s / 4, start + settings.run_s * 3 / 4
+        time.sleep(max(0.0, slow_from - time.perf_counter()))
+        if slow:
+            backends.slow_down(0, SLOW_FACTOR)
+        time.sleep(max(0.0, slow_until - time.perf_counter()))
+        backends.reset()
+        for worker in workers:
+            worker.join()
+        finished = time.perf_counter()
+        for session in sessions:
+            session.close()
+    samples = [sample for local in results for sample in local]
+    return LatencyRun(
+        strategy, slow, finished - start,
+        sorted(latency for _, latency, _, _ in samples),
+        sum(not ok for _, _, ok, _ in samples),
+        sum(to_slow and slow_from <= begun < slow_until for begun, _, _, to_slow in samples),
+        sum(to_slow and begun >= slow_until for begun, _, _, to_slow in samples))
+
+
+def latency_runs(backends: Backends, settings: Settings, rng: random.Random,
+                 progress: bool, began: float) -> dict[tuple[str, bool], LatencyRun]:
+    """Both runs of every strategy, back to back; the strategies and pair orders shuffled."""
+    order = list(STRATEGY_NAMES)
+    rng.shuffle(order)
+    first_slow = rng.random() < 0.5
+    runs: dict[tuple[str, bool], LatencyRun] = {}
+    for strategy in order:
+        for slow in (first_slow, not first_slow):
+            run = latency_run(backends, strategy, slow, settings)
+            runs[strategy, slow] = run
+            if progress:
+                print(f"(a) {strategy}, {'slow backend' if slow else 'no slow backend'}: "
+                      f"{run.rate:,.0f} requests/s, p50 {run.percentile(0.5) * 1e3:.1f} ms, "
+                      f"p99 {run.percentile(0.99) * 1e3:.1f} ms, "
+                      f"p99.9 {run.percentile(0.999) * 1e3:.1f} ms; backend 0 got {run.to_slow} "
+                      f"in the middle half, {run.to_recovered} in the last quarter; "
+                      f"{time.perf_counter() - began:.0f} s so far",
+                      file=sys.stderr, flush=True)
+        first_slow = not first_slow
+    return runs
+
+
+# -- (b) a failing backend -----------------------------------------------------------------------
+
+
+class EjectionLog(logging.Handler):
+    """Notes when tai-lb's outlier detection logs an ejection, by (service, address)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.times: dict[tuple[str, str], float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 2 and "ejected" in str(record.msg):
+            self.times.setdefault((str(args[0]), str(args[1])), now)
+
+
+@dataclass
+class FaultClient:
+    """One client of experiment (b) and what its requests met."""
+
+    name: str
+    url: str
+    sessions: list[requests.Session]
+    lb: Optional[tai_lb.LoadBalancer] = None
+    service: str = ""
+    # (start, end, ok, attempts to the faulty backend) of every request
+    samples: list[tuple[float, float, bool, int]] = field(default_factory=list)
+    detected_s: Optional[float] = None  # fault to ejection / DOWN, seconds
+    ejected_at_end: Optional[bool] = None
+
+    def started_after(self, fault_at: float) -> int:
+        """How many requests started after the fault."""
+        return sum(begun >= fault_at for begun, _, _, _ in self.samples)
+
+    def errors(self) -> int:
+        """Requests of the whole run that failed as the caller sees them."""
+        return sum(not ok for _, _, ok, _ in self.samples)
+
+    def attempts_after(self, fault_at: float) -> int:
+        """Attempts to the faulty backend in requests that ended after the fault."""
+        return sum(tried for _, ended, _, tried in self.samples if ended >= fault_at)
+
+
+@dataclass
+class FaultRun:
+    """One run of experiment (b): one fault, seen by every client at once."""
+
+    fault: str
+    seconds: float
+    clients: dict[str, FaultClient]
+    fault_at: float
+    requests_before: dict[str, int]
+
+    def errors(self, name: str) -> int:
+        """Requests of the whole run that failed as ``name``'s callers see them."""
+        return self.clients[name].errors()
+
+
+def fault_config(addresses: Sequence[str], service: str, retries: bool,
+                 threads: int) -> dict[str, Any]:
+    """A round-robin service with outlier detection at Envoy's defaults, retries on or off."""
+    settings: dict[str, Any] = {
+        "endpoints": list(addresses), "strategy": "round_robin", "outlier_detection": {},
+        "pool": {"maxsize": threads}, "timeout": {"connect": 1, "read": 10},
+    }
+    if not retries:
+        settings["retries"] = False
+    return {"services": {service: settings}}
+
+
+def fault_run(backends: Backends, haproxy_program: str, fault: str,
+              settings: Settings) -> FaultRun:
+    """Load from every client, then backend 0 fails; wait for HAProxy to mark it DOWN."""
+    victim = backends.addresses[0]
+    threads = settings.fault_threads
+    ejections = EjectionLog()
+    outlier_log = logging.getLogger("tai_lb.outlier")
+    outlier_log.addHandler(ejections)
+    stop = threading.Event()
+    began = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        stack.callback(outlier_log.removeHandler, ejections)
+        haproxy = stack.enter_context(HAProxy(haproxy_program, backends.ports()))
+        clients: dict[str, FaultClient] = {}
+        for name, service, retries in ((TAI_RETRIES, "retries-on", True),
+                                       (TAI_NO_RETRIES, "retries-off", False)):
+            lb = stack.enter_context(tai_lb.LoadBalancer.from_config(
+                fault_config(backends.addresses, service, retries, threads)))
+            clients[name] = FaultClient(name, f"http://{service}/",
+                                        [stack.enter_context(lb.session())
+                                         for _ in range(threads)], lb, service)
+        clients[HAPROXY] = FaultClient(HAPROXY, haproxy.url,
+                                       [stack.enter_context(requests.Session())
+                                        for _ in range(threads)])
+        lock = threading.Lock()
+
+        def work(client: FaultClient, session: requests.Session) -> None:
+            local: list[tuple[float, float, bool, int]] = []
+            get = session.get
+            clock = time.monotonic
+            while not stop.is_set():
+                begun = clock()
+                outcome: object
+                try:
+                    response = get(client.url)
+                    outcome, ok = response, response.status_code == 200
+                except requests.RequestException as error:
+                    outcome, ok = error, False
+                ended = clock()
+                trace = trace_of(outcome)
+                tried = (sum(a.endpoint == victim for a in trace.attempts)
+                         if trace is not None else 0)
+                local.append((begun, ended, ok, tried))
+            with lock:
+                client.samples.extend(local)
+
+        workers = [threading.Thread(target=work, args=(client, session),
+                                    name=f"faults-{client.service or 'haproxy'}-{i}",
+                                    daemon=True)
+                   for client in clients.values() for i, session in enumerate(client.sessions)]
+        gc.collect()
+        for worker in workers:
+            worker.start()
+        try:
+            time.sleep(settings.before_fault_s)
+            fault_at = time.monotonic()
+            backends.fail(0, fault)
+            deadline = fault_at + settings.max_wait_s
+            while True:
+                rows = haproxy.servers()
+                now = time.monotonic()
+                if rows["b0"]["status"].startswith("DOWN"):
+                    clients[HAPROXY].detected_s = now - fault_at
+                    break
+                if now > deadline:
+                    break
+                time.sleep(POLL_S)
+            time.sleep(settings.after_down_s)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        for client in clients.values():
+            if client.lb is not None:
+                ejected = ejections.times.get((client.service, victim))
+                client.detected_s = None if ejected is None else ejected - fault_at
+                view = client.lb.status()["services"][client.service]["endpoints"][victim]
+                client.ejected_at_end = bool((view.get("outlier") or {}).get("ejected"))
+    seconds = time.monotonic() - began
+    before = {name: len(client.samples) - client.started_after(fault_at)
+              for name, client in clients.items()}
+    return FaultRun(fault, seconds, clients, fault_at, before)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """Everything one run measured."""
+
+    settings: Settings
+    latency: dict[tuple[str, bool], LatencyRun]
+    faults: dict[str, FaultRun]
+    seconds: float
+    haproxy: str
+
+
+def run(settings: Settings, seed: int, progress: bool) -> Results:
+    """Run experiment (a), then (b) once per fault, and return the figures."""
+    haproxy_program = ensure_haproxy()
+    version = haproxy_version(haproxy_program)
+    began = time.perf_counter()
+    rng = random.Random(seed)
+    with sigterm_raises(), contextlib.ExitStack() as stack:
+        # Every backend process is forked here, before any thread starts.
+        slow_set = stack.enter_context(Backends(settings.slow_backends, settings.base_delay,
+                                                seed))
+        fault_sets = {fault: stack.enter_context(Backends(settings.fault_backends,
+                                                          settings.fault_delay, seed + 1 + i))
+                      for i, fault in enumerate(FAULTS)}
+        latency = latency_runs(slow_set, settings, rng, progress, began)
+        slow_set.close()
+        faults: dict[str, FaultRun] = {}
+        for fault in FAULTS:
+            result = fault_run(fault_sets[fault], haproxy_program, fault, settings)
+            fault_sets[fault].close()
+            faults[fault] = result
+            if progress:
+                parts = [f"{name}: {result.errors(name)} errors, detected "
+                         + ("never" if client.detected_s is None
+                            else f"after {client.detected_s * 1e3:,.0f} ms")
+                         for name, client in result.clients.items()]
+                print(f"(b) {fault}: " + "; ".join(parts)
+                      + f"; {time.perf_counter() - began:.0f} s so far",
+                      file=sys.stderr, flush=True)
+    return Results(settings, latency, faults, time.perf_counter() - began, version)
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def ratio(results: Results, strategy: str, share: float) -> float:
+    """A percentile of the run with the slow backend over the same one of the run without."""
+    slow, normal = results.latency[strategy, True], results.latency[strategy, False]
+    return slow.percentile(share) / normal.percentile(share)
+
+
+def latency_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the latency table: two rows per strategy."""
+    header = ["strategy", "backend 0", "requests", "requests/s", "to backend 0, middle half",
+              "to backend 0, last quarter", "p50 ms", "p99 ms", "p99.9 ms", "p99 x normal",
+              "p99.9 x normal", "targets"]
+    rows: list[list[str]] = []
+    for strategy in STRATEGY_NAMES:
+        for slow in (False, True):
+            run = results.latency[strategy, slow]
+            row = [strategy, f"{SLOW_FACTOR} x slower" if slow else "normal",
+                   f"{len(run.latencies):,}", f"{run.rate:,.0f}", f"{run.to_slow:,}",
+                   f"{run.to_recovered:,}",
+                   f"{run.percentile(0.5) * 1e3:.1f}", f"{run.percentile(0.99) * 1e3:.1f}",
+                   f"{run.percentile(0.999) * 1e3:.1f}"]
+            if slow:
+                p99, p999 = ratio(results, strategy, 0.99), ratio(results, strategy, 0.999)
+                targets = (verdict(p99 <= TARGET_P99 and p999 <= TARGET_P999)
+                           if strategy == TARGETED else "contrast")
+                row += [f"{p99:.2f}", f"{p999:.2f}", targets]
+            else:
+                row += ["1.00", "1.00", "-"]
+            rows.append(row)
+    return header, rows
+
+
+def fault_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the failing-backend table: one row per fault and client."""
+    header = ["fault", "client", "requests/s before", "requests after", "caller errors",
+              "attempts to faulty backend", "time to eject ms", "x HAProxy"]
+    rows: list[list[str]] = []
+    for fault, run in results.faults.items():
+        haproxy = run.clients[HAPROXY].detected_s
+        for name, client in run.clients.items():
+            detected = client.detected_s
+            rows.append([
+                fault, name, f"{run.requests_before[name] / results.settings.before_fault_s:,.0f}",
+                f"{client.started_after(run.fault_at):,}", f"{run.errors(name):,}",
+                f"{client.attempts_after(run.fault_at):,}" if client.lb is not None else "-",
+                "never" if detected is None else f"{detected * 1e3:,.0f}",
+                "-" if detected is None or haproxy is None else f"{detected / haproxy:.3f}",
+            ])
+    return header, rows
+
+
+def target_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the targets table."""
+    header = ["target", "measured", "result"]
+    p99, p999 = ratio(results, TARGETED, 0.99), ratio(results, TARGETED, 0.999)
+    rows = [
+        [f"{TARGETED} p99 with a {SLOW_FACTOR} x slower backend <= {TARGET_P99} x without",
+         f"{p99:.2f} x", verdict(p99 <= TARGET_P99)],
+        [f"{TARGETED} p99.9 with a {SLOW_FACTOR} x slower backend <= {TARGET_P999:g} x without",
+         f"{p999:.2f} x", verdict(p999 <= TARGET_P999)],
+    ]
+    for fault, run in results.faults.items():
+        errors = run.errors(TAI_RETRIES)
+        rows.append([f"retries on, backend {fault}: {TARGET_ERRORS} caller errors (GET)",
+                     f"{errors:,}", verdict(errors <= TARGET_ERRORS)])
+    for fault, run in results.faults.items():
+        haproxy = run.clients[HAPROXY].detected_s
+        for name in (TAI_RETRIES, TAI_NO_RETRIES):
+            detected = run.clients[name].detected_s
+            label = (f"{name}, backend {fault}: eject <= {TARGET_EJECT_SHARE} x HAProxy's "
+                     "detection" + ("" if fault == REFUSE else " (not a stated target)"))
+            if detected is None or haproxy is None:
+                measured = ("not ejected" if detected is None
+                            else f"HAProxy: no DOWN in {results.settings.max_wait_s:g} s")
+                rows.append([label, measured, verdict(detected is not None)])
+            else:
+                rows.append([label, f"{detected * 1e3:,.0f} / {haproxy * 1e3:,.0f} ms = "
+                                    f"{detected / haproxy:.3f} x",
+                             verdict(detected <= TARGET_EJECT_SHARE * haproxy)])
+    return header, rows
+
+
+def summary_lines(results: Results) -> list[str]:
+    """The verdicts, and the points to read the tables by."""
+    _, rows = target_rows(results)
+    passed = sum(row[-1] == "PASS" for row in rows)
+    lines = [f"Targets: {passed} of {len(rows)} rows pass."]
+    for fault, run in results.faults.items():
+        haproxy = run.clients[HAPROXY]
+        lines.append(
+            f"Backend {fault}: HAProxy marked it DOWN "
+            + ("never" if haproxy.detected_s is None
+               else f"{haproxy.detected_s:.2f} s after the fault")
+            + f"; its callers saw {run.errors(HAPROXY):,} errors, tai-lb's "
+            f"{run.errors(TAI_RETRIES):,} with retries and {run.errors(TAI_NO_RETRIES):,} "
+            "without.")
+    return lines
+
+
+def method_text(results: Results) -> str:
+    """How the figures were taken."""
+    s = results.settings
+    return (
+        f"Backends: threaded `http.server`s on 127.0.0.1, one process each (TCP_NODELAY, "
+        "keep-alive), steered through shared memory; each GET is answered `ok` after the "
+        f"backend's delay x a uniform factor in {1 - JITTER:g}-{1 + JITTER:g}.  "
+        f"(a) {s.slow_backends} backends with a {s.base_delay * 1e3:g} ms delay; "
+        f"{s.threads} threads, each with its own `lb.session()` on one balancer (pools of "
+        f"{s.threads} connections per endpoint), send GETs for {s.run_s:g} s after "
+        f"{s.warm} untimed ones; in the slow runs backend 0's delay is {SLOW_FACTOR} x longer "
+        f"from {s.run_s / 4:g} s to {s.run_s * 3 / 4:g} s.  Each strategy, at its default "
+        "settings, runs without and with the slow backend back to back (strategies in a "
+        "shuffled order, the pair's order alternating), each run on a fresh balancer.  "
+        "Latency is the wall time of `session.get` on its thread over every request of the "
+        "run; percentiles are nearest-rank; the `to backend 0` columns count requests "
+        "answered by backend 0 in the middle half (the slow phase of the slow runs) and in the "
+        "last quarter (fast again).  "
+        f"(b) {s.fault_backends} backends with a {s.fault_delay * 1e3:g} ms delay; three "
+        f"clients of {s.fault_threads} threads each run at once: tai-lb with retries (3 "
+        "attempts, default budget), tai-lb without (`\"retries\": false`), both round robin "
+        "with `\"outlier_detection\": {}` (5 failures in a row eject, Envoy's defaults), and "
+        f"`requests.Session`s to {results.haproxy} (`balance roundrobin`, `option httpchk GET "
+        f"/healthz`, `check inter {HAPROXY_INTER:g}s fall {HAPROXY_FALL} rise {HAPROXY_RISE}`, "
+        "otherwise its defaults: 3 connect retries on the same server, no redispatch).  After "
+        f"{s.before_fault_s:g} s, backend 0 fails: `refusing` kills its process (the kernel "
+        "closes its listener and connections), `503` makes it answer 503 at once.  Time to "
+        "eject runs from the fault to tai-lb's ejection (its outlier log record) or to "
+        "HAProxy's `DOWN` (its stats socket, read every "
+        f"{POLL_S * 1e3:g} ms); the load goes on until {s.after_down_s:g} s after HAProxy's "
+        "DOWN.  `requests/s before` is each client's rate before the fault; "
+        "`caller errors` count the GETs of the whole run that raised or did not answer "
+        "200; `attempts to faulty backend` count tai-lb's attempts there in requests that "
+        "ended after the fault, retries included."
+    )
+
+
+def markdown_report(results: Results) -> str:
+    """The Markdown section for RESULTS.md (without its heading)."""
+    today = datetime.date.today().isoformat()
+    environment = (f"{today}; Python {platform.python_version()} "
+                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
+                   f"({platform.machine()}, {platform.system()}); requests "
+                   f"{requests.__version__}; {results.haproxy}; tai-lb {tai_lb.__version__} "
+                   f"({source_revision()}); one run of each case in {results.seconds:.0f} s.")
+    return "\n".join([
+        environment,
+        "",
+        method_text(results),
+        "",
+        *(f"- {line}" for line in summary_lines(results)),
+        "",
+        markdown_table(*latency_rows(results)),
+        "",
+        markdown_table(*fault_rows(results)),
+        "",
+        markdown_table(*target_rows(results)),
+        "",
+        f"Targets: {TARGETED}'s p99 <= {TARGET_P99} x and p99.9 <= {TARGET_P999:g} x the run "
+        f"without the slow backend (the other strategies for contrast); with retries on, "
+        f"{TARGET_ERRORS} caller-visible errors for idempotent requests when a backend fails; "
+        f"time to eject a refusing backend <= {TARGET_EJECT_SHARE} x HAProxy's default "
+        "detection time in the same run.  One run of each case: figures vary from run to run "
+        "on this shared machine.",
+    ])
+
+
+def write_section(path: Path, body: str) -> None:
+    """Put ``body`` under ``SECTION`` in ``path``, replacing only that section."""
+    text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
+    section = f"{SECTION}\n\n{body.rstrip()}\n"
+    # The section runs to the next second-level heading or the end of the file.
+    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="under 40 seconds with short runs (smoke test); no write")
+    parser.add_argument("--run-seconds", type=float, help="seconds of each run of (a)")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH,
+                        help=f"the file whose '{SECTION}' section is replaced")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the run order and delays")
+    args = parser.parse_args(argv)
+
+    settings = QUICK if args.quick else FULL
+    if args.run_seconds is not None:
+        if args.run_seconds < 1:
+            parser.error("--run-seconds must be at least 1")
+        settings = Settings(**{**settings.__dict__, "run_s": args.run_seconds})
+    results = run(settings, args.seed, progress=not args.quick)
+
+    print(f"one backend {SLOW_FACTOR} x slower, or failing: latency percentiles, caller errors "
+          "and time to eject (one run each)")
+    if args.quick:
+        print("--quick: a smoke test; its runs are too short for the percentiles to mean much")
+    print()
+    for line in summary_lines(results):
+        print(line)
+    print()
+    print(plain_table(*latency_rows(results)))
+    print()
+    print(plain_table(*fault_rows(results)))
+    print()
+    print(plain_table(*target_rows(results)))
+    print()
+    report = markdown_report(results)
+    print(report)
+    if not (args.quick or args.no_write):
+        write_section(args.results, report)
+        print(f"\nupdated the '{SECTION}' section of {args.results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
