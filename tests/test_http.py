@@ -652,11 +652,11 @@ def test_deadline_never_turns_a_response_into_a_made_up_timeout(
             try:
                 r = lb.session().get("http://users/")
             except requests.exceptions.ReadTimeout as error:
-                retried += 1
                 # Legitimate only if a retry really ran and really timed out at the deadline.
                 trace = trace_of(error)
-                assert trace is not None and len(trace.attempts) == 2
+                assert trace is not None and len(trace.attempts) >= 2
                 assert "Read timed out" in (trace.attempts[-1].error or "")
+                retried += len(trace.attempts) - 1
             else:
                 assert r.status_code == 503  # the real answer, never a made-up timeout
                 trace = trace_of(r)
