@@ -223,6 +223,7 @@ class OutlierDetector:
             except Exception:
                 self.errors += 1
                 log.exception("tai-lb: outlier detection timer error")
+                time.sleep(0.1)  # a recurring error must not spin the thread
 
     def _notify(self, service: str) -> None:
         try:
