@@ -275,8 +275,9 @@ class LoadBalancer:
         pickable, panic, refusal = self._healthy_subset(service, everyone)
         picker = strategy.prepare(pickable) if pickable else None
         route = _Route(snapshot, strategy, everyone, pickable, picker, epoch, panic, refusal)
-        if not self._closed:
-            self._routes[service] = route
+        with self._lock:  # close() clears the routes under this lock: never store one after
+            if not self._closed:
+                self._routes[service] = route
         return route
 
     def _healthy_subset(self, service: str, everyone: tuple[EndpointStats, ...],
