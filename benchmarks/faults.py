@@ -16,17 +16,27 @@ shared memory:
     default thresholds, and HAProxy (Debian ``haproxy``; apt-get installs it when missing, which
     needs root) with HTTP checks every 2 s and ``fall 3``.  For each: the errors its callers see
     after the fault, and the time from the fault to the ejection (tai-lb) or to the server marked
-    DOWN (HAProxy's stats socket, polled every 10 ms).
+    DOWN (HAProxy's stats socket, polled every 10 ms);
+(c) **a backend that accepts and never answers**: 5 backends, 16 threads with a
+    ``lb.session()`` each and a ``(1.0, 0.5)`` s timeout on every GET, retries on and outlier
+    detection at its defaults; at a quarter of the run backend 0 turns into a black hole (it
+    accepts connections and reads requests, and never answers, on new and open connections).
+    For ``peak_ewma`` and ``round_robin``, each next to the same run without the fault: p50 and
+    p99 of the requests that never touched backend 0 (by their decision traces), the errors
+    callers see, the requests that touched backend 0, the time to eject it, and the longest wall
+    time any thread spent inside ``lb.pick()`` and inside ``lb.status()`` (polled every 20 ms).
 
 ::
 
-    python benchmarks/faults.py          # about 3 minutes; updates "## faults.py" in RESULTS.md
-    python benchmarks/faults.py --quick  # under 40 seconds; never writes RESULTS.md
+    python benchmarks/faults.py          # about 4 minutes; updates "## faults.py" in RESULTS.md
+    python benchmarks/faults.py --quick  # under 45 seconds; never writes RESULTS.md
 
 Targets (printed as PASS/FAIL, never asserted): peak_ewma's p99 <= 1.3 x and p99.9 <= 2 x the
 run without the slow backend (the other strategies are shown for contrast); with retries on, 0
 errors seen by callers of idempotent requests when a backend fails; time to eject a refusing
-backend <= 0.05 x HAProxy's default detection time, measured in the same run.
+backend <= 0.05 x HAProxy's default detection time, measured in the same run; with a backend
+that never answers, the p99 of the requests that never touched it <= 1.5 x the run without the
+fault, 0 caller errors, and no thread more than 50 ms inside ``lb.pick()`` or ``lb.status()``.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
@@ -62,6 +72,8 @@ from http_overhead import find_program, sigterm_raises
 from picks import markdown_table, plain_table, source_revision, verdict
 
 import tai_lb
+from tai_lb.lease import Lease
+from tai_lb.strategies import RoutingKey
 from tai_lb.trace import trace_of
 
 SECTION = "## faults.py"
@@ -96,6 +108,15 @@ HAPROXY_FALL = 3  # HAProxy's default failed checks before DOWN
 HAPROXY_RISE = 2  # HAProxy's default passed checks before UP
 POLL_S = 0.01  # how often HAProxy's stats socket is read after the fault
 
+HANG_STRATEGIES = ("peak_ewma", "round_robin")  # the strategies of experiment (c)
+HANG_TIMEOUT = (1.0, 0.5)  # (connect, read) seconds, passed on every GET of (c)
+BLACKHOLE = 0  # a backend status: accept, read the request, never answer
+BLACKHOLE_POLL_S = 0.1  # how often a black-holed handler looks whether the fault is over
+STATUS_POLL_S = 0.02  # how often a thread calls lb.status() in (c)
+TARGET_HANG_P99 = 1.5  # p99 of the requests that never touched the hanging backend <= 1.5 x
+TARGET_HANG_ERRORS = 0  # caller-visible errors with a hanging backend
+TARGET_LOCK_S = 0.05  # the longest wall time inside lb.pick() or lb.status(), seconds
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -112,14 +133,20 @@ class Settings:
     before_fault_s: float  # seconds of load in (b) before the fault
     after_down_s: float  # seconds of load in (b) after HAProxy marked the backend DOWN
     max_wait_s: float  # the longest wait for HAProxy to mark the backend DOWN
+    hang_backends: int  # backends of experiment (c)
+    hang_threads: int  # client threads of experiment (c)
+    hang_delay: float  # base delay of the backends of (c)
+    hang_run_s: float  # seconds of one run of (c); backend 0 hangs from a quarter of it on
 
 
 FULL = Settings(slow_backends=10, threads=16, base_delay=0.02, run_s=24.0, warm=5,
                 fault_backends=5, fault_threads=6, fault_delay=0.005, before_fault_s=3.0,
-                after_down_s=1.0, max_wait_s=15.0)
+                after_down_s=1.0, max_wait_s=15.0,
+                hang_backends=5, hang_threads=16, hang_delay=0.02, hang_run_s=16.0)
 QUICK = Settings(slow_backends=10, threads=16, base_delay=0.02, run_s=2.0, warm=2,
                  fault_backends=5, fault_threads=6, fault_delay=0.005, before_fault_s=1.0,
-                 after_down_s=0.3, max_wait_s=10.0)
+                 after_down_s=0.3, max_wait_s=10.0,
+                 hang_backends=5, hang_threads=16, hang_delay=0.02, hang_run_s=2.0)
 
 
 # -- backends ------------------------------------------------------------------------------------
@@ -144,6 +171,13 @@ class _BackendHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         server = self.server
         status = server.statuses[server.index]
+        if status == BLACKHOLE:
+            # The request is read; no answer comes while the fault lasts.  Once it is over the
+            # connection is closed, still without an answer (its client gave up long before).
+            while server.statuses[server.index] == BLACKHOLE:
+                time.sleep(BLACKHOLE_POLL_S)
+            self.close_connection = True
+            return
         if status == 200:
             time.sleep(server.delays[server.index] * server.rng.uniform(1 - JITTER, 1 + JITTER))
             body = b"ok\n"
@@ -228,6 +262,14 @@ class Backends:
     def slow_down(self, index: int, factor: float) -> None:
         """Backend ``index`` answers ``factor`` times slower from its next request on."""
         self.delays[index] = self.base_delay * factor
+
+    def blackhole(self, index: int) -> None:
+        """Backend ``index`` keeps accepting connections and reading requests, never answering.
+
+        Requests already waiting on it hang too; :meth:`reset` ends it (its open connections
+        are then closed without an answer).
+        """
+        self.statuses[index] = BLACKHOLE
 
     def fail(self, index: int, fault: str) -> None:
         """Backend ``index`` starts answering 503 or, killed, refusing connections."""
@@ -699,6 +741,226 @@ def fault_run(backends: Backends, haproxy_program: str, fault: str,
     return FaultRun(fault, seconds, clients, fault_at, before)
 
 
+# -- (c) a backend that accepts and never answers ------------------------------------------------
+
+
+class TimedBalancer(tai_lb.LoadBalancer):
+    """A balancer that notes, per thread, the longest wall time spent inside :meth:`pick`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pick_max: dict[int, float] = {}  # thread ident -> longest pick, seconds
+
+    def pick(self, service: str, key: Optional[RoutingKey] = None, *,
+             exclude: Collection[str] = ()) -> Lease:
+        begun = time.perf_counter()
+        try:
+            return super().pick(service, key, exclude=exclude)
+        finally:
+            spent = time.perf_counter() - begun
+            ident = threading.get_ident()  # each thread writes only its own entry
+            if spent > self.pick_max.get(ident, 0.0):
+                self.pick_max[ident] = spent
+
+
+@dataclass
+class HangRun:
+    """One run of experiment (c): one strategy, with or without the black-holed backend."""
+
+    strategy: str
+    fault: bool
+    seconds: float  # from the barrier to the last request's end
+    window_from: float  # monotonic time of the fault (or of a quarter of the run without it)
+    # (start, latency, ok, touched backend 0) of every request of the run
+    samples: list[tuple[float, float, bool, bool]]
+    ejected_s: Optional[float]  # fault to ejection of backend 0, seconds
+    ejected_at_end: bool
+    pick_max: float  # the longest time a thread spent inside lb.pick(), seconds
+    status_max: float  # the longest lb.status() call, seconds
+    status_calls: int
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return len(self.samples) / self.seconds
+
+    def errors(self) -> int:
+        """Requests of the whole run that raised or did not answer 200."""
+        return sum(not ok for _, _, ok, _ in self.samples)
+
+    def window(self) -> list[tuple[float, float, bool, bool]]:
+        """The requests that started at or after the fault (a quarter of the run without it)."""
+        return [sample for sample in self.samples if sample[0] >= self.window_from]
+
+    def touched(self) -> list[float]:
+        """Latencies of the requests of the window that tried backend 0, sorted."""
+        return sorted(latency for _, latency, _, touched in self.window() if touched)
+
+    def compared(self) -> list[float]:
+        """The latencies compared, sorted: with the fault, the window's requests that never
+        touched backend 0; without it, every request of the window."""
+        return sorted(latency for _, latency, _, touched in self.window()
+                      if not (touched and self.fault))
+
+    def percentile(self, share: float) -> float:
+        """The nearest-rank percentile of :meth:`compared`, in seconds."""
+        latencies = self.compared()
+        if not latencies:
+            return float("nan")
+        return latencies[max(1, math.ceil(share * len(latencies))) - 1]
+
+
+def hang_config(addresses: Sequence[str], strategy: str, threads: int) -> dict[str, Any]:
+    """``strategy`` over ``addresses``, retries on, outlier detection at its defaults."""
+    return {"services": {SERVICE: {
+        "endpoints": list(addresses), "strategy": strategy, "outlier_detection": {},
+        "pool": {"maxsize": threads},
+    }}}
+
+
+def hang_run(backends: Backends, strategy: str, fault: bool, settings: Settings) -> HangRun:
+    """16 threads of GETs for ``settings.hang_run_s``; backend 0 black-holed from a quarter on.
+
+    A thread calls ``lb.status()`` every 20 ms all along, timing each call and watching backend
+    0's outlier state; the balancer times every ``pick``.  Both clocks start at the barrier,
+    after the warm-up.
+    """
+    backends.reset()
+    victim = backends.addresses[0]
+    threads = settings.hang_threads
+    url = f"http://{SERVICE}/"
+    ejections = EjectionLog()
+    outlier_log = logging.getLogger("tai_lb.outlier")
+    outlier_log.addHandler(ejections)
+    results: list[list[tuple[float, float, bool, bool]]] = [[] for _ in range(threads)]
+    failures: list[BaseException] = []
+    status_times: list[float] = []
+    seen_ejected: list[float] = []
+    stop = threading.Event()
+    starts = [0.0]
+    try:
+        lb = TimedBalancer.from_config(hang_config(backends.addresses, strategy, threads))
+        assert isinstance(lb, TimedBalancer)
+        with lb:
+            sessions = [lb.session() for _ in range(threads)]
+
+            def begin() -> None:
+                starts[0] = time.monotonic()
+                lb.pick_max.clear()  # the warm-up's picks do not count
+
+            barrier = threading.Barrier(threads + 1, action=begin)
+
+            def work(index: int) -> None:
+                session = sessions[index]
+                try:
+                    for _ in range(settings.warm):
+                        session.get(url, timeout=HANG_TIMEOUT).raise_for_status()
+                except BaseException as error:
+                    failures.append(error)
+                    barrier.abort()
+                    return
+                try:
+                    barrier.wait()
+                except threading.BrokenBarrierError:
+                    return
+                end = starts[0] + settings.hang_run_s
+                local = results[index]
+                get = session.get
+                clock = time.monotonic
+                while True:
+                    begun = clock()
+                    if begun >= end:
+                        break
+                    outcome: object
+                    try:
+                        response = get(url, timeout=HANG_TIMEOUT)
+                        outcome, ok = response, response.status_code == 200
+                    except requests.RequestException as error:
+                        outcome, ok = error, False
+                    latency = clock() - begun
+                    trace = trace_of(outcome)
+                    touched = trace is not None and any(a.endpoint == victim
+                                                        for a in trace.attempts)
+                    local.append((begun, latency, ok, touched))
+
+            def watch() -> None:
+                clock = time.perf_counter
+                while not stop.wait(STATUS_POLL_S):
+                    begun = clock()
+                    view = lb.status()
+                    status_times.append(clock() - begun)
+                    outlier = view["services"][SERVICE]["endpoints"][victim].get("outlier")
+                    if not seen_ejected and outlier and outlier.get("ejected"):
+                        seen_ejected.append(time.monotonic())
+
+            workers = [threading.Thread(target=work, args=(i,), name=f"faults-hang-{i}",
+                                        daemon=True) for i in range(threads)]
+            watcher = threading.Thread(target=watch, name="faults-status", daemon=True)
+            gc.collect()
+            for worker in workers:
+                worker.start()
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                for worker in workers:
+                    worker.join()
+                raise RuntimeError(f"{strategy}: a warm-up request failed") from failures[0]
+            start = starts[0]
+            watcher.start()
+            try:
+                window_from = start + settings.hang_run_s / 4
+                time.sleep(max(0.0, window_from - time.monotonic()))
+                if fault:
+                    backends.blackhole(0)
+                    window_from = time.monotonic()
+                for worker in workers:
+                    worker.join()
+                finished = time.monotonic()
+            finally:
+                stop.set()
+                watcher.join()
+                backends.reset()  # the hanging handlers close their connections
+            outlier = lb.status()["services"][SERVICE]["endpoints"][victim].get("outlier")
+            ejected_at_end = bool((outlier or {}).get("ejected"))
+            pick_max = max(lb.pick_max.values(), default=0.0)
+            for session in sessions:
+                session.close()
+    finally:
+        outlier_log.removeHandler(ejections)
+    ejected = ejections.times.get((SERVICE, victim))
+    if ejected is None and seen_ejected:
+        ejected = seen_ejected[0]
+    return HangRun(strategy, fault, finished - start, window_from,
+                   [sample for local in results for sample in local],
+                   None if ejected is None or not fault else ejected - window_from,
+                   ejected_at_end, pick_max, max(status_times, default=0.0), len(status_times))
+
+
+def hang_runs(backends: Backends, settings: Settings, rng: random.Random, progress: bool,
+              began: float) -> dict[tuple[str, bool], HangRun]:
+    """Both runs of each strategy of (c), back to back, the pair's order alternating."""
+    order = list(HANG_STRATEGIES)
+    rng.shuffle(order)
+    first_fault = rng.random() < 0.5
+    runs: dict[tuple[str, bool], HangRun] = {}
+    for strategy in order:
+        for fault in (first_fault, not first_fault):
+            run = hang_run(backends, strategy, fault, settings)
+            runs[strategy, fault] = run
+            if progress:
+                print(f"(c) {strategy}, {'backend 0 hangs' if fault else 'no fault'}: "
+                      f"{run.rate:,.0f} requests/s, p50 {run.percentile(0.5) * 1e3:.1f} ms, "
+                      f"p99 {run.percentile(0.99) * 1e3:.1f} ms, {run.errors()} errors, "
+                      f"{len(run.touched())} touched backend 0, ejected "
+                      + ("-" if not fault else "never" if run.ejected_s is None
+                         else f"after {run.ejected_s * 1e3:,.0f} ms")
+                      + f"; longest pick {run.pick_max * 1e3:.1f} ms, status "
+                      f"{run.status_max * 1e3:.1f} ms; {time.perf_counter() - began:.0f} s so far",
+                      file=sys.stderr, flush=True)
+        first_fault = not first_fault
+    return runs
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -709,12 +971,13 @@ class Results:
     settings: Settings
     latency: dict[tuple[str, bool], LatencyRun]
     faults: dict[str, FaultRun]
+    hangs: dict[tuple[str, bool], HangRun]
     seconds: float
     haproxy: str
 
 
 def run(settings: Settings, seed: int, progress: bool) -> Results:
-    """Run experiment (a), then (b) once per fault, and return the figures."""
+    """Run experiment (a), then (b) once per fault, then (c), and return the figures."""
     haproxy_program = ensure_haproxy()
     version = haproxy_version(haproxy_program)
     began = time.perf_counter()
@@ -726,6 +989,8 @@ def run(settings: Settings, seed: int, progress: bool) -> Results:
         fault_sets = {fault: stack.enter_context(Backends(settings.fault_backends,
                                                           settings.fault_delay, seed + 1 + i))
                       for i, fault in enumerate(FAULTS)}
+        hang_set = stack.enter_context(Backends(settings.hang_backends, settings.hang_delay,
+                                                seed + 1 + len(FAULTS)))
         latency = latency_runs(slow_set, settings, rng, progress, began)
         slow_set.close()
         faults: dict[str, FaultRun] = {}
@@ -741,7 +1006,9 @@ def run(settings: Settings, seed: int, progress: bool) -> Results:
                 print(f"(b) {fault}: " + "; ".join(parts)
                       + f"; {time.perf_counter() - began:.0f} s so far",
                       file=sys.stderr, flush=True)
-    return Results(settings, latency, faults, time.perf_counter() - began, version)
+        hangs = hang_runs(hang_set, settings, rng, progress, began)
+        hang_set.close()
+    return Results(settings, latency, faults, hangs, time.perf_counter() - began, version)
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -797,6 +1064,43 @@ def fault_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def hang_ratio(results: Results, strategy: str) -> float:
+    """p99 of the requests that never touched the hanging backend over the run without it."""
+    fault, normal = results.hangs[strategy, True], results.hangs[strategy, False]
+    return fault.percentile(0.99) / normal.percentile(0.99)
+
+
+def lock_wait(run: HangRun) -> float:
+    """The longest wall time a thread spent inside lb.pick() or lb.status(), seconds."""
+    return max(run.pick_max, run.status_max)
+
+
+def hang_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the hanging-backend table: two rows per strategy."""
+    header = ["strategy", "backend 0", "requests", "requests/s", "compared", "p50 ms", "p99 ms",
+              "p99 x normal", "caller errors", "touched backend 0", "time to eject ms",
+              "max in pick ms", "max in status ms", "targets"]
+    rows: list[list[str]] = []
+    for strategy in HANG_STRATEGIES:
+        for fault in (False, True):
+            run = results.hangs[strategy, fault]
+            row = [strategy, "never answers" if fault else "normal", f"{len(run.samples):,}",
+                   f"{run.rate:,.0f}", f"{len(run.compared()):,}",
+                   f"{run.percentile(0.5) * 1e3:.1f}", f"{run.percentile(0.99) * 1e3:.1f}"]
+            if fault:
+                p99 = hang_ratio(results, strategy)
+                ok = (p99 <= TARGET_HANG_P99 and run.errors() <= TARGET_HANG_ERRORS
+                      and lock_wait(run) <= TARGET_LOCK_S)
+                row += [f"{p99:.2f}", f"{run.errors():,}", f"{len(run.touched()):,}",
+                        "never" if run.ejected_s is None else f"{run.ejected_s * 1e3:,.0f}",
+                        f"{run.pick_max * 1e3:.1f}", f"{run.status_max * 1e3:.1f}", verdict(ok)]
+            else:
+                row += ["1.00", f"{run.errors():,}", f"{len(run.touched()):,}", "-",
+                        f"{run.pick_max * 1e3:.1f}", f"{run.status_max * 1e3:.1f}", "-"]
+            rows.append(row)
+    return header, rows
+
+
 def target_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the targets table."""
     header = ["target", "measured", "result"]
@@ -825,6 +1129,19 @@ def target_rows(results: Results) -> tuple[list[str], list[list[str]]]:
                 rows.append([label, f"{detected * 1e3:,.0f} / {haproxy * 1e3:,.0f} ms = "
                                     f"{detected / haproxy:.3f} x",
                              verdict(detected <= TARGET_EJECT_SHARE * haproxy)])
+    for strategy in HANG_STRATEGIES:
+        hang, normal = results.hangs[strategy, True], results.hangs[strategy, False]
+        p99 = hang_ratio(results, strategy)
+        rows.append([f"{strategy}, backend never answers: p99 of requests that never touched "
+                     f"it <= {TARGET_HANG_P99:g} x without the fault",
+                     f"{hang.percentile(0.99) * 1e3:.1f} / {normal.percentile(0.99) * 1e3:.1f} "
+                     f"ms = {p99:.2f} x", verdict(p99 <= TARGET_HANG_P99)])
+        rows.append([f"{strategy}, backend never answers: {TARGET_HANG_ERRORS} caller errors "
+                     "(GET)", f"{hang.errors():,}", verdict(hang.errors() <= TARGET_HANG_ERRORS)])
+        rows.append([f"{strategy}, backend never answers: no thread more than "
+                     f"{TARGET_LOCK_S * 1e3:g} ms inside lb.pick() or lb.status()",
+                     f"pick {hang.pick_max * 1e3:.1f} ms, status {hang.status_max * 1e3:.1f} ms",
+                     verdict(lock_wait(hang) <= TARGET_LOCK_S)])
     return header, rows
 
 
@@ -842,6 +1159,17 @@ def summary_lines(results: Results) -> list[str]:
             + f"; its callers saw {run.errors(HAPROXY):,} errors, tai-lb's "
             f"{run.errors(TAI_RETRIES):,} with retries and {run.errors(TAI_NO_RETRIES):,} "
             "without.")
+    for strategy in HANG_STRATEGIES:
+        hang = results.hangs[strategy, True]
+        touched = hang.touched()
+        lines.append(
+            f"Backend never answering, {strategy}: ejected "
+            + ("never" if hang.ejected_s is None
+               else f"{hang.ejected_s * 1e3:,.0f} ms after it stopped answering")
+            + ("" if hang.ejected_at_end else " (not ejected at the end of the run)")
+            + f"; {len(touched):,} requests after the fault touched it"
+            + (f" (the slowest took {touched[-1] * 1e3:,.0f} ms)" if touched else "")
+            + f"; {hang.errors():,} caller errors.")
     return lines
 
 
@@ -878,7 +1206,22 @@ def method_text(results: Results) -> str:
         "DOWN.  `requests/s before` is each client's rate before the fault; "
         "`caller errors` count the GETs of the whole run that raised or did not answer "
         "200; `attempts to faulty backend` count tai-lb's attempts there in requests that "
-        "ended after the fault, retries included."
+        "ended after the fault, retries included.  "
+        f"(c) {s.hang_backends} backends with a {s.hang_delay * 1e3:g} ms delay; "
+        f"{s.hang_threads} threads, each with its own `lb.session()`, send GETs with "
+        f"`timeout={HANG_TIMEOUT}` for {s.hang_run_s:g} s after {s.warm} untimed ones, through "
+        "a balancer with retries on (3 attempts) and `\"outlier_detection\": {}`; in the fault "
+        f"runs backend 0 turns into a black hole at {s.hang_run_s / 4:g} s (it accepts "
+        "connections and reads requests, new and already open, and never answers).  Each "
+        "strategy runs without and with the fault back to back, on fresh balancers.  Compared "
+        "are the requests started from the fault on (from a quarter of the run without it) "
+        "that never touched backend 0 in any attempt (their decision traces), against every "
+        "request of the same window without the fault; `touched backend 0` counts the window's "
+        "requests with an attempt there; `caller errors` cover the whole run.  "
+        "`max in pick` is the longest wall time any thread spent inside `lb.pick()` (a "
+        "subclass times every call) after the warm-up; `max in status` the longest "
+        f"`lb.status()`, called by a thread of its own every {STATUS_POLL_S * 1e3:g} ms: "
+        "upper bounds of any lock wait inside them, GIL waits included."
     )
 
 
@@ -901,13 +1244,19 @@ def markdown_report(results: Results) -> str:
         "",
         markdown_table(*fault_rows(results)),
         "",
+        markdown_table(*hang_rows(results)),
+        "",
         markdown_table(*target_rows(results)),
         "",
         f"Targets: {TARGETED}'s p99 <= {TARGET_P99} x and p99.9 <= {TARGET_P999:g} x the run "
         f"without the slow backend (the other strategies for contrast); with retries on, "
         f"{TARGET_ERRORS} caller-visible errors for idempotent requests when a backend fails; "
         f"time to eject a refusing backend <= {TARGET_EJECT_SHARE} x HAProxy's default "
-        "detection time in the same run.  One run of each case: figures vary from run to run "
+        "detection time in the same run; with a backend that accepts and never answers, the "
+        f"p99 of the requests that never touched it <= {TARGET_HANG_P99:g} x the run without "
+        f"the fault, {TARGET_HANG_ERRORS} caller errors, and no thread waiting on a lock for "
+        f"more than {TARGET_LOCK_S * 1e3:g} ms (measured as the longest wall time inside "
+        "`lb.pick()` and `lb.status()`).  One run of each case: figures vary from run to run "
         "on this shared machine.",
     ])
 
@@ -929,7 +1278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
-                        help="under 40 seconds with short runs (smoke test); no write")
+                        help="under 45 seconds with short runs (smoke test); no write")
     parser.add_argument("--run-seconds", type=float, help="seconds of each run of (a)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH,
@@ -944,8 +1293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = Settings(**{**settings.__dict__, "run_s": args.run_seconds})
     results = run(settings, args.seed, progress=not args.quick)
 
-    print(f"one backend {SLOW_FACTOR} x slower, or failing: latency percentiles, caller errors "
-          "and time to eject (one run each)")
+    print(f"one backend {SLOW_FACTOR} x slower, failing or never answering: latency "
+          "percentiles, caller errors and time to eject (one run each)")
     if args.quick:
         print("--quick: a smoke test; its runs are too short for the percentiles to mean much")
     print()
@@ -955,6 +1304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(plain_table(*latency_rows(results)))
     print()
     print(plain_table(*fault_rows(results)))
+    print()
+    print(plain_table(*hang_rows(results)))
     print()
     print(plain_table(*target_rows(results)))
     print()
