@@ -28,6 +28,7 @@ import requests
 
 from . import _forksafe
 from .config import LoadBalancerConfig, ServiceConfig, load_config
+from .discovery import DiscoveryWatcher
 from .endpoint import Endpoint
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
 from .failover import EndpointBreaker
@@ -108,11 +109,20 @@ class LoadBalancer:
         self._outliers = OutlierDetector(self._health_changed, self._service_size, clock=clock)
         self._subscription = self.registry.subscribe(self._on_change)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
+        self._watchers: dict[str, DiscoveryWatcher] = {}
         for name, service in self.config.services.items():
             self.registry.add_service(name)
             if service.endpoints or service.backups:
                 self.registry.register_many(name, (*service.endpoints, *service.backups))
             self._sync_health(name)
+        for name, service in self.config.services.items():
+            if service.discovery is not None:
+                watcher = DiscoveryWatcher(
+                    name, service.discovery.provider(), service.discovery.watch,
+                    functools.partial(self.registry.set_endpoints, name),
+                    functools.partial(self.registry.endpoints, name), clock)
+                self._watchers[name] = watcher
+                watcher.start()
         if any(s.health_check is not None for s in self.config.services.values()):
             self._health.start()
 
@@ -505,7 +515,9 @@ class LoadBalancer:
                 entry.update(stats.snapshot())
                 endpoints[endpoint.address] = entry
             budget = self._budgets.get(name)
+            watcher = self._watchers.get(name)
             services[name] = {
+                "discovery": watcher.snapshot() if watcher is not None else None,
                 "retry_budget": budget.snapshot() if budget is not None else None,
                 "strategy": route.strategy.name,
                 "strategy_options": route.strategy.options(),
@@ -531,6 +543,8 @@ class LoadBalancer:
             self._routes.clear()  # picks now take the slow path, which refuses
         if not already:
             self._subscription.unsubscribe()
+            for watcher in self._watchers.values():
+                watcher.stop()
             self._health.stop()
             self._outliers.stop()
             self._pools.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Optional, Union
 
+from .discovery import DiscoveryConfig
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .failover import BreakerConfig, FailoverPolicy
@@ -49,7 +50,6 @@ SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "hea
 TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
-    "discovery": "discovery providers (file, dns, etcd) are not built yet; list endpoints",
     "affinity": "session affinity is not built yet",
     "slow_start": "slow start is not built yet",
     "metrics": "metrics export is not built yet",
@@ -127,6 +127,7 @@ class ServiceConfig:
     :param backups: endpoints used only when the primary groups fail (their priority is after
         every endpoint's).
     :param failover: when traffic moves between priority groups and back.
+    :param discovery: where the endpoints come from, when not (only) listed.
     :param hash_key: where the routing key of an HTTP request comes from.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
@@ -146,6 +147,7 @@ class ServiceConfig:
     circuit_breaker: Optional[BreakerConfig] = None
     backups: tuple[Endpoint, ...] = ()
     failover: FailoverPolicy = field(default_factory=FailoverPolicy)
+    discovery: Optional[DiscoveryConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -285,6 +287,7 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
     if "hash_key" in settings:
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
     for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config),
+                       ("discovery", DiscoveryConfig.from_config),
                        ("health_check", HealthCheckConfig.from_config),
                        ("outlier_detection", OutlierConfig.from_config),
                        ("circuit_breaker", BreakerConfig.from_config)):

@@ -1,0 +1,233 @@
+"""The discovery framework: providers fetch full endpoint sets, a watcher applies them safely.
+
+A provider answers one question, "what are the endpoints now?", with a full set; the registry
+diffs it into added, removed and changed events (:meth:`ServiceRegistry.set_endpoints`).  The
+:class:`DiscoveryWatcher` asks on a named daemon thread and guards the answer:
+
+* a source that fails keeps the last good set in place (logged, counted, with a staleness
+  figure in ``status()``);
+* malformed entries are skipped by the provider (logged and counted); the rest still apply;
+* an update that would empty the service, or remove more than ``max_removal_share`` of it at
+  once, applies only after the same set has been seen ``confirmations`` times in a row;
+* with ``cache_path``, every applied set is saved, and a process that starts while its source is
+  down starts from the saved set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .. import _forksafe
+from .._settings import Settings
+from ..endpoint import Endpoint
+from ..exceptions import ConfigError
+
+__all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchSettings"]
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(Exception):
+    """The source could not be read at all (down, unreadable, malformed as a whole)."""
+
+
+class Provider(ABC):
+    """Fetches the full endpoint set of one service from one source."""
+
+    #: malformed entries skipped so far (each is also logged)
+    skipped: int = 0
+
+    @abstractmethod
+    def fetch(self) -> Optional[list[Endpoint]]:
+        """The endpoints now, or None if the source has not changed since the last fetch.
+
+        Raises :class:`SourceError` when the source cannot be read; skips (and counts) malformed
+        entries.
+        """
+
+    def wait_hint(self) -> Optional[float]:
+        """Seconds until the next fetch if the source says so (a DNS TTL), else None."""
+        return None
+
+
+@dataclass(frozen=True)
+class WatchSettings(Settings):
+    """How a discovery watcher polls and guards (keys shared by every discovery type).
+
+    :param interval: seconds between fetches.
+    :param max_removal_share: an update removing more than this share of the endpoints at once
+        (or all of them) must be confirmed.
+    :param confirmations: times in a row such an update must be seen before it applies.
+    :param cache_path: file where the last applied set is saved, to start warm.
+    """
+
+    interval: float = 1.0
+    max_removal_share: float = 0.5
+    confirmations: int = 3
+    cache_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.interval, bool) or not isinstance(self.interval, (int, float))
+                or not 0 < self.interval <= 3600):
+            raise ConfigError("interval", f"must be a number of seconds > 0 and <= 3600, got "
+                                          f"{self.interval!r}")
+        share = self.max_removal_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ConfigError("max_removal_share", f"must be a share from 0 to 1, got {share!r}")
+        value = self.confirmations
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+            raise ConfigError("confirmations", f"must be an integer from 1 to 100, got "
+                                               f"{value!r}")
+        if self.cache_path is not None and (not isinstance(self.cache_path, str)
+                                            or not self.cache_path):
+            raise ConfigError("cache_path", f"must be a file path, got {self.cache_path!r}")
+
+
+class DiscoveryWatcher:
+    """Keeps one service of a registry in step with a provider, on a named daemon thread.
+
+    :param apply: called with a full endpoint set to make it the service's
+        (``registry.set_endpoints`` bound to the service).
+    :param current: returns the service's current endpoints.
+    """
+
+    def __init__(self, service: str, provider: Provider, settings: WatchSettings,
+                 apply: Callable[[Sequence[Endpoint]], None],
+                 current: Callable[[], Sequence[Endpoint]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.service = service
+        self.provider = provider
+        self.settings = settings
+        self._apply = apply
+        self._current = current
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._pending: Optional[frozenset[str]] = None
+        self._pending_seen = 0
+        self.errors = 0
+        self.updates = 0
+        self.held_back = 0
+        self.last_error: Optional[str] = None
+        self.last_success: Optional[float] = None
+        _forksafe.after_fork_in_child(self, DiscoveryWatcher._reset_after_fork)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Fetch once now (or start from the cache), then keep watching on a thread."""
+        if self._thread is not None:
+            return
+        if not self.poll() and self.settings.cache_path:
+            self._load_cache()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"tai-lb-discovery-{self.service}")
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop watching; the thread ends within ``timeout`` seconds."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def _reset_after_fork(self) -> None:
+        had = self._thread is not None
+        self._thread = None
+        if had and not self._stop.is_set():
+            self.start()
+
+    def _run(self) -> None:
+        while True:
+            wait = self.provider.wait_hint() or self.settings.interval
+            if self._stop.wait(wait):
+                return
+            try:
+                self.poll()
+            except Exception:  # the watcher must outlive any bug
+                self.errors += 1
+                log.exception("tai-lb: discovery of %s failed unexpectedly", self.service)
+
+    # -- one round ------------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """Fetch and apply once; False if the source failed (the last good set stays)."""
+        try:
+            endpoints = self.provider.fetch()
+        except SourceError as error:
+            self.errors += 1
+            self.last_error = str(error)
+            log.warning("tai-lb: discovery of %s failed, keeping the last good set: %s",
+                        self.service, error)
+            return False
+        self.last_success = self._clock()
+        self.last_error = None
+        if endpoints is None:
+            return True  # unchanged
+        wanted = frozenset(e.address for e in endpoints)
+        current = frozenset(e.address for e in self._current())
+        removed = len(current - wanted)
+        risky = bool(current) and (not wanted
+                                   or removed > self.settings.max_removal_share * len(current))
+        if risky:
+            if wanted != self._pending:
+                self._pending, self._pending_seen = wanted, 0
+            self._pending_seen += 1
+            if self._pending_seen < self.settings.confirmations:
+                self.held_back += 1
+                log.warning("tai-lb: discovery of %s would remove %d of %d endpoints; held back "
+                            "until seen %d times in a row (%d so far)", self.service, removed,
+                            len(current), self.settings.confirmations, self._pending_seen)
+                return True
+        self._pending, self._pending_seen = None, 0
+        self._apply(endpoints)
+        self.updates += 1
+        if self.settings.cache_path:
+            self._save_cache(endpoints)
+        return True
+
+    # -- the warm-start cache -------------------------------------------------------------------
+
+    def _save_cache(self, endpoints: Sequence[Endpoint]) -> None:
+        path = self.settings.cache_path
+        assert path is not None
+        try:
+            directory = os.path.dirname(os.path.abspath(path))
+            with tempfile.NamedTemporaryFile("w", dir=directory, delete=False,
+                                             prefix=".tai-lb-", suffix=".tmp") as tmp:
+                json.dump({"service": self.service,
+                           "endpoints": [e.to_dict() for e in endpoints]}, tmp)
+            os.replace(tmp.name, path)  # atomic: a reader never sees half a file
+        except OSError as error:
+            log.warning("tai-lb: cannot save the discovery cache %s: %s", path, error)
+
+    def _load_cache(self) -> None:
+        path = self.settings.cache_path
+        assert path is not None
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+            endpoints = [Endpoint.from_value(item) for item in data["endpoints"]]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("tai-lb: cannot read the discovery cache %s: %s", path, error)
+            return
+        log.warning("tai-lb: %s starts from the cached endpoints in %s (%d), its source being "
+                    "down", self.service, path, len(endpoints))
+        self._apply(endpoints)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state of the watcher."""
+        age = None if self.last_success is None else round(self._clock() - self.last_success, 3)
+        return {"staleness_seconds": age, "errors": self.errors, "last_error": self.last_error,
+                "updates": self.updates, "held_back": self.held_back,
+                "skipped_entries": self.provider.skipped, "running": self._thread is not None}
