@@ -69,7 +69,7 @@ from typing import Any, Optional, TextIO
 
 import requests
 from http_overhead import find_program, sigterm_raises
-from picks import markdown_table, plain_table, source_revision, verdict
+from picks import markdown_table, plain_table, source_revision, verdict, write_section
 
 import tai_lb
 from tai_lb.lease import Lease
@@ -78,12 +78,6 @@ from tai_lb.trace import trace_of
 
 SECTION = "## faults.py"
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
-RESULTS_HEADER = (
-    "# tai-lb benchmark results\n\n"
-    "Each section is written by the script it is named after (`python benchmarks/<name>`); a run\n"
-    "replaces only its own section.  Figures are medians over interleaved rounds and ratios\n"
-    "measured side by side in one run on one machine; absolute times are for context only.\n"
-)
 
 SERVICE = "users"
 STRATEGY_NAMES = ("peak_ewma", "least_connections", "round_robin")
@@ -1261,19 +1255,6 @@ def markdown_report(results: Results) -> str:
     ])
 
 
-def write_section(path: Path, body: str) -> None:
-    """Put ``body`` under ``SECTION`` in ``path``, replacing only that section."""
-    text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    # The section runs to the next second-level heading or the end of the file.
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -1312,7 +1293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = markdown_report(results)
     print(report)
     if not (args.quick or args.no_write):
-        write_section(args.results, report)
+        write_section(args.results, report, SECTION)
         print(f"\nupdated the '{SECTION}' section of {args.results}", file=sys.stderr)
     return 0
 

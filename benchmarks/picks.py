@@ -473,12 +473,15 @@ def markdown_report(results: Results) -> str:
     return "\n".join(parts)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Put ``body`` under ``SECTION`` in ``path``, replacing only that section."""
+def write_section(path: Path, body: str, heading: str = SECTION) -> None:
+    """Put ``body`` under ``heading`` in ``path``, replacing only that section.
+
+    Every benchmark script writes its own section of RESULTS.md through this function.
+    """
     text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
+    section = f"{heading}\n\n{body.rstrip()}\n"
     # The section runs to the next second-level heading or the end of the file.
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
     else:
