@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 
+# The discovery tests run a real etcd and a real DNS server (dnsmasq); they fail without them.
+apt_install etcd-server dnsmasq-base
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv -e '.[test,lint,docs,all]'
 
@@ -20,7 +22,7 @@ if command -v pyenv >/dev/null && [ -z "${TAI_LB_SKIP_OTHER_PYTHONS:-}" ]; then
         [ -n "$version" ] || { echo "== python $wanted: not in pyenv, skipped"; continue; }
         echo "== unit tests on Python $version"
         ensure_venv ".venv-$wanted" "$(pyenv root)/versions/$version/bin/python"
-        pip_install ".venv-$wanted" -e '.[test]'
+        pip_install ".venv-$wanted" -e '.[test,dns]'
         ".venv-$wanted/bin/python" -m pytest -p no:cacheprovider -q -m "not slow"
     done
 fi

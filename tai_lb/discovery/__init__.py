@@ -7,16 +7,17 @@ are planned; their types are rejected as "not supported yet".
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Protocol
 
+from .._settings import Settings
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import DiscoveryWatcher, Provider, SourceError, WatchSettings
 from .file import FileProvider
 
-__all__ = ["DiscoveryConfig", "DiscoveryWatcher", "FileProvider", "Provider", "SourceError",
-           "StaticProvider", "WatchSettings"]
+__all__ = ["DiscoveryConfig", "DiscoveryWatcher", "FileProvider", "FileSettings", "Provider",
+           "SourceError", "SourceSettings", "StaticProvider", "StaticSettings", "WatchSettings"]
 
 _PLANNED = {"dns": "DNS discovery is not built yet", "etcd": "etcd discovery is not built yet"}
 
@@ -37,13 +38,62 @@ class StaticProvider(Provider):
         return list(self.endpoints)
 
 
+class SourceSettings(Protocol):
+    """The settings of one discovery type (the keys other than ``type`` and the watch keys)."""
+
+    def provider(self) -> Provider:
+        """A new provider for these settings."""
+
+
+@dataclass(frozen=True)
+class StaticSettings(Settings):
+    """``{"type": "static", "endpoints": [...]}``: a fixed list."""
+
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @classmethod
+    def from_config(cls, value: Any) -> StaticSettings:
+        """Build from the discovery mapping (without ``type`` and the watch keys)."""
+        raw = value.get("endpoints")
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+            raise ConfigError("endpoints", f"static discovery needs a list, got {raw!r}")
+        return cls(tuple(Endpoint.from_value(item, path=f"endpoints[{i}]")
+                         for i, item in enumerate(raw)))
+
+    def provider(self) -> Provider:
+        """A provider giving the list once."""
+        return StaticProvider(self.endpoints)
+
+
+@dataclass(frozen=True)
+class FileSettings(Settings):
+    """``{"type": "file", "path": ...}``: a watched JSON or YAML file."""
+
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("path", f"file discovery needs a path, got {self.path!r}")
+
+    def provider(self) -> Provider:
+        """A provider reading the file when it changes."""
+        return FileProvider(self.path)
+
+
+#: discovery type -> (its own keys, how to build its settings from them)
+_TYPES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], SourceSettings]]] = {
+    "static": (("endpoints",), StaticSettings.from_config),
+    "file": (("path",), FileSettings.from_config),
+}
+_WATCH_KEYS = tuple(f.name for f in fields(WatchSettings))
+
+
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    """The ``discovery`` setting of a service."""
+    """The ``discovery`` setting of a service: its type, the type's settings, how to watch."""
 
-    type: Literal["static", "file"]
-    path: Optional[str] = None
-    endpoints: tuple[Endpoint, ...] = ()
+    type: str
+    source: SourceSettings
     watch: WatchSettings = field(default_factory=WatchSettings)
 
     @classmethod
@@ -54,30 +104,16 @@ class DiscoveryConfig:
         kind = value.get("type")
         if kind in _PLANNED:
             raise ConfigError("type", f"not supported yet: {_PLANNED[kind]}")
-        if kind not in ("static", "file"):
+        if kind not in _TYPES:
             raise ConfigError("type", f"must be static, file, dns or etcd, got {kind!r}")
-        own = {"static": ("endpoints",), "file": ("path",)}[kind]
-        shared = ("interval", "max_removal_share", "confirmations", "cache_path")
+        own, build = _TYPES[kind]
         for key in value:
-            if key != "type" and key not in own and key not in shared:
+            if key != "type" and key not in own and key not in _WATCH_KEYS:
                 raise ConfigError(str(key), f"unknown key for {kind} discovery; allowed: "
-                                            f"{', '.join(('type', *own, *shared))}")
-        watch = WatchSettings.from_config({k: value[k] for k in shared if k in value})
-        if kind == "file":
-            path = value.get("path")
-            if not isinstance(path, str) or not path:
-                raise ConfigError("path", f"file discovery needs a path, got {path!r}")
-            return cls("file", path=path, watch=watch)
-        raw = value.get("endpoints")
-        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-            raise ConfigError("endpoints", f"static discovery needs a list, got {raw!r}")
-        endpoints = tuple(Endpoint.from_value(item, path=f"endpoints[{i}]")
-                          for i, item in enumerate(raw))
-        return cls("static", endpoints=endpoints, watch=watch)
+                                            f"{', '.join(('type', *own, *_WATCH_KEYS))}")
+        watch = WatchSettings.from_config({k: value[k] for k in _WATCH_KEYS if k in value})
+        return cls(kind, build({k: value[k] for k in own if k in value}), watch)
 
     def provider(self) -> Provider:
         """A new provider for this setting."""
-        if self.type == "file":
-            assert self.path is not None
-            return FileProvider(self.path)
-        return StaticProvider(self.endpoints)
+        return self.source.provider()

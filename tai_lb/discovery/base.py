@@ -58,6 +58,16 @@ class Provider(ABC):
         """Seconds until the next fetch if the source says so (a DNS TTL), else None."""
         return None
 
+    def start(self, notify: Callable[[], None]) -> None:  # noqa: B027 - optional hook
+        """Begin watching a source that pushes changes (etcd); ``notify()`` after each change.
+
+        Called before the first :meth:`fetch`, and again in a forked child. A polled source
+        (a file, DNS) has nothing to start.
+        """
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Stop watching (within a second); the provider may be started again."""
+
 
 @dataclass(frozen=True)
 class WatchSettings(Settings):
@@ -111,8 +121,10 @@ class DiscoveryWatcher:
         self._current = current
         self._clock = clock
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._pending: Optional[frozenset[str]] = None
+        self._pending_endpoints: list[Endpoint] = []
         self._pending_seen = 0
         self.errors = 0
         self.updates = 0
@@ -127,9 +139,10 @@ class DiscoveryWatcher:
         """Fetch once now (or start from the cache), then keep watching on a thread."""
         if self._thread is not None:
             return
+        self._stop.clear()
+        self.provider.start(self._wake.set)
         if not self.poll() and self.settings.cache_path:
             self._load_cache()
-        self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"tai-lb-discovery-{self.service}")
         self._thread.start()
@@ -137,6 +150,8 @@ class DiscoveryWatcher:
     def stop(self, timeout: float = 1.0) -> None:
         """Stop watching; the thread ends within ``timeout`` seconds."""
         self._stop.set()
+        self._wake.set()
+        self.provider.stop()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
@@ -150,7 +165,9 @@ class DiscoveryWatcher:
     def _run(self) -> None:
         while True:
             wait = self.provider.wait_hint() or self.settings.interval
-            if self._stop.wait(wait):
+            self._wake.wait(wait)  # a pushing source wakes it early
+            self._wake.clear()
+            if self._stop.is_set():
                 return
             try:
                 self.poll()
@@ -172,8 +189,10 @@ class DiscoveryWatcher:
             return False
         self.last_success = self._clock()
         self.last_error = None
-        if endpoints is None:
-            return True  # unchanged
+        if endpoints is None:  # unchanged: a held-back update is seen once more
+            if self._pending is None:
+                return True
+            endpoints = self._pending_endpoints
         wanted = frozenset(e.address for e in endpoints)
         current = frozenset(e.address for e in self._current())
         removed = len(current - wanted)
@@ -182,6 +201,7 @@ class DiscoveryWatcher:
         if risky:
             if wanted != self._pending:
                 self._pending, self._pending_seen = wanted, 0
+                self._pending_endpoints = list(endpoints)
             self._pending_seen += 1
             if self._pending_seen < self.settings.confirmations:
                 self.held_back += 1
@@ -189,7 +209,7 @@ class DiscoveryWatcher:
                             "until seen %d times in a row (%d so far)", self.service, removed,
                             len(current), self.settings.confirmations, self._pending_seen)
                 return True
-        self._pending, self._pending_seen = None, 0
+        self._pending, self._pending_seen, self._pending_endpoints = None, 0, []
         self._apply(endpoints)
         self.updates += 1
         if self.settings.cache_path:
