@@ -14,6 +14,7 @@ import logging
 from .adapter import LoadBalancedAdapter
 from .balancer import LoadBalancer
 from .config import KeySource, LoadBalancerConfig, ServiceConfig, load_config
+from .discovery.etcd import EtcdRegistrar
 from .endpoint import Endpoint, Labels
 from .exceptions import (
     ConfigError,
@@ -40,6 +41,7 @@ __all__ = [
     "DecisionTrace",
     "Endpoint",
     "EndpointStats",
+    "EtcdRegistrar",
     "HTTPPoolExhausted",
     "HealthCheckConfig",
     "KeySource",

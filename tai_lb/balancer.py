@@ -118,7 +118,7 @@ class LoadBalancer:
         for name, service in self.config.services.items():
             if service.discovery is not None:
                 watcher = DiscoveryWatcher(
-                    name, service.discovery.provider(), service.discovery.watch,
+                    name, service.discovery.provider(name), service.discovery.watch,
                     functools.partial(self.registry.set_endpoints, name),
                     functools.partial(self.registry.endpoints, name), clock)
                 self._watchers[name] = watcher

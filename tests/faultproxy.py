@@ -134,6 +134,10 @@ class FaultProxy:
     def _reset(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # close() alone leaves the connection open while a pipe thread is blocked reading it;
+        # shutdown() ends it at once (and wakes that thread).
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         sock.close()
 
     def cut_all(self) -> None:

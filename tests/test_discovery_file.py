@@ -120,8 +120,9 @@ def test_static_discovery_and_the_thread_stopping_on_close(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(("discovery", "path", "fragment"), [
     ({"type": "consul"}, "type", "static, file, dns or etcd"),
-    ({"type": "dns", "name": "x"}, "type", "not supported yet"),
-    ({"type": "etcd", "urls": []}, "type", "not supported yet"),
+    ({"type": "etcd", "urls": []}, "urls", "needs a list of URLs"),
+    ({"type": "etcd", "urls": ["127.0.0.1:2379"]}, "urls[0]", "http:// or https://"),
+    ({"type": "etcd", "urls": ["http://e:2379"], "prefix": "services"}, "prefix", "start"),
     ({"type": "file"}, "path", "needs a path"),
     ({"type": "file", "path": "x.json", "endpoints": []}, "endpoints", "unknown key"),
     ({"type": "static", "endpoints": "10.0.0.1:80"}, "endpoints", "needs a list"),

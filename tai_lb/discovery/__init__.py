@@ -1,7 +1,7 @@
 """Service discovery: providers that feed a service's endpoints into the registry.
 
-Implemented here: ``static`` and ``file`` (see :mod:`tai_lb.discovery.file`).  DNS and etcd
-are planned; their types are rejected as "not supported yet".
+Implemented here: ``static``, ``file`` (see :mod:`tai_lb.discovery.file`), ``dns`` (see
+:mod:`tai_lb.discovery.dns`) and ``etcd`` (see :mod:`tai_lb.discovery.etcd`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from .._settings import Settings
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import DiscoveryWatcher, Provider, SourceError, WatchSettings
+from .dns import DnsProvider, DnsSettings
+from .etcd import EtcdClient, EtcdProvider, EtcdSettings
 from .file import FileProvider
 
-__all__ = ["DiscoveryConfig", "DiscoveryWatcher", "FileProvider", "FileSettings", "Provider",
-           "SourceError", "SourceSettings", "StaticProvider", "StaticSettings", "WatchSettings"]
+__all__ = ["DiscoveryConfig", "DiscoveryWatcher", "DnsProvider", "DnsSettings", "EtcdClient",
+           "EtcdProvider", "EtcdSettings", "FileProvider", "FileSettings",
+           "Provider", "SourceError", "SourceSettings", "StaticProvider", "StaticSettings",
+           "WatchSettings"]
 
-_PLANNED = {"dns": "DNS discovery is not built yet", "etcd": "etcd discovery is not built yet"}
+_PLANNED: dict[str, str] = {}
 
 
 class StaticProvider(Provider):
@@ -41,8 +45,8 @@ class StaticProvider(Provider):
 class SourceSettings(Protocol):
     """The settings of one discovery type (the keys other than ``type`` and the watch keys)."""
 
-    def provider(self) -> Provider:
-        """A new provider for these settings."""
+    def provider(self, service: str) -> Provider:
+        """A new provider of the endpoints of ``service``."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class StaticSettings(Settings):
         return cls(tuple(Endpoint.from_value(item, path=f"endpoints[{i}]")
                          for i, item in enumerate(raw)))
 
-    def provider(self) -> Provider:
+    def provider(self, service: str) -> Provider:
         """A provider giving the list once."""
         return StaticProvider(self.endpoints)
 
@@ -75,7 +79,7 @@ class FileSettings(Settings):
         if not isinstance(self.path, str) or not self.path:
             raise ConfigError("path", f"file discovery needs a path, got {self.path!r}")
 
-    def provider(self) -> Provider:
+    def provider(self, service: str) -> Provider:
         """A provider reading the file when it changes."""
         return FileProvider(self.path)
 
@@ -84,6 +88,9 @@ class FileSettings(Settings):
 _TYPES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], SourceSettings]]] = {
     "static": (("endpoints",), StaticSettings.from_config),
     "file": (("path",), FileSettings.from_config),
+    "dns": (("name", "record", "nameserver", "port", "endpoint_port", "min_ttl", "max_ttl",
+             "timeout"), DnsSettings.from_config),
+    "etcd": (("urls", "prefix", "timeout"), EtcdSettings.from_config),
 }
 _WATCH_KEYS = tuple(f.name for f in fields(WatchSettings))
 
@@ -114,6 +121,6 @@ class DiscoveryConfig:
         watch = WatchSettings.from_config({k: value[k] for k in _WATCH_KEYS if k in value})
         return cls(kind, build({k: value[k] for k in own if k in value}), watch)
 
-    def provider(self) -> Provider:
-        """A new provider for this setting."""
-        return self.source.provider()
+    def provider(self, service: str) -> Provider:
+        """A new provider of the endpoints of ``service``."""
+        return self.source.provider(service)

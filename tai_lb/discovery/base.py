@@ -68,6 +68,10 @@ class Provider(ABC):
     def stop(self) -> None:  # noqa: B027 - optional hook
         """Stop watching (within a second); the provider may be started again."""
 
+    def snapshot(self) -> Optional[dict[str, Any]]:
+        """JSON-serialisable state of the source for ``status()``, if it has any."""
+        return None
+
 
 @dataclass(frozen=True)
 class WatchSettings(Settings):
@@ -250,4 +254,5 @@ class DiscoveryWatcher:
         age = None if self.last_success is None else round(self._clock() - self.last_success, 3)
         return {"staleness_seconds": age, "errors": self.errors, "last_error": self.last_error,
                 "updates": self.updates, "held_back": self.held_back,
-                "skipped_entries": self.provider.skipped, "running": self._thread is not None}
+                "skipped_entries": self.provider.skipped, "running": self._thread is not None,
+                "source": self.provider.snapshot()}

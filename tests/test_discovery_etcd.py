@@ -1,0 +1,253 @@
+"""Discovery from a real etcd (Debian's etcd-server), and self-registration under a lease."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tai_lb import LoadBalancer
+from tai_lb.discovery.etcd import EtcdClient, EtcdProvider, EtcdRegistrar, WatchCompacted
+
+from .conftest import wait_for
+from .etcdserver import EtcdServer
+from .faultproxy import FaultProxy
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One etcd for the session; each test works under a prefix of its own."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd of the test's own, for tests that stop it."""
+    server = EtcdServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/t{next(_counter)}/services"
+
+
+@pytest.fixture
+def client(etcd: EtcdServer) -> Iterator[EtcdClient]:
+    client = etcd.client()
+    yield client
+    client.close()
+
+
+def put(client: EtcdClient, prefix: str, instance: str, value: Any) -> int:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return client.put(f"{prefix}/users/{instance}", text)
+
+
+def lb_for(urls: list[str], prefix: str, **settings: Any) -> LoadBalancer:
+    return LoadBalancer.from_config({"services": {"users": {"discovery": {
+        "type": "etcd", "urls": urls, "prefix": prefix, "interval": 0.05, **settings}}}})
+
+
+def addresses(lb: LoadBalancer) -> set[str]:
+    return {e.address for e in lb.registry.endpoints("users")}
+
+
+def discovery(lb: LoadBalancer) -> dict[str, Any]:
+    state: dict[str, Any] = lb.status()["services"]["users"]["discovery"]
+    return state
+
+
+def test_add_remove_and_change_reach_picks(etcd: EtcdServer, client: EtcdClient,
+                                           prefix: str) -> None:
+    put(client, prefix, "a", {"address": "10.0.0.1:80"})
+    put(client, prefix, "b", {"address": "10.0.0.2:80", "zone": "eu-1a"})
+    client.put(f"{prefix}/orders/x", json.dumps({"address": "10.9.9.9:80"}))  # another service
+    with lb_for([etcd.url], prefix) as lb:
+        assert addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"}  # listed at start
+        assert lb.registry.snapshot("users").by_address["10.0.0.2:80"].zone == "eu-1a"
+        put(client, prefix, "c", {"address": "10.0.0.3:80", "labels": {"canary": "yes"}})
+        assert wait_for(lambda: "10.0.0.3:80" in {lb.pick("users").address for _ in range(30)})
+        put(client, prefix, "a", {"address": "10.0.0.1:80", "weight": 7})
+        assert wait_for(lambda: lb.registry.snapshot("users").by_address["10.0.0.1:80"].weight
+                        == 7)
+        client.delete(f"{prefix}/users/b")
+        assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.3:80"})
+        assert "10.0.0.2:80" not in {lb.pick("users").address for _ in range(30)}
+        state = discovery(lb)
+        assert state["source"]["connected"] and state["errors"] == 0
+        assert state["source"]["lists"] == 1  # one list, then the watch alone
+
+
+def test_malformed_values_are_skipped_and_the_last_good_value_kept(
+        etcd: EtcdServer, client: EtcdClient, prefix: str) -> None:
+    put(client, prefix, "a", {"address": "10.0.0.1:80"})
+    put(client, prefix, "bad-json", "{not json")
+    put(client, prefix, "bad-port", {"address": "10.0.0.2:0"})
+    put(client, prefix, "bad-key", {"address": "10.0.0.3:80", "colour": "red"})
+    with lb_for([etcd.url], prefix) as lb:
+        assert addresses(lb) == {"10.0.0.1:80"}
+        assert discovery(lb)["skipped_entries"] == 3
+        put(client, prefix, "a", "garbage")  # a bad update of a good key keeps its last value
+        put(client, prefix, "d", {"address": "10.0.0.4:80"})
+        assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.4:80"})
+        assert discovery(lb)["skipped_entries"] == 4
+
+
+def test_a_watch_on_a_compacted_revision_lists_again_and_loses_no_change(
+        etcd: EtcdServer, client: EtcdClient, prefix: str) -> None:
+    for i in range(1, 6):
+        put(client, prefix, f"i{i}", {"address": f"10.0.0.{i}:80"})
+    with lb_for([etcd.url], prefix) as lb:
+        provider = lb._watchers["users"].provider
+        assert isinstance(provider, EtcdProvider)
+        listed_at = provider.snapshot()["revision"]
+        provider.stop()  # the watch is down while these happen and are compacted away
+        client.delete(f"{prefix}/users/i1")
+        put(client, prefix, "i2", {"address": "10.0.0.2:80", "weight": 3})
+        put(client, prefix, "i6", {"address": "10.0.0.6:80"})
+        client.delete(f"{prefix}/users/i6")
+        latest = put(client, prefix, "i7", {"address": "10.0.0.7:80"})
+        client.compact(latest)
+        stream = client.watch(f"{prefix}/users/", listed_at + 1)
+        with pytest.raises(WatchCompacted):  # etcd creates the watch, then cancels it
+            stream.next_message()
+        stream.close()
+        provider.start(lb._watchers["users"]._wake.set)  # resumes from the listed revision
+        assert wait_for(lambda: addresses(lb) == {"10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80",
+                                                  "10.0.0.5:80", "10.0.0.7:80"})
+        assert provider.compactions == 1
+        assert lb.registry.snapshot("users").by_address["10.0.0.2:80"].weight == 3
+        put(client, prefix, "i8", {"address": "10.0.0.8:80"})  # and the new watch works
+        assert wait_for(lambda: "10.0.0.8:80" in addresses(lb))
+
+
+def test_a_lost_watch_reconnects_and_catches_up(etcd: EtcdServer, client: EtcdClient,
+                                                prefix: str) -> None:
+    proxy = FaultProxy(("127.0.0.1", etcd.client_port))
+    try:
+        put(client, prefix, "a", {"address": "10.0.0.1:80"})
+        with lb_for([f"http://{proxy.address}"], prefix) as lb:
+            assert addresses(lb) == {"10.0.0.1:80"}
+            assert wait_for(lambda: discovery(lb)["source"]["watching"])
+            proxy.mode = "refuse"  # the watch is cut, reconnects are refused
+            put(client, prefix, "b", {"address": "10.0.0.2:80"})
+            assert wait_for(lambda: "refused" in (discovery(lb)["last_error"] or "").lower())
+            assert discovery(lb)["errors"] > 0
+            assert addresses(lb) == {"10.0.0.1:80"}  # the last good set
+            proxy.mode = "pass"
+            assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"})
+            assert wait_for(lambda: discovery(lb)["last_error"] is None)
+    finally:
+        proxy.stop()
+
+
+def test_etcd_stopped_keeps_the_last_good_set_serving(own_etcd: EtcdServer) -> None:
+    client = own_etcd.client()
+    put(client, "/services", "a", {"address": "10.0.0.1:80"})
+    put(client, "/services", "b", {"address": "10.0.0.2:80"})
+    with lb_for([own_etcd.url], "/services") as lb:
+        own_etcd.stop()
+        assert wait_for(lambda: discovery(lb)["errors"] >= 2)
+        assert addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"}
+        assert lb.pick("users").address in {"10.0.0.1:80", "10.0.0.2:80"}
+        assert not discovery(lb)["source"]["connected"]
+        assert discovery(lb)["staleness_seconds"] is not None
+        own_etcd.start()
+        client.delete("/services/users/b")
+        assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80"}, timeout=20)
+    client.close()
+
+
+def test_a_mass_removal_is_held_back_until_confirmed(etcd: EtcdServer, client: EtcdClient,
+                                                     prefix: str) -> None:
+    for i in range(1, 5):
+        put(client, prefix, f"i{i}", {"address": f"10.0.0.{i}:80"})
+    with lb_for([etcd.url], prefix, confirmations=3, interval=0.2) as lb:
+        watcher = lb._watchers["users"]
+        client.delete(f"{prefix}/users/", prefix=True)  # a bad deploy wipes the prefix
+        assert wait_for(lambda: watcher.held_back >= 1)
+        assert len(addresses(lb)) == 4
+        assert wait_for(lambda: not addresses(lb))  # still empty at the third look: applied
+        assert watcher.held_back == 2
+
+
+def test_several_urls_one_member_down(etcd: EtcdServer, client: EtcdClient,
+                                      prefix: str) -> None:
+    proxy = FaultProxy(("127.0.0.1", etcd.client_port))
+    proxy.mode = "refuse"
+    try:
+        put(client, prefix, "a", {"address": "10.0.0.1:80"})
+        with lb_for([f"http://{proxy.address}", etcd.url], prefix) as lb:
+            assert addresses(lb) == {"10.0.0.1:80"}
+            put(client, prefix, "b", {"address": "10.0.0.2:80"})
+            assert wait_for(lambda: len(addresses(lb)) == 2)
+    finally:
+        proxy.stop()
+
+
+def test_the_registrar_registers_keeps_alive_and_deletes(etcd: EtcdServer, client: EtcdClient,
+                                                         prefix: str) -> None:
+    endpoint = {"address": "10.0.0.9:8080", "zone": "eu-1a", "labels": {"canary": "no"}}
+    with lb_for([etcd.url], prefix) as lb:
+        registrar = EtcdRegistrar([etcd.url], "users", endpoint, prefix=prefix, ttl=2)
+        with registrar:
+            assert wait_for(lambda: addresses(lb) == {"10.0.0.9:8080"})
+            stored = json.loads(dict(client.get_prefix(f"{prefix}/users/")[1])[registrar.key])
+            assert stored == {"address": "10.0.0.9:8080", "weight": 1, "zone": "eu-1a",
+                              "labels": {"canary": "no"}}
+            assert registrar.key == f"{prefix}/users/10.0.0.9:8080"
+            lease = registrar.lease
+            # Kept alive: after four renewals (more than a TTL) the same lease holds the key.
+            assert wait_for(lambda: registrar.keepalives >= 4)
+            assert registrar.lease == lease and registrar.registrations == 1
+            assert addresses(lb) == {"10.0.0.9:8080"}
+            assert any(t.name == "tai-lb-etcd-registrar-users" for t in threading.enumerate())
+        assert not any(t.name == "tai-lb-etcd-registrar-users" for t in threading.enumerate())
+        assert client.get_prefix(f"{prefix}/users/")[1] == []  # deleted on close
+        assert wait_for(lambda: discovery(lb)["held_back"] >= 1)  # emptying: held back...
+        assert wait_for(lambda: not addresses(lb))  # ...then applied
+
+
+def test_a_lost_lease_is_granted_again_within_two_ttls(etcd: EtcdServer, client: EtcdClient,
+                                                       prefix: str) -> None:
+    ttl = 2
+    with EtcdRegistrar([etcd.url], "users", "10.0.0.9:8080", prefix=prefix,
+                       ttl=ttl) as registrar:
+        assert registrar.registrations == 1
+        client.revoke(registrar.lease)  # as etcd does when the lease expires
+        assert client.get_prefix(f"{prefix}/users/")[1] == []
+        assert wait_for(lambda: client.get_prefix(f"{prefix}/users/")[1] != [],
+                        timeout=2 * ttl)
+        assert registrar.registrations == 2
+
+
+def test_etcd_out_of_reach_longer_than_the_ttl_registers_again(
+        etcd: EtcdServer, client: EtcdClient, prefix: str) -> None:
+    ttl = 1
+    proxy = FaultProxy(("127.0.0.1", etcd.client_port))
+    try:
+        with EtcdRegistrar([f"http://{proxy.address}"], "users", "10.0.0.9:8080",
+                           prefix=prefix, ttl=ttl) as registrar:
+            proxy.mode = "refuse"
+            # The lease expires in etcd while this instance cannot reach it.
+            assert wait_for(lambda: client.get_prefix(f"{prefix}/users/")[1] == [], timeout=10)
+            assert wait_for(lambda: registrar.errors > 0)
+            proxy.mode = "pass"
+            assert wait_for(lambda: client.get_prefix(f"{prefix}/users/")[1] != [],
+                            timeout=2 * ttl + 1)
+            assert wait_for(lambda: registrar.registrations == 2)
+    finally:
+        proxy.stop()
