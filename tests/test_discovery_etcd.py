@@ -134,6 +134,26 @@ def test_a_watch_on_a_compacted_revision_lists_again_and_loses_no_change(
         assert wait_for(lambda: "10.0.0.8:80" in addresses(lb))
 
 
+def test_a_silent_watch_is_opened_again_without_listing(etcd: EtcdServer, client: EtcdClient,
+                                                        prefix: str) -> None:
+    put(client, prefix, "a", {"address": "10.0.0.1:80"})
+    provider = EtcdProvider(etcd.client(), prefix, "users", idle=0.1)
+    woken = threading.Event()
+    provider.start(woken.set)
+    try:
+        assert provider.fetch() is not None
+        woken.clear()
+        assert wait_for(lambda: provider.rewatches >= 2)
+        put(client, prefix, "b", {"address": "10.0.0.2:80"})
+        assert wait_for(woken.is_set)
+        endpoints = provider.fetch()
+        assert endpoints is not None
+        assert {e.address for e in endpoints} == {"10.0.0.1:80", "10.0.0.2:80"}
+        assert provider.lists == 1 and provider.snapshot()["connected"]
+    finally:
+        provider.stop()
+
+
 def test_a_lost_watch_reconnects_and_catches_up(etcd: EtcdServer, client: EtcdClient,
                                                 prefix: str) -> None:
     proxy = FaultProxy(("127.0.0.1", etcd.client_port))

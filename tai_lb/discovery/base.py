@@ -187,10 +187,15 @@ class DiscoveryWatcher:
             endpoints = self.provider.fetch()
         except SourceError as error:
             self.errors += 1
+            # One warning when the source starts failing (or fails differently), not one a
+            # round for as long as it is down.
+            level = logging.DEBUG if str(error) == self.last_error else logging.WARNING
             self.last_error = str(error)
-            log.warning("tai-lb: discovery of %s failed, keeping the last good set: %s",
-                        self.service, error)
+            log.log(level, "tai-lb: discovery of %s failed, keeping the last good set: %s",
+                    self.service, error)
             return False
+        if self.last_error is not None:
+            log.info("tai-lb: discovery of %s works again", self.service)
         self.last_success = self._clock()
         self.last_error = None
         if endpoints is None:  # unchanged: a held-back update is seen once more

@@ -47,8 +47,14 @@ log = logging.getLogger(__name__)
 #: delays between reconnection attempts: from the first to the cap, doubling, with jitter
 RECONNECT_FIRST = 0.05
 RECONNECT_CAP = 5.0
-#: a watch silent for this long is re-established (it may be cut without a word)
-WATCH_IDLE = 30.0
+#: a watch silent for this long is opened again from the next revision, in case etcd hangs
+#: with the connection still up (a connection cut without a word is found by TCP keep-alive)
+WATCH_IDLE = 300.0
+#: TCP keep-alive on etcd connections: first probe after 30 s idle, then every 10 s, 3 probes
+_KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
+    (socket.IPPROTO_TCP, getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)]
 
 
 class EtcdError(SourceError):
@@ -178,7 +184,8 @@ class EtcdClient:
 
     def _pool(self) -> urllib3.PoolManager:
         if self._http is None or self._pid != os.getpid():  # a forked child starts afresh
-            self._http = urllib3.PoolManager(maxsize=4, retries=False)
+            options = [*urllib3.connection.HTTPConnection.default_socket_options, *_KEEPALIVE]
+            self._http = urllib3.PoolManager(maxsize=4, retries=False, socket_options=options)
             self._http.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
             self._pid = os.getpid()
         return self._http
@@ -401,14 +408,17 @@ class EtcdProvider(Provider):
     raises :class:`SourceError`, so the watcher keeps the last good set and reports staleness.
     """
 
-    def __init__(self, client: EtcdClient, prefix: str, service: str) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, service: str,
+                 idle: float = WATCH_IDLE) -> None:
         self.client = client
         self.service = service
         self.prefix = service_prefix(prefix, service)
+        self.idle = idle
         self.skipped = 0
-        #: watches lost, lists made, compactions met (for status and tests)
+        #: lists made, compactions met, watches opened again after a silence
         self.lists = 0
         self.compactions = 0
+        self.rewatches = 0
         self._lock = threading.Lock()
         self._entries: dict[str, Endpoint] = {}
         self._revision = 0
@@ -559,6 +569,8 @@ class EtcdProvider(Provider):
                 log.info("tai-lb: %s", error)
                 continue  # list again at once
             except WatchIdle:
+                self.rewatches += 1
+                listed = True  # the watch missed nothing: open it again from where it was
                 continue
             except EtcdError as error:
                 if not self._stop.is_set():
@@ -573,7 +585,7 @@ class EtcdProvider(Provider):
     def _watch(self, backoff: Backoff) -> None:
         with self._lock:
             start = self._revision + 1
-        stream = self.client.watch(self.prefix, start)
+        stream = self.client.watch(self.prefix, start, self.idle)
         self._watching = True
         try:
             backoff.reset()
@@ -592,7 +604,8 @@ class EtcdProvider(Provider):
         """JSON-serialisable state of the watch."""
         with self._lock:
             return {"revision": self._revision, "lists": self.lists,
-                    "compactions": self.compactions, "connected": self._error is None,
+                    "compactions": self.compactions, "rewatches": self.rewatches,
+                    "connected": self._error is None,
                     "watching": self._watching}
 
 
