@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,13 @@ from typing import Any
 import pytest
 
 from tai_lb import LoadBalancer
-from tai_lb.discovery.etcd import EtcdClient, EtcdProvider, EtcdRegistrar, WatchCompacted
+from tai_lb.discovery.etcd import (
+    Backoff,
+    EtcdClient,
+    EtcdProvider,
+    EtcdRegistrar,
+    WatchCompacted,
+)
 
 from .conftest import wait_for
 from .etcdserver import EtcdServer
@@ -271,3 +279,36 @@ def test_etcd_out_of_reach_longer_than_the_ttl_registers_again(
             assert wait_for(lambda: registrar.registrations == 2)
     finally:
         proxy.stop()
+
+
+def test_interpreter_exit_deletes_the_registration(etcd: EtcdServer, client: EtcdClient,
+                                                   prefix: str) -> None:
+    script = (
+        "import sys, tai_lb\n"
+        f"r = tai_lb.EtcdRegistrar([{etcd.url!r}], 'users', '10.0.0.9:8080', prefix={prefix!r},"
+        " ttl=60).start()\n"
+        "assert r.registrations == 1\n"
+        "print('registered', flush=True)\n"
+        "sys.stdin.readline()\n"  # exits normally, without close(), when told to
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline() == "registered\n"
+    assert [key for key, _ in client.get_prefix(f"{prefix}/users/")[1]] == [
+        f"{prefix}/users/10.0.0.9:8080"]
+    child.stdin.write("\n")
+    child.stdin.flush()
+    assert child.wait(20) == 0
+    assert client.get_prefix(f"{prefix}/users/")[1] == []  # well before the 60 s lease ends
+
+
+def test_reconnect_delays_grow_with_jitter_up_to_the_cap_and_reset() -> None:
+    backoff = Backoff(first=0.1, cap=1.0)
+    delays = [backoff.next() for _ in range(8)]
+    bounds = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
+    for delay, bound in zip(delays, bounds):
+        assert bound / 2 <= delay <= bound
+    assert len({round(d, 9) for d in delays[4:]}) > 1  # jittered, not in step
+    backoff.reset()
+    assert 0.05 <= backoff.next() <= 0.1

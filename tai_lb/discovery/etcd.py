@@ -39,7 +39,7 @@ from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
 
-__all__ = ["EtcdClient", "EtcdError", "EtcdProvider", "EtcdRegistrar", "EtcdSettings",
+__all__ = ["Backoff", "EtcdClient", "EtcdError", "EtcdProvider", "EtcdRegistrar", "EtcdSettings",
            "WatchCompacted", "WatchIdle", "WatchStream", "interrupt"]
 
 log = logging.getLogger(__name__)
