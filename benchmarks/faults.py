@@ -53,7 +53,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
 import socket
 import socketserver
@@ -68,8 +67,15 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import requests
-from http_overhead import find_program, sigterm_raises
-from picks import markdown_table, plain_table, source_revision, verdict, write_section
+from http_overhead import sigterm_raises
+from picks import (
+    ensure_programs,
+    markdown_table,
+    plain_table,
+    source_revision,
+    verdict,
+    write_section,
+)
 
 import tai_lb
 from tai_lb.lease import Lease
@@ -294,24 +300,6 @@ class Backends:
 
 
 # -- HAProxy -------------------------------------------------------------------------------------
-
-
-def ensure_haproxy() -> str:
-    """The path of haproxy, installing Debian's ``haproxy`` when it is missing."""
-    if find_program("haproxy") is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            sys.exit("faults.py needs the Debian package haproxy; install it "
-                     "(apt-get install haproxy) or run as root")
-        print("installing haproxy with apt-get", file=sys.stderr, flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "haproxy"],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
-    haproxy = find_program("haproxy")
-    if haproxy is None:
-        sys.exit("haproxy is still missing after apt-get install")
-    return haproxy
 
 
 def haproxy_version(haproxy: str) -> str:
@@ -972,7 +960,7 @@ class Results:
 
 def run(settings: Settings, seed: int, progress: bool) -> Results:
     """Run experiment (a), then (b) once per fault, then (c), and return the figures."""
-    haproxy_program = ensure_haproxy()
+    (haproxy_program,) = ensure_programs({"haproxy": "haproxy"}, "faults.py")
     version = haproxy_version(haproxy_program)
     began = time.perf_counter()
     rng = random.Random(seed)

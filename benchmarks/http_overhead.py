@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -49,7 +48,15 @@ from types import FrameType
 from typing import Callable, Optional, TextIO
 
 import requests
-from picks import markdown_table, median, plain_table, source_revision, verdict, write_section
+from picks import (
+    ensure_programs,
+    markdown_table,
+    median,
+    plain_table,
+    source_revision,
+    verdict,
+    write_section,
+)
 
 import tai_lb
 
@@ -97,31 +104,6 @@ QUICK = Settings(rounds=3, threads=16, chunk=10, chunks=10, per_thread=4, passes
 
 
 # -- servers -------------------------------------------------------------------------------------
-
-
-def find_program(name: str) -> Optional[str]:
-    """The path of ``name`` on PATH or in the sbin directories (often not on a user's PATH)."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
-
-
-def ensure_programs() -> tuple[str, str]:
-    """The paths of nginx and haproxy, installing ``nginx-light`` / ``haproxy`` when missing."""
-    missing = [package for program, package in (("nginx", "nginx-light"), ("haproxy", "haproxy"))
-               if find_program(program) is None]
-    if missing:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            sys.exit(f"http_overhead.py needs the Debian packages {' and '.join(missing)}; "
-                     f"install them (apt-get install {' '.join(missing)}) or run as root")
-        print(f"installing {', '.join(missing)} with apt-get", file=sys.stderr, flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
-    nginx, haproxy = find_program("nginx"), find_program("haproxy")
-    if nginx is None or haproxy is None:
-        sys.exit("nginx or haproxy is still missing after apt-get install")
-    return nginx, haproxy
 
 
 def free_ports(count: int) -> list[int]:
@@ -462,7 +444,8 @@ def threaded_segment(clients: dict[str, Client], settings: Settings,
 
 def run(settings: Settings, seed: int, progress: bool) -> Results:
     """Measure every client in interleaved rounds and return the figures."""
-    nginx, haproxy = ensure_programs()
+    nginx, haproxy = ensure_programs({"nginx": "nginx-light", "haproxy": "haproxy"},
+                                     "http_overhead.py")
     versions = program_versions(nginx, haproxy)
     began = time.perf_counter()
     rng = random.Random(seed)

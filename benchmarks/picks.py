@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -431,6 +432,32 @@ def method_text(results: Results) -> str:
         f"{s.threads}-thread rate / that round's one-thread rate, 1,000 / 10 endpoints), so "
         "slow spells on this shared machine cancel out."
     )
+
+
+def find_program(name: str) -> Optional[str]:
+    """The path of ``name`` on PATH or in the sbin directories (often not on a user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+def ensure_programs(packages: dict[str, str], script: str) -> list[str]:
+    """The paths of the programs named by ``packages`` (program -> Debian package), installing
+    the missing packages with apt-get first (which needs root)."""
+    missing = [package for program, package in packages.items() if find_program(program) is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            sys.exit(f"{script} needs the Debian packages {' and '.join(missing)}; install them "
+                     f"(apt-get install {' '.join(missing)}) or run as root")
+        print(f"installing {', '.join(missing)} with apt-get", file=sys.stderr, flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+    paths = [find_program(program) for program in packages]
+    found = [path for path in paths if path is not None]
+    if len(found) != len(paths):
+        sys.exit(f"{script}: {', '.join(packages)} still missing after apt-get install")
+    return found
 
 
 def source_revision() -> str:
