@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
+import operator
 import os
 import random
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -49,6 +51,13 @@ __all__ = ["LoadBalancer"]
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_endpoint_of = operator.attrgetter("endpoint")
+_priority_of = operator.attrgetter("endpoint.priority")
+_address_of = operator.attrgetter("endpoint.address")
+_kind_of = operator.attrgetter("kind")
+_service_of = operator.attrgetter("service")
+_endpoint_address = operator.attrgetter("address")
+_host_port_of = operator.attrgetter("host", "port")
 
 
 class _Route:
@@ -96,6 +105,13 @@ class LoadBalancer:
         self._lock = threading.Lock()  # guards the tables below (never held while building)
         self._rebuild_locks: dict[str, threading.Lock] = {}
         self._routes: dict[str, _Route] = {}
+        # Per service: the snapshot the members were last built for, the members (figures in
+        # the snapshot's order) and their priority if they share one.  Rebuild lock held.
+        self._members_cache: dict[str, tuple[ServiceSnapshot, tuple[EndpointStats, ...],
+                                             Optional[int]]] = {}
+        self._pickers: dict[str, tuple[Strategy, Picker]] = {}  # the last, per service
+        # Figures of removed endpoints whose pools close once their leases are released.
+        self._draining: set[EndpointStats] = set()
         self._stats: dict[str, dict[str, EndpointStats]] = {}
         self._service_load: dict[str, collections.deque[None]] = {}
         self._closed = False
@@ -107,7 +123,7 @@ class LoadBalancer:
         self.failover_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self._health = HealthChecker(self._health_changed, self._last_success, clock=clock)
         self._outliers = OutlierDetector(self._health_changed, self._service_size, clock=clock)
-        self._subscription = self.registry.subscribe(self._on_change)
+        self._subscription = self.registry.subscribe_batches(self._on_changes)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         self._watchers: dict[str, DiscoveryWatcher] = {}
         for name, service in self.config.services.items():
@@ -256,59 +272,123 @@ class LoadBalancer:
         if route is not None and route.snapshot is snapshot and route.epoch == epoch:
             return route  # another thread rebuilt it meanwhile
         strategy = self._strategy_for(service)
-        with self._lock:
-            known = self._stats.setdefault(service, {})
-            load = self._service_load.setdefault(service, collections.deque())
-        candidates = []
-        for endpoint in snapshot.endpoints:
-            stats = known.get(endpoint.address)
-            if stats is None:
-                stats = self._new_stats(endpoint, strategy, load)
-                breakers = self._service_setting(service, "circuit_breaker")
-                if breakers is not None:
-                    stats.breaker = EndpointBreaker(f"{service}/{endpoint.address}", breakers,
-                                                    self._breaker_changed, self._clock)
-                outliers = self._outlier_config(service)
-                if outliers is not None:
-                    stats.on_failure = functools.partial(self._outliers.report_failure, service,
-                                                         config=outliers)
-                known[endpoint.address] = stats
-            elif stats.endpoint is not endpoint:
-                # Changed metadata keeps the live figures and the open leases' counts.
-                stats.endpoint = endpoint
-            candidates.append(stats)
-        # Forget removed endpoints once nothing is in flight on them.
-        for address in [a for a, s in known.items()
-                        if a not in snapshot.by_address and not s.in_flight]:
-            del known[address]
-        everyone = tuple(candidates)
-        pickable, panic, refusal = self._healthy_subset(service, everyone)
-        picker = strategy.prepare(pickable) if pickable else None
+        everyone, priority = self._members(service, snapshot, strategy)
+        pickable, panic, refusal = self._healthy_subset(service, everyone, priority)
+        picker = self._prepare(service, strategy, pickable) if pickable else None
         route = _Route(snapshot, strategy, everyone, pickable, picker, epoch, panic, refusal)
         with self._lock:  # close() clears the routes under this lock: never store one after
             if not self._closed:
                 self._routes[service] = route
         return route
 
+    def _prepare(self, service: str, strategy: Strategy,
+                 candidates: tuple[EndpointStats, ...]) -> Picker:
+        # Called with the service's rebuild lock held.  The strategy may update what its last
+        # picker for this service prepared (a hash ring) rather than start over.
+        last = self._pickers.get(service)
+        if last is not None and last[0] is strategy:
+            picker = strategy.prepare_next(candidates, last[1])
+        else:
+            picker = strategy.prepare(candidates)
+        self._pickers[service] = (strategy, picker)
+        return picker
+
+    def _members(self, service: str, snapshot: ServiceSnapshot, strategy: Strategy,
+                 ) -> tuple[tuple[EndpointStats, ...], Optional[int]]:
+        """Every endpoint's figures, in the snapshot's order, and their priority if only one.
+
+        Called with the service's rebuild lock held.  Figures are kept per address, so in-flight
+        counts and latency averages survive topology changes.  When the snapshot records how it
+        differs from the one the members were last built for (a register(), deregister() or
+        small update), only the endpoints that came, went or changed are looked at; otherwise
+        the whole set is, in C (maps and set differences over the snapshot).
+        """
+        with self._lock:
+            known = self._stats.setdefault(service, {})
+            load = self._service_load.setdefault(service, collections.deque())
+        table = snapshot._table
+        last = self._members_cache.get(service)
+        delta = snapshot._delta
+        if last is not None and last[0] is snapshot:
+            return last[1], last[2]  # a rebuild for a change of health: the same members
+        if last is not None and delta is not None and delta.base == last[0].generation:
+            everyone, priority = last[1], last[2]
+            if delta.removed:
+                gone = {known.get(address) for address in delta.removed}
+                everyone = tuple(itertools.filterfalse(gone.__contains__, everyone))
+            self._add_stats(service, [a for a in delta.added if a not in known], table, known,
+                            strategy, load)
+            for address in (*delta.changed, *delta.added):
+                stats = known[address]
+                # Changed metadata keeps the live figures and the open leases' counts.
+                stats.endpoint = table[address]
+                if stats.endpoint.priority != priority:
+                    priority = None
+            everyone += tuple(map(known.__getitem__, delta.added))
+            for address in delta.removed:  # forgotten once nothing is in flight on them
+                went = known.get(address)
+                if went is not None and not went.in_flight and address not in table:
+                    del known[address]
+        else:
+            self._add_stats(service, list(itertools.filterfalse(known.__contains__, table)),
+                            table, known, strategy, load)
+            everyone = tuple(map(known.__getitem__, table))
+            moved = map(operator.is_not, map(_endpoint_of, everyone), snapshot.endpoints)
+            for stats, endpoint in itertools.compress(zip(everyone, snapshot.endpoints), moved):
+                stats.endpoint = endpoint
+            priority = None
+        if priority is None:
+            priorities = set(map(_priority_of, everyone))
+            priority = priorities.pop() if len(priorities) == 1 else None
+        if len(known) > len(table):
+            # Forget removed endpoints once nothing is in flight on them (those that still had
+            # requests in flight at an earlier rebuild included).
+            for address in known.keys() - table.keys():
+                if not known[address].in_flight:
+                    del known[address]
+        self._members_cache[service] = (snapshot, everyone, priority)
+        return everyone, priority
+
+    def _add_stats(self, service: str, addresses: list[str], table: Mapping[str, Endpoint],
+                   known: dict[str, EndpointStats], strategy: Strategy,
+                   load: collections.deque[None]) -> None:
+        """Create the figures (and breakers) of endpoints new to the service."""
+        if not addresses:
+            return
+        breakers = self._service_setting(service, "circuit_breaker")
+        outliers = self._outlier_config(service)
+        decay = getattr(strategy, "decay", DEFAULT_DECAY)
+        default_latency = getattr(strategy, "default_latency", DEFAULT_LATENCY)
+        clock = self._clock
+        for address in addresses:
+            stats = EndpointStats(table[address], clock, decay=decay,
+                                  default_latency=default_latency, service_load=load)
+            if breakers is not None:
+                stats.breaker = EndpointBreaker(f"{service}/{address}", breakers,
+                                                self._breaker_changed, self._clock)
+            if outliers is not None:
+                stats.on_failure = functools.partial(self._outliers.report_failure, service,
+                                                     config=outliers)
+            known[address] = stats
+
     def _healthy_subset(self, service: str, everyone: tuple[EndpointStats, ...],
+                        priority: Optional[int] = None,
                         ) -> tuple[tuple[EndpointStats, ...], bool, str]:
         """The endpoints picks may choose from, whether that is panic mode, and why not."""
         if not everyone:
             return (), False, "no endpoints registered"
         checks = self._health_config(service)
         watched = checks is not None or self._outlier_config(service) is not None
-
-        def usable(stats: EndpointStats) -> bool:
-            address = stats.endpoint.address
-            return not watched or (self._health.is_healthy(service, address)
-                                   and not self._outliers.is_ejected(service, address))
-
-        groups = self._priority_groups(everyone)
-        if len(groups) > 1:
-            everyone = self._choose_group(service, groups, usable)
-        if not watched:
+        # Failed checks or ejected: usually none, so a healthy service is never filtered.
+        unusable = (self._health.unhealthy(service) | self._outliers.ejected(service)
+                    if watched else frozenset())
+        if priority is None:  # several priority groups (or not known)
+            groups = self._priority_groups(everyone)
+            if len(groups) > 1:
+                everyone = self._choose_group(service, groups, unusable)
+        if not unusable:
             return everyone, False, ""
-        healthy = tuple(s for s in everyone if usable(s))
+        healthy = tuple(s for s in everyone if s.endpoint.address not in unusable)
         if len(healthy) == len(everyone):
             return healthy, False, ""
         threshold = checks.panic_threshold if checks is not None else 0.5
@@ -324,13 +404,16 @@ class LoadBalancer:
     @staticmethod
     def _priority_groups(everyone: tuple[EndpointStats, ...],
                          ) -> list[tuple[int, tuple[EndpointStats, ...]]]:
+        priorities = set(map(_priority_of, everyone))
+        if len(priorities) == 1:
+            return [(priorities.pop(), everyone)]
         groups: dict[int, list[EndpointStats]] = {}
         for stats in everyone:
             groups.setdefault(stats.endpoint.priority, []).append(stats)
         return [(priority, tuple(groups[priority])) for priority in sorted(groups)]
 
     def _choose_group(self, service: str, groups: list[tuple[int, tuple[EndpointStats, ...]]],
-                      usable: Callable[[EndpointStats], bool]) -> tuple[EndpointStats, ...]:
+                      unusable: Collection[str]) -> tuple[EndpointStats, ...]:
         """The priority group traffic goes to, with hysteresis between failover and failback.
 
         The current group keeps the traffic while its usable share is at least
@@ -339,7 +422,8 @@ class LoadBalancer:
         group qualifies, the one with the largest usable share does.
         """
         policy = self.service_config(service).failover
-        shares = [sum(1 for s in members if usable(s)) / len(members) for _, members in groups]
+        shares = [sum(1 for s in members if s.endpoint.address not in unusable) / len(members)
+                  for _, members in groups]
         priorities = [priority for priority, _ in groups]
         current = self._active_group.get(service, priorities[0])
         current_index = priorities.index(current) if current in priorities else 0
@@ -362,13 +446,6 @@ class LoadBalancer:
             log.warning("tai-lb: %s %s from priority %d to %d (usable shares %s)", service,
                         kind, current, priority, event["usable_shares"])
         return groups[chosen][1]
-
-    def _new_stats(self, endpoint: Endpoint, strategy: Strategy,
-                   load: collections.deque[None]) -> EndpointStats:
-        return EndpointStats(endpoint, self._clock,
-                             decay=getattr(strategy, "decay", DEFAULT_DECAY),
-                             default_latency=getattr(strategy, "default_latency", DEFAULT_LATENCY),
-                             service_load=load)
 
     def _strategy_for(self, service: str) -> Strategy:
         settings = self.config.services.get(service)
@@ -455,28 +532,95 @@ class LoadBalancer:
         """The name of the strategy ``service`` uses."""
         return self._strategy_for(service).name
 
-    def _on_change(self, change: TopologyChange) -> None:
-        self._sync_health(change.service)
-        if change.kind == "changed":
+    def _on_changes(self, changes: Sequence[TopologyChange]) -> None:
+        # The registry hands over every change of a write in one list, so what is per service
+        # (the health checker's lock, the other services' tables) is done once per list.
+        service = changes[0].service
+        if all(map(operator.eq, map(_service_of, changes), itertools.repeat(service))):
+            self._apply_changes(service, changes)
             return
-        table = self._stats.get(change.service, {})
-        stats = table.get(change.endpoint.address)
-        if change.kind == "added":
-            if stats is not None:
-                stats.on_drained = None  # back before it drained: keep its pools
-            return
-        endpoint = change.endpoint
-        self._outliers.forget(change.service, endpoint.address)
-        if any(endpoint.address in snapshot.by_address
-               for name, snapshot in self.registry._snapshots.items() if name != change.service):
-            return  # another service still sends to this address: its pools stay
-        if stats is None or not stats.in_flight:
-            self._pools.close_endpoint(endpoint.host, endpoint.port)
-        else:  # drain: requests in flight finish, then the pools close
-            def close_pools() -> None:
-                self._pools.close_endpoint(endpoint.host, endpoint.port)
+        by_service: dict[str, list[TopologyChange]] = {}
+        for change in changes:
+            by_service.setdefault(change.service, []).append(change)
+        for name, group in by_service.items():
+            self._apply_changes(name, group)
 
-            stats.on_drained = close_pools
+    def _apply_changes(self, service: str, changes: Sequence[TopologyChange]) -> None:
+        """Health targets, outlier state, pools and draining for changes to one service.
+
+        Whole lists at a time, in C where it can (a full update of 10,000 endpoints is one list
+        of as many changes); one change at a time, in order, only when an address went and came
+        back within the list.
+        """
+        checks = self._health_config(service)
+        if checks is not None:
+            settings = self.config.services[service]
+            self._health.apply_changes(service, changes, checks, settings.scheme)
+        table = self._stats.get(service, {})
+        kinds = list(map(_kind_of, changes))
+        # An addition matters only to an endpoint that drains, or may start to drain here
+        # (one with requests in flight): its pools stay.  Usually neither is the case.
+        in_flight = bool(self._service_load.get(service))
+        added: list[str] = []
+        if table and "added" in kinds and (in_flight or self._draining):
+            added = list(map(_address_of, itertools.compress(
+                changes, map(operator.eq, kinds, itertools.repeat("added")))))
+        if "removed" in kinds:
+            going = list(map(_endpoint_of, itertools.compress(
+                changes, map(operator.eq, kinds, itertools.repeat("removed")))))
+            gone = list(map(_endpoint_address, going))
+            if added and in_flight and not set(gone).isdisjoint(added):
+                self._apply_in_order(service, changes, table)  # gone and back: order matters
+                return
+            self._remove_endpoints(service, going, gone, table)
+        if added and self._draining:
+            # Removed earlier and back before it drained: its pools stay.
+            for stats in filter(None, map(table.get, added)):
+                self._keep_pools(stats)
+
+    def _remove_endpoints(self, service: str, going: list[Endpoint], gone: list[str],
+                          table: dict[str, EndpointStats]) -> None:
+        self._outliers.forget_many(service, gone)
+        others = [snapshot._table for name, snapshot in self.registry._snapshots.items()
+                  if name != service]
+        if others:  # another service still sends to these addresses: their pools stay
+            going = [e for e in going if not any(e.address in other for other in others)]
+        if self._service_load.get(service):  # requests in flight somewhere in the service
+            draining: set[str] = set()
+            for endpoint, stats in zip(going, map(table.get, map(_endpoint_address, going))):
+                if stats is not None and stats._in_flight:
+                    # Drain: requests in flight finish, then the pools close.
+                    stats.on_drained = self._closer(endpoint, stats)
+                    draining.add(endpoint.address)
+            if draining:
+                going = [e for e in going if e.address not in draining]
+        self._pools.close_endpoints(map(_host_port_of, going))
+
+    def _apply_in_order(self, service: str, changes: Sequence[TopologyChange],
+                        table: dict[str, EndpointStats]) -> None:
+        """_apply_changes(), one change at a time: an address went and came back in the list."""
+        for change in changes:
+            if change.kind == "removed":
+                self._remove_endpoints(service, [change.endpoint], [change.endpoint.address],
+                                       table)
+            elif change.kind == "added":
+                stats = table.get(change.endpoint.address)
+                if stats is not None:
+                    self._keep_pools(stats)
+
+    def _closer(self, endpoint: Endpoint, stats: EndpointStats) -> Callable[[], None]:
+        """What closes a removed endpoint's pools once its last lease is released."""
+        def close_pools() -> None:
+            self._draining.discard(stats)
+            self._pools.close_endpoint(endpoint.host, endpoint.port)
+
+        self._draining.add(stats)
+        return close_pools
+
+    def _keep_pools(self, stats: EndpointStats) -> None:
+        # Back before it drained: its pools stay.
+        stats.on_drained = None
+        self._draining.discard(stats)
 
     # -- inspection -----------------------------------------------------------------------------
 
@@ -541,6 +685,8 @@ class LoadBalancer:
         with self._lock:
             already, self._closed = self._closed, True
             self._routes.clear()  # picks now take the slow path, which refuses
+            self._members_cache.clear()
+            self._pickers.clear()
         if not already:
             self._subscription.unsubscribe()
             for watcher in self._watchers.values():

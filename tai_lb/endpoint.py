@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
@@ -20,6 +21,9 @@ _LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
 _MAX_WEIGHT = 1_000_000
 _ENDPOINT_KEYS = ("address", "host", "port", "weight", "zone", "region", "version", "labels",
                   "priority", "tls_name")
+_ENDPOINT_KEY_SET = frozenset(_ENDPOINT_KEYS)
+_HOSTNAME_MATCH = _HOSTNAME.match
+_LABEL_KEY_MATCH = _LABEL_KEY.match
 
 
 def _join(path: str, key: str) -> str:
@@ -29,21 +33,24 @@ def _join(path: str, key: str) -> str:
 class Labels(Mapping[str, str]):
     """An immutable, hashable mapping of label names to values (both strings)."""
 
-    __slots__ = ("_data", "_hash")
+    __slots__ = ("_data", "_hash", "_items")
 
     def __init__(self, items: Union[Mapping[str, str], Iterable[tuple[str, str]], None] = None,
                  *, path: str = "labels") -> None:
-        pairs = items.items() if isinstance(items, Mapping) else (items or ())
+        pairs = items.items() if type(items) is dict or isinstance(items, Mapping) else (
+            items or ())
         data: dict[str, str] = {}
         for key, value in pairs:
-            if not isinstance(key, str) or not _LABEL_KEY.match(key):
+            if not (type(key) is str or isinstance(key, str)) or not _LABEL_KEY_MATCH(key):
                 raise ConfigError(path, f"label names must be 1-253 characters of letters, digits "
                                         f"and _./-, got {key!r}")
-            if not isinstance(value, str):
+            if not (type(value) is str or isinstance(value, str)):
                 raise ConfigError(_join(path, key), f"label values must be strings, got {value!r}")
             data[key] = value
-        self._data = dict(sorted(data.items()))
-        self._hash = hash(tuple(self._data.items()))
+        # The sorted pairs, as a tuple: endpoints compare and hash labels through it, in C.
+        self._items = tuple(sorted(data.items()))
+        self._data = dict(self._items)
+        self._hash = hash(self._items)
 
     def __getitem__(self, key: str) -> str:
         return self._data[key]
@@ -59,7 +66,7 @@ class Labels(Mapping[str, str]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Labels):
-            return self._data == other._data
+            return self._items == other._items
         if isinstance(other, Mapping):
             return self._data == dict(other)
         return NotImplemented
@@ -69,6 +76,37 @@ class Labels(Mapping[str, str]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Labels, (self._data,))
+
+
+_NO_LABELS = Labels()  # immutable, so every endpoint without labels shares it
+
+# Labels are immutable, so endpoints with equal labels share one object: a discovery provider that
+# rebuilds 10,000 endpoints from JSON makes no new Labels, and comparing two endpoints' labels is
+# an identity check.  Bounded: past this many distinct label sets, it starts again.
+_SHARED_LABELS: dict[tuple[tuple[str, str], ...], Labels] = {}
+_SHARED_LABELS_MAX = 4096
+
+
+def _shared_labels(items: Mapping[str, str], path: str) -> Labels:
+    """The shared `Labels` equal to ``items``, checked (``ConfigError``) on first sight."""
+    try:
+        known = _SHARED_LABELS.get(tuple(sorted(items.items())))
+    except TypeError:  # keys that do not sort, or values that do not hash: Labels() says why
+        known = None
+    if known is not None:
+        return known
+    labels = Labels(items, path=path)
+    if not labels:
+        return _NO_LABELS
+    if len(_SHARED_LABELS) >= _SHARED_LABELS_MAX:
+        _SHARED_LABELS.clear()
+    return _SHARED_LABELS.setdefault(labels._items, labels)
+
+
+def _intern(value: Optional[str]) -> Optional[str]:
+    # Zones, regions and versions are few and repeated on every endpoint: one object each makes
+    # comparing endpoints an identity check on them.
+    return sys.intern(value) if type(value) is str else value
 
 
 class Endpoint:
@@ -90,8 +128,8 @@ class Endpoint:
         endpoint whose certificate does not carry the service name; None: the service name.
     """
 
-    __slots__ = ("_hash", "address", "host", "labels", "port", "priority", "region", "tls_name",
-                 "version", "weight", "zone")
+    __slots__ = ("_hash", "_key", "address", "host", "labels", "port", "priority", "region",
+                 "tls_name", "version", "weight", "zone")
 
     host: str
     port: int
@@ -104,32 +142,59 @@ class Endpoint:
     tls_name: Optional[str]
     address: str
     _hash: int
+    _key: tuple[Any, ...]
 
     def __init__(self, host: str, port: int, weight: int = 1, zone: Optional[str] = None,
                  region: Optional[str] = None, version: Optional[str] = None,
                  labels: Union[Mapping[str, str], Labels, None] = None, priority: int = 0,
                  tls_name: Optional[str] = None, *, path: str = "") -> None:
+        # The common case (plain str and int values, already valid) is checked inline: a
+        # discovery update builds thousands of endpoints.  Anything else goes through the
+        # checks that name the field in their error.
+        if not (type(host) is str and len(host) <= 253 and _HOSTNAME_MATCH(host)):
+            host = _check_host(host, _join(path, "host"))
+        if not (type(port) is int and 1 <= port <= 65535):
+            port = _check_int(port, _join(path, "port"), 1, 65535)
+        if not (type(weight) is int and 1 <= weight <= _MAX_WEIGHT):
+            weight = _check_int(weight, _join(path, "weight"), 1, _MAX_WEIGHT)
+        if zone is not None and (type(zone) is not str or not zone):
+            zone = _check_name(zone, _join(path, "zone"))
+        if region is not None and (type(region) is not str or not region):
+            region = _check_name(region, _join(path, "region"))
+        if version is not None and (type(version) is not str or not version):
+            version = _check_name(version, _join(path, "version"))
+        if labels is None:
+            labels = _NO_LABELS
+        elif type(labels) is dict:
+            labels = _shared_labels(labels, _join(path, "labels")) if labels else _NO_LABELS
+        elif not isinstance(labels, Labels):
+            if not isinstance(labels, Mapping):
+                raise ConfigError(_join(path, "labels"),
+                                  f"must be a mapping of strings, got {labels!r}")
+            labels = _shared_labels(labels, _join(path, "labels")) if labels else _NO_LABELS
+        if not (type(priority) is int and 0 <= priority <= 1000):
+            priority = _check_int(priority, _join(path, "priority"), 0, 1000)
+        if tls_name is not None:
+            if ":" in tls_name if isinstance(tls_name, str) else True:
+                raise ConfigError(_join(path, "tls_name"), f"must be a host name, got {tls_name!r}")
+            tls_name = _check_host(tls_name, _join(path, "tls_name"))
         set_ = object.__setattr__
-        host = _check_host(host, _join(path, "host"))
         set_(self, "host", host)
-        set_(self, "port", _check_int(port, _join(path, "port"), 1, 65535))
-        set_(self, "weight", _check_int(weight, _join(path, "weight"), 1, _MAX_WEIGHT))
-        set_(self, "zone", _check_name(zone, _join(path, "zone")))
-        set_(self, "region", _check_name(region, _join(path, "region")))
-        set_(self, "version", _check_name(version, _join(path, "version")))
-        if labels is not None and not isinstance(labels, Mapping):
-            raise ConfigError(_join(path, "labels"),
-                              f"must be a mapping of strings, got {labels!r}")
-        set_(self, "labels", labels if isinstance(labels, Labels)
-             else Labels(labels, path=_join(path, "labels")))
-        set_(self, "priority", _check_int(priority, _join(path, "priority"), 0, 1000))
-        if tls_name is not None and (":" in tls_name if isinstance(tls_name, str) else True):
-            raise ConfigError(_join(path, "tls_name"), f"must be a host name, got {tls_name!r}")
-        set_(self, "tls_name", None if tls_name is None
-             else _check_host(tls_name, _join(path, "tls_name")))
-        shown = f"[{host}]" if ":" in host else host
-        set_(self, "address", f"{shown}:{self.port}")
-        set_(self, "_hash", hash(self._fields()))
+        set_(self, "port", port)
+        set_(self, "weight", weight)
+        set_(self, "zone", _intern(zone))
+        set_(self, "region", _intern(region))
+        set_(self, "version", _intern(version))
+        set_(self, "labels", labels)
+        set_(self, "priority", priority)
+        set_(self, "tls_name", tls_name)
+        set_(self, "address", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        # Every field, with the labels as their sorted pairs: equality and hashing compare
+        # this tuple, so they never call back into Python (the registry diffs thousands).
+        key = (host, port, weight, self.zone, self.region, self.version, labels._items, priority,
+               tls_name)
+        set_(self, "_key", key)
+        set_(self, "_hash", hash(key))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -151,11 +216,11 @@ class Endpoint:
             return value
         if isinstance(value, str):
             return cls.parse(value, path=path)
-        if not isinstance(value, Mapping):
+        if not isinstance(value, (dict, Mapping)):  # dict first: the abstract check is slow
             raise ConfigError(path, f"an endpoint must be \"host:port\" or a mapping, "
                                     f"got {value!r}")
-        unknown = sorted(set(value) - set(_ENDPOINT_KEYS))
-        if unknown:
+        if not _ENDPOINT_KEY_SET.issuperset(value):
+            unknown = sorted(set(value) - _ENDPOINT_KEY_SET)
             raise ConfigError(_join(path, str(unknown[0])),
                               f"unknown key; allowed: {', '.join(_ENDPOINT_KEYS)}")
         fields = dict(value)
@@ -194,7 +259,7 @@ class Endpoint:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Endpoint):
             return NotImplemented
-        return self._hash == other._hash and self._fields() == other._fields()
+        return self is other or (self._hash == other._hash and self._key == other._key)
 
     def __hash__(self) -> int:
         return self._hash
@@ -236,7 +301,7 @@ def _rebuild(host: str, port: int, weight: int, zone: Optional[str], region: Opt
 
 
 def _split_address(address: object, path: str) -> tuple[str, int]:
-    if not isinstance(address, str):
+    if type(address) is not str and not isinstance(address, str):
         raise ConfigError(path, f"must be a \"host:port\" string, got {address!r}")
     text = address.strip()
     if text.startswith("["):

@@ -24,26 +24,35 @@ import collections
 import dataclasses
 import heapq
 import http.client
+import itertools
 import logging
 import math
+import operator
 import queue
 import random
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from . import _forksafe
 from ._settings import Settings
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from .registry import TopologyChange
+
 __all__ = ["EndpointHealth", "HealthCheckConfig", "HealthChecker"]
 
 log = logging.getLogger(__name__)
+
+_endpoint_of = operator.attrgetter("endpoint")
+_address_of = operator.attrgetter("address")
+_kind_of = operator.attrgetter("kind")
 
 ProbeFunction = Callable[[Endpoint], bool]
 
@@ -173,9 +182,13 @@ class EndpointHealth:
                 "history": [{"ok": ok, "detail": detail} for _, ok, detail in self.history]}
 
 
+_NO_HISTORY: collections.deque[tuple[float, bool, str]] = collections.deque(maxlen=0)
+"""The history of a target never checked yet: shared, and it keeps nothing."""
+
+
 class _Target:
-    __slots__ = ("address", "config", "due", "endpoint", "health", "running", "scheme",
-                 "service")
+    __slots__ = ("_health", "added_at", "address", "config", "due", "endpoint", "running",
+                 "scheme", "service")
 
     def __init__(self, service: str, endpoint: Endpoint, config: HealthCheckConfig, scheme: str,
                  now: float) -> None:
@@ -186,8 +199,29 @@ class _Target:
         self.scheme = scheme
         self.due = now
         self.running = False
-        self.health = EndpointHealth(added_at=now,
-                                     history=collections.deque(maxlen=config.history))
+        self.added_at = now
+        # Made at the first check (by state()): a discovery update that brings 10,000 endpoints
+        # should not build 10,000 records, with their history, while it is being applied.
+        self._health: Optional[EndpointHealth] = None
+
+    @property
+    def health(self) -> EndpointHealth:
+        """What the checks know; for a target never checked, a fresh record (not kept)."""
+        health = self._health
+        if health is None:
+            return EndpointHealth(added_at=self.added_at, history=_NO_HISTORY)
+        return health
+
+    @property
+    def healthy(self) -> bool:
+        """False only once checks have failed."""
+        return self._health is None or self._health.healthy
+
+    def state(self) -> EndpointHealth:
+        """The record to update, made at the first call; only under the checker's lock."""
+        if self._health is None:
+            self._health = EndpointHealth(added_at=self.added_at, history=_NO_HISTORY)
+        return self._health
 
 
 def probe(target: _Target) -> tuple[bool, str]:
@@ -261,9 +295,17 @@ class HealthChecker:
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._targets: dict[tuple[str, str], _Target] = {}
+        # Service -> address -> target (nested, so lookups hash plain strings, whose hash is
+        # cached, rather than a tuple per lookup).
+        self._targets: dict[str, dict[str, _Target]] = {}
+        # The unhealthy addresses of each service, replaced whole under the lock and read
+        # without it: a route rebuild filters 10,000 endpoints by one set, not 10,000 lookups.
+        self._unhealthy: dict[str, frozenset[str]] = {}
         # (due, tie-breaker, target): an entry whose target was replaced or removed is dropped
         self._heap: list[tuple[float, int, _Target]] = []
+        # New targets, due at once, in the order they came: the scheduler takes them before the
+        # heap, so a full update adds 10,000 of them without 10,000 heap pushes.
+        self._fresh: collections.deque[_Target] = collections.deque()
         self._counter = 0
         self._queue: queue.Queue[Optional[_Target]] = queue.Queue()
         self._stop = threading.Event()
@@ -312,8 +354,9 @@ class HealthChecker:
         self._wake = threading.Condition(self._lock)
         self._queue = queue.Queue()
         self._threads = []
-        for target in self._targets.values():
-            target.running = False
+        for targets in self._targets.values():
+            for target in targets.values():
+                target.running = False
         if was_running and not self._stop.is_set():
             self.start()
 
@@ -330,28 +373,97 @@ class HealthChecker:
         now = self._clock()
         wanted = {e.address: e for e in endpoints}
         with self._lock:
-            for key in [k for k in self._targets if k[0] == service and k[1] not in wanted]:
-                del self._targets[key]
-            for address, endpoint in wanted.items():
-                key = (service, address)
-                target = self._targets.get(key)
-                if target is None:
-                    target = _Target(service, endpoint, config, scheme, now)
-                    self._targets[key] = target
-                    self._push(target, now)
-                else:
-                    target.endpoint = endpoint
+            targets = self._targets.setdefault(service, {})
+            for address in [a for a in targets if a not in wanted]:
+                self._drop(service, address)
+            for endpoint in wanted.values():
+                self._upsert(service, endpoint, config, scheme, now)
             self._wake.notify_all()
+
+    def apply_changes(self, service: str, changes: Sequence[TopologyChange],
+                      config: HealthCheckConfig, scheme: str) -> None:
+        """Apply registry changes of ``service`` to its checked set, in order.
+
+        Costs one step per change, whatever the size of the service: new endpoints are checked
+        at once, changed ones keep their health, removed ones are dropped.
+        """
+        now = self._clock()
+        endpoints = list(map(_endpoint_of, changes))
+        addresses = list(map(_address_of, endpoints))
+        with self._lock:
+            targets = self._targets.setdefault(service, {})
+            if len(set(addresses)) < len(addresses):  # an address changed twice: in order
+                for change in changes:
+                    if change.kind == "removed":
+                        self._drop(service, change.endpoint.address)
+                    else:
+                        self._upsert(service, change.endpoint, config, scheme, now)
+                self._wake.notify_all()
+                return
+            # Each address once, so the order does not matter: whole lists at a time (a full
+            # update of 10,000 endpoints brings as many changes).
+            removing = list(map(operator.eq, map(_kind_of, changes), itertools.repeat("removed")))
+            gone = list(itertools.compress(addresses, removing))
+            if gone:
+                for address in gone:
+                    targets.pop(address, None)
+                unhealthy = self._unhealthy.get(service)
+                if unhealthy:
+                    self._unhealthy[service] = unhealthy.difference(gone)
+            staying = list(map(operator.not_, removing))
+            new: list[_Target] = []
+            for address, endpoint, known in zip(
+                    itertools.compress(addresses, staying), itertools.compress(endpoints, staying),
+                    map(targets.get, itertools.compress(addresses, staying))):
+                if known is not None:
+                    known.endpoint = endpoint
+                else:
+                    target = targets[address] = _Target(service, endpoint, config, scheme, now)
+                    new.append(target)
+            self._fresh += new  # checked at once
+            self._wake.notify_all()
+
+    def _upsert(self, service: str, endpoint: Endpoint, config: HealthCheckConfig, scheme: str,
+                now: float) -> None:
+        # Called with the lock held.
+        targets = self._targets.setdefault(service, {})
+        target = targets.get(endpoint.address)
+        if target is None:
+            target = targets[endpoint.address] = _Target(service, endpoint, config, scheme, now)
+            self._fresh.append(target)  # checked at once
+        else:
+            target.endpoint = endpoint
+
+    def _drop(self, service: str, address: str) -> None:
+        # Called with the lock held.
+        if self._targets.get(service, {}).pop(address, None) is not None:
+            self._set_unhealthy(service, address, False)
+
+    def _target(self, service: str, address: str) -> Optional[_Target]:
+        """The target of one endpoint, or None (no lock: one read of each dict)."""
+        targets = self._targets.get(service)
+        return targets.get(address) if targets is not None else None
+
+    def _set_unhealthy(self, service: str, address: str, unhealthy: bool) -> None:
+        # Called with the lock held.
+        current = self._unhealthy.get(service, frozenset())
+        if (address in current) != unhealthy:
+            self._unhealthy[service] = (current | {address} if unhealthy
+                                        else current - {address})
+
+    def unhealthy(self, service: str) -> frozenset[str]:
+        """The addresses of ``service`` whose checks have failed (a set that never changes)."""
+        return self._unhealthy.get(service, frozenset())
 
     def health(self, service: str, address: str) -> Optional[EndpointHealth]:
         """The health of one endpoint, or None if it is not checked."""
-        target = self._targets.get((service, address))
+        target = self._target(service, address)
         return target.health if target is not None else None
 
     def is_healthy(self, service: str, address: str) -> bool:
         """False only for an endpoint whose checks have failed; unchecked ones are healthy."""
-        target = self._targets.get((service, address))
-        return target is None or target.health.healthy
+        target = self._target(service, address)
+        return target is None or target.healthy
 
     # -- threads --------------------------------------------------------------------------------
 
@@ -364,30 +476,36 @@ class HealthChecker:
             try:
                 with self._lock:
                     now = self._clock()
+                    while self._fresh:
+                        self._due(self._fresh.popleft(), now)
                     while self._heap and self._heap[0][0] <= now:
-                        _, _, target = heapq.heappop(self._heap)
-                        if self._targets.get((target.service, target.address)) is not target:
-                            continue  # removed (or removed and added again) meanwhile
-                        config = target.config
-                        spread = 1.0 + random.uniform(-config.jitter, config.jitter)
-                        self._push(target, now + config.interval * spread)
-                        if target.running:
-                            continue  # the previous check still runs: never two at once
-                        if (config.skip_if_traffic and target.health.healthy
-                                and self._recent_success(target, now)):
-                            # Real traffic succeeded within the interval: that is a pass.
-                            self.skipped += 1
-                            target.health.failures_in_row = 0
-                            target.health.passes_in_row += 1
-                            continue
-                        target.running = True
-                        self._queue.put(target)
+                        self._due(heapq.heappop(self._heap)[2], now)
                     wait = self._heap[0][0] - now if self._heap else 1.0
                     self._wake.wait(min(max(wait, 0.005), 1.0))
             except Exception:  # the scheduler must outlive any bug
                 self.errors += 1
                 log.exception("tai-lb: health check scheduler error")
                 self._stop.wait(0.1)
+
+    def _due(self, target: _Target, now: float) -> None:
+        # Called by the scheduler with the lock held: schedule the next check of a target that
+        # is due, and queue this one unless it can be skipped.
+        if self._target(target.service, target.address) is not target:
+            return  # removed (or removed and added again) meanwhile
+        config = target.config
+        spread = 1.0 + random.uniform(-config.jitter, config.jitter)
+        self._push(target, now + config.interval * spread)
+        if target.running:
+            return  # the previous check still runs: never two at once
+        if config.skip_if_traffic and target.healthy and self._recent_success(target, now):
+            # Real traffic succeeded within the interval: that is a pass.
+            self.skipped += 1
+            health = target.state()
+            health.failures_in_row = 0
+            health.passes_in_row += 1
+            return
+        target.running = True
+        self._queue.put(target)
 
     def _recent_success(self, target: _Target, now: float) -> bool:
         last = self._last_success(target.service, target.address)
@@ -413,9 +531,11 @@ class HealthChecker:
         flipped = False
         with self._lock:
             self.checks += 1
-            health = target.health
+            health = target.state()
             health.checked = True
             health.last_check = now
+            if health.history is _NO_HISTORY:
+                health.history = collections.deque(maxlen=config.history)
             health.history.append((now, ok, detail))
             if ok:
                 health.passes_in_row += 1
@@ -428,6 +548,8 @@ class HealthChecker:
                 if health.healthy and health.failures_in_row >= config.unhealthy_threshold:
                     health.healthy = False
                     flipped = True
+            if flipped and self._target(target.service, target.address) is target:
+                self._set_unhealthy(target.service, target.address, not health.healthy)
         if flipped:
             self.flips += 1
             log.info("tai-lb: %s endpoint %s is now %s (%s)", target.service, target.address,
@@ -442,4 +564,4 @@ class HealthChecker:
         """Counters of the checker, JSON-serialisable."""
         return {"running": self.running, "checks": self.checks, "skipped_for_traffic":
                 self.skipped, "flips": self.flips, "errors": self.errors,
-                "targets": len(self._targets)}
+                "targets": sum(map(len, list(self._targets.values())))}

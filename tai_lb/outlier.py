@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -167,10 +168,22 @@ class OutlierDetector:
         state = self._states.get((service, address))
         return state is not None and state.until is not None
 
+    def ejected(self, service: str) -> frozenset[str]:
+        """The addresses of ``service`` that are ejected now."""
+        with self._lock:  # only endpoints that ever reached a threshold have a state
+            return frozenset(a for (s, a), state in self._states.items()
+                             if s == service and state.until is not None)
+
     def forget(self, service: str, address: str) -> None:
         """Drop what is known of an endpoint removed from its service."""
+        self.forget_many(service, (address,))
+
+    def forget_many(self, service: str, addresses: Iterable[str]) -> None:
+        """Drop what is known of endpoints removed from their service (one lock for all)."""
         with self._lock:
-            self._states.pop((service, address), None)
+            if self._states:
+                for address in addresses:
+                    self._states.pop((service, address), None)
 
     def state(self, service: str, address: str) -> Optional[dict[str, Any]]:
         """JSON-serialisable outlier state of one endpoint, or None if it was never ejected."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -167,13 +167,27 @@ class EndpointPools:
 
     def close_endpoint(self, host: str, port: int) -> int:
         """Close every pool of the endpoint at ``host:port``; returns how many."""
-        for cached in [k for k in list(self._cache) if k[0] == host and k[1] == port]:
-            self._cache.pop(cached, None)
+        return self.close_endpoints(((host, port),))
+
+    def close_endpoints(self, endpoints: Iterable[tuple[str, int]]) -> int:
+        """Close every pool of the endpoints given as ``(host, port)``; returns how many.
+
+        One pass over the pools, however many endpoints go (a discovery update may remove
+        thousands).
+        """
+        if not self._cache and not len(self._manager.pools):
+            return 0  # no pool at all (no HTTP traffic yet)
+        gone = set(endpoints)
+        if not gone:
+            return 0
+        if self._cache:
+            for cached in [k for k in list(self._cache) if (k[0], k[1]) in gone]:
+                self._cache.pop(cached, None)
         pools = self._manager.pools
         with self._lock:
             # The container refuses plain iteration (not thread-safe); keys() takes its lock.
             keys = [k for k in pools.keys()  # noqa: SIM118
-                    if k.key_host == host and k.key_port == port]
+                    if (k.key_host, k.key_port) in gone]
         closed = 0
         for key in keys:
             try:

@@ -32,14 +32,15 @@ import hashlib
 import heapq
 import itertools
 import math
+import operator
 import random
 import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from functools import reduce
 from typing import Any, Callable, ClassVar, Optional, Union
 
+from ._sequences import common_head, common_tail
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
@@ -71,6 +72,8 @@ StrategyFunction = Callable[[Sequence[EndpointStats], Optional[RoutingKey]],
                             Union[EndpointStats, Endpoint]]
 
 _FULL_SCAN_MAX = 8
+_weight_of = operator.attrgetter("endpoint.weight")
+_address_of = operator.attrgetter("endpoint.address")
 
 EXCLUDING = "excluding"
 """A picker may carry ``picker.excluding(key, exclude)``: a pick that avoids the addresses in
@@ -92,6 +95,15 @@ class Strategy(ABC):
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
         """Precompute what picks need over ``candidates`` (never empty) and return a picker."""
 
+    def prepare_next(self, candidates: Sequence[EndpointStats], previous: Picker) -> Picker:
+        """As :meth:`prepare`, for a service whose last picker from this strategy is ``previous``.
+
+        The balancer calls this when a service's candidates change.  A strategy whose
+        preparation is costly (a hash ring) may update what ``previous`` holds rather than start
+        over; by default, this is :meth:`prepare`.
+        """
+        return self.prepare(candidates)
+
     def options(self) -> dict[str, Any]:
         """The strategy's settings, as shown by ``status()``."""
         return {}
@@ -102,8 +114,8 @@ class Strategy(ABC):
 
 
 def _weights_equal(candidates: Sequence[EndpointStats]) -> bool:
-    first = candidates[0].endpoint.weight
-    return all(c.endpoint.weight == first for c in candidates)
+    weights = list(map(_weight_of, candidates))
+    return weights.count(weights[0]) == len(weights)
 
 
 class RoundRobin(Strategy):
@@ -149,13 +161,15 @@ class WeightedRoundRobin(Strategy):
 
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
         items = tuple(candidates)
-        divisor = reduce(math.gcd, (c.endpoint.weight for c in items))
-        weights = [c.endpoint.weight // divisor for c in items]
+        weights: list[int] = list(map(_weight_of, items))
+        divisor = math.gcd(*weights)
+        if divisor > 1:
+            weights = [weight // divisor for weight in weights]
         period = sum(weights)
         start = self.start if self.start is not None else self.rng.randrange(period)
-        sequence = smooth_weighted_sequence(weights)
         if period <= self.max_period:
-            order = tuple(items[i] for i in itertools.islice(sequence, period))
+            order: tuple[EndpointStats, ...] = tuple(
+                map(items.__getitem__, smooth_weighted_order(weights, period)))
             counter = itertools.count(start)
 
             def pick(key: Optional[RoutingKey]) -> EndpointStats:
@@ -165,6 +179,7 @@ class WeightedRoundRobin(Strategy):
 
         # Too long to precompute: step online, from a start within the first round only, so a
         # rebuild never walks millions of steps.
+        sequence = smooth_weighted_sequence(weights)
         for _ in range(start % len(items)):
             next(sequence)
         lock = threading.Lock()
@@ -207,6 +222,61 @@ def smooth_weighted_sequence(weights: Sequence[int]) -> Iterator[int]:
         yield index
 
 
+def smooth_weighted_order(weights: Sequence[int], count: int) -> list[int]:
+    """The first ``count`` indices of :func:`smooth_weighted_sequence`, computed run by run.
+
+    Peers of equal weight are picked in turn, by index, so the sequence is made of runs of one
+    weight class taking consecutive turns.  Each run's length follows from the values (linear in
+    the step number) of the classes that could overtake it, so the work grows with the number of
+    runs, not of steps: a period over 10,000 endpoints of one or two weights takes a few runs,
+    each copied as a slice.
+    """
+    total = sum(weights)
+    distinct = set(weights)
+    by_weight: dict[int, list[int]] = {}
+    if len(distinct) <= 8:  # a pass in C per weight
+        for weight in distinct:
+            by_weight[weight] = list(itertools.compress(
+                range(len(weights)), map(operator.eq, weights, itertools.repeat(weight))))
+    else:
+        for index, weight in enumerate(weights):
+            by_weight.setdefault(weight, []).append(index)
+    classes = [(weight, members, len(members)) for weight, members in by_weight.items()]
+    picked = [0] * len(classes)  # picks of each class so far
+    order: list[int] = []
+    step = 1
+    while len(order) < count:
+        # The winner of this step: nginx's highest value, the lowest index on a tie.  A peer's
+        # value is step * weight - total * (its picks so far).
+        best = 0
+        best_value = best_index = -1
+        for number, (weight, members, size) in enumerate(classes):
+            rounds, position = divmod(picked[number], size)
+            value = step * weight - total * rounds
+            if best_index < 0 or value > best_value or (
+                    value == best_value and members[position] < best_index):
+                best, best_value, best_index = number, value, members[position]
+        weight, members, size = classes[best]
+        position = picked[best] % size
+        run = min(size - position, count - len(order))  # the rest of its round at most
+        # A heavier class gains (its weight - this one's) per step on the winner; it takes over
+        # when it gets ahead, or draws level with the lower index.
+        for number, (other, other_members, other_size) in enumerate(classes):
+            if other <= weight:
+                continue
+            rounds, other_position = divmod(picked[number], other_size)
+            gap = best_value - (step * other - total * rounds)
+            steps, rest = divmod(gap, other - weight)
+            if not (rest == 0 and steps < run
+                    and members[position + steps] > other_members[other_position]):
+                steps += 1
+            run = min(run, steps)
+        order += members[position:position + run]
+        picked[best] += run
+        step += run
+    return order
+
+
 class Random(Strategy):
     """Uniformly at random."""
 
@@ -230,7 +300,7 @@ class Weighted(Strategy):
 
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
         items = tuple(candidates)
-        cumulative = list(itertools.accumulate(c.endpoint.weight for c in items))
+        cumulative = list(itertools.accumulate(map(_weight_of, items)))
         total = cumulative[-1]
         last = len(items) - 1
         draw = self.rng.random
@@ -285,7 +355,7 @@ class LeastConnections(Strategy):
                 return a if len(a._in_flight) <= len(b._in_flight) else b
             return two_choices
 
-        cumulative = list(itertools.accumulate(c.endpoint.weight for c in items))
+        cumulative = list(itertools.accumulate(map(_weight_of, items)))
         total = cumulative[-1]
         last = size - 1
         search = bisect.bisect_right
@@ -319,8 +389,9 @@ class ConsistentHash(Strategy):
 
     The default of 1,000 points per unit of weight keeps every endpoint's share of keys within
     about 10% of the mean for ten endpoints.  The ring holds at most ``max_ring_size`` points
-    (65,536 by default, so a rebuild takes about a tenth of a second even for a thousand
-    endpoints): past that, every endpoint's points are halved, as often as needed.  Because the
+    (65,536 by default, so a build takes a few tens of milliseconds even for 10,000 endpoints,
+    and a change of a few endpoints updates the previous ring in a few milliseconds): past that,
+    every endpoint's points are halved, as often as needed.  Because the
     factor is a power of two, it changes only when the service's total weight crosses a power
     of two (66, 132, 263... endpoints of weight 1 by default); only a change across one of those
     sizes moves keys between endpoints that stay.
@@ -357,18 +428,101 @@ class ConsistentHash(Strategy):
                 "max_ring_size": self.max_ring_size}
 
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+        return self._picker(self._build(tuple(candidates)))
+
+    def prepare_next(self, candidates: Sequence[EndpointStats], previous: Picker) -> Picker:
+        """Update the previous ring when few endpoints came, went or changed weight.
+
+        The points of those endpoints are taken out of, or put into, a copy of the ring, which
+        then equals a ring built from scratch: a change to one endpoint of 10,000 costs a few
+        milliseconds instead of a whole build.  Otherwise (a larger change, or one that changes
+        the points per endpoint) the ring is built again.
+        """
         items = tuple(candidates)
+        last: Optional[_Ring] = getattr(previous, _RING, None)
+        ring = self._update(last, items) if last is not None else None
+        return self._picker(ring if ring is not None else self._build(items))
+
+    def _build(self, items: tuple[EndpointStats, ...]) -> _Ring:
         cache = self._points
         hashes, owners = build_ring(items, self.vnodes, self.max_ring_size, cache)
         if len(cache) > 2 * len(items) + 64:  # forget endpoints long gone
             current = {c.endpoint.address for c in items}
             self._points = {k: v for k, v in cache.items() if k[0] in current}
+        weights: list[int] = list(map(_weight_of, items))
+        shift, starts = bucket_index(hashes)
+        return _Ring(items, weights, self._scale(sum(weights)), hashes, owners, shift, starts)
+
+    def _scale(self, total_weight: int) -> float:
+        # As build_ring: the factor, a power of two, that fits the ring in max_ring_size.
+        scale = 1.0
+        while total_weight * self.vnodes * scale > self.max_ring_size:
+            scale /= 2.0
+        return scale
+
+    def _update(self, last: _Ring, items: tuple[EndpointStats, ...]) -> Optional[_Ring]:
+        """``last`` changed for ``items``, or None when building again is as good."""
+        weights: list[int] = list(map(_weight_of, items))
+        if items == last.items and weights == last.weights:
+            return last  # the same candidates and weights: the same ring
+        scale = self._scale(sum(weights))
+        if scale != last.scale:
+            return None  # every endpoint's number of points changes
+        # The candidates keep their order from one snapshot to the next: the difference is the
+        # window between the common head and tail (of candidates and of weights, compared in
+        # C; the figures compare by identity).
+        shortest = min(len(items), len(last.items))
+        head = min(common_head(items, last.items, shortest),
+                   common_head(weights, last.weights, shortest))
+        tail = min(common_tail(items, last.items, shortest - head),
+                   common_tail(weights, last.weights, shortest - head))
+        arriving = list(zip(items[head:len(items) - tail], weights[head:len(items) - tail]))
+        leaving = list(zip(last.items[head:len(last.items) - tail],
+                           last.weights[head:len(last.items) - tail]))
+        if len(arriving) + len(leaving) > _RING_UPDATE_MAX:
+            return None
+        came = [m for m in arriving if m not in leaving]
+        went = [m for m in leaving if m not in arriving]
+        if not (came or went):  # only their order changed: no point moves
+            return _Ring(items, weights, scale, last.hashes, last.owners, last.shift, last.starts)
+        hashes, owners = list(last.hashes), list(last.owners)
+        moved: list[tuple[int, int]] = []  # (point, +1 or -1) for the bucket index
+        for stats, weight in went:
+            for point in self._points_of(stats.endpoint.address, weight, scale):
+                index = bisect.bisect_left(hashes, point)
+                while owners[index] is not stats:  # an equal point of another endpoint
+                    index += 1
+                del hashes[index], owners[index]
+                moved.append((point, -1))
+        for stats, weight in came:
+            address = stats.endpoint.address
+            for point in self._points_of(address, weight, scale):
+                index = bisect.bisect_left(hashes, point)
+                # Equal points go to the lower address, as in build_ring.
+                while (index < len(hashes) and hashes[index] == point
+                       and owners[index].endpoint.address < address):
+                    index += 1
+                hashes.insert(index, point)
+                owners.insert(index, stats)
+                moved.append((point, 1))
+        shift, starts = shift_bucket_index(last.shift, last.starts, hashes, moved)
+        return _Ring(items, weights, scale, hashes, owners, shift, starts)
+
+    def _points_of(self, address: str, weight: int, scale: float) -> tuple[int, ...]:
+        spec = (address, max(4, int(weight * self.vnodes * scale)))
+        points = self._points.get(spec)
+        if points is None:
+            points = self._points[spec] = ring_points(*spec)
+        return points
+
+    def _picker(self, ring: _Ring) -> Picker:
+        items = ring.items
+        hashes, owners, shift, starts = ring.hashes, ring.owners, ring.shift, ring.starts
         ring_size = len(hashes)
         size = len(items)
         draw = self.rng.random
         search = bisect.bisect_right
         bound = self.load_bound
-        shift, starts = bucket_index(hashes)
         md5, unpack = _md5, _unpack_first
 
         def excluding(key: Optional[RoutingKey],
@@ -398,6 +552,7 @@ class ConsistentHash(Strategy):
                 i = search(hashes, h, starts[bucket], starts[bucket + 1])
                 return owners[i if i < ring_size else 0]
             setattr(pick, EXCLUDING, excluding)
+            setattr(pick, _RING, ring)
             return pick
 
         service_load = items[0]._service_load
@@ -419,7 +574,34 @@ class ConsistentHash(Strategy):
                     break
             return owners[i % ring_size]
         setattr(pick_bounded, EXCLUDING, excluding)
+        setattr(pick_bounded, _RING, ring)
         return pick_bounded
+
+
+_RING = "_tai_lb_ring"  # the picker's attribute holding its _Ring, for prepare_next()
+# A ring update that moves more endpoints than this builds the ring again instead.
+_RING_UPDATE_MAX = 64
+
+
+class _Ring:
+    """A built ring and what it was built from, kept on its picker for the next update.
+
+    ``items`` are the candidates and ``weights`` the weight each had; the ring's lists are
+    never changed once built (an update changes copies).
+    """
+
+    __slots__ = ("hashes", "items", "owners", "scale", "shift", "starts", "weights")
+
+    def __init__(self, items: tuple[EndpointStats, ...], weights: list[int], scale: float,
+                 hashes: list[int], owners: list[EndpointStats], shift: int,
+                 starts: list[int]) -> None:
+        self.items = items
+        self.weights = weights
+        self.scale = scale
+        self.hashes = hashes
+        self.owners = owners
+        self.shift = shift
+        self.starts = starts
 
 
 def _find_md5() -> Callable[[bytes], Any]:
@@ -470,6 +652,28 @@ def bucket_index(hashes: Sequence[int]) -> tuple[int, list[int]]:
     return shift, starts
 
 
+def shift_bucket_index(shift: int, starts: list[int], hashes: Sequence[int],
+                       moved: Sequence[tuple[int, int]]) -> tuple[int, list[int]]:
+    """:func:`bucket_index` of ``hashes``, from the one before a few points were put in (+1)
+    or taken out (-1) as listed in ``moved``, as ``(point, +1 or -1)``.
+
+    Each point shifts the starts of every bucket after its own by one; the shifts are applied
+    segment by segment, in C.  When the number of points changes the number of buckets, this
+    is a full :func:`bucket_index`.
+    """
+    if max(1, min(24, len(hashes).bit_length() - 1)) != 32 - shift:
+        return bucket_index(hashes)
+    starts = list(starts)
+    steps = sorted(((point >> shift) + 1, step) for point, step in moved)
+    running = 0
+    for number, (first, step) in enumerate(steps):
+        running += step
+        end = steps[number + 1][0] if number + 1 < len(steps) else len(starts)
+        if running and first < end:
+            starts[first:end] = map(operator.add, starts[first:end], itertools.repeat(running))
+    return shift, starts
+
+
 _unpack_digest = struct.Struct("<4I").unpack
 
 
@@ -494,27 +698,41 @@ def build_ring(items: Sequence[EndpointStats], vnodes: int, max_ring_size: int,
     ``max_ring_size``.  Equal points go to the lower address, so every process builds the same
     ring whatever order it learnt the endpoints in.  ``cache`` keeps points between builds.
     """
-    ordered = sorted(items, key=lambda c: c.endpoint.address)
-    total = sum(c.endpoint.weight for c in ordered) * vnodes
+    ordered = sorted(items, key=_address_of)
+    weights: list[int] = list(map(_weight_of, ordered))
+    total = sum(weights) * vnodes
     # Halve the points per endpoint as often as needed to fit, never by another factor: the
     # scale then changes only when a service crosses a power of two, so between those sizes
     # adding or removing an endpoint moves only that endpoint's keys.
     scale = 1.0
     while total * scale > max_ring_size:
         scale /= 2.0
+    if weights and weights.count(weights[0]) == len(weights):
+        counts = [max(4, int(weights[0] * vnodes * scale))] * len(weights)
+    else:
+        counts = [max(4, int(weight * vnodes * scale)) for weight in weights]
+    specs = list(zip(map(_address_of, ordered), counts))
+    if cache is None:
+        cache = {}
+    points: list[Optional[tuple[int, ...]]] = list(map(cache.get, specs))
+    if None in points:
+        for index in itertools.compress(range(len(points)), map(operator.not_, points)):
+            points[index] = cache[specs[index]] = ring_points(*specs[index])
+    # Each point packed with its owner's index in address order, so one sort of plain ints
+    # orders the ring by point, then by address; done in C, by maps over the whole ring.
     shift = len(ordered).bit_length()
-    packed: list[int] = []
-    for index, c in enumerate(ordered):
-        spec = (c.endpoint.address, max(4, int(c.endpoint.weight * vnodes * scale)))
-        points = cache.get(spec) if cache is not None else None
-        if points is None:
-            points = ring_points(*spec)
-            if cache is not None:
-                cache[spec] = points
-        packed.extend([(point << shift) | index for point in points])
-    packed.sort()  # by point, then by address order
+    owner_indices = itertools.chain.from_iterable(map(itertools.repeat, range(len(ordered)),
+                                                      counts))
+    packed = list(map(operator.or_,
+                      map(operator.lshift,
+                          itertools.chain.from_iterable(points),  # type: ignore[arg-type]
+                          itertools.repeat(shift)),
+                      owner_indices))
+    packed.sort()
     mask = (1 << shift) - 1
-    return [p >> shift for p in packed], [ordered[p & mask] for p in packed]
+    hashes = list(map(operator.rshift, packed, itertools.repeat(shift)))
+    owners = list(map(ordered.__getitem__, map(operator.and_, packed, itertools.repeat(mask))))
+    return hashes, owners
 
 
 class PeakEwma(Strategy):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 
 import pytest
@@ -230,3 +231,111 @@ def test_picks_survive_concurrent_topology_changes_with_counts_intact() -> None:
     assert len(picks) == 6 and sum(picks) > 0
     assert all(s.in_flight == 0 for s in lb.stats("users").values())
     assert lb.status()["services"]["users"]["in_flight"] == 0  # removed endpoints included
+
+
+# -- routes rebuilt from a snapshot's delta equal routes built from scratch ------------------------
+
+
+def random_change(rng: random.Random, reg: ServiceRegistry) -> None:
+    """One write to "users": a register, a deregister, a metadata change or a full update."""
+    pool = [f"10.0.{i // 40}.{i % 40}:80" for i in range(80)]
+    current = list(reg.endpoints("users"))
+    kind = rng.randrange(5)
+    if kind == 0 or len(current) < 3:
+        reg.register("users", Endpoint.parse(rng.choice(pool), weight=rng.randrange(1, 4)))
+    elif kind == 1:
+        reg.deregister("users", rng.choice(current))
+    elif kind == 2:
+        endpoint = rng.choice(current)
+        reg.register("users", endpoint.replace(weight=rng.randrange(1, 4)))
+    elif kind == 3:
+        endpoint = rng.choice(current)
+        reg.register("users", endpoint.replace(zone=rng.choice(["a", "b"]),
+                                               priority=rng.choice([0, 0, 0, 1])))
+    else:
+        kept = [e for e in current if rng.random() < 0.9]
+        reg.set_endpoints("users", kept + [Endpoint.parse(a) for a in rng.sample(pool, 3)])
+
+
+@pytest.mark.parametrize("name", ["round_robin", "weighted_round_robin", "least_connections",
+                                  "peak_ewma", "consistent_hash", "weighted", "random"])
+def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -> None:
+    from tai_lb.strategies import ConsistentHash, WeightedRoundRobin, bucket_index, build_ring
+
+    def strategy() -> tai_lb.Strategy:
+        if name == "consistent_hash":
+            return ConsistentHash(vnodes=40, max_ring_size=4096)
+        if name == "weighted_round_robin":
+            return WeightedRoundRobin(start=0)
+        return tai_lb.strategies.resolve_strategy(name)
+
+    rng = random.Random(name)
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.0.0.1", 80 + i, weight=1 + i % 2) for i in range(30)])
+    lb = LoadBalancer(reg, strategy=strategy())
+    keys = [f"user-{i}" for i in range(200)]
+    for _ in range(80):
+        before = lb.stats("users")
+        random_change(rng, reg)
+        lb.pick("users", key="warm").done()
+        after = lb.stats("users")
+        for address, stats in after.items():  # live figures survive every change
+            assert before.get(address, stats) is stats
+            assert stats.endpoint is reg.snapshot("users").by_address[address]
+        fresh = LoadBalancer(reg, strategy=strategy())
+        route, fresh_route = lb._route("users"), fresh._route("users")
+        assert [s.endpoint for s in route.everyone] == [s.endpoint for s in fresh_route.everyone]
+        assert [s.endpoint for s in route.candidates] == [
+            s.endpoint for s in fresh_route.candidates]
+        if name == "consistent_hash":
+            ring = route.picker._tai_lb_ring  # type: ignore[union-attr]
+            hashes, owners = build_ring(route.candidates, 40, 4096)
+            assert ring.hashes == hashes and ring.owners == owners
+            assert (ring.shift, ring.starts) == bucket_index(hashes)
+            assert [lb.pick("users", key=k).address for k in keys] == [
+                fresh.pick("users", key=k).address for k in keys]
+        if name == "weighted_round_robin":
+            period = sum(s.endpoint.weight for s in route.candidates)
+            lb._routes.pop("users")  # a new route starts the sequence at 0, as the fresh one
+            assert [lb.pick("users").address for _ in range(period)] == [
+                fresh.pick("users").address for _ in range(period)]
+        fresh.close()
+    lb.close()
+
+
+def test_health_targets_follow_registry_changes_one_by_one(clock: FakeClock) -> None:
+    reg = ServiceRegistry()
+    reg.register_many("users", ["10.0.0.1:80", "10.0.0.2:80"])
+    checks = tai_lb.HealthCheckConfig(type="function", function=lambda e: True, interval=3600.0)
+    config = tai_lb.LoadBalancerConfig({"users": tai_lb.ServiceConfig(health_check=checks)})
+    rng = random.Random(3)
+    with LoadBalancer(reg, config=config, clock=clock) as lb:
+        for _ in range(60):
+            random_change(rng, reg)
+            assert set(lb._health._targets["users"]) == set(reg.snapshot("users").by_address)
+            for address, endpoint in reg.snapshot("users").by_address.items():
+                target = lb._health._target("users", address)
+                assert target is not None and target.endpoint is endpoint
+
+
+def test_an_endpoint_removed_and_back_in_one_delivery_keeps_its_pools(clock: FakeClock) -> None:
+    lb = make_lb(clock, "10.0.0.1:80", "10.0.0.2:80")
+    reg = lb.registry
+    lease = lb.pick("users")
+    while lease.address != "10.0.0.1:80":
+        lease.done()
+        lease = lb.pick("users")
+
+    def bounce(change: tai_lb.TopologyChange) -> None:
+        if change.endpoint.address == "10.0.0.3:80":
+            # Both writes are queued while this delivery runs: the balancer gets them together.
+            reg.deregister("users", "10.0.0.1:80")
+            reg.register("users", "10.0.0.1:80")
+
+    reg.subscribe(bounce)
+    reg.register("users", "10.0.0.3:80")
+    stats = lb.stats("users")["10.0.0.1:80"]
+    assert stats.on_drained is None and not lb._draining  # back before it drained
+    lease.done()
+    reg.deregister("users", "10.0.0.2:80")  # nothing in flight: closed at once, no drain
+    assert not lb._draining

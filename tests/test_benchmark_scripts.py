@@ -21,3 +21,16 @@ def test_picks_benchmark_quick_mode_prints_its_tables() -> None:
     for name in ("round_robin", "consistent_hash", "peak_ewma", "x raw GET"):
         assert name in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_discovery_benchmark_quick_mode_prints_its_tables() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "discovery.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    for text in ("set_endpoints: half of the set replaced", "deregister(): one endpoint",
+                 "consistent_hash", "round_robin, checked", "target ms"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before

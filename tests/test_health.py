@@ -268,7 +268,7 @@ def test_removing_and_adding_an_endpoint_again_never_doubles_its_checks(
         assert wait_for(lambda: lb._health.checks >= 20)
         with lb._health._lock:
             entries = [t for _, _, t in lb._health._heap if t.address == a.address]
-        live = [t for t in entries if lb._health._targets.get(("users", a.address)) is t]
+        live = [t for t in entries if lb._health._target("users", a.address) is t]
         assert len(live) == 1  # one schedule for the endpoint, however often it came back
 
 

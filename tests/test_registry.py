@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from typing import Optional
 
@@ -264,3 +265,153 @@ class RegistryMachine(RuleBasedStateMachine):
 
 TestRegistryMachine = RegistryMachine.TestCase
 TestRegistryMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+# -- full updates: the fast paths agree with the plain algorithm --------------------------------
+
+
+Event = tuple[str, Endpoint, Optional[Endpoint]]
+
+
+def plain_set_endpoints(current: dict[str, Endpoint], endpoints: list[Endpoint],
+                        ) -> tuple[dict[str, Endpoint], list[Event]]:
+    """set_endpoints() written plainly: the new set, in order, and its events."""
+    wanted: dict[str, Endpoint] = {}
+    for endpoint in endpoints:
+        wanted[endpoint.address] = endpoint
+    events: list[Event] = [
+        ("removed", old, None) for address, old in current.items() if address not in wanted]
+    result: dict[str, Endpoint] = {}
+    for address, old in current.items():
+        if address in wanted:
+            if wanted[address] != old:
+                events.append(("changed", wanted[address], old))
+            result[address] = wanted[address]
+    for address, new in wanted.items():
+        if address not in current:
+            events.append(("added", new, None))
+            result[address] = new
+    return result, events
+
+
+def next_endpoint_set(rng: random.Random, current: list[Endpoint]) -> list[Endpoint]:
+    """A full update as a provider sends it: rebuilt objects, mostly in the last order."""
+    pool = [f"10.0.{i // 50}.{i % 50}:80" for i in range(120)]
+    items = [Endpoint.from_value(e.to_dict()) for e in current]  # equal, never identical
+    for _ in range(rng.choice([0, 0, 1, 1, 2, 5, 40])):
+        kind = rng.randrange(5)
+        if kind == 0 or not items:
+            items.insert(rng.randrange(len(items) + 1), Endpoint.parse(rng.choice(pool)))
+        elif kind == 1:
+            del items[rng.randrange(len(items))]
+        elif kind == 2:
+            index = rng.randrange(len(items))
+            items[index] = items[index].replace(weight=rng.randrange(1, 4))
+        elif kind == 3:
+            index = rng.randrange(len(items))
+            items[index] = items[index].replace(labels={"v": str(rng.randrange(3))})
+        else:  # an address twice, the second with other metadata
+            items.append(rng.choice(items).replace(zone="z2"))
+    if rng.random() < 0.15:
+        rng.shuffle(items)
+    return items
+
+
+@pytest.mark.parametrize("window", ["default", "never"])
+@pytest.mark.parametrize("seed", range(6))
+def test_full_updates_match_the_plain_algorithm(seed: int, window: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import tai_lb.registry
+
+    if window == "never":  # every update diffed over the whole set, by address
+        monkeypatch.setattr(tai_lb.registry, "_WINDOW_MAX", -1)
+    rng = random.Random(seed)
+    reg = ServiceRegistry()
+    reg.add_service("users")
+    changes: list[TopologyChange] = []
+    reg.subscribe(changes.append)
+    sent: list[Endpoint] = []
+    for _ in range(60):
+        if rng.random() < 0.2:  # a write of another kind in between drops the diff's memory
+            address = f"10.0.9.{rng.randrange(5)}:80"
+            if rng.random() < 0.5:
+                reg.register("users", address)
+            else:
+                reg.deregister("users", address)
+            sent = list(reg.endpoints("users"))
+            continue
+        sent = next_endpoint_set(rng, sent)
+        before = reg.snapshot("users")
+        expected, events = plain_set_endpoints(dict(before.by_address), sent)
+        changes.clear()
+        reg.set_endpoints("users", sent)
+        after = reg.snapshot("users")
+        assert list(after.by_address) == list(expected)  # positions: stay, then appended
+        assert list(after.endpoints) == list(expected.values())
+        assert [(c.kind, c.endpoint, c.previous) for c in changes] == events
+        assert (after is before) == (not events)  # nothing published for no difference
+        for endpoint in after.endpoints:  # an equal endpoint keeps the registered object
+            old = before.by_address.get(endpoint.address)
+            assert old is None or old != endpoint or old is endpoint
+
+
+def test_set_endpoints_keeps_the_registered_objects() -> None:
+    reg = ServiceRegistry()
+    first = [Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80)]
+    reg.set_endpoints("users", first)
+    reg.set_endpoints("users", [Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80, weight=2),
+                                Endpoint("10.0.0.3", 80)])
+    endpoints = reg.endpoints("users")
+    assert endpoints[0] is first[0]
+    assert endpoints[1].weight == 2 and endpoints[2].address == "10.0.0.3:80"
+
+
+def test_batch_subscribers_get_each_write_at_once_and_in_order() -> None:
+    reg = ServiceRegistry()
+    batches: list[list[str]] = []
+    singles: list[str] = []
+    reg.subscribe_batches(lambda changes: batches.append(
+        [f"{c.kind} {c.endpoint.address}" for c in changes]))
+    reg.subscribe(lambda change: singles.append(f"{change.kind} {change.endpoint.address}"))
+    reg.set_endpoints("users", ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    reg.set_endpoints("users", ["127.0.0.1:2", "127.0.0.1:4"])
+    reg.register("users", "127.0.0.1:5")
+    assert batches == [["added 127.0.0.1:1", "added 127.0.0.1:2", "added 127.0.0.1:3"],
+                       ["removed 127.0.0.1:1", "removed 127.0.0.1:3", "added 127.0.0.1:4"],
+                       ["added 127.0.0.1:5"]]
+    assert singles == [change for batch in batches for change in batch]
+
+
+def test_an_interrupted_delivery_resumes_without_repeating_a_change() -> None:
+    reg = ServiceRegistry()
+    first: list[int] = []
+    second: list[int] = []
+    interrupt = [True]
+
+    def flaky(change: TopologyChange) -> None:
+        first.append(change.sequence)
+        if change.sequence == 2 and interrupt.pop():
+            raise KeyboardInterrupt
+
+    reg.subscribe(flaky)
+    reg.subscribe_batches(lambda changes: second.extend(c.sequence for c in changes))
+    with pytest.raises(KeyboardInterrupt):
+        reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    reg.register("users", "127.0.0.1:4")  # the next write delivers the rest first
+    assert first == [1, 2, 3, 4]
+    assert second == [1, 2, 3, 4]
+
+
+def test_a_subscriber_gets_only_changes_after_it_subscribed() -> None:
+    reg = ServiceRegistry()
+    seen: list[TopologyChange] = []
+
+    def subscribe_on_first(change: TopologyChange) -> None:
+        if not seen:
+            reg.subscribe(seen.append)  # while two changes of this write are still to come
+            seen.append(change)
+
+    reg.subscribe(subscribe_on_first)
+    reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2"])
+    reg.register("users", "127.0.0.1:3")
+    assert [c.sequence for c in seen] == [1, 3]

@@ -35,6 +35,7 @@ from tai_lb.strategies import (
     build_ring,
     key_hash,
     resolve_strategy,
+    smooth_weighted_order,
     smooth_weighted_sequence,
 )
 
@@ -259,6 +260,18 @@ def test_smooth_sequence_matches_nginx_loop(weights: list[int]) -> None:
     import itertools
     produced = list(itertools.islice(smooth_weighted_sequence(weights), 3 * sum(weights)))
     assert produced == nginx_reference(weights, 3 * sum(weights))
+
+
+@given(st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=12),
+       st.integers(min_value=0, max_value=3))
+def test_smooth_order_run_by_run_matches_nginx_loop(weights: list[int], periods: int) -> None:
+    count = periods * sum(weights) + len(weights) // 2
+    assert smooth_weighted_order(weights, count) == nginx_reference(weights, count)
+
+
+def test_smooth_order_of_a_large_service_with_one_heavier_endpoint() -> None:
+    weights = [1] * 2000 + [7] + [1] * 999
+    assert smooth_weighted_order(weights, sum(weights)) == nginx_reference(weights, sum(weights))
 
 
 def test_wrr_past_max_period_steps_online_with_the_same_order() -> None:

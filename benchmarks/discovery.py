@@ -1,0 +1,472 @@
+"""Cost of discovery updates at 10,000 endpoints, with a LoadBalancer subscribed to the registry.
+
+The script is a list of sections (:data:`SECTIONS`); each measures one thing, prints its tables
+and writes its own section of RESULTS.md.  ``main()`` runs every section, or those named with
+``--only``.  The one section so far:
+
+``updates``: one service of 10,000 endpoints in a :class:`tai_lb.ServiceRegistry` with a
+:class:`tai_lb.LoadBalancer` subscribed.  Each round applies, in this order: a full set of 10,000
+to the empty service; a full set with half of the endpoints replaced; the same set again (equal
+endpoints, new objects); the set with one endpoint more; with one endpoint's weight changed; with
+one endpoint less; ``register()`` of a new endpoint; ``register()`` of an endpoint with a new
+weight; and ``deregister()`` of one.  Full sets are built before the timing as a discovery
+provider builds them, from JSON-like dicts (equal but never identical objects).  Each change is
+timed from the call until it returns, which includes the balancer's handling of the events
+(stats, health targets, outlier state, pools); then the first ``pick()`` after it is timed, which
+rebuilds the route (the strategy's prepared state), for round_robin, weighted_round_robin,
+least_connections, peak_ewma and consistent_hash, and for round_robin on a service with health
+checks, outlier detection and circuit breakers (``checked``)::
+
+    python benchmarks/discovery.py            # about 3 minutes; updates its RESULTS.md section
+    python benchmarks/discovery.py --quick    # under 30 seconds, 2,000 endpoints; never writes
+    python benchmarks/discovery.py --only updates
+
+Targets (printed as PASS/FAIL, never asserted): a full update of 10,000 endpoints is diffed and
+applied in at most 50 ms, and one change (one endpoint added, removed or changed, by
+``register()``/``deregister()`` or by a full set that differs by one) in at most 5 ms.  The route
+rebuild on the next pick has no target; it is reported per strategy.
+
+Sections still to come (see :data:`SECTIONS`): an etcd change visible to picks (p99 over 200
+changes) and a DNS change picked up within TTL + 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from picks import markdown_table, median, plain_table, source_revision, verdict, write_section
+
+import tai_lb
+from tai_lb.failover import BreakerConfig
+from tai_lb.outlier import OutlierConfig
+from tai_lb.strategies import resolve_strategy
+
+SERVICE = "svc"
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+
+TARGET_FULL_S = 0.050  # a full update of 10,000 endpoints, diffed and applied
+TARGET_ONE_S = 0.005  # one endpoint added, removed or changed
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one section measured, ready to print and to put in RESULTS.md."""
+
+    title: str  # one line, printed above the tables
+    environment: str
+    method: str
+    summary: list[str]
+    tables: list[tuple[list[str], list[list[str]]]]
+    notes: str
+    quick: bool
+
+
+@dataclass(frozen=True)
+class Section:
+    """One benchmark of this script: a name for ``--only``, its RESULTS.md heading, its run.
+
+    ``run(quick, rounds, seed, progress)`` measures and returns a :class:`Report`; ``rounds`` is
+    None for the section's own default.
+    """
+
+    name: str
+    heading: str
+    run: Callable[[bool, Optional[int], int, bool], Report]
+
+
+def environment_line(rounds: int, seconds: float) -> str:
+    """Date, Python, machine, tai-lb revision, rounds and wall time, as in the other scripts."""
+    today = datetime.date.today().isoformat()
+    return (f"{today}; Python {platform.python_version()} "
+            f"({platform.python_implementation()}), {os.cpu_count()} cores "
+            f"({platform.machine()}, {platform.system()}); tai-lb {tai_lb.__version__} "
+            f"({source_revision()}); {rounds} rounds in {seconds:.0f} s.")
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The ``share`` percentile (0 < share < 1) of ``values``, or NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(share * 100) - 1]
+
+
+# -- section "updates": full and single updates of 10,000 endpoints -------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """How much the ``updates`` section measures."""
+
+    endpoints: int
+    rounds: int
+
+
+UPDATES_FULL = UpdateSettings(endpoints=10_000, rounds=21)
+UPDATES_QUICK = UpdateSettings(endpoints=2_000, rounds=2)
+UPDATES_HEADING = f"## Discovery: {UPDATES_FULL.endpoints:,} endpoints (benchmarks/discovery.py)"
+
+PLAIN = "plain"
+CHECKED = "checked"
+STRATEGY_NAMES = ("round_robin", "weighted_round_robin", "least_connections", "peak_ewma",
+                  "consistent_hash")
+
+
+@dataclass(frozen=True)
+class Balancer:
+    """One balancer set-up that the changes are applied under: its settings and strategy."""
+
+    config: str  # PLAIN or CHECKED
+    strategy: str
+
+    @property
+    def label(self) -> str:
+        """The column name of the route rebuild table."""
+        return self.strategy if self.config == PLAIN else f"{self.strategy}, {self.config}"
+
+
+BALANCERS = (*(Balancer(PLAIN, name) for name in STRATEGY_NAMES), Balancer(CHECKED, "round_robin"))
+APPLY_BALANCERS = (Balancer(PLAIN, "round_robin"), Balancer(CHECKED, "round_robin"))
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of the update table: what is applied and which target it has."""
+
+    name: str
+    full: bool  # a full update (target TARGET_FULL_S) rather than one change (TARGET_ONE_S)
+
+
+def update_changes(count: int) -> tuple[Change, ...]:
+    """The changes of one round, in the order they are applied."""
+    return (
+        Change(f"set_endpoints: {count:,} into an empty service", True),
+        Change("set_endpoints: half of the set replaced", True),
+        Change("set_endpoints: the same set again (no change)", False),
+        Change("set_endpoints: one endpoint more", False),
+        Change("set_endpoints: one endpoint's weight changed", False),
+        Change("set_endpoints: one endpoint less", False),
+        Change("register(): one new endpoint", False),
+        Change("register(): one endpoint's weight changed", False),
+        Change("deregister(): one endpoint", False),
+    )
+
+
+def addresses(start: int, count: int) -> list[str]:
+    """``count`` distinct addresses ``10.x.y.z:80``, from number ``start`` on."""
+    return [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:80" for i in range(start, start + count)]
+
+
+def as_dicts(weights: dict[str, int]) -> list[dict[str, Any]]:
+    """The endpoints as a provider reads them from JSON (the etcd value layout)."""
+    return [{"address": address, "weight": weight, "zone": "eu-1a", "labels": {"pool": "blue"}}
+            for address, weight in weights.items()]
+
+
+def build(items: Sequence[dict[str, Any]]) -> list[tai_lb.Endpoint]:
+    """Endpoints built from dicts, as a provider builds them on every update."""
+    return [tai_lb.Endpoint.from_value(item) for item in items]
+
+
+def always_healthy(endpoint: tai_lb.Endpoint) -> bool:
+    """The probe of the checked set-up (its threads are stopped, so it never runs)."""
+    return True
+
+
+def make_balancer(setup: Balancer) -> tuple[tai_lb.ServiceRegistry, tai_lb.LoadBalancer]:
+    """A registry with the empty service and a balancer subscribed to it."""
+    registry = tai_lb.ServiceRegistry()
+    registry.add_service(SERVICE)
+    strategy = resolve_strategy(setup.strategy)
+    if setup.config == PLAIN:
+        return registry, tai_lb.LoadBalancer(registry, strategy=strategy)
+    service = tai_lb.ServiceConfig(
+        strategy=strategy,
+        health_check=tai_lb.HealthCheckConfig(type="function", function=always_healthy,
+                                              interval=3600.0),
+        outlier_detection=OutlierConfig(), circuit_breaker=BreakerConfig())
+    lb = tai_lb.LoadBalancer(registry, config=tai_lb.LoadBalancerConfig({SERVICE: service}))
+    # The probes run on the checker's own threads, after the change has been applied; stopping
+    # them keeps 10,000 probes from running during the timings.  Each change still updates the
+    # checker's targets, which is what is timed.
+    lb._health.stop()
+    return registry, lb
+
+
+@dataclass
+class UpdateResults:
+    """Everything the ``updates`` section measured."""
+
+    settings: UpdateSettings
+    changes: tuple[Change, ...]
+    apply_s: dict[tuple[Balancer, str], list[float]] = field(default_factory=dict)
+    pick_s: dict[tuple[Balancer, str], list[float]] = field(default_factory=dict)
+    build_s: list[float] = field(default_factory=list)  # building a full set from dicts
+    seconds: float = 0.0
+
+
+def timed(action: Callable[[], object]) -> float:
+    """Seconds ``action()`` takes, after a full garbage collection (not timed)."""
+    gc.collect()
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def first_pick(lb: tai_lb.LoadBalancer) -> None:
+    """One pick and release: the first after a change rebuilds the route."""
+    with lb.pick(SERVICE, key="user-42"):
+        pass
+
+
+def update_round(setup: Balancer, results: UpdateResults, rng: random.Random) -> None:
+    """Apply one round's changes under ``setup``, timing each and the first pick after it."""
+    count = results.settings.endpoints
+    registry, lb = make_balancer(setup)
+    names = iter(change.name for change in results.changes)
+
+    def record(action: Callable[[], object]) -> None:
+        name = next(names)
+        results.apply_s.setdefault((setup, name), []).append(timed(action))
+        results.pick_s.setdefault((setup, name), []).append(timed(lambda: first_pick(lb)))
+
+    def full_set(weights: dict[str, int], *, provider_timing: bool = False) -> None:
+        dicts = as_dicts(weights)
+        start = time.perf_counter()
+        items = build(dicts)
+        if provider_timing and setup == APPLY_BALANCERS[0]:
+            results.build_s.append(time.perf_counter() - start)
+        record(lambda: registry.set_endpoints(SERVICE, items))
+
+    def one(address: str, weight: int) -> tai_lb.Endpoint:
+        return tai_lb.Endpoint.from_value(as_dicts({address: weight})[0])
+
+    try:
+        first_pick_or_none(lb)
+        weights = dict.fromkeys(addresses(0, count), 1)
+        full_set(weights, provider_timing=True)
+        # Half replaced: the first half stays, the rest gives way to as many new addresses.
+        kept = list(weights)[:count // 2]
+        weights = {**dict.fromkeys(kept, 1), **dict.fromkeys(addresses(count, count // 2), 1)}
+        full_set(weights)
+        full_set(weights)  # the same set again
+        extra, new = addresses(2 * count, 2)
+        weights[extra] = 1
+        full_set(weights)
+        changed, reweighted = rng.sample(kept, 2)
+        weights[changed] = 2
+        full_set(weights)
+        del weights[extra]
+        full_set(weights)
+        endpoint = one(new, 1)
+        record(lambda: registry.register(SERVICE, endpoint))
+        replacement = one(reweighted, 3)
+        record(lambda: registry.register(SERVICE, replacement))
+        record(lambda: registry.deregister(SERVICE, new))
+    finally:
+        lb.close()
+
+
+def first_pick_or_none(lb: tai_lb.LoadBalancer) -> None:
+    """Build the empty service's route, so the first timed pick measures only the change."""
+    with contextlib.suppress(tai_lb.NoEndpointAvailable):
+        first_pick(lb)
+
+
+def run_updates_rounds(settings: UpdateSettings, seed: int, progress: bool) -> UpdateResults:
+    """Run every balancer set-up in each round, in a shuffled order."""
+    began = time.perf_counter()
+    rng = random.Random(seed)
+    results = UpdateResults(settings, update_changes(settings.endpoints))
+    order = list(BALANCERS)
+    for number in range(1, settings.rounds + 1):
+        rng.shuffle(order)
+        for setup in order:
+            update_round(setup, results, rng)
+        if progress:
+            print(f"round {number}/{settings.rounds}: {time.perf_counter() - began:.0f} s so far",
+                  file=sys.stderr, flush=True)
+    results.seconds = time.perf_counter() - began
+    return results
+
+
+def ms(seconds: float) -> str:
+    """Milliseconds with two decimals."""
+    return f"{seconds * 1e3:,.2f}"
+
+
+def update_rows(results: UpdateResults) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the update table: one row per change and balancer set-up."""
+    header = ["change", "balancer", "median ms", "p90 ms", "max ms", "target ms", "result"]
+    rows: list[list[str]] = []
+    for change in results.changes:
+        target = TARGET_FULL_S if change.full else TARGET_ONE_S
+        for setup in APPLY_BALANCERS:
+            values = results.apply_s[setup, change.name]
+            rows.append([change.name, setup.config, ms(median(values)),
+                         ms(percentile(values, 0.9)), ms(max(values)), ms(target),
+                         verdict(median(values) <= target)])
+    return header, rows
+
+
+def rebuild_rows(results: UpdateResults) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the route rebuild table: median ms of the first pick per strategy."""
+    header = ["first pick after", *(setup.label for setup in BALANCERS)]
+    rows = [[change.name, *(ms(median(results.pick_s[setup, change.name]))
+                            for setup in BALANCERS)]
+            for change in results.changes]
+    worst = ["p90 of the slowest row", *(ms(max(percentile(results.pick_s[setup, c.name], 0.9)
+                                                for c in results.changes))
+                                         for setup in BALANCERS)]
+    return header, [*rows, worst]
+
+
+def update_summary(results: UpdateResults) -> list[str]:
+    """Counts of passing rows per target, and the provider's share of the work."""
+    full = [c for c in results.changes if c.full]
+    one = [c for c in results.changes if not c.full]
+
+    def passing(changes: Sequence[Change], target: float) -> int:
+        return sum(median(results.apply_s[setup, c.name]) <= target
+                   for c in changes for setup in APPLY_BALANCERS)
+
+    count = results.settings.endpoints
+    return [
+        f"Full update of {count:,} endpoints <= {ms(TARGET_FULL_S)} ms: "
+        f"{passing(full, TARGET_FULL_S)} of {len(full) * len(APPLY_BALANCERS)} rows pass.",
+        f"One change <= {ms(TARGET_ONE_S)} ms: {passing(one, TARGET_ONE_S)} of "
+        f"{len(one) * len(APPLY_BALANCERS)} rows pass.",
+        f"Building the {count:,} endpoints from dicts (the provider's side, before "
+        f"set_endpoints; not in the figures above): median {ms(median(results.build_s))} ms.",
+    ]
+
+
+def update_method(results: UpdateResults) -> str:
+    """How the ``updates`` section measures, in a few sentences."""
+    s = results.settings
+    return (
+        f"In each of {s.rounds} rounds, every balancer set-up (in a shuffled order) got a new "
+        f"registry holding one empty service, with a `LoadBalancer` subscribed, and the changes "
+        "of the table applied in the order shown (half replaced comes second, so the later "
+        f"changes apply to a set of {s.endpoints:,} of which half arrived in one update). "
+        "Full sets are built before their timing from JSON-like dicts (address, weight, zone, "
+        "labels), as a discovery provider builds them, so they are equal to the registered "
+        "endpoints but never the same objects. "
+        "Each change is timed from the call until it returns, with a garbage collection before "
+        "it (not timed): the diff, the new snapshot and the delivery of every event to the "
+        "balancer's subscription (its figures, health check targets, outlier state and pools). "
+        "Then the first `pick()` is timed: it rebuilds the route (the endpoints' figures, the "
+        "healthy set and the strategy's prepared state). "
+        "`plain` is a balancer with no checks; `checked` has a function health check, outlier "
+        "detection and circuit breakers on the service, with the health checker's threads "
+        "stopped so that its probes never run during a timing. "
+        "The update table's figures come from the round_robin set-ups; the strategies "
+        "differ only in the route rebuild."
+    )
+
+
+def run_updates(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> Report:
+    """The ``updates`` section: full and single updates, and the route rebuild after them."""
+    settings = UPDATES_QUICK if quick else UPDATES_FULL
+    if rounds is not None:
+        settings = UpdateSettings(settings.endpoints, rounds)
+    results = run_updates_rounds(settings, seed, progress)
+    count = settings.endpoints
+    return Report(
+        title=(f"set_endpoints/register/deregister on {count:,} endpoints with a LoadBalancer "
+               "subscribed, and the first pick after each (medians over rounds)"),
+        environment=environment_line(settings.rounds, results.seconds),
+        method=update_method(results),
+        summary=update_summary(results),
+        tables=[update_rows(results), rebuild_rows(results)],
+        notes=(f"Targets: a full update of {count:,} endpoints diffed and applied in <= "
+               f"{ms(TARGET_FULL_S)} ms, one change in <= {ms(TARGET_ONE_S)} ms. "
+               "The second table is the first pick after each change, in ms (median over "
+               "rounds): the route rebuild, which has no target."),
+        quick=quick,
+    )
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("updates", UPDATES_HEADING, run_updates),
+    # To come, each a Section with its own heading and run function returning a Report:
+    # "etcd": an etcd change visible to picks, p99 over 200 changes;
+    # "dns": a DNS change picked up within TTL + 1 s.
+)
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def markdown_report(report: Report) -> str:
+    """The Markdown section for RESULTS.md (without its heading)."""
+    parts = [report.environment, "", report.method, "",
+             *(f"- {line}" for line in report.summary), ""]
+    for table in report.tables:
+        parts += [markdown_table(*table), ""]
+    parts.append(report.notes)
+    return "\n".join(parts)
+
+
+def print_report(report: Report) -> None:
+    """The report as plain text, then as the Markdown that goes into RESULTS.md."""
+    print(report.title)
+    if report.quick:
+        print("--quick: a smoke test with fewer endpoints and rounds; its figures mean little")
+    print()
+    for line in report.summary:
+        print(line)
+    print()
+    for table in report.tables:
+        print(plain_table(*table))
+        print()
+    print(markdown_report(report))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the sections, print their tables and, unless told not to, update RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="under 30 seconds, fewer endpoints and rounds (smoke test); no write")
+    parser.add_argument("--only", action="append", choices=[s.name for s in SECTIONS],
+                        help="run only this section (repeatable)")
+    parser.add_argument("--rounds", type=int, help="number of rounds of every section run")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH,
+                        help="the file whose sections are replaced")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the orders and choices")
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+
+    sections = [s for s in SECTIONS if not args.only or s.name in args.only]
+    for number, section in enumerate(sections):
+        if number:
+            print()
+        report = section.run(args.quick, args.rounds, args.seed, not args.quick)
+        print_report(report)
+        if not (args.quick or args.no_write):
+            write_section(args.results, markdown_report(report), section.heading)
+            print(f"\nupdated the '{section.heading}' section of {args.results}",
+                  file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
