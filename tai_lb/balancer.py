@@ -135,12 +135,31 @@ class LoadBalancer:
             if service.discovery is not None:
                 watcher = DiscoveryWatcher(
                     name, service.discovery.provider(name), service.discovery.watch,
-                    functools.partial(self.registry.set_endpoints, name),
-                    functools.partial(self.registry.endpoints, name), clock)
+                    functools.partial(self._apply_discovered, name),
+                    functools.partial(self._discovered, name), clock)
                 self._watchers[name] = watcher
                 watcher.start()
         if any(s.health_check is not None for s in self.config.services.values()):
             self._health.start()
+
+    def _apply_discovered(self, service: str, endpoints: Sequence[Endpoint]) -> None:
+        """Make a discovery answer the service's endpoints, its configured backups kept after
+        them (in priority, and out of the answer's reach)."""
+        backups = self.config.services[service].backups
+        if backups:
+            primaries = self.config.services[service].endpoints
+            configured_after = max((e.priority for e in primaries), default=0) + 1
+            after = max((e.priority for e in endpoints), default=0) + 1
+            taken = {e.address for e in endpoints}
+            endpoints = [*endpoints, *(
+                b.replace(priority=min(1000, after + b.priority - configured_after))
+                for b in backups if b.address not in taken)]
+        self.registry.set_endpoints(service, endpoints)
+
+    def _discovered(self, service: str) -> list[Endpoint]:
+        """The service's endpoints but its configured backups (what discovery answers for)."""
+        backups = {b.address for b in self.config.services[service].backups}
+        return [e for e in self.registry.endpoints(service) if e.address not in backups]
 
     def _reset_after_fork(self) -> None:
         # A lock held by another thread at the fork stays held in the child: replace them all.

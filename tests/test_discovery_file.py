@@ -139,3 +139,33 @@ def test_config_errors_name_the_key(discovery: Any, path: str, fragment: str) ->
     expected = "services.users.discovery" + (f".{path}" if path else "")
     assert caught.value.path == expected
     assert fragment in str(caught.value)
+
+
+def test_configured_backups_stay_after_the_discovered_endpoints(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80", {"address": "10.0.0.2:80", "priority": 2}])
+    with LoadBalancer.from_config({"services": {"users": {
+            "discovery": {"type": "file", "path": str(path), "interval": 0.02},
+            "backups": ["10.0.9.1:80", {"address": "10.0.9.2:80", "priority": 1}]}}}) as lb:
+        priorities = {e.address: e.priority for e in lb.registry.endpoints("users")}
+        assert priorities == {"10.0.0.1:80": 0, "10.0.0.2:80": 2, "10.0.9.1:80": 3,
+                              "10.0.9.2:80": 4}
+        write(path, ["10.0.0.3:80"])  # every discovered endpoint replaced: backups untouched
+        assert wait_for(lambda: {e.address: e.priority for e in lb.registry.endpoints("users")}
+                        == {"10.0.0.3:80": 0, "10.0.9.1:80": 1, "10.0.9.2:80": 2})
+        assert lb._watchers["users"].held_back == 2  # 2 of 2 discovered removed: confirmed
+
+
+def test_the_first_answer_replaces_the_configured_endpoints_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.7:80", "10.0.0.8:80"])
+    with LoadBalancer.from_config({"services": {"users": {
+            "endpoints": ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
+            "discovery": {"type": "file", "path": str(path)}}}}) as lb:
+        assert addresses(lb) == {"10.0.0.7:80", "10.0.0.8:80"}
+    write(path, [])  # but an empty first answer does not empty the service
+    with LoadBalancer.from_config({"services": {"users": {
+            "endpoints": ["10.0.0.1:80"],
+            "discovery": {"type": "file", "path": str(path)}}}}) as lb:
+        assert addresses(lb) == {"10.0.0.1:80"}
+        assert lb._watchers["users"].held_back == 1

@@ -130,6 +130,7 @@ class DiscoveryWatcher:
         self._pending: Optional[frozenset[str]] = None
         self._pending_endpoints: list[Endpoint] = []
         self._pending_seen = 0
+        self._guarded = False  # set by the first set applied
         self.errors = 0
         self.updates = 0
         self.held_back = 0
@@ -205,8 +206,10 @@ class DiscoveryWatcher:
         wanted = frozenset(e.address for e in endpoints)
         current = frozenset(e.address for e in self._current())
         removed = len(current - wanted)
-        risky = bool(current) and (not wanted
-                                   or removed > self.settings.max_removal_share * len(current))
+        # The first answer replaces what was configured at once, unless it empties the
+        # service; later ones (and the first after a warm start from the cache) are guarded.
+        risky = bool(current) and (not wanted or (
+            self._guarded and removed > self.settings.max_removal_share * len(current)))
         if risky:
             if wanted != self._pending:
                 self._pending, self._pending_seen = wanted, 0
@@ -220,6 +223,7 @@ class DiscoveryWatcher:
                 return True
         self._pending, self._pending_seen, self._pending_endpoints = None, 0, []
         self._apply(endpoints)
+        self._guarded = True
         self.updates += 1
         if self.settings.cache_path:
             self._save_cache(endpoints)
@@ -253,6 +257,7 @@ class DiscoveryWatcher:
         log.warning("tai-lb: %s starts from the cached endpoints in %s (%d), its source being "
                     "down", self.service, path, len(endpoints))
         self._apply(endpoints)
+        self._guarded = True
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable state of the watcher."""
