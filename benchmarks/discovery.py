@@ -2,7 +2,7 @@
 
 The script is a list of sections (:data:`SECTIONS`); each measures one thing, prints its tables
 and writes its own section of RESULTS.md.  ``main()`` runs every section, or those named with
-``--only``.  The one section so far:
+``--only``.  The sections:
 
 ``updates``: one service of 10,000 endpoints in a :class:`tai_lb.ServiceRegistry` with a
 :class:`tai_lb.LoadBalancer` subscribed.  Each round applies, in this order: a full set of 10,000
@@ -26,8 +26,15 @@ applied in at most 50 ms, and one change (one endpoint added, removed or changed
 ``register()``/``deregister()`` or by a full set that differs by one) in at most 5 ms.  The route
 rebuild on the next pick has no target; it is reported per strategy.
 
-Sections still to come (see :data:`SECTIONS`): an etcd change visible to picks (p99 over 200
-changes) and a DNS change picked up within TTL + 1 s.
+``etcd``: a one-member etcd (Debian's etcd-server, installed with apt-get when missing) on
+loopback and a LoadBalancer with etcd discovery of one service of 10, then 1,000 endpoints; 200
+keys changed one at a time (added, changed, deleted in turn), each timed from just before the
+put or delete until a registry subscriber receives it, which is when picks see it.  Target: p99
+<= 100 ms.
+
+``dns``: dnsmasq (Debian's dnsmasq-base) on loopback serving A records with TTL 1 s from a hosts
+file; 20 changes, each at a random point of the TTL, timed until a registry subscriber receives
+it.  Target: every change within TTL + 1 s.
 """
 
 from __future__ import annotations
@@ -36,20 +43,36 @@ import argparse
 import contextlib
 import datetime
 import gc
+import json
+import math
 import os
 import platform
 import random
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from picks import markdown_table, median, plain_table, source_revision, verdict, write_section
+from picks import (
+    ensure_programs,
+    markdown_table,
+    median,
+    plain_table,
+    source_revision,
+    verdict,
+    write_section,
+)
 
 import tai_lb
+from tai_lb.discovery.etcd import EtcdClient, EtcdError
 from tai_lb.failover import BreakerConfig
 from tai_lb.outlier import OutlierConfig
 from tai_lb.strategies import resolve_strategy
@@ -89,13 +112,13 @@ class Section:
     run: Callable[[bool, Optional[int], int, bool], Report]
 
 
-def environment_line(rounds: int, seconds: float) -> str:
+def environment_line(rounds: int, seconds: float, unit: str = "rounds") -> str:
     """Date, Python, machine, tai-lb revision, rounds and wall time, as in the other scripts."""
     today = datetime.date.today().isoformat()
     return (f"{today}; Python {platform.python_version()} "
             f"({platform.python_implementation()}), {os.cpu_count()} cores "
             f"({platform.machine()}, {platform.system()}); tai-lb {tai_lb.__version__} "
-            f"({source_revision()}); {rounds} rounds in {seconds:.0f} s.")
+            f"({source_revision()}); {rounds} {unit} in {seconds:.0f} s.")
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -403,11 +426,318 @@ def run_updates(quick: bool, rounds: Optional[int], seed: int, progress: bool) -
     )
 
 
+# -- servers for the "etcd" and "dns" sections ----------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 (held together, so never the same twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@contextlib.contextmanager
+def etcd_server(directory: Path) -> Iterator[str]:
+    """A one-member etcd on loopback for the run; its client URL."""
+    (program,) = ensure_programs({"etcd": "etcd-server"}, "discovery.py")
+    client_port, peer_port = free_ports(2)
+    url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    with (directory / "etcd.log").open("wb") as log:
+        process = subprocess.Popen(
+            [program, "--name", "bench", "--data-dir", str(directory / "etcd"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"bench={peer}", "--log-level", "warn"],
+            stdout=log, stderr=log)
+    try:
+        client = EtcdClient([url])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.get_prefix("/")
+                break
+            except EtcdError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    sys.exit(f"etcd did not start; see {directory / 'etcd.log'}")
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+class Dnsmasq:
+    """dnsmasq on loopback answering A records for one name from a hosts file; TTL 1 s.
+
+    A change is a new hosts file and SIGHUP, which makes dnsmasq read it again with no gap in
+    service (a restart would leave the name server away for a moment).
+    """
+
+    def __init__(self, directory: Path, name: str, ttl: int) -> None:
+        (self.program,) = ensure_programs({"dnsmasq": "dnsmasq-base"}, "discovery.py")
+        self.name = name
+        self.port = free_ports(1)[0]
+        self.hosts = directory / "hosts"
+        self.directory = directory
+        self.ttl = ttl
+        self._process: Optional[subprocess.Popen[bytes]] = None
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Serve ``addresses`` for the name from now on."""
+        tmp = self.hosts.with_suffix(".tmp")
+        tmp.write_text("".join(f"{address} {self.name}\n" for address in addresses))
+        os.replace(tmp, self.hosts)
+        if self._process is not None:
+            self._process.send_signal(signal.SIGHUP)
+
+    def __enter__(self) -> Dnsmasq:
+        command = [self.program, "--keep-in-foreground", "--pid-file=", "--log-facility=-",
+                   f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                   "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
+                   f"--addn-hosts={self.hosts}", f"--local-ttl={self.ttl}",
+                   f"--local=/{self.name.split('.', 1)[1]}/"]
+        if os.geteuid() == 0:  # stay root rather than nobody, so the hosts file stays readable
+            command.append("--user=root")
+        with (self.directory / "dnsmasq.log").open("wb") as log:
+            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=log)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+
+
+# -- section "etcd": an etcd change visible to picks -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """How many changes, on services of which sizes."""
+
+    changes: int
+    sizes: tuple[int, ...]
+
+
+ETCD_FULL = EtcdSettings(changes=200, sizes=(10, 1_000))
+ETCD_QUICK = EtcdSettings(changes=12, sizes=(10,))
+TARGET_ETCD_P99_S = 0.100
+
+
+class Arrivals:
+    """Records when each address is added, changed or removed in the registry (a subscriber)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+        self.event = threading.Condition()
+
+    def __call__(self, change: tai_lb.TopologyChange) -> None:
+        now = time.perf_counter()
+        with self.event:
+            self.seen[(change.kind, change.endpoint.address)] = now
+            self.event.notify_all()
+
+    def wait(self, kind: str, address: str, timeout: float = 10.0) -> float:
+        """When ``kind`` of ``address`` arrived (waiting for it), or NaN after ``timeout``."""
+        with self.event:
+            if not self.event.wait_for(lambda: (kind, address) in self.seen, timeout):
+                return float("nan")
+            return self.seen.pop((kind, address))
+
+
+def etcd_round(url: str, size: int, changes: int, rng: random.Random,
+               progress: bool) -> tuple[list[float], list[float]]:
+    """Change one key at a time; (seconds until the registry has it, seconds of the put)."""
+    prefix = f"/bench{size}"
+    client = EtcdClient([url])
+    client.delete(prefix + "/", prefix=True)
+    live = [f"10.1.{i // 250}.{i % 250 + 1}:80" for i in range(size)]
+    weights = dict.fromkeys(live, 1)
+    for address in live:
+        client.put(f"{prefix}/users/{address}", json.dumps({"address": address}))
+    lb = tai_lb.LoadBalancer.from_config({"services": {"users": {"discovery": {
+        "type": "etcd", "urls": [url], "prefix": prefix}}}})
+    arrivals = Arrivals()
+    subscription = lb.registry.subscribe(arrivals)
+    visible: list[float] = []
+    puts: list[float] = []
+    spare = 0
+    try:
+        assert len(lb.registry.endpoints("users")) == size
+        for number in range(changes):
+            kind = ("added", "changed", "removed")[number % 3]
+            if kind == "added":
+                spare += 1
+                address = f"10.2.{spare // 250}.{spare % 250 + 1}:80"
+                live.append(address)
+                weights[address] = 1
+            elif kind == "removed":
+                address = live.pop(rng.randrange(len(live)))
+            else:  # a weight that differs from the endpoint's, or nothing changes
+                address = rng.choice(live)
+                weights[address] = rng.choice([w for w in range(1, 10) if w != weights[address]])
+            key = f"{prefix}/users/{address}"
+            start = time.perf_counter()
+            if kind == "removed":
+                client.delete(key)
+            else:
+                client.put(key, json.dumps({"address": address, "weight": weights[address]}))
+            puts.append(time.perf_counter() - start)
+            visible.append(arrivals.wait(kind, address) - start)
+            if kind != "removed":  # the change is in the snapshot picks use
+                assert address in lb.registry.snapshot("users").by_address
+            if progress and number % 50 == 49:
+                print(f"  etcd, {size:,} endpoints: {number + 1} changes", file=sys.stderr,
+                      flush=True)
+    finally:
+        subscription.unsubscribe()
+        lb.close()
+        client.close()
+    return visible, puts
+
+
+def run_etcd(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> Report:
+    """The ``etcd`` section: how soon an etcd change reaches the snapshot picks use."""
+    settings = ETCD_QUICK if quick else ETCD_FULL
+    if rounds is not None:
+        settings = EtcdSettings(rounds, settings.sizes)
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    rows: list[list[str]] = []
+    summary: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="tai-lb-bench-") as directory, \
+            etcd_server(Path(directory)) as url:
+        for size in settings.sizes:
+            seen, puts = etcd_round(url, size, settings.changes, rng, progress)
+            visible = [v for v in seen if not math.isnan(v)]  # NaN: never arrived
+            lost = len(seen) - len(visible)
+            p99 = percentile(visible, 0.99)
+            ok = p99 <= TARGET_ETCD_P99_S and not lost
+            rows.append([f"{size:,}", str(len(seen)), str(lost), ms(median(puts)),
+                         ms(median(visible)),
+                         ms(percentile(visible, 0.90)), ms(p99), ms(max(visible)),
+                         verdict(ok)])
+            summary.append(f"{size:,} endpoints: an etcd change reached picks in "
+                           f"{ms(median(visible))} ms (median), {ms(p99)} ms at p99 over "
+                           f"{len(seen)} changes, {lost} never arrived (target <= "
+                           f"{ms(TARGET_ETCD_P99_S)} ms, none lost): {verdict(ok)}")
+    header = ["endpoints", "changes", "lost", "etcd put ms", "visible p50 ms", "p90 ms", "p99 ms",
+              "max ms", f"p99 <= {ms(TARGET_ETCD_P99_S)} ms"]
+    return Report(
+        title="etcd: from a put or delete until the change is in the snapshot picks use",
+        environment=environment_line(settings.changes, time.perf_counter() - started,
+                                     "changes"),
+        method=(
+            "A one-member etcd (Debian's etcd-server) on loopback; a LoadBalancer with etcd "
+            "discovery of one service; one key changed at a time, in turn added, changed "
+            "(weight) and deleted, each timed from just before the put or delete until a "
+            "registry subscriber receives the change (it is delivered after the new snapshot "
+            "is published, so the next pick sees it). The time includes etcd's own commit "
+            "(`etcd put ms`, its fsync), the watch, the discovery watcher and the diff of the "
+            "full set into the registry."),
+        summary=summary,
+        tables=[(header, rows)],
+        notes=f"Target: p99 <= {ms(TARGET_ETCD_P99_S)} ms over 200 changes on loopback.",
+        quick=quick,
+    )
+
+
+# -- section "dns": a DNS change picked up within TTL + 1 s --------------------------------------
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """How many changes, with records of which TTL."""
+
+    changes: int
+    ttl: int
+
+
+DNS_FULL = DnsSettings(changes=20, ttl=1)
+DNS_QUICK = DnsSettings(changes=3, ttl=1)
+DNS_NAME = "users.bench.test"
+
+
+def run_dns(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> Report:
+    """The ``dns`` section: how soon a changed A record reaches the snapshot picks use."""
+    settings = DNS_QUICK if quick else DNS_FULL
+    if rounds is not None:
+        settings = DnsSettings(rounds, settings.ttl)
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    visible: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="tai-lb-bench-") as directory:
+        server = Dnsmasq(Path(directory), DNS_NAME, settings.ttl)
+        live = [f"10.3.0.{i}" for i in range(1, 6)]
+        server.set_addresses(live)
+        with server:
+            lb = tai_lb.LoadBalancer.from_config({"services": {"users": {"discovery": {
+                "type": "dns", "name": DNS_NAME, "record": "A", "nameserver": "127.0.0.1",
+                "port": server.port, "endpoint_port": 80, "min_ttl": settings.ttl,
+                "interval": 0.2}}}})
+            arrivals = Arrivals()
+            subscription = lb.registry.subscribe(arrivals)
+            try:
+                deadline = time.monotonic() + 10
+                while len(lb.registry.endpoints("users")) < len(live):  # dnsmasq starting
+                    if time.monotonic() > deadline:
+                        sys.exit("dnsmasq did not answer within 10 s")
+                    time.sleep(0.05)
+                for number in range(settings.changes):
+                    # Changes land at random points of the TTL, as real ones do.
+                    time.sleep(rng.uniform(0, settings.ttl))
+                    address = f"10.3.1.{number + 1}"
+                    live.append(address)
+                    start = time.perf_counter()
+                    server.set_addresses(live)
+                    visible.append(arrivals.wait("added", f"{address}:80") - start)
+                    if progress and number % 5 == 4:
+                        print(f"  dns: {number + 1} changes", file=sys.stderr, flush=True)
+            finally:
+                subscription.unsubscribe()
+                lb.close()
+    target = settings.ttl + 1.0
+    lost = sum(1 for v in visible if math.isnan(v))  # NaN: never arrived
+    visible = [v for v in visible if not math.isnan(v)] or [float("nan")]
+    worst = max(visible)
+    ok = worst <= target and not lost
+    header = ["TTL s", "changes", "lost", "visible p50 ms", "p90 ms", "max ms",
+              "max <= TTL + 1 s"]
+    rows = [[str(settings.ttl), str(settings.changes), str(lost), ms(median(visible)),
+             ms(percentile(visible, 0.90)), ms(worst), verdict(ok)]]
+    return Report(
+        title="DNS: from a changed A record until the change is in the snapshot picks use",
+        environment=environment_line(settings.changes, time.perf_counter() - started,
+                                     "changes"),
+        method=(
+            f"dnsmasq (Debian's dnsmasq-base) on loopback serving A records of {DNS_NAME} "
+            f"from a hosts file with TTL {settings.ttl} s; a LoadBalancer with DNS discovery "
+            "(`min_ttl` = the TTL, so it reads again when the TTL runs out, plus up to 10% "
+            "jitter). Each change adds an address (new hosts file, SIGHUP: dnsmasq serves it "
+            "at once), at a random point of the TTL, and is timed until a registry subscriber "
+            "receives it."),
+        summary=[f"TTL {settings.ttl} s: a DNS change reached picks in {ms(median(visible))} ms "
+                 f"(median), {ms(worst)} ms at worst over {settings.changes} changes, {lost} "
+                 f"never arrived (target <= "
+                 f"TTL + 1 s = {target * 1000:,.0f} ms): {verdict(ok)}"],
+        tables=[(header, rows)],
+        notes="Target: every change within TTL + 1 s.",
+        quick=quick,
+    )
+
+
+ETCD_HEADING = "## Discovery: etcd changes visible to picks (benchmarks/discovery.py)"
+DNS_HEADING = "## Discovery: DNS changes visible to picks (benchmarks/discovery.py)"
+
 SECTIONS: tuple[Section, ...] = (
     Section("updates", UPDATES_HEADING, run_updates),
-    # To come, each a Section with its own heading and run function returning a Report:
-    # "etcd": an etcd change visible to picks, p99 over 200 changes;
-    # "dns": a DNS change picked up within TTL + 1 s.
+    Section("etcd", ETCD_HEADING, run_etcd),
+    Section("dns", DNS_HEADING, run_dns),
 )
 
 
