@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, load_config
-from tai_lb.discovery import DnsProvider, DnsSettings, SourceError
+from tai_lb.discovery import DiscoveryWatcher, DnsProvider, DnsSettings, SourceError
 
 from .conftest import wait_for
 from .dnsserver import ZONE, DnsServer, Srv, dnsmasq_binary, running_dns_server
@@ -56,6 +56,24 @@ def provider_of(lb: LoadBalancer) -> DnsProvider:
     provider = lb._watchers["users"].provider
     assert isinstance(provider, DnsProvider)
     return provider
+
+
+def by_hand(lb: LoadBalancer) -> DiscoveryWatcher:
+    """The service's watcher, its thread stopped so that a test drives the rounds by hand."""
+    watcher = lb._watchers["users"]
+    watcher.stop()
+    watcher.provider.start(lambda: None)  # stop() also made the provider refuse to read
+    return watcher
+
+
+def functions_on_stack(thread: threading.Thread) -> set[str]:
+    """The names of the Python functions ``thread`` is in now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    names = set()
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
 
 
 def picked(lb: LoadBalancer, times: int = 20) -> set[str]:
@@ -212,8 +230,7 @@ def test_malformed_records_are_skipped_counted_and_logged_once(
     with caplog.at_level(logging.WARNING, logger="tai_lb.discovery.dns"), lb_for(dns_server) as lb:
         assert addresses(lb) == {"127.0.0.11:8080"}
         assert watch_status(lb)["skipped_entries"] == 2
-        watcher = lb._watchers["users"]
-        watcher.stop()  # drive the rounds by hand
+        watcher = by_hand(lb)
         assert watcher.poll()
         assert watch_status(lb)["skipped_entries"] == 2  # still there: not counted again
     warnings = [r.getMessage() for r in caplog.records if "skipping a record" in r.getMessage()]
@@ -229,8 +246,7 @@ def test_an_answer_emptying_the_service_is_held_back_until_confirmed(
     dns_server.set_host(name, "127.0.0.11", "127.0.0.12")
     dns_server.apply()
     with lb_for(dns_server, name=name, record="A", endpoint_port=80, confirmations=3) as lb:
-        watcher = lb._watchers["users"]
-        watcher.stop()  # drive the rounds by hand
+        watcher = by_hand(lb)
         if emptied == "nxdomain":
             dns_server.set_host(name)
         else:
@@ -264,6 +280,48 @@ def test_the_watcher_thread_stops_on_close(dns_server: DnsServer) -> None:
     assert any(t.name == "tai-lb-discovery-users" for t in threading.enumerate())
     lb.close()
     assert not any(t.name == "tai-lb-discovery-users" for t in threading.enumerate())
+
+
+def test_close_ends_a_read_in_flight_within_a_second(
+        dns_server: DnsServer, caplog: pytest.LogCaptureFixture) -> None:
+    dns_server.set_host(f"users.{ZONE}", "127.0.0.11")
+    dns_server.apply()
+    with caplog.at_level(logging.WARNING, logger="tai_lb"):
+        lb = lb_for(dns_server, name=f"users.{ZONE}", record="A", endpoint_port=80,
+                    max_ttl=0.05, timeout=30)
+        provider = provider_of(lb)
+        thread = lb._watchers["users"]._thread
+        assert thread is not None
+        dns_server.stop()  # the next read waits for an answer that never comes...
+        assert wait_for(lambda: provider.wait_hint() is None  # ...and it has begun
+                        and "receive_udp" in functions_on_stack(thread))
+        lb.close()  # joins the thread for one second at most
+        assert not thread.is_alive()
+    assert watch_status(lb)["errors"] == 0  # a read cut short is not a failure of the source
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_an_answer_too_large_for_udp_is_read_over_tcp(dns_server: DnsServer) -> None:
+    addresses = [f"127.0.1.{i}" for i in range(1, 121)]  # about 2 kB of A records
+    dns_server.set_host(f"users.{ZONE}", *addresses)
+    dns_server.apply()
+    settings = DnsSettings(name=f"users.{ZONE}", record="A", endpoint_port=80,
+                           nameserver=dns_server.nameserver, port=dns_server.port, timeout=2.0)
+    endpoints = settings.provider().fetch()
+    assert endpoints is not None
+    assert {e.host for e in endpoints} == set(addresses)
+
+
+def test_a_name_server_that_does_not_answer_leaves_time_for_the_next(
+        dns_server: DnsServer, tmp_path: Path) -> None:
+    resolv_conf = tmp_path / "resolv.conf"
+    # nothing answers on 127.0.0.2 (dnsmasq listens on 127.0.0.1 alone): it is asked first
+    resolv_conf.write_text("nameserver 127.0.0.2\nnameserver 127.0.0.1\n")
+    dns_server.set_host(f"users.{ZONE}", "127.0.0.11")
+    dns_server.apply()
+    settings = DnsSettings(name=f"users.{ZONE}", record="A", endpoint_port=80,
+                           port=dns_server.port, resolv_conf=str(resolv_conf), timeout=1.0)
+    assert settings.provider().fetch() == [Endpoint("127.0.0.11", 80)]
 
 
 def test_a_dns_setting_has_sensible_defaults() -> None:
@@ -303,6 +361,7 @@ def test_tai_lb_imports_without_dnspython() -> None:
      "1 to 65535"),
     ({"type": "dns", "name": "x", "endpoint_port": 80}, "endpoint_port", "carry their own ports"),
     ({"type": "dns", "name": "x", "nameserver": "ns.example"}, "nameserver", "IP address"),
+    ({"type": "dns", "name": "x", "nameserver": 127}, "nameserver", "IP address"),
     ({"type": "dns", "name": "x", "port": 0}, "port", "1 to 65535"),
     ({"type": "dns", "name": "x", "min_ttl": 0}, "min_ttl", "> 0"),
     ({"type": "dns", "name": "x", "min_ttl": 5, "max_ttl": 2}, "max_ttl", "below min_ttl"),

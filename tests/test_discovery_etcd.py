@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import itertools
 import json
+import logging
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,17 +18,18 @@ from typing import Any
 
 import pytest
 
-from tai_lb import LoadBalancer
+from tai_lb import ConfigError, LoadBalancer
 from tai_lb.discovery.etcd import (
     Backoff,
     EtcdClient,
     EtcdProvider,
     EtcdRegistrar,
     WatchCompacted,
+    interrupt,
 )
 
 from .conftest import wait_for
-from .etcdserver import EtcdServer
+from .etcdserver import EtcdServer, free_port
 from .faultproxy import FaultProxy
 
 _counter = itertools.count()
@@ -162,9 +168,42 @@ def test_a_silent_watch_is_opened_again_without_listing(etcd: EtcdServer, client
         provider.stop()
 
 
+def functions_on_stack(thread: threading.Thread) -> set[str]:
+    """The names of the Python functions ``thread`` is in now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    names = set()
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+@contextlib.contextmanager
+def connects_hang() -> Iterator[str]:
+    """The URL of a listener whose backlog is full: new connections hang in connect(), as
+    with a host that drops packets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
 def test_a_lost_watch_reconnects_and_catches_up(etcd: EtcdServer, client: EtcdClient,
-                                                prefix: str) -> None:
+                                                prefix: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     proxy = FaultProxy(("127.0.0.1", etcd.client_port))
+    caplog.set_level(logging.DEBUG, logger="tai_lb")
     try:
         put(client, prefix, "a", {"address": "10.0.0.1:80"})
         with lb_for([f"http://{proxy.address}"], prefix) as lb:
@@ -173,13 +212,66 @@ def test_a_lost_watch_reconnects_and_catches_up(etcd: EtcdServer, client: EtcdCl
             proxy.mode = "refuse"  # the watch is cut, reconnects are refused
             put(client, prefix, "b", {"address": "10.0.0.2:80"})
             assert wait_for(lambda: "refused" in (discovery(lb)["last_error"] or "").lower())
-            assert discovery(lb)["errors"] > 0
+            assert wait_for(lambda: discovery(lb)["errors"] >= 3)
             assert addresses(lb) == {"10.0.0.1:80"}  # the last good set
             proxy.mode = "pass"
             assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"})
             assert wait_for(lambda: discovery(lb)["last_error"] is None)
     finally:
         proxy.stop()
+    # One warning for the outage ("watch lost", then "connection refused" at every attempt),
+    # not one per message or per round; its end at INFO.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+def test_close_ends_a_connect_that_hangs(etcd: EtcdServer, prefix: str) -> None:
+    provider = EtcdProvider(EtcdClient([etcd.url], timeout=30), prefix, "users")
+    provider.start(lambda: None)
+    thread = provider._thread
+    assert thread is not None
+    try:
+        assert wait_for(lambda: provider.snapshot()["watching"])
+        with connects_hang() as url:
+            provider.client.urls = [url]  # the member is now behind a host dropping packets
+            interrupt(thread)  # the watch is lost: the thread connects again, and hangs
+            assert wait_for(lambda: "_new_conn" in functions_on_stack(thread))
+            provider.stop()  # cuts the connect short; joins for one second at most
+            assert not thread.is_alive()
+    finally:
+        provider.stop()
+
+
+def test_keys_that_are_not_utf8_stay_apart(etcd: EtcdServer, client: EtcdClient,
+                                           prefix: str) -> None:
+    def key(raw: bytes) -> str:
+        return base64.b64encode(f"{prefix}/users/".encode() + raw).decode()
+
+    for raw, address in ((b"\xfe", "10.0.0.1:80"), (b"\xff", "10.0.0.2:80")):
+        client.call("kv/put", {"key": key(raw), "value": base64.b64encode(
+            json.dumps({"address": address}).encode()).decode()})
+    with lb_for([etcd.url], prefix) as lb:
+        assert addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"}
+        client.call("kv/deleterange", {"key": key(b"\xff")})  # by the watch
+        assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80"})
+        assert discovery(lb)["skipped_entries"] == 0
+
+
+def test_a_repeated_address_is_skipped_and_counted_once_while_it_stays(
+        etcd: EtcdServer, client: EtcdClient, prefix: str) -> None:
+    put(client, prefix, "a", {"address": "10.0.0.1:80", "weight": 2})
+    put(client, prefix, "b", {"address": "10.0.0.1:80", "weight": 5})  # the same, again
+    with lb_for([etcd.url], prefix) as lb:
+        assert addresses(lb) == {"10.0.0.1:80"}
+        assert discovery(lb)["skipped_entries"] == 1
+        put(client, prefix, "c", {"address": "10.0.0.3:80"})  # an unrelated change
+        assert wait_for(lambda: "10.0.0.3:80" in addresses(lb))
+        assert discovery(lb)["skipped_entries"] == 1  # not counted again
+        client.delete(f"{prefix}/users/a")  # the first key goes: the second one serves
+        assert wait_for(lambda: lb.registry.snapshot("users").by_address["10.0.0.1:80"].weight
+                        == 5)
+        assert addresses(lb) == {"10.0.0.1:80", "10.0.0.3:80"}
 
 
 def test_etcd_stopped_keeps_the_last_good_set_serving(own_etcd: EtcdServer) -> None:
@@ -224,6 +316,38 @@ def test_several_urls_one_member_down(etcd: EtcdServer, client: EtcdClient,
             assert wait_for(lambda: len(addresses(lb)) == 2)
     finally:
         proxy.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_resumes_the_watch(etcd: EtcdServer, client: EtcdClient,
+                                          prefix: str) -> None:
+    put(client, prefix, "a", {"address": "10.0.0.1:80"})
+    with lb_for([etcd.url], prefix) as lb:
+        assert wait_for(lambda: discovery(lb)["source"]["watching"])
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: sees a change made after the fork, on threads of its own
+            code = 1
+            try:
+                os.close(reader)
+                seen = wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"})
+                names = sorted(t.name for t in threading.enumerate() if t.name.startswith("tai"))
+                os.write(writer, json.dumps({"seen": seen, "threads": names,
+                                             "lists": discovery(lb)["source"]["lists"]})
+                         .encode())
+                lb.close()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(writer)
+        put(client, prefix, "b", {"address": "10.0.0.2:80"})
+        with os.fdopen(reader) as pipe:
+            report = json.loads(pipe.read() or "{}")
+        assert os.waitpid(pid, 0)[1] == 0
+        assert report["seen"]
+        assert "tai-lb-etcd-watch-users" in report["threads"]
+        assert report["lists"] == 1  # resumed from the revision, not listed again
+        assert wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"})  # parent too
 
 
 def test_the_registrar_registers_keeps_alive_and_deletes(etcd: EtcdServer, client: EtcdClient,
@@ -312,3 +436,57 @@ def test_reconnect_delays_grow_with_jitter_up_to_the_cap_and_reset() -> None:
     assert len({round(d, 9) for d in delays[4:]}) > 1  # jittered, not in step
     backoff.reset()
     assert 0.05 <= backoff.next() <= 0.1
+
+
+def test_the_registrar_warns_once_while_etcd_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="tai_lb")
+    registrar = EtcdRegistrar([f"http://127.0.0.1:{free_port()}"], "users", "10.0.0.9:8080",
+                              ttl=1)  # nothing listens: every attempt, each 1/3 s, fails
+    with registrar:
+        assert wait_for(lambda: registrar.errors >= 4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "refused" in warnings[0].lower()
+    assert registrar.snapshot()["last_error"] is not None
+
+
+@pytest.mark.parametrize(("urls", "path"), [
+    ("http://127.0.0.1:2379", "urls"),  # one string, not a list
+    (["127.0.0.1:2379"], "urls[0]"),
+    (["http://127.0.0.1:port"], "urls[0]"),
+])
+def test_the_registrar_checks_its_urls(urls: Any, path: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        EtcdRegistrar(urls, "users", "10.0.0.9:8080")
+    assert caught.value.path == path
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_neither_renews_nor_revokes_the_parents_lease(
+        etcd: EtcdServer, client: EtcdClient, prefix: str) -> None:
+    with EtcdRegistrar([etcd.url], "users", "10.0.0.9:8080", prefix=prefix,
+                       ttl=5) as registrar:
+        parent_lease = registrar.lease
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(reader)
+                inherited = registrar.snapshot()
+                registrar.close()  # leaves the parent's registration alone
+                registrar.start()  # a registration of the child's own...
+                own = registrar.lease
+                registrar.close()  # ...which its close() revokes
+                os.write(writer, json.dumps({"inherited": inherited, "own": own}).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(writer)
+        with os.fdopen(reader) as pipe:
+            report = json.loads(pipe.read() or "{}")
+        assert os.waitpid(pid, 0)[1] == 0
+        assert report["inherited"]["lease"] == 0 and not report["inherited"]["running"]
+        assert report["own"] not in (0, parent_lease)
+        assert client.keepalive(report["own"]) == 0  # revoked by the child that granted it
+        assert client.keepalive(parent_lease) > 0  # the parent's lives on

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
-from tai_lb import ConfigError, LoadBalancer, load_config
+from tai_lb import ConfigError, Endpoint, LoadBalancer, ServiceRegistry, load_config
+from tai_lb.discovery import DiscoveryWatcher, Provider, WatchSettings
 
 from .conftest import wait_for
 
@@ -123,6 +127,14 @@ def test_static_discovery_and_the_thread_stopping_on_close(tmp_path: Path) -> No
     ({"type": "etcd", "urls": []}, "urls", "needs a list of URLs"),
     ({"type": "etcd", "urls": ["127.0.0.1:2379"]}, "urls[0]", "http:// or https://"),
     ({"type": "etcd", "urls": ["http://e:2379"], "prefix": "services"}, "prefix", "start"),
+    ({"type": "etcd", "urls": "http://e:2379"}, "urls", "needs a list of URLs"),
+    ({"type": "etcd", "urls": ["http://e:port"]}, "urls[0]", "http://10.0.0.5:2379"),
+    ({"type": "etcd", "urls": ["http://e:99999"]}, "urls[0]", "http://10.0.0.5:2379"),
+    ({"type": "etcd", "urls": ["http://e:2379", 2379]}, "urls[1]", "http:// or https://"),
+    ({"type": "etcd", "urls": ["http://e:2379"], "timeout": 0}, "timeout", "> 0 and <= 60"),
+    ({"type": "etcd", "urls": ["http://e:2379"], "timeout": 61}, "timeout", "> 0 and <= 60"),
+    ({"type": "etcd", "urls": ["http://e:2379"], "ttl": 10}, "ttl", "unknown key"),
+    ({"type": ["etcd"]}, "type", "static, file, dns or etcd"),
     ({"type": "file"}, "path", "needs a path"),
     ({"type": "file", "path": "x.json", "endpoints": []}, "endpoints", "unknown key"),
     ({"type": "static", "endpoints": "10.0.0.1:80"}, "endpoints", "needs a list"),
@@ -169,3 +181,119 @@ def test_the_first_answer_replaces_the_configured_endpoints_at_once(tmp_path: Pa
             "discovery": {"type": "file", "path": str(path)}}}}) as lb:
         assert addresses(lb) == {"10.0.0.1:80"}
         assert lb._watchers["users"].held_back == 1
+
+
+def test_one_warning_per_outage_however_its_errors_differ(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"])
+    with caplog.at_level(logging.DEBUG, logger="tai_lb.discovery"), lb_for(path) as lb:
+        watcher = lb._watchers["users"]
+        watcher.stop()  # drive the rounds by hand
+        write(path, '["10.0.0.1:80", "10.0.')  # half written...
+        assert not watcher.poll() and not watcher.poll()
+        path.unlink()  # ...then gone: the same outage, with another message
+        assert not watcher.poll() and not watcher.poll()
+        write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+        assert watcher.poll()  # back: said once, at INFO
+        path.unlink()  # a new outage: a new warning
+        assert not watcher.poll()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "not valid" in warnings[0] or "cannot be read" in warnings[0]
+    assert "No such file" in warnings[1]
+    assert sum("works again" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.INFO) == 1
+    assert watcher.errors == 5
+
+
+def test_an_empty_or_foreign_cache_is_not_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.json"
+    missing = tmp_path / "missing.json"  # the source is down at start
+    seed = ["10.0.0.1:80", "10.0.0.2:80"]
+    for saved in ({"service": "users", "endpoints": []},  # an emptying once confirmed
+                  {"service": "orders", "endpoints": ["10.0.9.9:80"]}):  # a shared path
+        cache.write_text(json.dumps(saved))
+        with LoadBalancer.from_config({"services": {"users": {
+                "endpoints": seed,
+                "discovery": {"type": "file", "path": str(missing),
+                              "cache_path": str(cache)}}}}) as lb:
+            assert addresses(lb) == set(seed)
+
+
+class _BrokenProvider(Provider):
+    """A provider with a bug: every fetch raises something that is not a SourceError."""
+
+    def fetch(self) -> Optional[list[Endpoint]]:
+        raise RuntimeError("a bug")
+
+
+def test_a_provider_bug_is_counted_and_does_not_fail_the_start(tmp_path: Path) -> None:
+    applied: list[Sequence[Endpoint]] = []
+    watcher = DiscoveryWatcher("users", _BrokenProvider(), WatchSettings(interval=0.01),
+                               applied.append, lambda: [])
+    watcher.start()  # raised before: a balancer with such a watcher could not be built
+    try:
+        assert wait_for(lambda: watcher.errors >= 3)  # and the thread keeps going
+        assert watcher.snapshot()["running"] and applied == []
+    finally:
+        watcher.stop()
+
+
+class _RecordingProvider(Provider):
+    """Records the process and thread of each fetch; answers with the endpoints it holds."""
+
+    def __init__(self) -> None:
+        self.endpoints = [Endpoint("10.0.0.1", 80)]
+        self.fetches: list[tuple[int, str]] = []
+
+    def fetch(self) -> Optional[list[Endpoint]]:
+        self.fetches.append((os.getpid(), threading.current_thread().name))
+        return list(self.endpoints)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_reads_the_source_on_its_own_thread_not_in_the_fork() -> None:
+    registry = ServiceRegistry()
+    registry.add_service("users")
+    provider = _RecordingProvider()
+    watcher = DiscoveryWatcher(
+        "users", provider, WatchSettings(interval=0.01),
+        lambda endpoints: registry.set_endpoints("users", endpoints),
+        lambda: registry.endpoints("users"))
+    watcher.start()
+    try:
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                provider.endpoints = [Endpoint("10.0.0.2", 80)]
+                found = wait_for(lambda: {e.address for e in registry.endpoints("users")}
+                                 == {"10.0.0.2:80"})
+                threads = {name for pid, name in provider.fetches if pid == os.getpid()}
+                os.write(writer, json.dumps({"found": found, "threads": sorted(threads)})
+                         .encode())
+                watcher.stop()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(writer)
+        with os.fdopen(reader) as pipe:
+            report = json.loads(pipe.read() or "{}")
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        watcher.stop()
+    assert report["found"]  # the child's watcher runs
+    # and reads on its own thread, never in the fork hooks (the child's main thread), where
+    # a source that is down would hold os.fork() for its whole timeout
+    assert report["threads"] == ["tai-lb-discovery-users"]
+
+
+def test_a_yaml_file_without_pyyaml_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)  # makes `import yaml` fail
+    with pytest.raises(ConfigError) as caught:
+        load_config({"services": {"users": {"discovery": {"type": "file", "path": "u.yaml"}}}})
+    assert caught.value.path == "services.users.discovery.path"
+    assert "tai-lb[yaml]" in str(caught.value)
+    load_config({"services": {"users": {"discovery": {"type": "file", "path": "u.json"}}}})

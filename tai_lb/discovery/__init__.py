@@ -16,7 +16,7 @@ from ..exceptions import ConfigError
 from .base import DiscoveryWatcher, Provider, SourceError, WatchSettings
 from .dns import DnsProvider, DnsSettings
 from .etcd import EtcdClient, EtcdProvider, EtcdSettings
-from .file import FileProvider
+from .file import YAML_SUFFIXES, FileProvider
 
 __all__ = ["DiscoveryConfig", "DiscoveryWatcher", "DnsProvider", "DnsSettings", "EtcdClient",
            "EtcdProvider", "EtcdSettings", "FileProvider", "FileSettings",
@@ -78,6 +78,12 @@ class FileSettings(Settings):
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ConfigError("path", f"file discovery needs a path, got {self.path!r}")
+        if self.path.endswith(YAML_SUFFIXES):
+            try:
+                import yaml  # noqa: F401, PLC0415 - fail here, not at every read
+            except ImportError:
+                raise ConfigError("path", "a YAML file needs PyYAML: pip install "
+                                          "'tai-lb[yaml]' (or write the file as JSON)") from None
 
     def provider(self, service: str) -> Provider:
         """A provider reading the file when it changes."""
@@ -109,6 +115,8 @@ class DiscoveryConfig:
         if not isinstance(value, Mapping):
             raise ConfigError("", f"must be a mapping with a type, got {value!r}")
         kind = value.get("type")
+        if not isinstance(kind, str):  # a list or a mapping would not even be hashable
+            raise ConfigError("type", f"must be static, file, dns or etcd, got {kind!r}")
         if kind in _PLANNED:
             raise ConfigError("type", f"not supported yet: {_PLANNED[kind]}")
         if kind not in _TYPES:

@@ -15,6 +15,7 @@ diffs it into added, removed and changed events (:meth:`ServiceRegistry.set_endp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -146,9 +147,12 @@ class DiscoveryWatcher:
             return
         self._stop.clear()
         self.provider.start(self._wake.set)
-        if not self.poll() and self.settings.cache_path:
+        if not self._poll_safely() and self.settings.cache_path:
             self._load_cache()
-        self._thread = threading.Thread(target=self._run, daemon=True,
+        self._start_thread(resume=False)
+
+    def _start_thread(self, resume: bool) -> None:
+        self._thread = threading.Thread(target=self._run, args=(resume,), daemon=True,
                                         name=f"tai-lb-discovery-{self.service}")
         self._thread.start()
 
@@ -162,35 +166,64 @@ class DiscoveryWatcher:
             thread.join(timeout)
 
     def _reset_after_fork(self) -> None:
-        had = self._thread is not None
+        # The parent's thread is gone, and another of its threads may have been setting an
+        # event (holding its lock) at the fork: the child gets fresh ones.
+        running = self._thread is not None and not self._stop.is_set()
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = None
-        if had and not self._stop.is_set():
-            self.start()
+        if running:
+            # The source is started again and read on the new thread, not here: this runs
+            # inside os.fork(), where a read of a source that is down would hold the child.
+            self._start_thread(resume=True)
+        else:
+            self._stop.set()
 
-    def _run(self) -> None:
+    def _run(self, resume: bool) -> None:
+        if resume:
+            try:
+                self.provider.start(self._wake.set)
+            except Exception:
+                self.errors += 1
+                log.exception("tai-lb: discovery of %s failed to restart", self.service)
+            if self._stop.is_set():  # stop() came first, and found nothing started to stop
+                self.provider.stop()
+                return
+            self._wake.set()  # read at once
         while True:
             wait = self.provider.wait_hint() or self.settings.interval
             self._wake.wait(wait)  # a pushing source wakes it early
             self._wake.clear()
             if self._stop.is_set():
                 return
-            try:
-                self.poll()
-            except Exception:  # the watcher must outlive any bug
-                self.errors += 1
-                log.exception("tai-lb: discovery of %s failed unexpectedly", self.service)
+            self._poll_safely(on_thread=True)
+
+    def _poll_safely(self, on_thread: bool = False) -> bool:
+        """:meth:`poll`, with a bug in a provider or a callback logged and counted as a failed
+        round rather than raised: the watcher, and the balancer starting it, outlive it."""
+        try:
+            return self._poll(on_thread)
+        except Exception:
+            self.errors += 1
+            log.exception("tai-lb: discovery of %s failed unexpectedly", self.service)
+            return False
 
     # -- one round ------------------------------------------------------------------------------
 
     def poll(self) -> bool:
         """Fetch and apply once; False if the source failed (the last good set stays)."""
+        return self._poll(on_thread=False)
+
+    def _poll(self, on_thread: bool) -> bool:
         try:
             endpoints = self.provider.fetch()
         except SourceError as error:
+            if on_thread and self._stop.is_set():  # a read cut short by stop(): no failure
+                return False
             self.errors += 1
-            # One warning when the source starts failing (or fails differently), not one a
-            # round for as long as it is down.
-            level = logging.DEBUG if str(error) == self.last_error else logging.WARNING
+            # One warning when the source starts failing, not one a round for as long as it
+            # is down: the messages of one outage differ (a DNS timeout says how long it
+            # waited, an etcd outage goes from "watch lost" to "connection refused").
+            level = logging.DEBUG if self.last_error is not None else logging.WARNING
             self.last_error = str(error)
             log.log(level, "tai-lb: discovery of %s failed, keeping the last good set: %s",
                     self.service, error)
@@ -234,15 +267,24 @@ class DiscoveryWatcher:
     def _save_cache(self, endpoints: Sequence[Endpoint]) -> None:
         path = self.settings.cache_path
         assert path is not None
+        text = json.dumps({"service": self.service,
+                           "endpoints": [e.to_dict() for e in endpoints]})
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp_name: Optional[str] = None
         try:
-            directory = os.path.dirname(os.path.abspath(path))
-            with tempfile.NamedTemporaryFile("w", dir=directory, delete=False,
-                                             prefix=".tai-lb-", suffix=".tmp") as tmp:
-                json.dump({"service": self.service,
-                           "endpoints": [e.to_dict() for e in endpoints]}, tmp)
-            os.replace(tmp.name, path)  # atomic: a reader never sees half a file
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory,
+                                             delete=False, prefix=".tai-lb-",
+                                             suffix=".tmp") as tmp:
+                tmp_name = tmp.name
+                tmp.write(text)
+                tmp.flush()
+                os.fsync(tmp.fileno())  # on disk before it takes the old file's place
+            os.replace(tmp_name, path)  # atomic: a reader never sees half a file
         except OSError as error:
             log.warning("tai-lb: cannot save the discovery cache %s: %s", path, error)
+            if tmp_name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
 
     def _load_cache(self) -> None:
         path = self.settings.cache_path
@@ -250,9 +292,16 @@ class DiscoveryWatcher:
         try:
             with open(path, encoding="utf-8") as file:
                 data = json.load(file)
+            if data["service"] != self.service:
+                raise ValueError(f"it holds the endpoints of {data['service']!r}")
             endpoints = [Endpoint.from_value(item) for item in data["endpoints"]]
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning("tai-lb: cannot read the discovery cache %s: %s", path, error)
+            return
+        if not endpoints:
+            # No warmer than what is configured, and never a reason to empty the service.
+            log.info("tai-lb: the discovery cache %s of %s is empty; not used", path,
+                     self.service)
             return
         log.warning("tai-lb: %s starts from the cached endpoints in %s (%d), its source being "
                     "down", self.service, path, len(endpoints))

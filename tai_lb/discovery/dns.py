@@ -14,7 +14,9 @@ Kubernetes expects).  dnspython's own cache is off: every read asks the server.
 
 The next read is due after the answer's TTL (the smallest TTL of the records used), clamped to
 ``[min_ttl, max_ttl]``, plus up to 10% of it at random so that many processes do not ask in step;
-after a failure, after the watcher's ``interval``.  A server that times out, fails (SERVFAIL),
+after a failure, after the watcher's ``interval``.  A read may take ``timeout`` seconds, shared
+between the name servers (so that a server that does not answer leaves time to ask the next);
+stopping the provider cuts it short.  A server that times out, fails (SERVFAIL),
 refuses (REFUSED) or cannot be reached raises :class:`~tai_lb.discovery.SourceError`: the last good
 set stays.  A name that does not exist (NXDOMAIN) or has no records is an empty set, which the
 watcher applies only once confirmed.  A record that cannot become an endpoint (port 0, a target
@@ -26,6 +28,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -113,6 +117,8 @@ class DnsSettings(Settings):
         object.__setattr__(self, "record", record)
         if self.nameserver is not None:
             try:
+                if not isinstance(self.nameserver, str):
+                    raise ValueError(self.nameserver)  # ip_address() takes an int as well
                 ipaddress.ip_address(self.nameserver)
             except ValueError:
                 raise ConfigError("nameserver", f"must be an IP address (leave it out to use the "
@@ -146,7 +152,8 @@ class DnsSettings(Settings):
 class DnsProvider(Provider):
     """Reads one service's A, AAAA or SRV records; the next read is due when their TTL runs out.
 
-    Called from the watcher's thread only.
+    Fetched from the watcher's thread only; :meth:`stop`, from any thread, makes a read in
+    flight give up within a tenth of a second.
 
     :param rng: returns a number in [0, 1) that sets the jitter (tests pass a fixed one).
     """
@@ -160,6 +167,15 @@ class DnsProvider(Provider):
         self._wait: Optional[float] = None
         self._ttl: Optional[int] = None
         self._reported: frozenset[str] = frozenset()  # malformed records already counted
+        self._stopping = threading.Event()  # set by stop(): queries in flight give up
+
+    def start(self, notify: Callable[[], None]) -> None:
+        """Allow queries again after :meth:`stop`."""
+        self._stopping.clear()
+
+    def stop(self) -> None:
+        """Make the query in flight, if any, give up within a tenth of a second."""
+        self._stopping.set()
 
     def __repr__(self) -> str:
         return f"DnsProvider({self.settings.record} {self.settings.name})"
@@ -217,10 +233,24 @@ class DnsProvider(Provider):
                 resolver = dns.resolver.Resolver(configure=False)
                 resolver.nameservers = [settings.nameserver]
             resolver.port = settings.port
+            resolver.nameservers = self._stoppable(resolver.nameservers)
             resolver.cache = None  # every read asks the server; the TTL sets when
-            resolver.timeout = resolver.lifetime = settings.timeout
+            resolver.lifetime = settings.timeout
+            # Each server gets its share of the read's time: one that does not answer at all
+            # must leave time to ask the next (the first would otherwise wait out it all).
+            resolver.timeout = settings.timeout / max(1, len(resolver.nameservers))
             self._resolver = resolver
         return self._resolver
+
+    def _stoppable(self, nameservers: Sequence[Any]) -> list[Any]:
+        """The name servers, as ones whose queries :meth:`stop` cuts short."""
+        try:
+            from ._nameserver import StoppableNameserver  # noqa: PLC0415 - needs dnspython
+        except ImportError:  # dnspython < 2.4: a query in flight runs to its timeout
+            return list(nameservers)
+        return [StoppableNameserver(server, self.settings.port, self._stopping)
+                if isinstance(server, str) and _is_ip(server) else server
+                for server in nameservers]
 
     def _query(self, name: Union[str, dns.name.Name], record: str,
                search: Optional[bool] = None,
@@ -230,6 +260,8 @@ class DnsProvider(Provider):
         import dns.exception  # noqa: PLC0415 - dnspython is an optional extra
         import dns.resolver  # noqa: PLC0415
 
+        if self._stopping.is_set():
+            raise SourceError(f"DNS {record} query for {name}: discovery is stopping")
         resolver = self._get_resolver()
         if search is None:  # the system's search list applies to the configured name only
             search = self.settings.nameserver is None
@@ -312,6 +344,14 @@ class DnsProvider(Provider):
         for problem in new:
             log.warning("tai-lb: DNS %s %s: skipping a record: %s", self.settings.record,
                         self.settings.name, problem)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _ip(text: str) -> str:

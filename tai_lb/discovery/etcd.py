@@ -25,6 +25,7 @@ import os
 import random
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 import urllib3
+from urllib3.util.connection import allowed_gai_family
 
 from .. import _forksafe
 from .._settings import Settings
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 #: delays between reconnection attempts: from the first to the cap, doubling, with jitter
 RECONNECT_FIRST = 0.05
 RECONNECT_CAP = 5.0
+#: a watch that lasted this long resets the reconnection delays
+WATCH_HEALTHY = 1.0
 #: a watch silent for this long is opened again from the next revision, in case etcd hangs
 #: with the connection still up (a connection cut without a word is found by TCP keep-alive)
 WATCH_IDLE = 300.0
@@ -70,12 +74,23 @@ class WatchIdle(EtcdError):
 
 
 def _b64(data: Union[str, bytes]) -> str:
-    raw = data.encode() if isinstance(data, str) else data
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     return base64.b64encode(raw).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def _key(raw: bytes) -> str:
+    """A key as text: UTF-8, its other bytes kept apart as surrogates, so that two keys never
+    become one (``errors="replace"`` would make ``b"\\xfe"`` and ``b"\\xff"`` the same key)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _shown(key: str) -> str:
+    """A key for a log line or status(): its bytes that are not UTF-8 as ``\\xNN``."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _prefix_end(prefix: str) -> bytes:
@@ -121,6 +136,7 @@ class _Cuttable(_ConnectionBase):
     """A urllib3 connection that another thread can cut while this one blocks on it."""
 
     _cut = False
+    _connecting: Optional[socket.socket] = None
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         self._cut = False
@@ -132,10 +148,44 @@ class _Cuttable(_ConnectionBase):
         if self._cut:  # cut while connecting
             self.cut()
 
+    def _new_conn(self) -> socket.socket:
+        # As urllib3's, but the socket is known to cut() while it connects: a member whose
+        # host drops packets would otherwise hold a stopping thread for the connect timeout.
+        host = self.host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, self.port, allowed_gai_family(), socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, error) from error
+        last: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            self._connecting = sock
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                if isinstance(self.timeout, (int, float)):
+                    sock.settimeout(self.timeout)
+                if self._cut:
+                    raise ConnectionAbortedError("cut before connecting")
+                sock.connect(address)
+                return sock
+            except socket.timeout as error:
+                sock.close()
+                raise urllib3.exceptions.ConnectTimeoutError(
+                    self, f"Connection to {self.host} timed out. (connect timeout="
+                          f"{self.timeout})") from error
+            except OSError as error:
+                sock.close()
+                last = error
+            finally:
+                self._connecting = None
+        raise urllib3.exceptions.NewConnectionError(
+            self, f"Failed to establish a new connection: {last}") from last
+
     def cut(self) -> None:
-        """Shut the socket down: a blocked read or write returns at once."""
+        """Shut the socket down: a blocked connect, read or write returns at once."""
         self._cut = True
-        sock = getattr(self, "sock", None)
+        sock = getattr(self, "sock", None) or self._connecting
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -155,6 +205,16 @@ class _HTTPPool(urllib3.HTTPConnectionPool):
 
 class _HTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _CuttableHTTPSConnection
+
+
+def _forget_connections_after_fork() -> None:
+    # A thread of the child can get the ident of one of the parent's: cutting the parent's
+    # connection found under it would shut down a socket the parent still uses.
+    _in_use.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
 def interrupt(thread: Optional[threading.Thread]) -> None:
@@ -234,7 +294,7 @@ class EtcdClient:
         """Every key under ``prefix`` with its value, and the revision they were read at."""
         answer = self.call("kv/range", {"key": _b64(prefix),
                                         "range_end": _b64(_prefix_end(prefix))})
-        pairs = [(_unb64(kv["key"]).decode("utf-8", "replace"), _unb64(kv.get("value", "")))
+        pairs = [(_key(_unb64(kv["key"])), _unb64(kv.get("value", "")))
                  for kv in answer.get("kvs", ())]
         return int(answer["header"]["revision"]), pairs
 
@@ -378,9 +438,15 @@ class EtcdSettings(Settings):
             raise ConfigError("urls", f"etcd discovery needs a list of URLs, got {urls!r}")
         for index, url in enumerate(urls):
             parts = urlsplit(url) if isinstance(url, str) else None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                port = parts.port if parts is not None else None  # raises if not a port
+            except ValueError:
+                parts = None
+            if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                    or port == 0 or parts.query or parts.fragment):
                 raise ConfigError(f"urls[{index}]", f"must be an http:// or https:// URL of an "
-                                                    f"etcd member, got {url!r}")
+                                                    f"etcd member, such as "
+                                                    f"http://10.0.0.5:2379, got {url!r}")
         object.__setattr__(self, "urls", tuple(urls))
         if not isinstance(self.prefix, str) or not self.prefix.startswith("/"):
             raise ConfigError("prefix", f"must be a key prefix starting with /, got "
@@ -429,6 +495,7 @@ class EtcdProvider(Provider):
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._watching = False
+        self._repeats: set[str] = set()  # keys skipped as repeating an address, while they do
         _forksafe.after_fork_in_child(self, EtcdProvider._reset_after_fork)
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -452,7 +519,12 @@ class EtcdProvider(Provider):
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()  # its lock may have been held by the parent's thread
+        if stopped:
+            self._stop.set()
         self._thread = None  # the watcher's own reset starts it again
+        self._watching = False
 
     def stop(self) -> None:
         """Stop watching within a second (the open stream is cut)."""
@@ -478,23 +550,28 @@ class EtcdProvider(Provider):
             return None
         endpoints: list[Endpoint] = []
         seen: set[str] = set()
+        repeats: set[str] = set()
         for key, endpoint in sorted(entries):
             if endpoint.address in seen:
-                self.skipped += 1
-                log.warning("tai-lb: etcd key %s repeats endpoint %s; skipped", key,
-                            endpoint.address)
+                repeats.add(key)
+                if key not in self._repeats:  # counted and logged once while it stays
+                    self.skipped += 1
+                    log.warning("tai-lb: etcd key %s repeats endpoint %s; skipped",
+                                _shown(key), endpoint.address)
                 continue
             seen.add(endpoint.address)
             endpoints.append(endpoint)
+        self._repeats = repeats
         return endpoints
 
     def _parse(self, key: str, value: bytes) -> Optional[Endpoint]:
         try:
             data = json.loads(value)
-            return Endpoint.from_value(data, path=key)
+            return Endpoint.from_value(data, path=_shown(key))
         except (ValueError, TypeError) as error:  # ConfigError is a ValueError
             self.skipped += 1
-            log.warning("tai-lb: etcd key %s holds no valid endpoint (%s); skipped", key,
+            log.warning("tai-lb: etcd key %s holds no valid endpoint (%s); skipped",
+                        _shown(key),
                         error if isinstance(error, ConfigError) else f"{value[:200]!r}")
             return None
 
@@ -525,7 +602,7 @@ class EtcdProvider(Provider):
         revision = 0
         for event in events:
             kv = event.get("kv", {})
-            key = _unb64(kv.get("key", "")).decode("utf-8", "replace")
+            key = _key(_unb64(kv.get("key", "")))
             revision = max(revision, int(kv.get("mod_revision", 0)))
             if event.get("type") == "DELETE":
                 updates[key] = None
@@ -550,8 +627,9 @@ class EtcdProvider(Provider):
             first = self._error is None
             self._error = str(error)
         if first:
-            log.warning("tai-lb: etcd discovery of %s: %s; keeping the last good set",
-                        self.service, error)
+            # DEBUG: the discovery watcher warns, once per outage, with the same message.
+            log.debug("tai-lb: etcd discovery of %s: %s; keeping the last good set",
+                      self.service, error)
             self._notify()
 
     def _run(self) -> None:
@@ -587,8 +665,8 @@ class EtcdProvider(Provider):
             start = self._revision + 1
         stream = self.client.watch(self.prefix, start, self.idle)
         self._watching = True
+        opened = time.monotonic()
         try:
-            backoff.reset()
             while not self._stop.is_set():
                 result = stream.next_message()
                 if result is None:
@@ -599,6 +677,10 @@ class EtcdProvider(Provider):
         finally:
             self._watching = False
             stream.close()
+            # Only a watch that lasted starts the delays afresh: a member that accepts watches
+            # and ends them at once must not get a list and a watch every 50 ms.
+            if time.monotonic() - opened >= WATCH_HEALTHY:
+                backoff.reset()
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable state of the watch."""
@@ -618,7 +700,8 @@ class EtcdRegistrar:
     again. :meth:`close`, and interpreter exit, delete the key.
 
     A forked child neither keeps the registration alive nor deletes it: the registration
-    belongs to the process that made it (the master of a pre-fork server, typically).
+    belongs to the process that made it (the master of a pre-fork server, typically). A child
+    may :meth:`start` the registrar again, which makes a registration (and a lease) of its own.
 
     :param urls: client URLs of etcd's members.
     :param service: the service this instance serves.
@@ -634,6 +717,9 @@ class EtcdRegistrar:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= 3600:
             raise ValueError(f"ttl must be an integer number of seconds from 1 to 3600, got "
                              f"{ttl!r}")
+        # The checks (and messages) of the etcd discovery setting: a ConfigError naming the
+        # argument, rather than a string of URLs taken as a list of one-letter URLs.
+        urls = EtcdSettings(urls=urls, prefix=prefix, timeout=timeout).urls  # type: ignore[arg-type]
         self.endpoint = Endpoint.from_value(endpoint)
         self.service = service
         self.key = service_prefix(prefix, service) + (instance_id or self.endpoint.address)
@@ -670,6 +756,7 @@ class EtcdRegistrar:
         if self._thread is not None:
             return self
         self._stop.clear()
+        self._owner = os.getpid()  # the process whose registration this is
         try:
             self._register()
         except EtcdError as error:
@@ -706,8 +793,10 @@ class EtcdRegistrar:
 
     def _forget_after_fork(self) -> None:
         self._thread = None
+        self._stop = threading.Event()  # its lock may have been held by the parent's thread
         self._stop.set()
         self._lock = threading.Lock()
+        self.lease = 0  # the parent's, which the child must neither renew nor revoke
 
     def _register(self) -> None:
         lease = self.client.grant(self.ttl)
@@ -718,9 +807,19 @@ class EtcdRegistrar:
         log.info("tai-lb: registered %s in etcd (lease %x, %d s)", self.key, lease, self.ttl)
 
     def _error(self, error: Exception) -> None:
+        if self._stop.is_set():  # a call cut short by close(): not etcd's failure
+            return
         self.errors += 1
+        # One warning when etcd starts failing, not one every third of the TTL while it is
+        # down; the rest at DEBUG, and the return at INFO.
+        level = logging.DEBUG if self.last_error is not None else logging.WARNING
         self.last_error = str(error)
-        log.warning("tai-lb: etcd registration of %s: %s", self.key, error)
+        log.log(level, "tai-lb: etcd registration of %s: %s", self.key, error)
+
+    def _succeeded(self) -> None:
+        if self.last_error is not None:
+            log.info("tai-lb: etcd registration of %s works again", self.key)
+            self.last_error = None
 
     def _run(self) -> None:
         period = self.ttl / 3
@@ -730,11 +829,13 @@ class EtcdRegistrar:
                     lease = self.lease
                 if lease and self.client.keepalive(lease) > 0:
                     self.keepalives += 1
+                    self._succeeded()
                     continue
                 if lease:
                     log.warning("tai-lb: the etcd lease of %s was lost; registering again",
                                 self.key)
                 self._register()
+                self._succeeded()
             except EtcdError as error:
                 self._error(error)
             except Exception:  # the thread must outlive any bug

@@ -18,9 +18,12 @@ from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
 
-__all__ = ["FileProvider", "parse_endpoint_list"]
+__all__ = ["YAML_SUFFIXES", "FileProvider", "parse_endpoint_list"]
 
 log = logging.getLogger(__name__)
+
+#: file names read as YAML (with PyYAML, the ``yaml`` extra); any other is read as JSON
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def parse_endpoint_list(data: Any, source: str, provider: Provider) -> list[Endpoint]:
@@ -67,7 +70,7 @@ class FileProvider(Provider):
         try:
             with open(self.path, "rb") as file:
                 text = file.read().decode("utf-8")
-            if self.path.endswith((".yaml", ".yml")):
+            if self.path.endswith(YAML_SUFFIXES):
                 import yaml  # noqa: PLC0415 - PyYAML is an optional extra
 
                 data = yaml.safe_load(text)
