@@ -165,6 +165,10 @@ class LoadBalancer:
         # A lock held by another thread at the fork stays held in the child: replace them all.
         self._lock = threading.Lock()
         self._rebuild_locks = {}
+        # A picker may step under a lock of its own (a long weighted_round_robin period): the
+        # child builds new ones rather than pick with one a parent's thread may have held.
+        self._routes = {}
+        self._pickers = {}
         for table in self._stats.values():
             for stats in table.values():
                 stats._lock = threading.Lock()
@@ -504,11 +508,23 @@ class LoadBalancer:
         return settings.health_check if settings is not None else None
 
     def _sync_health(self, service: str) -> None:
+        """Make the checked set of ``service`` its current endpoints (changes then follow).
+
+        A change delivered between reading the snapshot and setting it would be undone by the
+        older set, and the checker only follows changes from then on: read and set again until
+        the snapshot set is still the current one.
+        """
         checks = self._health_config(service)
+        if checks is None:
+            return
+        scheme = self.config.services[service].scheme
         snapshot = self.registry.get_snapshot(service)
-        if checks is not None and snapshot is not None:
-            settings = self.config.services[service]
-            self._health.set_endpoints(service, snapshot.endpoints, checks, settings.scheme)
+        while snapshot is not None:
+            self._health.set_endpoints(service, snapshot.endpoints, checks, scheme)
+            current = self.registry.get_snapshot(service)
+            if current is snapshot:
+                return
+            snapshot = current
 
     def _health_changed(self, service: str) -> None:
         # Called by the checker, outside its lock: the next pick builds a route on the new health.
@@ -608,8 +624,9 @@ class LoadBalancer:
             draining: set[str] = set()
             for endpoint, stats in zip(going, map(table.get, map(_endpoint_address, going))):
                 if stats is not None and stats._in_flight:
-                    # Drain: requests in flight finish, then the pools close.
-                    stats.on_drained = self._closer(endpoint, stats)
+                    # Drain: requests in flight finish, then the pools close (at once if the
+                    # last one ended meanwhile).
+                    stats.when_drained(self._closer(endpoint, stats))
                     draining.add(endpoint.address)
             if draining:
                 going = [e for e in going if e.address not in draining]

@@ -16,8 +16,9 @@ from .exceptions import ConfigError
 
 __all__ = ["Endpoint", "Labels"]
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "host\n" through.
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
 _MAX_WEIGHT = 1_000_000
 _ENDPOINT_KEYS = ("address", "host", "port", "weight", "zone", "region", "version", "labels",
                   "priority", "tls_name")

@@ -33,7 +33,7 @@ EndpointLike = Union[Endpoint, str, Mapping[str, Any]]
 
 ChangeKind = Literal["added", "removed", "changed"]
 
-_SERVICE_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?$")
+_SERVICE_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?\Z")  # \Z: no "users\n"
 _generation = itertools.count(1)
 _address = operator.attrgetter("address")
 _key = operator.attrgetter("_key")
@@ -178,11 +178,21 @@ class ServiceRegistry:
         self._sequence = 0
         self._pending: collections.deque[TopologyChange] = collections.deque()
         self._delivering = False
+        # The changes the delivering thread has taken out of _pending and is handing over.
+        self._handing: list[TopologyChange] = []
         self.callback_errors = 0
         _forksafe.after_fork_in_child(self, ServiceRegistry._reset_after_fork)
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()
+        if self._delivering and self._handing:
+            # The delivering thread is not in the child: the changes it was handing over go
+            # back in front (those not back already), and the next write delivers them.  Each
+            # subscription's count of what it was handed keeps every change exactly once.
+            first = self._pending[0].sequence if self._pending else None
+            self._pending.extendleft(reversed(
+                [c for c in self._handing if first is None or c.sequence < first]))
+        self._handing = []
         self._delivering = False
 
     # -- reads (no lock) ----------------------------------------------------------------------
@@ -480,10 +490,11 @@ class ServiceRegistry:
         try:
             while True:
                 with self._lock:  # take every pending change at once: one lock per batch
+                    self._handing = []
                     if not self._pending:
                         self._delivering = False
                         return
-                    batch = list(self._pending)
+                    batch = self._handing = list(self._pending)
                     self._pending.clear()
                     subscribers = self._subscribers
                 try:
@@ -492,6 +503,7 @@ class ServiceRegistry:
                     # An interrupt: the batch goes back in front.  Every subscription knows
                     # the last change it was handed, so none gets a change twice.
                     with self._lock:
+                        self._handing = []
                         self._pending.extendleft(reversed(batch))
                     raise
         except BaseException:
@@ -508,8 +520,10 @@ class ServiceRegistry:
             if subscription._registry is None:
                 continue  # unsubscribed meanwhile
             seen = subscription._seen
-            changes = batch if seen < batch[0].sequence else [c for c in batch
-                                                              if c.sequence > seen]
+            # A list of its own: one that a subscriber reorders or empties must not change
+            # what the others get (nor what goes back in front after an interrupt).
+            changes = batch[:] if seen < batch[0].sequence else [c for c in batch
+                                                                 if c.sequence > seen]
             subscription._seen = last
             self._call(subscription, changes)
         singles = [s for s in subscribers if not s._batches]

@@ -194,9 +194,23 @@ class EndpointStats:
         if endpoint_failed and self.on_failure is not None:
             self.on_failure(self)
         if self.on_drained is not None and not self._in_flight:
+            self._drained()
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when nothing is in flight: at the end of the last lease, or now.
+
+        The last lease may end on another thread just before ``callback`` is set, without seeing
+        it: checking again after setting it makes sure it runs.
+        """
+        self.on_drained = callback
+        if not self._in_flight:
+            self._drained()
+
+    def _drained(self) -> None:
+        with self._lock:  # the last lease and when_drained() may both get here: one runs it
             drained, self.on_drained = self.on_drained, None
-            if drained is not None:
-                drained()
+        if drained is not None:
+            drained()
 
     def reset_failure_runs(self) -> None:
         """Start the runs of consecutive failures over (after an ejection)."""

@@ -438,20 +438,32 @@ class ConsistentHash(Strategy):
         milliseconds instead of a whole build.  Otherwise (a larger change, or one that changes
         the points per endpoint) the ring is built again.
         """
+        cls = type(self)
+        if cls.prepare is not ConsistentHash.prepare and (
+                cls.prepare_next is ConsistentHash.prepare_next):
+            # A subclass that prepares its own way (filters the candidates, wraps the picker)
+            # keeps doing so: updating the previous ring would go around it.
+            return self.prepare(candidates)
         items = tuple(candidates)
         last: Optional[_Ring] = getattr(previous, _RING, None)
         ring = self._update(last, items) if last is not None else None
         return self._picker(ring if ring is not None else self._build(items))
 
     def _build(self, items: tuple[EndpointStats, ...]) -> _Ring:
-        cache = self._points
-        hashes, owners = build_ring(items, self.vnodes, self.max_ring_size, cache)
-        if len(cache) > 2 * len(items) + 64:  # forget endpoints long gone
-            current = {c.endpoint.address for c in items}
-            self._points = {k: v for k, v in cache.items() if k[0] in current}
+        hashes, owners = build_ring(items, self.vnodes, self.max_ring_size, self._points)
+        self._forget_gone(items)
         weights: list[int] = list(map(_weight_of, items))
         shift, starts = bucket_index(hashes)
         return _Ring(items, weights, self._scale(sum(weights)), hashes, owners, shift, starts)
+
+    def _forget_gone(self, items: tuple[EndpointStats, ...]) -> None:
+        # The points of endpoints long gone: after a build and after an update alike, or a
+        # service whose endpoints are replaced a few at a time (rolling restarts) would keep
+        # the points of every endpoint it ever had.
+        cache = self._points
+        if len(cache) > 2 * len(items) + 64:
+            current = {c.endpoint.address for c in items}
+            self._points = {k: v for k, v in cache.items() if k[0] in current}
 
     def _scale(self, total_weight: int) -> float:
         # As build_ring: the factor, a power of two, that fits the ring in max_ring_size.
@@ -505,6 +517,8 @@ class ConsistentHash(Strategy):
                 hashes.insert(index, point)
                 owners.insert(index, stats)
                 moved.append((point, 1))
+        if came:
+            self._forget_gone(items)
         shift, starts = shift_bucket_index(last.shift, last.starts, hashes, moved)
         return _Ring(items, weights, scale, hashes, owners, shift, starts)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
 import threading
+from typing import Optional
 
 import pytest
 
@@ -339,3 +341,143 @@ def test_an_endpoint_removed_and_back_in_one_delivery_keeps_its_pools(clock: Fak
     lease.done()
     reg.deregister("users", "10.0.0.2:80")  # nothing in flight: closed at once, no drain
     assert not lb._draining
+
+
+def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
+        clock: FakeClock) -> None:
+    from tai_lb.pool import PoolConfig
+
+    lb = make_lb(clock, "10.0.0.1:80", "10.0.0.2:80")
+    lease = lb.pick("users")
+    stats = lb.stats("users")[lease.address]
+    lb._pools.pool_for(stats.endpoint.host, stats.endpoint.port, "http", PoolConfig(), None,
+                       dict)
+
+    class EndsOnceSeen(collections.deque):  # type: ignore[type-arg]
+        """The lease ends right after the balancer sees it in flight, as if on another thread."""
+
+        armed = False
+
+        def __len__(self) -> int:
+            count = super().__len__()
+            if self.armed and count:
+                self.armed = False
+                lease.done()
+            return count
+
+    in_flight = EndsOnceSeen(stats._in_flight)
+    stats._in_flight = in_flight
+    in_flight.armed = True
+    lb.registry.deregister("users", lease.address)
+    assert not in_flight and not in_flight.armed  # the lease ended during the removal
+    assert stats.on_drained is None and not lb._draining  # drained: nothing left waiting
+    assert (stats.endpoint.host, stats.endpoint.port) not in lb._pools.endpoints()
+    lb.close()
+
+
+def test_health_targets_match_the_registry_when_it_changes_as_the_balancer_starts(
+        clock: FakeClock) -> None:
+    class Busy(ServiceRegistry):
+        """Another thread registers an endpoint just after the balancer reads the set."""
+
+        def get_snapshot(self, service: str) -> Optional[tai_lb.ServiceSnapshot]:
+            snapshot = super().get_snapshot(service)
+            if service == "users" and "10.0.0.9:80" not in self.snapshot("users").by_address:
+                self.register("users", "10.0.0.9:80")  # delivered to the balancer at once
+            return snapshot
+
+    reg = Busy()
+    reg.register("users", "10.0.0.1:80")
+    checks = tai_lb.HealthCheckConfig(type="function", function=lambda e: True, interval=3600.0)
+    config = tai_lb.LoadBalancerConfig({"users": tai_lb.ServiceConfig(health_check=checks)})
+    with LoadBalancer(reg, config=config, clock=clock) as lb:
+        assert set(lb._health._targets["users"]) == {"10.0.0.1:80", "10.0.0.9:80"}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_child_forked_while_a_picker_held_its_lock_picks_with_a_new_one() -> None:
+    from tai_lb.strategies import WeightedRoundRobin
+
+    # A weighted_round_robin period too long to precompute is stepped under the picker's lock:
+    # held by a parent's thread at the fork, it would be held for ever in the child.
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.0.0.1", 80, weight=2),
+                                Endpoint("10.0.0.2", 80, weight=3)])
+    lb = LoadBalancer(reg, strategy=WeightedRoundRobin(max_period=2))
+    lb.pick("users").done()
+    picker = lb._route("users").picker
+    lock = next(c.cell_contents for c in picker.__closure__ or ()  # type: ignore[union-attr]
+                if isinstance(c.cell_contents, type(threading.Lock())))
+    with lock:  # as if a parent's thread were picking at the moment of the fork
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                code = 0 if lb._route("users").picker is not picker else 3
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    lb.close()
+
+
+def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_step() -> None:
+    from tai_lb.strategies import ConsistentHash, build_ring
+
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.9.0.1", 80 + i) for i in range(10)])
+    checks = tai_lb.HealthCheckConfig(type="function", function=lambda e: True, interval=3600.0)
+    config = tai_lb.LoadBalancerConfig({"users": tai_lb.ServiceConfig(
+        health_check=checks, strategy=ConsistentHash(vnodes=40, max_ring_size=4096))})
+    lb = LoadBalancer(reg, config=config)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(writer: int) -> None:  # each writer owns its addresses
+        rng = random.Random(writer)
+        mine = [f"10.{writer}.0.{i}:80" for i in range(20)]
+        try:
+            for _ in range(150):
+                kind = rng.randrange(3)
+                if kind == 0:
+                    reg.register_many("users", [Endpoint.parse(
+                        a, weight=rng.randrange(1, 3), priority=rng.choice([0, 0, 1]))
+                        for a in rng.sample(mine, 3)])
+                else:
+                    gone = rng.sample(mine, 1 + kind)
+                    reg.deregister_many("users", gone)
+                    for i in range(10):  # picks that start after the removal returned
+                        with lb.pick("users", key=f"{writer}-{i}") as lease:
+                            assert lease.address not in gone
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    def pick() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                with lb.pick("users", key=str(i)):
+                    pass
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    pickers = [threading.Thread(target=pick) for _ in range(3)]
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(1, 5)]
+    for thread in pickers + writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    for thread in pickers:
+        thread.join()
+    assert errors == []
+    snapshot = reg.snapshot("users")
+    assert set(lb._health._targets["users"]) == set(snapshot.by_address)
+    route = lb._route("users")
+    assert [s.endpoint for s in route.everyone] == list(snapshot.endpoints)
+    assert all(s.in_flight == 0 for s in route.everyone)
+    hashes, owners = build_ring(route.candidates, 40, 4096)
+    ring = route.picker._tai_lb_ring  # type: ignore[union-attr]
+    assert (ring.hashes, ring.owners) == (hashes, owners)
+    lb.close()

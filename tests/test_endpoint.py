@@ -57,6 +57,27 @@ def test_hashable_with_labels_and_equal_by_value() -> None:
     assert isinstance(a.labels, Labels)
 
 
+def test_equal_endpoints_built_different_ways_hash_alike() -> None:
+    ways = [
+        Endpoint("::1", 80, zone="z", labels={"b": "2", "a": "1"}),
+        Endpoint("0:0::1", 80, zone="".join(["z"]), labels=Labels([("a", "1"), ("b", "2")])),
+        Endpoint.from_value({"address": "[::1]:80", "zone": "z", "labels": {"a": "1", "b": "2"}}),
+        Endpoint.parse("[::1]:80").replace(zone="z", labels={"a": "1", "b": "2"}),
+    ]
+    ways.append(pickle.loads(pickle.dumps(ways[0])))
+    assert all(e == ways[0] and hash(e) == hash(ways[0]) for e in ways)
+    assert len(set(ways)) == 1
+    assert ways[0] != ways[0].replace(labels={"a": "1"})
+
+
+def test_labels_are_copied_from_the_dict_given() -> None:
+    given = {"canary": "no"}
+    e = Endpoint("127.0.0.1", 8001, labels=given)
+    given["canary"] = "yes"  # the caller's dict is theirs; the endpoint's labels do not move
+    assert e.labels == {"canary": "no"}
+    assert Endpoint("127.0.0.1", 8001, labels=given).labels == {"canary": "yes"}
+
+
 def test_replace_returns_a_checked_copy() -> None:
     e = Endpoint("127.0.0.1", 8001)
     heavier = e.replace(weight=5)
@@ -100,6 +121,9 @@ def test_repr_shows_address_and_metadata() -> None:
     ({"address": "a:1", "labels": ["x"]}, "labels", "mapping"),
     ({"address": "a:1", "labels": {"k": 1}}, "labels.k", "strings"),
     ({"address": "a:1", "labels": {"bad key": "v"}}, "labels", "label names"),
+    ({"address": "a:1", "labels": {"key\n": "v"}}, "labels", "label names"),
+    ({"host": "a\n", "port": 1}, "host", "host name or IP"),
+    ({"address": "a:1", "tls_name": "a\n"}, "tls_name", "host name or IP"),
     ({"address": "a:1", "colour": "red"}, "colour", "unknown key"),
     ({"address": "a:1", "host": "a"}, "", "either address or host and port"),
     ({"host": "a"}, "", "needs address"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from typing import Optional
@@ -69,6 +70,8 @@ def test_bad_service_name_and_endpoint_are_config_errors() -> None:
     reg = ServiceRegistry()
     with pytest.raises(ConfigError, match="lower-case host name"):
         reg.register("Users", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match="lower-case host name"):
+        reg.register("users\n", "127.0.0.1:1")
     with pytest.raises(ConfigError, match=r"endpoints\[1\].port"):
         reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:0"])
     assert "users" not in reg  # nothing was applied
@@ -415,3 +418,115 @@ def test_a_subscriber_gets_only_changes_after_it_subscribed() -> None:
     reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2"])
     reg.register("users", "127.0.0.1:3")
     assert [c.sequence for c in seen] == [1, 3]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_child_forked_during_a_delivery_gets_the_changes_being_delivered() -> None:
+    # The thread that delivers a change is not in a child forked meanwhile: the child must still
+    # hand that change to the subscribers that had not got it, once (a balancer's health checks
+    # are updated from these changes, and never again from the whole set).
+    reg = ServiceRegistry()
+    inside, release = threading.Event(), threading.Event()
+    batches: list[int] = []
+    singles: list[int] = []
+
+    def slow(changes: list[TopologyChange]) -> None:
+        batches.extend(c.sequence for c in changes)
+        if not inside.is_set():
+            inside.set()
+            release.wait(10)
+
+    reg.subscribe_batches(slow)  # batch subscribers are handed a batch first
+    reg.subscribe(lambda change: singles.append(change.sequence))
+    writer = threading.Thread(target=reg.register, args=("users", "10.0.0.1:80"))
+    writer.start()
+    try:
+        assert inside.wait(10)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                reg.register("users", "10.0.0.2:80")
+                code = 0 if (batches, singles) == ([1, 2], [1, 2]) else 3
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        writer.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert (batches, singles) == ([1], [1])
+
+
+def test_a_batch_subscriber_that_reorders_its_changes_affects_no_other_subscriber() -> None:
+    reg = ServiceRegistry()
+    singles: list[int] = []
+    others: list[int] = []
+
+    def reorder(changes: list[TopologyChange]) -> None:
+        changes.reverse()  # its own business, as long as it stays its own
+
+    reg.subscribe_batches(reorder)
+    reg.subscribe_batches(lambda changes: others.extend(c.sequence for c in changes))
+    reg.subscribe(lambda change: singles.append(change.sequence))
+    reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    assert singles == others == [1, 2, 3]
+
+
+def replay(changes: list[TopologyChange]) -> dict[str, Endpoint]:
+    """The endpoint set that ``changes`` lead to, checking each against the one before."""
+    state: dict[str, Endpoint] = {}
+    for change in changes:
+        address = change.endpoint.address
+        if change.kind == "added":
+            assert address not in state
+            state[address] = change.endpoint
+        elif change.kind == "changed":
+            assert state[address] == change.previous
+            state[address] = change.endpoint
+        else:
+            assert state.pop(address) == change.endpoint
+    return state
+
+
+def test_racing_writers_deliver_every_change_once_in_order_to_every_kind_of_subscriber() -> None:
+    reg = ServiceRegistry()
+    reg.add_service("users")
+    batched: list[TopologyChange] = []
+    singles: list[TopologyChange] = []
+    failing: list[TopologyChange] = []
+
+    def fails_now_and_then(change: TopologyChange) -> None:
+        failing.append(change)
+        if change.sequence % 7 == 0:
+            raise RuntimeError("a subscriber's own bug")
+
+    reg.subscribe_batches(batched.extend)
+    reg.subscribe(singles.append)
+    reg.subscribe(fails_now_and_then)
+    pool = [f"10.0.0.{i}:80" for i in range(30)]
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            kind = rng.randrange(4)
+            if kind == 0:
+                reg.register("users", Endpoint.parse(rng.choice(pool), weight=rng.randrange(1, 3)))
+            elif kind == 1:
+                reg.deregister("users", rng.choice(pool))
+            elif kind == 2:
+                reg.set_endpoints("users", [Endpoint.parse(a, weight=rng.randrange(1, 3))
+                                            for a in rng.sample(pool, rng.randrange(20))])
+            else:
+                reg.register_many("users", rng.sample(pool, 4))
+
+    writers = [threading.Thread(target=write, args=(seed,)) for seed in range(6)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    expected = list(range(1, reg._sequence + 1))
+    for got in (batched, singles, failing):
+        assert [c.sequence for c in got] == expected
+        assert replay(got) == dict(reg.snapshot("users").by_address)
+    assert reg.callback_errors == len(expected) // 7

@@ -26,6 +26,7 @@ from tai_lb.strategies import (
     ConsistentHash,
     LeastConnections,
     PeakEwma,
+    Picker,
     RoundRobin,
     RoutingKey,
     Strategy,
@@ -509,3 +510,94 @@ def test_ring_never_exceeds_max_ring_size_and_follows_weights() -> None:
     assert len(hashes) <= 4096 and hashes == sorted(hashes)
     per_weight = collections.Counter(o.endpoint.weight for o in ring_owners)
     assert per_weight[3] > per_weight[2] > per_weight[1]
+
+
+# -- consistent_hash: a ring updated change by change ----------------------------------------------
+
+
+def ring_members(addresses: Sequence[str], weights: Optional[Sequence[int]] = None,
+                 ) -> list[EndpointStats]:
+    load: collections.deque[None] = collections.deque()
+    return [EndpointStats(Endpoint.parse(a, weight=w), FakeClock(), service_load=load)
+            for a, w in zip(addresses, weights or [1] * len(addresses))]
+
+
+def test_a_ring_updated_endpoint_by_endpoint_keeps_a_bounded_cache() -> None:
+    # Pods replaced one at a time (a rolling restart, over and over): each update hashes the new
+    # endpoint's points; those of endpoints long gone must not pile up.
+    strategy = ConsistentHash(vnodes=100)
+    items = ring_members([f"10.0.0.{i}:80" for i in range(20)])
+    picker = strategy.prepare(items)
+    for i in range(600):
+        items = [*items[:15], *items[16:], *ring_members([f"10.1.{i // 200}.{i % 200}:80"])]
+        picker = strategy.prepare_next(items, picker)
+        assert len(strategy._points) <= 2 * len(items) + 64 + 1
+    hashes, owners = build_ring(items, 100, strategy.max_ring_size)
+    ring = picker._tai_lb_ring  # type: ignore[attr-defined]
+    assert (ring.hashes, ring.owners) == (hashes, owners)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_ring_updated_change_by_change_equals_a_ring_built_from_scratch(seed: int) -> None:
+    # Endpoints come, go, change weight, swap places or come back as new figures; the total
+    # weight crosses powers of two (the ring is then built again) or not (it is patched).
+    rng = random.Random(seed)
+    vnodes, max_ring_size = rng.choice([(4, 1024), (40, 2048), (100, 4096)])
+    strategy = ConsistentHash(vnodes=vnodes, max_ring_size=max_ring_size,
+                              load_bound=rng.choice([None, 1.5]))
+    pool = [f"10.0.{i // 50}.{i % 50}:80" for i in range(120)]
+    load: collections.deque[None] = collections.deque()
+    known: dict[str, EndpointStats] = {}
+
+    def member(address: str, weight: int) -> EndpointStats:
+        stats = known.get(address)
+        if stats is None or rng.random() < 0.1:  # removed, forgotten, back as new figures
+            stats = known[address] = EndpointStats(Endpoint.parse(address), FakeClock(),
+                                                   service_load=load)
+        stats.endpoint = stats.endpoint.replace(weight=weight)  # as the balancer does
+        return stats
+
+    items = [member(a, rng.randrange(1, 4)) for a in rng.sample(pool, rng.randrange(1, 40))]
+    picker = strategy.prepare(items)
+    for _ in range(40):
+        for _ in range(rng.choice([0, 1, 1, 2, 3, 10])):
+            kind = rng.randrange(4)
+            present = {s.endpoint.address for s in items}
+            if kind == 0:
+                address = rng.choice([a for a in pool if a not in present])
+                items.insert(rng.randrange(len(items) + 1), member(address, rng.randrange(1, 4)))
+            elif kind == 1 and len(items) > 1:
+                del items[rng.randrange(len(items))]
+            elif kind == 2:
+                index = rng.randrange(len(items))
+                items[index] = member(items[index].endpoint.address, rng.randrange(1, 5))
+            elif len(items) > 2:
+                i, j = rng.sample(range(len(items)), 2)
+                items[i], items[j] = items[j], items[i]
+        picker = strategy.prepare_next(list(items), picker)
+        ring = picker._tai_lb_ring  # type: ignore[attr-defined]
+        hashes, owners = build_ring(items, vnodes, max_ring_size)
+        assert (ring.hashes, ring.owners) == (hashes, owners)
+        assert (ring.shift, ring.starts) == bucket_index(hashes)
+        fresh = strategy.prepare(items)
+        assert [picker(f"k{i}") for i in range(50)] == [fresh(f"k{i}") for i in range(50)]
+
+
+def test_a_consistent_hash_subclass_that_prepares_its_own_way_keeps_doing_so() -> None:
+    class LocalHash(ConsistentHash):
+        """A ring over the zone-"a" endpoints only (a subclass written against prepare())."""
+
+        def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
+            return super().prepare([c for c in candidates if c.endpoint.zone == "a"])
+
+    reg = ServiceRegistry()
+    reg.register_many("users", [Endpoint("10.0.0.1", 80 + i, zone="ab"[i % 2]) for i in range(6)])
+    lb = LoadBalancer(reg, strategy=LocalHash(vnodes=40))
+    for step in range(3):  # the first route, then routes after changes
+        zones = set()
+        for i in range(200):
+            with lb.pick("users", key=f"user-{i}") as lease:
+                zones.add(lease.endpoint.zone)
+        assert zones == {"a"}, step
+        reg.register("users", Endpoint("10.0.0.2", 80 + step, zone="ab"[step % 2]))
+    lb.close()
