@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -33,6 +36,41 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.005)
     return condition()
+
+
+def functions_on_stack(thread: threading.Thread) -> set[str]:
+    """The names of the Python functions ``thread`` is in now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    names = set()
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def in_forked_child(child: Callable[[], dict[str, Any]],
+                    parent: Callable[[], object] = lambda: None) -> dict[str, Any]:
+    """Run ``child()`` in a forked child and return what it returned (JSON, through a pipe).
+
+    ``parent()`` runs in this process meanwhile. The test fails if the child does not exit
+    cleanly.
+    """
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(reader)
+            os.write(writer, json.dumps(child()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    parent()
+    with os.fdopen(reader) as pipe:
+        report: dict[str, Any] = json.loads(pipe.read() or "{}")
+    assert os.waitpid(pid, 0)[1] == 0, "the forked child failed"
+    return report
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from tai_lb import ConfigError, Endpoint, LoadBalancer, load_config
 from tai_lb.discovery import DiscoveryWatcher, DnsProvider, DnsSettings, SourceError
 
-from .conftest import wait_for
+from .conftest import functions_on_stack, wait_for
 from .dnsserver import ZONE, DnsServer, Srv, dnsmasq_binary, running_dns_server
 
 USERS_SRV = f"_http._tcp.users.{ZONE}"
@@ -64,16 +64,6 @@ def by_hand(lb: LoadBalancer) -> DiscoveryWatcher:
     watcher.stop()
     watcher.provider.start(lambda: None)  # stop() also made the provider refuse to read
     return watcher
-
-
-def functions_on_stack(thread: threading.Thread) -> set[str]:
-    """The names of the Python functions ``thread`` is in now."""
-    frame = sys._current_frames().get(thread.ident or 0)
-    names = set()
-    while frame is not None:
-        names.add(frame.f_code.co_name)
-        frame = frame.f_back
-    return names
 
 
 def picked(lb: LoadBalancer, times: int = 20) -> set[str]:

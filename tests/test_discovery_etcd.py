@@ -28,7 +28,7 @@ from tai_lb.discovery.etcd import (
     interrupt,
 )
 
-from .conftest import wait_for
+from .conftest import functions_on_stack, in_forked_child, wait_for
 from .etcdserver import EtcdServer, free_port
 from .faultproxy import FaultProxy
 
@@ -166,16 +166,6 @@ def test_a_silent_watch_is_opened_again_without_listing(etcd: EtcdServer, client
         assert provider.lists == 1 and provider.snapshot()["connected"]
     finally:
         provider.stop()
-
-
-def functions_on_stack(thread: threading.Thread) -> set[str]:
-    """The names of the Python functions ``thread`` is in now."""
-    frame = sys._current_frames().get(thread.ident or 0)
-    names = set()
-    while frame is not None:
-        names.add(frame.f_code.co_name)
-        frame = frame.f_back
-    return names
 
 
 @contextlib.contextmanager
@@ -324,26 +314,16 @@ def test_a_forked_child_resumes_the_watch(etcd: EtcdServer, client: EtcdClient,
     put(client, prefix, "a", {"address": "10.0.0.1:80"})
     with lb_for([etcd.url], prefix) as lb:
         assert wait_for(lambda: discovery(lb)["source"]["watching"])
-        reader, writer = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: sees a change made after the fork, on threads of its own
-            code = 1
-            try:
-                os.close(reader)
-                seen = wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"})
-                names = sorted(t.name for t in threading.enumerate() if t.name.startswith("tai"))
-                os.write(writer, json.dumps({"seen": seen, "threads": names,
-                                             "lists": discovery(lb)["source"]["lists"]})
-                         .encode())
-                lb.close()
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(writer)
-        put(client, prefix, "b", {"address": "10.0.0.2:80"})
-        with os.fdopen(reader) as pipe:
-            report = json.loads(pipe.read() or "{}")
-        assert os.waitpid(pid, 0)[1] == 0
+
+        def child() -> dict[str, Any]:  # sees a change made after the fork, on its threads
+            seen = wait_for(lambda: addresses(lb) == {"10.0.0.1:80", "10.0.0.2:80"})
+            names = sorted(t.name for t in threading.enumerate() if t.name.startswith("tai"))
+            lists = discovery(lb)["source"]["lists"]
+            lb.close()
+            return {"seen": seen, "threads": names, "lists": lists}
+
+        report = in_forked_child(child, lambda: put(client, prefix, "b",
+                                                    {"address": "10.0.0.2:80"}))
         assert report["seen"]
         assert "tai-lb-etcd-watch-users" in report["threads"]
         assert report["lists"] == 1  # resumed from the revision, not listed again
@@ -468,25 +448,16 @@ def test_a_forked_child_neither_renews_nor_revokes_the_parents_lease(
     with EtcdRegistrar([etcd.url], "users", "10.0.0.9:8080", prefix=prefix,
                        ttl=5) as registrar:
         parent_lease = registrar.lease
-        reader, writer = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(reader)
-                inherited = registrar.snapshot()
-                registrar.close()  # leaves the parent's registration alone
-                registrar.start()  # a registration of the child's own...
-                own = registrar.lease
-                registrar.close()  # ...which its close() revokes
-                os.write(writer, json.dumps({"inherited": inherited, "own": own}).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(writer)
-        with os.fdopen(reader) as pipe:
-            report = json.loads(pipe.read() or "{}")
-        assert os.waitpid(pid, 0)[1] == 0
+
+        def child() -> dict[str, Any]:
+            inherited = registrar.snapshot()
+            registrar.close()  # leaves the parent's registration alone
+            registrar.start()  # a registration of the child's own...
+            own = registrar.lease
+            registrar.close()  # ...which its close() revokes
+            return {"inherited": inherited, "own": own}
+
+        report = in_forked_child(child)
         assert report["inherited"]["lease"] == 0 and not report["inherited"]["running"]
         assert report["own"] not in (0, parent_lease)
         assert client.keepalive(report["own"]) == 0  # revoked by the child that granted it

@@ -16,7 +16,7 @@ import pytest
 from tai_lb import ConfigError, Endpoint, LoadBalancer, ServiceRegistry, load_config
 from tai_lb.discovery import DiscoveryWatcher, Provider, WatchSettings
 
-from .conftest import wait_for
+from .conftest import in_forked_child, wait_for
 
 
 def write(path: Path, data: Any) -> None:
@@ -262,26 +262,16 @@ def test_a_forked_child_reads_the_source_on_its_own_thread_not_in_the_fork() -> 
         lambda endpoints: registry.set_endpoints("users", endpoints),
         lambda: registry.endpoints("users"))
     watcher.start()
+    def child() -> dict[str, Any]:
+        provider.endpoints = [Endpoint("10.0.0.2", 80)]
+        found = wait_for(lambda: {e.address for e in registry.endpoints("users")}
+                         == {"10.0.0.2:80"})
+        threads = {name for pid, name in provider.fetches if pid == os.getpid()}
+        watcher.stop()
+        return {"found": found, "threads": sorted(threads)}
+
     try:
-        reader, writer = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child
-            code = 1
-            try:
-                provider.endpoints = [Endpoint("10.0.0.2", 80)]
-                found = wait_for(lambda: {e.address for e in registry.endpoints("users")}
-                                 == {"10.0.0.2:80"})
-                threads = {name for pid, name in provider.fetches if pid == os.getpid()}
-                os.write(writer, json.dumps({"found": found, "threads": sorted(threads)})
-                         .encode())
-                watcher.stop()
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(writer)
-        with os.fdopen(reader) as pipe:
-            report = json.loads(pipe.read() or "{}")
-        assert os.waitpid(pid, 0)[1] == 0
+        report = in_forked_child(child)
     finally:
         watcher.stop()
     assert report["found"]  # the child's watcher runs
