@@ -36,6 +36,7 @@ from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
 from .failover import EndpointBreaker
 from .health import HealthCheckConfig, HealthChecker
 from .lease import Lease
+from .metrics import Metrics
 from .outlier import OutlierConfig, OutlierDetector
 from .pool import EndpointPools
 from .registry import ServiceRegistry, ServiceSnapshot, TopologyChange
@@ -121,8 +122,12 @@ class LoadBalancer:
         self.breaker_transitions = 0
         self._active_group: dict[str, int] = {}
         self.failover_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
-        self._health = HealthChecker(self._health_changed, self._last_success, clock=clock)
-        self._outliers = OutlierDetector(self._health_changed, self._service_size, clock=clock)
+        #: the StatsD export of state changes (does nothing unless ``metrics`` is configured)
+        self.metrics = Metrics(self.config.metrics)
+        self._health = HealthChecker(functools.partial(self._health_changed, source="health"),
+                                     self._last_success, clock=clock)
+        self._outliers = OutlierDetector(functools.partial(self._health_changed, source="outlier"),
+                                         self._service_size, clock=clock)
         self._subscription = self.registry.subscribe_batches(self._on_changes)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         self._watchers: dict[str, DiscoveryWatcher] = {}
@@ -141,6 +146,7 @@ class LoadBalancer:
                 watcher.start()
         if any(s.health_check is not None for s in self.config.services.values()):
             self._health.start()
+        self.metrics.start()
 
     def _apply_discovered(self, service: str, endpoints: Sequence[Endpoint]) -> None:
         """Make a discovery answer the service's endpoints, its configured backups kept after
@@ -388,7 +394,8 @@ class LoadBalancer:
                                   default_latency=default_latency, service_load=load)
             if breakers is not None:
                 stats.breaker = EndpointBreaker(f"{service}/{address}", breakers,
-                                                self._breaker_changed, self._clock)
+                                                functools.partial(self._breaker_changed, service),
+                                                self._clock)
             if outliers is not None:
                 stats.on_failure = functools.partial(self._outliers.report_failure, service,
                                                      config=outliers)
@@ -466,6 +473,7 @@ class LoadBalancer:
                      "to_priority": priority, "usable_shares": [round(s, 3) for s in shares],
                      "at": round(self._clock(), 3)}
             self.failover_events.append(event)
+            self.metrics.count(service, kind)
             log.warning("tai-lb: %s %s from priority %d to %d (usable shares %s)", service,
                         kind, current, priority, event["usable_shares"])
         return groups[chosen][1]
@@ -526,18 +534,22 @@ class LoadBalancer:
                 return
             snapshot = current
 
-    def _health_changed(self, service: str) -> None:
-        # Called by the checker, outside its lock: the next pick builds a route on the new health.
+    def _health_changed(self, service: str, source: Optional[str] = None) -> None:
+        # Called by the checker or the outlier detector, outside their locks: the next pick
+        # builds a route on the new health.
         with self._lock:
             self._health_epoch[service] = self._health_epoch.get(service, 0) + 1
             self._routes.pop(service, None)
+        if source is not None:
+            self.metrics.count(service, f"{source}.changed")
 
     def _service_setting(self, service: str, name: str) -> Any:
         settings = self.config.services.get(service)
         return getattr(settings, name) if settings is not None else None
 
-    def _breaker_changed(self, old: str, new: str) -> None:
+    def _breaker_changed(self, service: str, old: str, new: str) -> None:
         self.breaker_transitions += 1
+        self.metrics.count(service, f"breaker.{new.replace('-', '_')}")
 
     def _outlier_config(self, service: str) -> Optional[OutlierConfig]:
         settings = self.config.services.get(service)
@@ -710,6 +722,7 @@ class LoadBalancer:
                 "endpoints": endpoints,
             }
         return {"closed": self._closed, "failover_events": list(self.failover_events),
+                "metrics": self.metrics.snapshot(),
                 "health_checker": self._health.snapshot(),
                 "outlier_detection": self._outliers.snapshot(),
                 "services": services}
@@ -730,6 +743,7 @@ class LoadBalancer:
             self._health.stop()
             self._outliers.stop()
             self._pools.close()
+            self.metrics.close()
 
     @property
     def closed(self) -> bool:

@@ -26,6 +26,7 @@ from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .failover import BreakerConfig, FailoverPolicy
 from .health import HealthCheckConfig
+from .metrics import MetricsConfig
 from .outlier import OutlierConfig
 from .pool import PoolConfig
 from .registry import check_service_name
@@ -52,7 +53,6 @@ TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "affinity": "session affinity is not built yet",
     "slow_start": "slow start is not built yet",
-    "metrics": "metrics export is not built yet",
 })
 """Keys of the specification that this version rejects, with the reason shown to the user."""
 
@@ -192,9 +192,10 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class LoadBalancerConfig:
-    """A whole balancer's settings: the services by name."""
+    """A whole balancer's settings: the services by name, and where metrics go."""
 
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         for name, service in self.services.items():
@@ -204,7 +205,7 @@ class LoadBalancerConfig:
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (LoadBalancerConfig, (dict(self.services),))
+        return (LoadBalancerConfig, (dict(self.services), self.metrics))
 
     def new(self, **changes: Any) -> LoadBalancerConfig:
         """A copy with ``changes`` applied (and checked)."""
@@ -219,8 +220,13 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("", f"the configuration must be a mapping, got {type(data).__name__}")
     _reject_unknown(data, TOP_LEVEL_KEYS, "")
-    if "metrics" in data:
-        raise ConfigError("metrics", f"not supported yet: {NOT_SUPPORTED_YET['metrics']}")
+    metrics = MetricsConfig()
+    if data.get("metrics") is not None:
+        try:
+            metrics = MetricsConfig.from_config(data["metrics"])
+        except ConfigError as error:
+            raise ConfigError(f"metrics.{error.path}" if error.path else "metrics",
+                              error.reason) from None
     defaults = data.get("defaults", {})
     if defaults is None:
         defaults = {}
@@ -247,7 +253,7 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
             raise ConfigError(path, "needs endpoints (a list of \"host:port\" or mappings) "
                                     "or discovery")
         built[name] = ServiceConfig(**_parse_service_fields(_merge(defaults, settings), path))
-    return LoadBalancerConfig(MappingProxyType(built))
+    return LoadBalancerConfig(MappingProxyType(built), metrics)
 
 
 def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:

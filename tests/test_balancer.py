@@ -365,6 +365,9 @@ def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
                 lease.done()
             return count
 
+        def __bool__(self) -> bool:  # how truth is asked differs between Pythons
+            return len(self) > 0
+
     in_flight = EndsOnceSeen(stats._in_flight)
     stats._in_flight = in_flight
     in_flight.armed = True

@@ -119,7 +119,8 @@ BAD += [(users(**{key: {}}), f"services.users.{key}", "not supported yet")
         for key in NOT_SUPPORTED_YET if key != "metrics"]
 BAD += [({"defaults": {key: {}}, "services": {}}, f"defaults.{key}", "not supported yet")
         for key in NOT_SUPPORTED_YET if key not in ("metrics", "discovery")]
-BAD += [({"metrics": {"statsd": {}}, "services": {}}, "metrics", "not supported yet")]
+BAD += [({"metrics": {"prometheus": {}}, "services": {}}, "metrics.prometheus",
+         "not supported yet")]
 
 
 @pytest.mark.parametrize(("config", "path", "fragment"), BAD,

@@ -1,0 +1,183 @@
+"""Metrics export to StatsD: the balancer's state changes as counters.
+
+This version exports the events that change where traffic goes, per service, as StatsD
+counters (``<prefix>.<service>.<event>``):
+
+=================================  ==========================================================
+``breaker.open``                   an endpoint's circuit breaker opened
+``breaker.half_open``              a breaker let a probe through
+``breaker.closed``                 a breaker closed again
+``health.changed``                 an active health check changed an endpoint's health
+``outlier.changed``                outlier detection ejected an endpoint or let it back
+``failover`` / ``failback``        traffic moved to another priority group, or came back
+=================================  ==========================================================
+
+Events are counted in memory (a dict under a lock, never any I/O on the caller's thread) and sent
+by a named daemon thread every half second, so they reach StatsD within a second of happening.
+Request counters and latency histograms are not exported yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import _forksafe
+from ._settings import Settings
+from .exceptions import ConfigError
+
+__all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "StatsdConfig"]
+
+log = logging.getLogger(__name__)
+
+#: seconds between two sends to StatsD
+FLUSH_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class StatsdConfig(Settings):
+    """``metrics.statsd``: where StatsD listens (UDP) and the prefix of every name."""
+
+    host: str = "127.0.0.1"
+    port: int = 8125
+    prefix: str = "tai_lb"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("host", f"must be a host name or address, got {self.host!r}")
+        port = self.port
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError("port", f"must be a port number from 1 to 65535, got {port!r}")
+        if not isinstance(self.prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]*", self.prefix):
+            raise ConfigError("prefix", f"must be letters, digits, '_', '-' and '.', got "
+                                        f"{self.prefix!r}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The top-level ``metrics`` setting."""
+
+    statsd: Optional[StatsdConfig] = None
+
+    @classmethod
+    def from_config(cls, value: Any) -> MetricsConfig:
+        """Build from the ``metrics`` mapping of a configuration."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping, got {value!r}")
+        for key in value:
+            if key == "prometheus":
+                raise ConfigError(key, "not supported yet: Prometheus export is not built yet")
+            if key != "statsd":
+                raise ConfigError(str(key), "unknown key; allowed: statsd")
+        statsd = value.get("statsd")
+        if statsd is None:
+            return cls()
+        try:
+            return cls(StatsdConfig.from_config(statsd))
+        except ConfigError as error:
+            raise ConfigError(f"statsd.{error.path}" if error.path else "statsd",
+                              error.reason) from None
+
+
+def _segment(name: str) -> str:
+    """A service name as one segment of a StatsD name (dots would add levels)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+class Metrics:
+    """Counts events and sends them to StatsD on a named daemon thread (``tai-lb-metrics``).
+
+    With no StatsD configured, :meth:`count` does nothing.
+    """
+
+    def __init__(self, config: Optional[MetricsConfig] = None) -> None:
+        self.config = config or MetricsConfig()
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._client: Any = None
+        #: sends that failed (each logged)
+        self.errors = 0
+        #: counter increments sent
+        self.sent = 0
+        _forksafe.after_fork_in_child(self, Metrics._reset_after_fork)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether events are exported at all."""
+        return self.config.statsd is not None
+
+    def count(self, service: str, event: str, value: int = 1) -> None:
+        """Count ``value`` occurrences of ``event`` for ``service``; no I/O here."""
+        if self.config.statsd is None:
+            return
+        name = f"{_segment(service)}.{event}"
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + value
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start sending (does nothing without StatsD settings)."""
+        statsd_config = self.config.statsd
+        if statsd_config is None or self._thread is not None:
+            return
+        import statsd  # noqa: PLC0415 - a dependency, imported only when used
+
+        self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
+                                          prefix=statsd_config.prefix or None)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tai-lb-metrics")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Send what is counted and stop, within a second."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(1.0)
+        self.flush()
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {}  # the parent sends its own
+        had = self._thread is not None
+        self._thread = None
+        if had and not self._stop.is_set():
+            self._client = None
+            self.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the counts gathered since the last send (outside the lock)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        client = self._client
+        if not counts or client is None:
+            return
+        try:
+            with client.pipeline() as pipe:  # as few datagrams as fit
+                for name, value in counts.items():
+                    pipe.incr(name, value)
+            self.sent += len(counts)
+        except Exception as error:  # an exporter must never break the balancer
+            self.errors += 1
+            log.warning("tai-lb: sending metrics to StatsD failed: %s", error)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state of the export."""
+        statsd_config = self.config.statsd
+        return {"statsd": None if statsd_config is None else
+                f"{statsd_config.host}:{statsd_config.port}",
+                "sent": self.sent, "errors": self.errors}
