@@ -149,9 +149,11 @@ class Metrics:
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()
         self._counts = {}  # the parent sends its own
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()  # its lock may have been held by the parent's thread
         had = self._thread is not None
         self._thread = None
-        if had and not self._stop.is_set():
+        if had and not stopped:
             self._client = None
             self.start()
 
