@@ -64,7 +64,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO, Union
 
 import requests
 from http_overhead import sigterm_raises
@@ -464,6 +464,45 @@ def last_endpoint(outcome: object) -> Optional[str]:
     return trace.attempts[-1].endpoint if trace is not None and trace.attempts else None
 
 
+Sample = tuple[float, float, bool, bool]
+"""One request: when it began, its latency, whether it succeeded, whether it met the faulty
+backend."""
+
+
+def client_loop(session: requests.Session, url: str, warm: int, barrier: threading.Barrier,
+                end: Callable[[], float], clock: Callable[[], float], samples: list[Sample],
+                failures: list[BaseException], touched: Callable[[object], bool],
+                timeout: Optional[Union[float, tuple[float, float]]] = None) -> None:
+    """One client thread: warm up, wait at ``barrier``, then GET ``url`` until ``end()``.
+
+    A failed warm-up is kept in ``failures`` and breaks the barrier, so the run stops.
+    """
+    try:
+        for _ in range(warm):
+            session.get(url, timeout=timeout).raise_for_status()
+    except BaseException as error:
+        failures.append(error)
+        barrier.abort()
+        return
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        return
+    until = end()
+    get = session.get
+    while True:
+        begun = clock()
+        if begun >= until:
+            break
+        outcome: object
+        try:
+            response = get(url, timeout=timeout)
+            outcome, ok = response, response.status_code == 200
+        except requests.RequestException as error:
+            outcome, ok = error, False
+        samples.append((begun, clock() - begun, ok, touched(outcome)))
+
+
 def latency_run(backends: Backends, strategy: str, slow: bool, settings: Settings) -> LatencyRun:
     """16 threads of GETs for ``settings.run_s``; backend 0 slow in the middle half if ``slow``.
 
@@ -476,7 +515,7 @@ def latency_run(backends: Backends, strategy: str, slow: bool, settings: Setting
     threads = settings.threads
     url = f"http://{SERVICE}/"
     starts = [0.0]
-    results: list[list[tuple[float, float, bool, bool]]] = [[] for _ in range(threads)]
+    results: list[list[Sample]] = [[] for _ in range(threads)]
     failures: list[BaseException] = []
     with tai_lb.LoadBalancer.from_config(
             latency_config(backends.addresses, strategy, threads)) as lb:
@@ -485,33 +524,9 @@ def latency_run(backends: Backends, strategy: str, slow: bool, settings: Setting
                                     action=lambda: starts.__setitem__(0, time.perf_counter()))
 
         def work(index: int) -> None:
-            session = sessions[index]
-            try:
-                for _ in range(settings.warm):
-                    session.get(url).raise_for_status()
-            except BaseException as error:
-                failures.append(error)
-                barrier.abort()
-                return
-            try:
-                barrier.wait()
-            except threading.BrokenBarrierError:
-                return
-            end = starts[0] + settings.run_s
-            local = results[index]
-            get = session.get
-            clock = time.perf_counter
-            while True:
-                begun = clock()
-                if begun >= end:
-                    break
-                outcome: object
-                try:
-                    response = get(url)
-                    outcome, ok = response, response.status_code == 200
-                except requests.RequestException as error:
-                    outcome, ok = error, False
-                local.append((begun, clock() - begun, ok, last_endpoint(outcome) == slow_address))
+            client_loop(sessions[index], url, settings.warm, barrier,
+                        lambda: starts[0] + settings.run_s, time.perf_counter, results[index],
+                        failures, lambda outcome: last_endpoint(outcome) == slow_address)
 
         workers = [threading.Thread(target=work, args=(i,), name=f"faults-{i}", daemon=True)
                    for i in range(threads)]
@@ -754,7 +769,7 @@ class HangRun:
     seconds: float  # from the barrier to the last request's end
     window_from: float  # monotonic time of the fault (or of a quarter of the run without it)
     # (start, latency, ok, touched backend 0) of every request of the run
-    samples: list[tuple[float, float, bool, bool]]
+    samples: list[Sample]
     ejected_s: Optional[float]  # fault to ejection of backend 0, seconds
     ejected_at_end: bool
     pick_max: float  # the longest time a thread spent inside lb.pick(), seconds
@@ -770,7 +785,7 @@ class HangRun:
         """Requests of the whole run that raised or did not answer 200."""
         return sum(not ok for _, _, ok, _ in self.samples)
 
-    def window(self) -> list[tuple[float, float, bool, bool]]:
+    def window(self) -> list[Sample]:
         """The requests that started at or after the fault (a quarter of the run without it)."""
         return [sample for sample in self.samples if sample[0] >= self.window_from]
 
@@ -814,7 +829,7 @@ def hang_run(backends: Backends, strategy: str, fault: bool, settings: Settings)
     ejections = EjectionLog()
     outlier_log = logging.getLogger("tai_lb.outlier")
     outlier_log.addHandler(ejections)
-    results: list[list[tuple[float, float, bool, bool]]] = [[] for _ in range(threads)]
+    results: list[list[Sample]] = [[] for _ in range(threads)]
     failures: list[BaseException] = []
     status_times: list[float] = []
     seen_ejected: list[float] = []
@@ -832,38 +847,14 @@ def hang_run(backends: Backends, strategy: str, fault: bool, settings: Settings)
 
             barrier = threading.Barrier(threads + 1, action=begin)
 
+            def touched(outcome: object) -> bool:
+                trace = trace_of(outcome)
+                return trace is not None and any(a.endpoint == victim for a in trace.attempts)
+
             def work(index: int) -> None:
-                session = sessions[index]
-                try:
-                    for _ in range(settings.warm):
-                        session.get(url, timeout=HANG_TIMEOUT).raise_for_status()
-                except BaseException as error:
-                    failures.append(error)
-                    barrier.abort()
-                    return
-                try:
-                    barrier.wait()
-                except threading.BrokenBarrierError:
-                    return
-                end = starts[0] + settings.hang_run_s
-                local = results[index]
-                get = session.get
-                clock = time.monotonic
-                while True:
-                    begun = clock()
-                    if begun >= end:
-                        break
-                    outcome: object
-                    try:
-                        response = get(url, timeout=HANG_TIMEOUT)
-                        outcome, ok = response, response.status_code == 200
-                    except requests.RequestException as error:
-                        outcome, ok = error, False
-                    latency = clock() - begun
-                    trace = trace_of(outcome)
-                    touched = trace is not None and any(a.endpoint == victim
-                                                        for a in trace.attempts)
-                    local.append((begun, latency, ok, touched))
+                client_loop(sessions[index], url, settings.warm, barrier,
+                            lambda: starts[0] + settings.hang_run_s, time.monotonic,
+                            results[index], failures, touched, HANG_TIMEOUT)
 
             def watch() -> None:
                 clock = time.perf_counter
