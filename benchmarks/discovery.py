@@ -39,7 +39,6 @@ it.  Target: every change within TTL + 1 s.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
@@ -62,13 +61,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from picks import (
+    benchmark_parser,
     ensure_programs,
     markdown_table,
     median,
-    plain_table,
+    publish,
     source_revision,
     verdict,
-    write_section,
 )
 
 import tai_lb
@@ -78,7 +77,6 @@ from tai_lb.outlier import OutlierConfig
 from tai_lb.strategies import resolve_strategy
 
 SERVICE = "svc"
-RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 TARGET_FULL_S = 0.050  # a full update of 10,000 endpoints, diffed and applied
 TARGET_ONE_S = 0.005  # one endpoint added, removed or changed
@@ -96,7 +94,6 @@ class Report:
     summary: list[str]
     tables: list[tuple[list[str], list[list[str]]]]
     notes: str
-    quick: bool
 
 
 @dataclass(frozen=True)
@@ -422,7 +419,6 @@ def run_updates(quick: bool, rounds: Optional[int], seed: int, progress: bool) -
                f"{ms(TARGET_FULL_S)} ms, one change in <= {ms(TARGET_ONE_S)} ms. "
                "The second table is the first pick after each change, in ms (median over "
                "rounds): the route rebuild, which has no target."),
-        quick=quick,
     )
 
 
@@ -643,7 +639,6 @@ def run_etcd(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> R
         summary=summary,
         tables=[(header, rows)],
         notes=f"Target: p99 <= {ms(TARGET_ETCD_P99_S)} ms over 200 changes on loopback.",
-        quick=quick,
     )
 
 
@@ -727,7 +722,6 @@ def run_dns(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> Re
                  f"TTL + 1 s = {target * 1000:,.0f} ms): {verdict(ok)}"],
         tables=[(header, rows)],
         notes="Target: every change within TTL + 1 s.",
-        quick=quick,
     )
 
 
@@ -754,33 +748,14 @@ def markdown_report(report: Report) -> str:
     return "\n".join(parts)
 
 
-def print_report(report: Report) -> None:
-    """The report as plain text, then as the Markdown that goes into RESULTS.md."""
-    print(report.title)
-    if report.quick:
-        print("--quick: a smoke test with fewer endpoints and rounds; its figures mean little")
-    print()
-    for line in report.summary:
-        print(line)
-    print()
-    for table in report.tables:
-        print(plain_table(*table))
-        print()
-    print(markdown_report(report))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the sections, print their tables and, unless told not to, update RESULTS.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help="under 30 seconds, fewer endpoints and rounds (smoke test); no write")
+    parser = benchmark_parser(
+        __doc__, "under 30 seconds, fewer endpoints and rounds (smoke test); no write",
+        "seed of the orders and choices", "the file whose sections are replaced")
     parser.add_argument("--only", action="append", choices=[s.name for s in SECTIONS],
                         help="run only this section (repeatable)")
     parser.add_argument("--rounds", type=int, help="number of rounds of every section run")
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS_PATH,
-                        help="the file whose sections are replaced")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the orders and choices")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -790,11 +765,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if number:
             print()
         report = section.run(args.quick, args.rounds, args.seed, not args.quick)
-        print_report(report)
-        if not (args.quick or args.no_write):
-            write_section(args.results, markdown_report(report), section.heading)
-            print(f"\nupdated the '{section.heading}' section of {args.results}",
-                  file=sys.stderr)
+        print(report.title)
+        publish(args,
+                "--quick: a smoke test with fewer endpoints and rounds; its figures mean little",
+                report.summary, report.tables, markdown_report(report), section.heading)
     return 0
 
 

@@ -41,7 +41,6 @@ fault, 0 caller errors, and no thread more than 50 ms inside ``lb.pick()`` or ``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
@@ -69,12 +68,12 @@ from typing import Any, Callable, Optional, TextIO, Union
 import requests
 from http_overhead import sigterm_raises
 from picks import (
+    benchmark_parser,
     ensure_programs,
     markdown_table,
-    plain_table,
+    publish,
     source_revision,
     verdict,
-    write_section,
 )
 
 import tai_lb
@@ -83,7 +82,6 @@ from tai_lb.strategies import RoutingKey
 from tai_lb.trace import trace_of
 
 SECTION = "## faults.py"
-RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 SERVICE = "users"
 STRATEGY_NAMES = ("peak_ewma", "least_connections", "round_robin")
@@ -1236,14 +1234,10 @@ def markdown_report(results: Results) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help="under 45 seconds with short runs (smoke test); no write")
+    parser = benchmark_parser(
+        __doc__, "under 45 seconds with short runs (smoke test); no write",
+        "seed of the run order and delays", f"the file whose '{SECTION}' section is replaced")
     parser.add_argument("--run-seconds", type=float, help="seconds of each run of (a)")
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS_PATH,
-                        help=f"the file whose '{SECTION}' section is replaced")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the run order and delays")
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
@@ -1255,25 +1249,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f"one backend {SLOW_FACTOR} x slower, failing or never answering: latency "
           "percentiles, caller errors and time to eject (one run each)")
-    if args.quick:
-        print("--quick: a smoke test; its runs are too short for the percentiles to mean much")
-    print()
-    for line in summary_lines(results):
-        print(line)
-    print()
-    print(plain_table(*latency_rows(results)))
-    print()
-    print(plain_table(*fault_rows(results)))
-    print()
-    print(plain_table(*hang_rows(results)))
-    print()
-    print(plain_table(*target_rows(results)))
-    print()
-    report = markdown_report(results)
-    print(report)
-    if not (args.quick or args.no_write):
-        write_section(args.results, report, SECTION)
-        print(f"\nupdated the '{SECTION}' section of {args.results}", file=sys.stderr)
+    publish(args,
+            "--quick: a smoke test; its runs are too short for the percentiles to mean much",
+            summary_lines(results),
+            [latency_rows(results), fault_rows(results), hang_rows(results),
+             target_rows(results)],
+            markdown_report(results), SECTION)
     return 0
 
 

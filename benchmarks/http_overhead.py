@@ -25,7 +25,6 @@ through the local HAProxy; on 16 threads tai-lb's throughput is at least 0.97 x 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
@@ -49,19 +48,18 @@ from typing import Callable, Optional, TextIO
 
 import requests
 from picks import (
+    benchmark_parser,
     ensure_programs,
     markdown_table,
     median,
-    plain_table,
+    publish,
     source_revision,
     verdict,
-    write_section,
 )
 
 import tai_lb
 
 SECTION = "## http_overhead.py"
-RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 BACKENDS = 3
 BODY = b"ok\n"
@@ -618,14 +616,10 @@ def markdown_report(results: Results) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help="under 30 seconds with short batches (smoke test); no write")
+    parser = benchmark_parser(
+        __doc__, "under 30 seconds with short batches (smoke test); no write",
+        "seed of the batch order", f"the file whose '{SECTION}' section is replaced")
     parser.add_argument("--rounds", type=int, help="number of interleaved rounds")
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS_PATH,
-                        help=f"the file whose '{SECTION}' section is replaced")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the batch order")
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
@@ -637,21 +631,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print("tai-lb session vs plain requests.Session vs local HAProxy, same nginx backends "
           "(medians over rounds; ratios per round)")
-    if args.quick:
-        print("--quick: a smoke test; its batches are too short for the ratios to mean much")
-    print()
-    for line in summary_lines(results):
-        print(line)
-    print()
-    print(plain_table(*figure_rows(results)))
-    print()
-    print(plain_table(*target_rows(results)))
-    print()
-    report = markdown_report(results)
-    print(report)
-    if not (args.quick or args.no_write):
-        write_section(args.results, report, SECTION)
-        print(f"\nupdated the '{SECTION}' section of {args.results}", file=sys.stderr)
+    publish(args, "--quick: a smoke test; its batches are too short for the ratios to mean much",
+            summary_lines(results), [figure_rows(results), target_rows(results)],
+            markdown_report(results), SECTION)
     return 0
 
 

@@ -516,16 +516,43 @@ def write_section(path: Path, body: str, heading: str = SECTION) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def benchmark_parser(doc: Optional[str], quick_help: str, seed_help: str,
+                     results_help: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark script takes: --quick, --no-write, --results, --seed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=results_help)
+    parser.add_argument("--seed", type=int, default=1, help=seed_help)
+    return parser
+
+
+def publish(args: argparse.Namespace, quick_note: str, summary: Sequence[str],
+            tables: Sequence[tuple[list[str], list[list[str]]]], report: str,
+            heading: str) -> None:
+    """Print a run (its summary, its tables as plain text, then its Markdown) and, unless it
+    was quick or told not to, put the Markdown under ``heading`` in the results file."""
+    if args.quick:
+        print(quick_note)
+    print()
+    for line in summary:
+        print(line)
+    print()
+    for table in tables:
+        print(plain_table(*table))
+        print()
+    print(report)
+    if not (args.quick or args.no_write):
+        write_section(args.results, report, heading)
+        print(f"\nupdated the '{heading}' section of {args.results}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help="a few seconds with fewer sizes and rounds (smoke test); no write")
+    parser = benchmark_parser(
+        __doc__, "a few seconds with fewer sizes and rounds (smoke test); no write",
+        "seed of the case order", f"the file whose '{SECTION}' section is replaced")
     parser.add_argument("--rounds", type=int, help="number of interleaved rounds")
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS_PATH,
-                        help=f"the file whose '{SECTION}' section is replaced")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the case order")
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
@@ -536,23 +563,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = run(settings, args.seed, progress=not args.quick)
 
     print("pick + lease cycle vs raw keep-alive GET (medians over rounds; ratios per round)")
-    if args.quick:
-        # Waking 32 threads from a barrier takes about 2 ms here, as long as a whole quick batch.
-        print("--quick: a smoke test; its batches are too short for the ratios to mean much")
-    print()
-    for line in summary_lines(results):
-        print(line)
-    print()
-    print(plain_table(*cycle_rows(results)))
-    print()
-    if results.size_growth:
-        print(plain_table(*growth_rows(results)))
-        print()
-    report = markdown_report(results)
-    print(report)
-    if not (args.quick or args.no_write):
-        write_section(args.results, report)
-        print(f"\nupdated the '{SECTION}' section of {args.results}", file=sys.stderr)
+    tables = [cycle_rows(results)] + ([growth_rows(results)] if results.size_growth else [])
+    # Waking 32 threads from a barrier takes about 2 ms here, as long as a whole quick batch.
+    publish(args, "--quick: a smoke test; its batches are too short for the ratios to mean much",
+            summary_lines(results), tables, markdown_report(results), SECTION)
     return 0
 
 
