@@ -11,6 +11,14 @@ from .exceptions import ConfigError
 S = TypeVar("S", bound="Settings")
 
 
+def check_int(value: object, key: str, low: int, high: int) -> int:
+    """``value`` if it is an integer from ``low`` to ``high`` (not a bool), else a
+    :class:`ConfigError` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(key, f"must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
 class Settings:
     """Mixin for the frozen dataclasses that hold one configuration key's settings.
 

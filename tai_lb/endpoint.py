@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
+from ._settings import check_int
 from .exceptions import ConfigError
 
 __all__ = ["Endpoint", "Labels"]
@@ -155,9 +156,9 @@ class Endpoint:
         if not (type(host) is str and len(host) <= 253 and _HOSTNAME_MATCH(host)):
             host = _check_host(host, _join(path, "host"))
         if not (type(port) is int and 1 <= port <= 65535):
-            port = _check_int(port, _join(path, "port"), 1, 65535)
+            port = check_int(port, _join(path, "port"), 1, 65535)
         if not (type(weight) is int and 1 <= weight <= _MAX_WEIGHT):
-            weight = _check_int(weight, _join(path, "weight"), 1, _MAX_WEIGHT)
+            weight = check_int(weight, _join(path, "weight"), 1, _MAX_WEIGHT)
         if zone is not None and (type(zone) is not str or not zone):
             zone = _check_name(zone, _join(path, "zone"))
         if region is not None and (type(region) is not str or not region):
@@ -174,7 +175,7 @@ class Endpoint:
                                   f"must be a mapping of strings, got {labels!r}")
             labels = _shared_labels(labels, _join(path, "labels")) if labels else _NO_LABELS
         if not (type(priority) is int and 0 <= priority <= 1000):
-            priority = _check_int(priority, _join(path, "priority"), 0, 1000)
+            priority = check_int(priority, _join(path, "priority"), 0, 1000)
         if tls_name is not None:
             if ":" in tls_name if isinstance(tls_name, str) else True:
                 raise ConfigError(_join(path, "tls_name"), f"must be a host name, got {tls_name!r}")
@@ -331,12 +332,6 @@ def _check_host(host: object, path: str) -> str:
     if len(host) > 253 or not _HOSTNAME.match(host):
         raise ConfigError(path, f"must be a host name or IP address, got {host!r}")
     return host
-
-
-def _check_int(value: object, path: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(path, f"must be an integer from {low} to {high}, got {value!r}")
-    return value
 
 
 def _check_name(value: object, path: str) -> Optional[str]:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import pybreaker
 
-from ._settings import Settings
+from ._settings import Settings, check_int
 from .exceptions import ConfigError
 
 __all__ = ["BreakerConfig", "EndpointBreaker", "FailoverPolicy"]
@@ -48,9 +48,7 @@ class BreakerConfig(Settings):
 
     def __post_init__(self) -> None:
         for name in ("fail_max", "success_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
-                raise ConfigError(name, f"must be an integer from 1 to 10000, got {value!r}")
+            check_int(getattr(self, name), name, 1, 10_000)
         value = self.reset_timeout
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or not 0 < value < math.inf):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from . import _forksafe
-from ._settings import Settings
+from ._settings import Settings, check_int
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 
@@ -141,9 +141,7 @@ class HealthCheckConfig(Settings):
         _number(self.grace, "grace", 0.0, low_open=False)
         _number(self.panic_threshold, "panic_threshold", 0.0, 1.0, low_open=False)
         for name in ("healthy_threshold", "unhealthy_threshold", "history"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-                raise ConfigError(name, f"must be an integer from 1 to 1000, got {value!r}")
+            check_int(getattr(self, name), name, 1, 1000)
         if not isinstance(self.skip_if_traffic, bool):
             raise ConfigError("skip_if_traffic", f"must be true or false, got "
                                                  f"{self.skip_if_traffic!r}")

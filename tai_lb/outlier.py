@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import _forksafe
-from ._settings import Settings
+from ._settings import Settings, check_int
 from .exceptions import ConfigError
 from .stats import EndpointStats
 
@@ -58,9 +58,7 @@ class OutlierConfig(Settings):
     def __post_init__(self) -> None:
         for name in ("consecutive_5xx", "consecutive_gateway_failure",
                      "consecutive_local_origin_failure"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
-                raise ConfigError(name, f"must be an integer from 1 to 10000, got {value!r}")
+            check_int(getattr(self, name), name, 1, 10_000)
         for name in ("base_ejection_time", "max_ejection_time"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
-from ._settings import Settings
+from ._settings import Settings, check_int
 from .exceptions import ConfigError
 
 __all__ = ["EndpointPools", "PoolConfig"]
@@ -60,10 +60,7 @@ class PoolConfig(Settings):
     idle_timeout: float = 1.5
 
     def __post_init__(self) -> None:
-        if (isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int)
-                or not 1 <= self.maxsize <= 10_000):
-            raise ConfigError("maxsize", f"must be an integer from 1 to 10000, got "
-                                         f"{self.maxsize!r}")
+        check_int(self.maxsize, "maxsize", 1, 10_000)
         if not isinstance(self.block, bool):
             raise ConfigError("block", f"must be true or false, got {self.block!r}")
         object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))

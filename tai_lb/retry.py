@@ -28,6 +28,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from ._settings import check_int
 from .exceptions import ConfigError
 
 __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
@@ -77,10 +78,7 @@ class RetryPolicy:
     budget_ttl: float = 10.0
 
     def __post_init__(self) -> None:
-        if (isinstance(self.attempts, bool) or not isinstance(self.attempts, int)
-                or not 1 <= self.attempts <= 10):
-            raise ConfigError("attempts", f"must be an integer from 1 to 10, got "
-                                          f"{self.attempts!r}")
+        check_int(self.attempts, "attempts", 1, 10)
         for status in self.statuses:
             if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
                 raise ConfigError("statuses", f"must be HTTP statuses (100-599), got {status!r}")

@@ -41,6 +41,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Callable, ClassVar, Optional, Union
 
 from ._sequences import common_head, common_tail
+from ._settings import check_int
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
@@ -406,17 +407,13 @@ class ConsistentHash(Strategy):
     def __init__(self, *, vnodes: int = 1000, load_bound: Optional[float] = None,
                  max_ring_size: int = 1 << 16, rng: Optional[random.Random] = None) -> None:
         super().__init__(rng=rng)
-        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or not 4 <= vnodes <= 10_000:
-            raise ConfigError("vnodes", f"must be an integer from 4 to 10000, got {vnodes!r}")
+        check_int(vnodes, "vnodes", 4, 10_000)
         if load_bound is not None and (isinstance(load_bound, bool)
                                        or not isinstance(load_bound, (int, float))
                                        or not 1.0 < load_bound < math.inf):
             raise ConfigError("load_bound", f"must be a finite number > 1 or null, "
                                             f"got {load_bound!r}")
-        if (isinstance(max_ring_size, bool) or not isinstance(max_ring_size, int)
-                or not 1024 <= max_ring_size <= 1 << 24):
-            raise ConfigError("max_ring_size", f"must be an integer from 1024 to {1 << 24}, "
-                                               f"got {max_ring_size!r}")
+        check_int(max_ring_size, "max_ring_size", 1024, 1 << 24)
         self.vnodes = vnodes
         self.load_bound = None if load_bound is None else float(load_bound)
         self.max_ring_size = max_ring_size

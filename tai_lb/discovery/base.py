@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .. import _forksafe
-from .._settings import Settings
+from .._settings import Settings, check_int
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 
@@ -98,10 +98,7 @@ class WatchSettings(Settings):
         share = self.max_removal_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ConfigError("max_removal_share", f"must be a share from 0 to 1, got {share!r}")
-        value = self.confirmations
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
-            raise ConfigError("confirmations", f"must be an integer from 1 to 100, got "
-                                               f"{value!r}")
+        check_int(self.confirmations, "confirmations", 1, 100)
         if self.cache_path is not None and (not isinstance(self.cache_path, str)
                                             or not self.cache_path):
             raise ConfigError("cache_path", f"must be a file path, got {self.cache_path!r}")
