@@ -10,8 +10,8 @@ apt_install etcd-server dnsmasq-base
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv -e '.[test,lint,docs,all]'
 
-echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks docs/conf.py
-echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb benchmarks
+echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks scripts docs/conf.py
+echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb benchmarks scripts
 echo "== docs"; .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 echo "== pytest"; .venv/bin/python -m pytest -p no:cacheprovider "$@"
 
@@ -25,4 +25,20 @@ if command -v pyenv >/dev/null && [ -z "${TAI_LB_SKIP_OTHER_PYTHONS:-}" ]; then
         pip_install ".venv-$wanted" -e '.[test,dns]'
         ".venv-$wanted/bin/python" -m pytest -p no:cacheprovider -q -m "not slow"
     done
+fi
+
+# The lower-bounds job: the unit tests with every runtime dependency at setup.cfg's floor, on the
+# oldest Python, so the floors we declare are ones the code works with.
+if command -v pyenv >/dev/null && [ -z "${TAI_LB_SKIP_OTHER_PYTHONS:-}" ]; then
+    version=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.9\.[0-9]+$' | sort -V | tail -n 1 || true)
+    if [ -n "$version" ]; then
+        echo "== unit tests on Python $version with every dependency at its declared minimum"
+        ensure_venv .venv-min "$(pyenv root)/versions/$version/bin/python"
+        .venv-min/bin/python scripts/min_constraints.py dns yaml > .venv-min/constraints.txt
+        cat .venv-min/constraints.txt
+        pip_install .venv-min -c .venv-min/constraints.txt -e '.[test,dns,yaml]'
+        .venv-min/bin/python -m pytest -p no:cacheprovider -q -m "not slow"
+    else
+        echo "== lower bounds: Python 3.9 not in pyenv, skipped"
+    fi
 fi
