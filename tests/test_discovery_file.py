@@ -14,9 +14,9 @@ from typing import Any, Optional
 import pytest
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, ServiceRegistry, load_config
-from tai_lb.discovery import DiscoveryWatcher, Provider, WatchSettings
+from tai_lb.discovery import DiscoveryWatcher, FileProvider, Provider, WatchSettings
 
-from .conftest import in_forked_child, wait_for
+from .conftest import FakeClock, in_forked_child, wait_for
 
 
 def write(path: Path, data: Any) -> None:
@@ -287,3 +287,82 @@ def test_a_yaml_file_without_pyyaml_is_a_config_error(monkeypatch: pytest.Monkey
     assert caught.value.path == "services.users.discovery.path"
     assert "tai-lb[yaml]" in str(caught.value)
     load_config({"services": {"users": {"discovery": {"type": "file", "path": "u.json"}}}})
+
+
+def watched_file(path: Path, clock: FakeClock, **settings: Any
+                 ) -> tuple[DiscoveryWatcher, ServiceRegistry]:
+    """A watcher of ``path`` into a registry, driven by hand (poll()) on ``clock``."""
+    registry = ServiceRegistry()
+    registry.add_service("users")
+    watcher = DiscoveryWatcher(
+        "users", FileProvider(str(path)), WatchSettings(**settings),
+        lambda endpoints: registry.set_endpoints("users", endpoints),
+        lambda: registry.endpoints("users"), clock=clock)
+    return watcher, registry
+
+
+def test_a_file_that_failed_is_not_read_again_until_it_changes(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"])
+    watcher, registry = watched_file(path, clock)
+    assert watcher.poll()
+    write(path, '["10.0.0.1:80", "10.0.')  # half written
+    for _ in range(5):
+        assert not watcher.poll()  # still a failed read each round, with its message...
+    snapshot = watcher.snapshot()
+    assert snapshot["source"]["reads"] == 2  # ...but read and parsed once
+    assert snapshot["errors"] == 5 and "not valid JSON" in snapshot["last_error"]
+    os.chmod(path, 0o644)  # a change of the file's status alone: read again
+    assert not watcher.poll() and watcher.snapshot()["source"]["reads"] == 3
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+    assert watcher.poll() and len(registry.endpoints("users")) == 2
+    assert watcher.poll() and watcher.snapshot()["source"]["reads"] == 4  # unchanged: no read
+
+
+@pytest.mark.parametrize("name", ["users.json", "users.yaml"])
+def test_a_file_nested_too_deep_is_reported_as_such(tmp_path: Path, clock: FakeClock,
+                                                    name: str) -> None:
+    path = tmp_path / name
+    write(path, "[" * 100_000 + "]" * 100_000)  # JSON, and YAML's flow style too
+    watcher, _ = watched_file(path, clock)
+    assert not watcher.poll()
+    error = watcher.snapshot()["last_error"]
+    assert "nested too deep" in error, error
+    assert name.endswith(".yaml") or "YAML" not in error
+
+
+def test_many_malformed_entries_log_one_warning_with_a_count_and_examples(
+        tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"] + [f"bad entry {i}" for i in range(10_000)] + ["10.0.0.1:80"])
+    watcher, registry = watched_file(path, clock)
+    with caplog.at_level(logging.DEBUG, logger="tai_lb.discovery"):
+        assert watcher.poll()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings[:5]
+    assert "10001" in warnings[0] and "bad entry 0" in warnings[0]
+    assert "bad entry 3" not in warnings[0]  # a few examples, not all of them
+    assert watcher.snapshot()["skipped_entries"] == 10_001  # each one still counted
+    assert [e.address for e in registry.endpoints("users")] == ["10.0.0.1:80"]
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_as_the_file_or_the_cache_never_blocks(tmp_path: Path) -> None:
+    fifo = tmp_path / "users.json"
+    os.mkfifo(fifo)  # no writer: a plain open() waits for one forever
+    cache_fifo = tmp_path / "cache.json"
+    os.mkfifo(cache_fifo)
+    with LoadBalancer.from_config({"services": {"users": {
+            "endpoints": ["10.0.0.1:80"],
+            "discovery": {"type": "file", "path": str(fifo), "interval": 0.02,
+                          "cache_path": str(cache_fifo)}}}}) as lb:
+        status = lb.status()["services"]["users"]["discovery"]
+        assert "not a regular file" in status["last_error"]
+        assert addresses(lb) == {"10.0.0.1:80"}  # the configured set stays
+        assert wait_for(lambda: lb.status()["services"]["users"]["discovery"]["errors"] >= 3)
+    directory = tmp_path / "users.d"
+    directory.mkdir()
+    with lb_for(directory) as lb:
+        assert "not a regular file" in lb.status()["services"]["users"]["discovery"][
+            "last_error"]

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -39,6 +40,25 @@ log = logging.getLogger(__name__)
 
 class SourceError(Exception):
     """The source could not be read at all (down, unreadable, malformed as a whole)."""
+
+
+def read_regular_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file at ``path`` and its status; never blocks on the path.
+
+    The file is opened without blocking (a FIFO with no writer would hold ``open()`` forever)
+    and refused, with an :class:`OSError`, unless it is a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file")
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
+        return file.read(), info
 
 
 class Provider(ABC):
@@ -287,12 +307,11 @@ class DiscoveryWatcher:
         path = self.settings.cache_path
         assert path is not None
         try:
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
+            data = json.loads(read_regular_file(path)[0].decode("utf-8"))
             if data["service"] != self.service:
                 raise ValueError(f"it holds the endpoints of {data['service']!r}")
             endpoints = [Endpoint.from_value(item) for item in data["endpoints"]]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             log.warning("tai-lb: cannot read the discovery cache %s: %s", path, error)
             return
         if not endpoints:
