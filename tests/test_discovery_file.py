@@ -141,6 +141,10 @@ def test_static_discovery_and_the_thread_stopping_on_close(tmp_path: Path) -> No
     ({"type": "static", "endpoints": ["10.0.0.1:0"]}, "endpoints[0].port", "1 to 65535"),
     ({"type": "file", "path": "x.json", "interval": 0}, "interval", "> 0"),
     ({"type": "file", "path": "x.json", "confirmations": 0}, "confirmations", "1 to 100"),
+    ({"type": "file", "path": "x.json", "empty_hold": -1}, "empty_hold", "0 to 86400"),
+    ({"type": "file", "path": "x.json", "empty_hold": float("nan")}, "empty_hold",
+     "0 to 86400"),
+    ({"type": "file", "path": "x.json", "empty_hold": "30s"}, "empty_hold", "0 to 86400"),
     ({"type": "file", "path": "x.json", "max_removal_share": 2}, "max_removal_share",
      "0 to 1"),
     ("file", "", "must be a mapping"),
@@ -299,6 +303,57 @@ def watched_file(path: Path, clock: FakeClock, **settings: Any
         lambda endpoints: registry.set_endpoints("users", endpoints),
         lambda: registry.endpoints("users"), clock=clock)
     return watcher, registry
+
+
+def test_an_emptied_source_is_held_for_a_time_not_a_count_of_reads(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+    watcher, registry = watched_file(path, clock)  # the defaults: 3 reads and 30 s
+    assert watcher.poll() and len(registry.endpoints("users")) == 2
+    write(path, [])  # the source empties (a truncated file, a wiped prefix)
+    for _ in range(30):  # 30 reads, one a second: still held at 29 s
+        assert watcher.poll() and len(registry.endpoints("users")) == 2
+        clock.advance(1.0)
+    assert watcher.held_back == 30
+    assert watcher.poll() and not registry.endpoints("users")  # 30 s after it showed
+
+
+def test_an_empty_hold_restarts_when_the_update_changes_and_needs_its_reads_too(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+    watcher, registry = watched_file(path, clock, empty_hold=10.0, confirmations=3)
+    assert watcher.poll()
+    write(path, [])
+    assert watcher.poll()
+    clock.advance(8.0)
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])  # back for a moment...
+    assert watcher.poll()
+    write(path, [])  # ...then empty again: held from now on
+    assert watcher.poll()
+    clock.advance(9.0)
+    assert watcher.poll() and len(registry.endpoints("users")) == 2
+    clock.advance(1.0)  # 10 s held, and read 3 times: applied
+    assert watcher.poll() and not registry.endpoints("users")
+    write(path, ["10.0.0.1:80"])
+    assert watcher.poll()
+    write(path, [])
+    assert watcher.poll()
+    clock.advance(60.0)  # the time has passed but it was read twice only
+    assert watcher.poll() and len(registry.endpoints("users")) == 1
+    assert watcher.poll() and not registry.endpoints("users")
+
+
+def test_empty_hold_0_holds_an_emptying_update_for_its_reads_alone(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"])
+    watcher, registry = watched_file(path, clock, empty_hold=0, confirmations=2)
+    assert watcher.poll()
+    write(path, [])
+    assert watcher.poll() and len(registry.endpoints("users")) == 1
+    assert watcher.poll() and not registry.endpoints("users")
 
 
 def test_a_file_that_failed_is_not_read_again_until_it_changes(
