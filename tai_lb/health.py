@@ -14,8 +14,10 @@ that turns out dead.  ``grace`` gives slow starters time: failed checks in the f
 seconds after an endpoint appears are recorded but do not count.
 
 Traffic-proven health: an endpoint that answered real traffic successfully within the last
-interval is not probed (the success counts as a passed check), so busy endpoints see no probe
-load from any worker.
+interval may skip its probe (the success counts as a passed check), but only ``max_skips`` times
+in a row, and never while it has failed probes in a row: operators drain an instance by failing
+its health endpoint while it still serves, so a failing probe always counts and a busy endpoint
+that fails its health endpoint is out within ``interval x (max_skips + unhealthy_threshold)``.
 """
 
 from __future__ import annotations
@@ -100,7 +102,10 @@ class HealthCheckConfig(Settings):
     :param grace: seconds after an endpoint appears during which failed checks do not count.
     :param history: checks remembered per endpoint (shown by ``status()``).
     :param skip_if_traffic: skip the probe of an endpoint that answered real traffic
-        successfully within the last interval.
+        successfully within the last interval (at most ``max_skips`` times in a row).
+    :param max_skips: probes in a row that real traffic may replace; the next one runs whatever
+        the traffic, so an endpoint failing its health endpoint while it serves is out within
+        ``interval x (max_skips + unhealthy_threshold)``.  0 probes at every interval.
     :param panic_threshold: when the healthy share of a service falls strictly below this, balance
         over all its endpoints (Envoy's panic mode); 0 never does, failing closed instead.
     :param verify: for ``https`` services: verify the certificate (True), not (False), or
@@ -119,6 +124,7 @@ class HealthCheckConfig(Settings):
     grace: float = 0.0
     history: int = 10
     skip_if_traffic: bool = True
+    max_skips: int = 2
     panic_threshold: float = 0.5
     verify: Union[bool, str] = True
     function: Optional[ProbeFunction] = None
@@ -142,6 +148,7 @@ class HealthCheckConfig(Settings):
         _number(self.panic_threshold, "panic_threshold", 0.0, 1.0, low_open=False)
         for name in ("healthy_threshold", "unhealthy_threshold", "history"):
             check_int(getattr(self, name), name, 1, 1000)
+        check_int(self.max_skips, "max_skips", 0, 1000)
         if not isinstance(self.skip_if_traffic, bool):
             raise ConfigError("skip_if_traffic", f"must be true or false, got "
                                                  f"{self.skip_if_traffic!r}")
@@ -186,7 +193,7 @@ _NO_HISTORY: collections.deque[tuple[float, bool, str]] = collections.deque(maxl
 
 class _Target:
     __slots__ = ("_health", "added_at", "address", "config", "due", "endpoint", "running",
-                 "scheme", "service")
+                 "scheme", "service", "skips_in_row")
 
     def __init__(self, service: str, endpoint: Endpoint, config: HealthCheckConfig, scheme: str,
                  now: float) -> None:
@@ -197,6 +204,7 @@ class _Target:
         self.scheme = scheme
         self.due = now
         self.running = False
+        self.skips_in_row = 0  # probes replaced by real traffic since the last one that ran
         self.added_at = now
         # Made at the first check (by state()): a discovery update that brings 10,000 endpoints
         # should not build 10,000 records, with their history, while it is being applied.
@@ -214,6 +222,11 @@ class _Target:
     def healthy(self) -> bool:
         """False only once checks have failed."""
         return self._health is None or self._health.healthy
+
+    @property
+    def failing(self) -> bool:
+        """True while its last counted probe failed."""
+        return self._health is not None and self._health.failures_in_row > 0
 
     def state(self) -> EndpointHealth:
         """The record to update, made at the first call; only under the checker's lock."""
@@ -473,17 +486,22 @@ class HealthChecker:
         while not self._stop.is_set():
             try:
                 with self._lock:
-                    now = self._clock()
-                    while self._fresh:
-                        self._due(self._fresh.popleft(), now)
-                    while self._heap and self._heap[0][0] <= now:
-                        self._due(heapq.heappop(self._heap)[2], now)
-                    wait = self._heap[0][0] - now if self._heap else 1.0
+                    wait = self._tick()
                     self._wake.wait(min(max(wait, 0.005), 1.0))
             except Exception:  # the scheduler must outlive any bug
                 self.errors += 1
                 log.exception("tai-lb: health check scheduler error")
                 self._stop.wait(0.1)
+
+    def _tick(self) -> float:
+        """One round of the scheduler, with the lock held: queue (or skip) every check that is
+        due by the clock; returns the seconds until the next one."""
+        now = self._clock()
+        while self._fresh:
+            self._due(self._fresh.popleft(), now)
+        while self._heap and self._heap[0][0] <= now:
+            self._due(heapq.heappop(self._heap)[2], now)
+        return self._heap[0][0] - now if self._heap else 1.0
 
     def _due(self, target: _Target, now: float) -> None:
         # Called by the scheduler with the lock held: schedule the next check of a target that
@@ -495,19 +513,26 @@ class HealthChecker:
         self._push(target, now + config.interval * spread)
         if target.running:
             return  # the previous check still runs: never two at once
-        if config.skip_if_traffic and target.healthy and self._recent_success(target, now):
-            # Real traffic succeeded within the interval: that is a pass.
+        if self._may_skip(target, now):
+            # Real traffic succeeded within the interval: that is a pass, though it does not
+            # wipe out failed probes (a failing health endpoint drains a serving instance).
             self.skipped += 1
-            health = target.state()
-            health.failures_in_row = 0
-            health.passes_in_row += 1
+            target.skips_in_row += 1
+            target.state().passes_in_row += 1
             return
+        target.skips_in_row = 0
         target.running = True
         self._queue.put(target)
 
-    def _recent_success(self, target: _Target, now: float) -> bool:
+    def _may_skip(self, target: _Target, now: float) -> bool:
+        """True if real traffic may stand in for this probe: it succeeded within the interval,
+        fewer than ``max_skips`` probes in a row were skipped, and no probe is failing."""
+        config = target.config
+        if (not config.skip_if_traffic or target.skips_in_row >= config.max_skips
+                or not target.healthy or target.failing):
+            return False
         last = self._last_success(target.service, target.address)
-        return last is not None and now - last < target.config.interval
+        return last is not None and now - last < config.interval
 
     def _work(self) -> None:
         while True:

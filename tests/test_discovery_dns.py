@@ -235,7 +235,8 @@ def test_an_answer_emptying_the_service_is_held_back_until_confirmed(
     name = f"users.{ZONE}"
     dns_server.set_host(name, "127.0.0.11", "127.0.0.12")
     dns_server.apply()
-    with lb_for(dns_server, name=name, record="A", endpoint_port=80, confirmations=3) as lb:
+    with lb_for(dns_server, name=name, record="A", endpoint_port=80, confirmations=3,
+                empty_hold=0) as lb:
         watcher = by_hand(lb)
         if emptied == "nxdomain":
             dns_server.set_host(name)

@@ -285,7 +285,7 @@ def test_a_mass_removal_is_held_back_until_confirmed(etcd: EtcdServer, client: E
                                                      prefix: str) -> None:
     for i in range(1, 5):
         put(client, prefix, f"i{i}", {"address": f"10.0.0.{i}:80"})
-    with lb_for([etcd.url], prefix, confirmations=3, interval=0.2) as lb:
+    with lb_for([etcd.url], prefix, confirmations=3, interval=0.2, empty_hold=0) as lb:
         watcher = lb._watchers["users"]
         client.delete(f"{prefix}/users/", prefix=True)  # a bad deploy wipes the prefix
         assert wait_for(lambda: watcher.held_back >= 1)
@@ -333,7 +333,7 @@ def test_a_forked_child_resumes_the_watch(etcd: EtcdServer, client: EtcdClient,
 def test_the_registrar_registers_keeps_alive_and_deletes(etcd: EtcdServer, client: EtcdClient,
                                                          prefix: str) -> None:
     endpoint = {"address": "10.0.0.9:8080", "zone": "eu-1a", "labels": {"canary": "no"}}
-    with lb_for([etcd.url], prefix) as lb:
+    with lb_for([etcd.url], prefix, empty_hold=0.5) as lb:
         registrar = EtcdRegistrar([etcd.url], "users", endpoint, prefix=prefix, ttl=2)
         with registrar:
             assert wait_for(lambda: addresses(lb) == {"10.0.0.9:8080"})

@@ -14,9 +14,9 @@ from typing import Any, Optional
 import pytest
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, ServiceRegistry, load_config
-from tai_lb.discovery import DiscoveryWatcher, Provider, WatchSettings
+from tai_lb.discovery import DiscoveryWatcher, FileProvider, Provider, WatchSettings
 
-from .conftest import in_forked_child, wait_for
+from .conftest import FakeClock, in_forked_child, wait_for
 
 
 def write(path: Path, data: Any) -> None:
@@ -141,6 +141,10 @@ def test_static_discovery_and_the_thread_stopping_on_close(tmp_path: Path) -> No
     ({"type": "static", "endpoints": ["10.0.0.1:0"]}, "endpoints[0].port", "1 to 65535"),
     ({"type": "file", "path": "x.json", "interval": 0}, "interval", "> 0"),
     ({"type": "file", "path": "x.json", "confirmations": 0}, "confirmations", "1 to 100"),
+    ({"type": "file", "path": "x.json", "empty_hold": -1}, "empty_hold", "0 to 86400"),
+    ({"type": "file", "path": "x.json", "empty_hold": float("nan")}, "empty_hold",
+     "0 to 86400"),
+    ({"type": "file", "path": "x.json", "empty_hold": "30s"}, "empty_hold", "0 to 86400"),
     ({"type": "file", "path": "x.json", "max_removal_share": 2}, "max_removal_share",
      "0 to 1"),
     ("file", "", "must be a mapping"),
@@ -287,3 +291,133 @@ def test_a_yaml_file_without_pyyaml_is_a_config_error(monkeypatch: pytest.Monkey
     assert caught.value.path == "services.users.discovery.path"
     assert "tai-lb[yaml]" in str(caught.value)
     load_config({"services": {"users": {"discovery": {"type": "file", "path": "u.json"}}}})
+
+
+def watched_file(path: Path, clock: FakeClock, **settings: Any
+                 ) -> tuple[DiscoveryWatcher, ServiceRegistry]:
+    """A watcher of ``path`` into a registry, driven by hand (poll()) on ``clock``."""
+    registry = ServiceRegistry()
+    registry.add_service("users")
+    watcher = DiscoveryWatcher(
+        "users", FileProvider(str(path)), WatchSettings(**settings),
+        lambda endpoints: registry.set_endpoints("users", endpoints),
+        lambda: registry.endpoints("users"), clock=clock)
+    return watcher, registry
+
+
+def test_an_emptied_source_is_held_for_a_time_not_a_count_of_reads(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+    watcher, registry = watched_file(path, clock)  # the defaults: 3 reads and 30 s
+    assert watcher.poll() and len(registry.endpoints("users")) == 2
+    write(path, [])  # the source empties (a truncated file, a wiped prefix)
+    for _ in range(30):  # 30 reads, one a second: still held at 29 s
+        assert watcher.poll() and len(registry.endpoints("users")) == 2
+        clock.advance(1.0)
+    assert watcher.held_back == 30
+    assert watcher.poll() and not registry.endpoints("users")  # 30 s after it showed
+
+
+def test_an_empty_hold_restarts_when_the_update_changes_and_needs_its_reads_too(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+    watcher, registry = watched_file(path, clock, empty_hold=10.0, confirmations=3)
+    assert watcher.poll()
+    write(path, [])
+    assert watcher.poll()
+    clock.advance(8.0)
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])  # back for a moment...
+    assert watcher.poll()
+    write(path, [])  # ...then empty again: held from now on
+    assert watcher.poll()
+    clock.advance(9.0)
+    assert watcher.poll() and len(registry.endpoints("users")) == 2
+    clock.advance(1.0)  # 10 s held, and read 3 times: applied
+    assert watcher.poll() and not registry.endpoints("users")
+    write(path, ["10.0.0.1:80"])
+    assert watcher.poll()
+    write(path, [])
+    assert watcher.poll()
+    clock.advance(60.0)  # the time has passed but it was read twice only
+    assert watcher.poll() and len(registry.endpoints("users")) == 1
+    assert watcher.poll() and not registry.endpoints("users")
+
+
+def test_empty_hold_0_holds_an_emptying_update_for_its_reads_alone(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"])
+    watcher, registry = watched_file(path, clock, empty_hold=0, confirmations=2)
+    assert watcher.poll()
+    write(path, [])
+    assert watcher.poll() and len(registry.endpoints("users")) == 1
+    assert watcher.poll() and not registry.endpoints("users")
+
+
+def test_a_file_that_failed_is_not_read_again_until_it_changes(
+        tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"])
+    watcher, registry = watched_file(path, clock)
+    assert watcher.poll()
+    write(path, '["10.0.0.1:80", "10.0.')  # half written
+    for _ in range(5):
+        assert not watcher.poll()  # still a failed read each round, with its message...
+    snapshot = watcher.snapshot()
+    assert snapshot["source"]["reads"] == 2  # ...but read and parsed once
+    assert snapshot["errors"] == 5 and "not valid JSON" in snapshot["last_error"]
+    os.chmod(path, 0o644)  # a change of the file's status alone: read again
+    assert not watcher.poll() and watcher.snapshot()["source"]["reads"] == 3
+    write(path, ["10.0.0.1:80", "10.0.0.2:80"])
+    assert watcher.poll() and len(registry.endpoints("users")) == 2
+    assert watcher.poll() and watcher.snapshot()["source"]["reads"] == 4  # unchanged: no read
+
+
+@pytest.mark.parametrize("name", ["users.json", "users.yaml"])
+def test_a_file_nested_too_deep_is_reported_as_such(tmp_path: Path, clock: FakeClock,
+                                                    name: str) -> None:
+    path = tmp_path / name
+    write(path, "[" * 100_000 + "]" * 100_000)  # JSON, and YAML's flow style too
+    watcher, _ = watched_file(path, clock)
+    assert not watcher.poll()
+    error = watcher.snapshot()["last_error"]
+    assert "nested too deep" in error, error
+    assert name.endswith(".yaml") or "YAML" not in error
+
+
+def test_many_malformed_entries_log_one_warning_with_a_count_and_examples(
+        tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "users.json"
+    write(path, ["10.0.0.1:80"] + [f"bad entry {i}" for i in range(10_000)] + ["10.0.0.1:80"])
+    watcher, registry = watched_file(path, clock)
+    with caplog.at_level(logging.DEBUG, logger="tai_lb.discovery"):
+        assert watcher.poll()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings[:5]
+    assert "10001" in warnings[0] and "bad entry 0" in warnings[0]
+    assert "bad entry 3" not in warnings[0]  # a few examples, not all of them
+    assert watcher.snapshot()["skipped_entries"] == 10_001  # each one still counted
+    assert [e.address for e in registry.endpoints("users")] == ["10.0.0.1:80"]
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_as_the_file_or_the_cache_never_blocks(tmp_path: Path) -> None:
+    fifo = tmp_path / "users.json"
+    os.mkfifo(fifo)  # no writer: a plain open() waits for one forever
+    cache_fifo = tmp_path / "cache.json"
+    os.mkfifo(cache_fifo)
+    with LoadBalancer.from_config({"services": {"users": {
+            "endpoints": ["10.0.0.1:80"],
+            "discovery": {"type": "file", "path": str(fifo), "interval": 0.02,
+                          "cache_path": str(cache_fifo)}}}}) as lb:
+        status = lb.status()["services"]["users"]["discovery"]
+        assert "not a regular file" in status["last_error"]
+        assert addresses(lb) == {"10.0.0.1:80"}  # the configured set stays
+        assert wait_for(lambda: lb.status()["services"]["users"]["discovery"]["errors"] >= 3)
+    directory = tmp_path / "users.d"
+    directory.mkdir()
+    with lb_for(directory) as lb:
+        assert "not a regular file" in lb.status()["services"]["users"]["discovery"][
+            "last_error"]

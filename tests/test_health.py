@@ -13,10 +13,10 @@ import pytest
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, NoEndpointAvailable, ServiceRegistry
 from tai_lb.config import ServiceConfig, load_config
-from tai_lb.health import HealthCheckConfig
+from tai_lb.health import HealthCheckConfig, HealthChecker
 
 from .backends import Backend
-from .conftest import wait_for
+from .conftest import FakeClock, wait_for
 
 FAST = {"interval": 0.05, "jitter": 0.2, "timeout": 0.5, "healthy_threshold": 2,
         "unhealthy_threshold": 2, "skip_if_traffic": False}
@@ -187,7 +187,7 @@ def test_traffic_proven_health_skips_probes(servers: list[Backend]) -> None:
     lb = LoadBalancer.from_config({"services": {"users": {
         "endpoints": [a.address],
         "health_check": {"path": "/healthz", **FAST, "interval": 0.2,
-                         "skip_if_traffic": True}}}})
+                         "skip_if_traffic": True, "max_skips": 1000}}}})
     with lb:
         s = lb.session()
         assert wait_for(lambda: len(health_paths(a)) >= 1)  # probed at once on start
@@ -224,6 +224,8 @@ def test_close_stops_the_health_threads(servers: list[Backend]) -> None:
     ({"path": "/h", "expected_statuses": [99]}, "expected_statuses", "100 to 599"),
     ({"path": "/h", "expected_statuses": ["2xx"]}, "expected_statuses", "ranges"),
     ({"path": "/h", "skip_if_traffic": "yes"}, "skip_if_traffic", "true or false"),
+    ({"path": "/h", "max_skips": -1}, "max_skips", "0 to 1000"),
+    ({"path": "/h", "max_skips": True}, "max_skips", "0 to 1000"),
     ({"path": "/h", "verify": 3}, "verify", "CA bundle"),
     ({"path": "/h", "rise": 2}, "rise", "unknown key"),
 ])
@@ -272,7 +274,7 @@ def test_removing_and_adding_an_endpoint_again_never_doubles_its_checks(
         assert len(live) == 1  # one schedule for the endpoint, however often it came back
 
 
-def test_traffic_counts_as_a_passed_check() -> None:
+def test_traffic_counts_as_a_passed_check_but_never_erases_a_failed_probe() -> None:
     results = iter([False] + [True] * 1000)
     config = ServiceConfig(endpoints=(Endpoint("10.0.0.1", 80),), health_check=HealthCheckConfig(
         type="function", function=lambda e: next(results), interval=0.05, jitter=0.0,
@@ -285,5 +287,109 @@ def test_traffic_counts_as_a_passed_check() -> None:
         while lb._health.skipped < 2 and time.monotonic() < deadline:
             lb.pick("users").done()  # real traffic succeeding
             time.sleep(0.01)
-        assert lb._health.skipped >= 2
+        # The failed probe was followed by a probe, not by skips: it passed, and then traffic
+        # stood in for the next ones.
+        assert lb._health.checks >= 2 and lb._health.skipped >= 2
         assert health.failures_in_row == 0 and health.healthy
+        assert [ok for _, ok, _ in health.history][:2] == [False, True]
+
+
+def checker_driven_by(clock: FakeClock, config: HealthCheckConfig, busy: list[bool]
+                      ) -> tuple[HealthChecker, list[str]]:
+    """A checker whose scheduler the test runs by hand (no threads): the endpoint served
+    real traffic successfully just now whenever ``busy[0]``; returns it and the log of rounds
+    ("probe", "skip")."""
+    checker = HealthChecker(lambda service: None,
+                            lambda service, address: clock() if busy[0] else None,
+                            clock=clock)
+    checker.set_endpoints("users", [Endpoint("10.0.0.1", 80)], config, "http")
+    return checker, []
+
+
+def run_round(checker: HealthChecker, clock: FakeClock, rounds: list[str], ok: bool) -> None:
+    """One scheduler round at the clock's time; a probe that runs gets the result ``ok``."""
+    skipped = checker.skipped
+    with checker._lock:
+        checker._tick()
+    probed = []
+    while not checker._queue.empty():
+        target = checker._queue.get_nowait()
+        assert target is not None
+        checker._record(target, ok, "HTTP 200" if ok else "HTTP 503")
+        target.running = False
+        probed.append(target)
+    rounds.append("probe" if probed else "skip" if checker.skipped > skipped else "idle")
+
+
+def test_traffic_replaces_at_most_max_skips_probes_in_a_row(clock: FakeClock) -> None:
+    config = HealthCheckConfig(path="/healthz", interval=1.0, jitter=0.0, max_skips=2)
+    busy = [False]
+    checker, rounds = checker_driven_by(clock, config, busy)
+    run_round(checker, clock, rounds, ok=True)  # the first check, before any traffic
+    busy[0] = True
+    for _ in range(7):
+        clock.advance(1.0)
+        run_round(checker, clock, rounds, ok=True)
+    assert rounds == ["probe"] + ["skip", "skip", "probe"] * 2 + ["skip"]
+    assert checker.checks == 3 and checker.skipped == 5
+
+
+@pytest.mark.parametrize("max_skips", [0, 1, 2, 3])
+def test_a_failing_health_endpoint_takes_a_busy_endpoint_out_in_bounded_time(
+        clock: FakeClock, max_skips: int) -> None:
+    config = HealthCheckConfig(path="/healthz", interval=1.0, jitter=0.0, max_skips=max_skips,
+                               unhealthy_threshold=2)
+    busy = [False]
+    checker, rounds = checker_driven_by(clock, config, busy)
+    run_round(checker, clock, rounds, ok=True)  # the first check, before any traffic, passes
+    busy[0] = True
+    started = clock()
+    while checker.is_healthy("users", "10.0.0.1:80") and clock() - started < 100:
+        clock.advance(1.0)
+        run_round(checker, clock, rounds, ok=False)  # the endpoint starts draining
+    # Real traffic kept succeeding all along, yet the endpoint is out within
+    # interval x (max_skips + unhealthy_threshold), and its failed probes were never skipped.
+    assert not checker.is_healthy("users", "10.0.0.1:80")
+    assert clock() - started <= 1.0 * (max_skips + 2)
+    assert rounds[1:] == ["skip"] * max_skips + ["probe", "probe"]
+    for _ in range(5):  # and it stays out while its probes fail, traffic or not
+        clock.advance(1.0)
+        run_round(checker, clock, rounds, ok=False)
+        assert not checker.is_healthy("users", "10.0.0.1:80")
+    assert rounds[-5:] == ["probe"] * 5
+
+
+def test_a_backend_failing_its_health_endpoint_under_steady_traffic_goes_out(
+        servers: list[Backend]) -> None:
+    a, b = servers[0], servers[1]
+    flag_health(a, {"code": 503})  # /healthz fails, / serves (an instance being drained)
+    lb = make_lb([a.address, b.address], interval=0.1, skip_if_traffic=True,
+                 unhealthy_threshold=2)  # and the default max_skips
+    stop = threading.Event()
+
+    def traffic() -> None:
+        session = lb.session()
+        while not stop.is_set():
+            session.get("http://users/")
+
+    def served_by_a() -> int:
+        with a.lock:
+            return sum(r["path"] == "/" for r in a.received)
+
+    thread = threading.Thread(target=traffic, name="test-traffic", daemon=True)
+    with lb:
+        thread.start()
+        try:
+            assert wait_for(lambda: served_by_a() >= 1)  # real traffic reaches a
+            assert wait_for(lambda: not lb._health.is_healthy("users", a.address), timeout=5)
+            # It stays out: several more failed probes, no flip back, no new traffic to a.
+            probes = len(health_paths(a))
+            assert wait_for(lambda: len(health_paths(a)) >= probes + 1, timeout=5)
+            served = served_by_a()  # (a request picked just before the flip is in by now)
+            assert wait_for(lambda: len(health_paths(a)) >= probes + 4, timeout=5)
+            assert not lb._health.is_healthy("users", a.address)
+            assert lb._health.flips == 1
+            assert served_by_a() == served
+        finally:
+            stop.set()
+            thread.join(5)

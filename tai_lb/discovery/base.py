@@ -8,7 +8,8 @@ diffs it into added, removed and changed events (:meth:`ServiceRegistry.set_endp
   figure in ``status()``);
 * malformed entries are skipped by the provider (logged and counted); the rest still apply;
 * an update that would empty the service, or remove more than ``max_removal_share`` of it at
-  once, applies only after the same set has been seen ``confirmations`` times in a row;
+  once, applies only after the same set has been seen ``confirmations`` times in a row, and one
+  that would empty it only once it has also been seen for ``empty_hold`` seconds;
 * with ``cache_path``, every applied set is saved, and a process that starts while its source is
   down starts from the saved set.
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -39,6 +42,25 @@ log = logging.getLogger(__name__)
 
 class SourceError(Exception):
     """The source could not be read at all (down, unreadable, malformed as a whole)."""
+
+
+def read_regular_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file at ``path`` and its status; never blocks on the path.
+
+    The file is opened without blocking (a FIFO with no writer would hold ``open()`` forever)
+    and refused, with an :class:`OSError`, unless it is a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file")
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
+        return file.read(), info
 
 
 class Provider(ABC):
@@ -82,12 +104,15 @@ class WatchSettings(Settings):
     :param max_removal_share: an update removing more than this share of the endpoints at once
         (or all of them) must be confirmed.
     :param confirmations: times in a row such an update must be seen before it applies.
+    :param empty_hold: seconds an update that would empty the service must keep being seen
+        (besides ``confirmations`` times) before it applies; 0 holds it for the reads alone.
     :param cache_path: file where the last applied set is saved, to start warm.
     """
 
     interval: float = 1.0
     max_removal_share: float = 0.5
     confirmations: int = 3
+    empty_hold: float = 30.0
     cache_path: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -99,6 +124,11 @@ class WatchSettings(Settings):
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ConfigError("max_removal_share", f"must be a share from 0 to 1, got {share!r}")
         check_int(self.confirmations, "confirmations", 1, 100)
+        hold = self.empty_hold
+        if (isinstance(hold, bool) or not isinstance(hold, (int, float)) or math.isnan(hold)
+                or not 0 <= hold <= 86400):
+            raise ConfigError("empty_hold", f"must be a number of seconds from 0 to 86400, got "
+                                            f"{hold!r}")
         if self.cache_path is not None and (not isinstance(self.cache_path, str)
                                             or not self.cache_path):
             raise ConfigError("cache_path", f"must be a file path, got {self.cache_path!r}")
@@ -128,6 +158,7 @@ class DiscoveryWatcher:
         self._pending: Optional[frozenset[str]] = None
         self._pending_endpoints: list[Endpoint] = []
         self._pending_seen = 0
+        self._pending_since = 0.0  # clock time the held-back update was first seen
         self._guarded = False  # set by the first set applied
         self.errors = 0
         self.updates = 0
@@ -241,15 +272,26 @@ class DiscoveryWatcher:
         risky = bool(current) and (not wanted or (
             self._guarded and removed > self.settings.max_removal_share * len(current)))
         if risky:
-            if wanted != self._pending:
+            now = self._clock()
+            first = wanted != self._pending
+            if first:
                 self._pending, self._pending_seen = wanted, 0
+                self._pending_since = now
                 self._pending_endpoints = list(endpoints)
             self._pending_seen += 1
-            if self._pending_seen < self.settings.confirmations:
+            # An emptied source (a wiped prefix, a truncated file) is held for a time, not
+            # only a count of reads: 3 reads are 3 s at the default interval.
+            hold = 0.0 if wanted else self.settings.empty_hold
+            if (self._pending_seen < self.settings.confirmations
+                    or now - self._pending_since < hold):
                 self.held_back += 1
-                log.warning("tai-lb: discovery of %s would remove %d of %d endpoints; held back "
-                            "until seen %d times in a row (%d so far)", self.service, removed,
-                            len(current), self.settings.confirmations, self._pending_seen)
+                # A warning when the update first shows, not at every read while it is held.
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "tai-lb: discovery of %s would remove %d of %d endpoints; held back "
+                        "until seen %d times in a row%s (%d so far, for %.1f s)", self.service,
+                        removed, len(current), self.settings.confirmations,
+                        f" and for {hold:g} s" if hold else "", self._pending_seen,
+                        now - self._pending_since)
                 return True
         self._pending, self._pending_seen, self._pending_endpoints = None, 0, []
         self._apply(endpoints)
@@ -287,12 +329,11 @@ class DiscoveryWatcher:
         path = self.settings.cache_path
         assert path is not None
         try:
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
+            data = json.loads(read_regular_file(path)[0].decode("utf-8"))
             if data["service"] != self.service:
                 raise ValueError(f"it holds the endpoints of {data['service']!r}")
             endpoints = [Endpoint.from_value(item) for item in data["endpoints"]]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             log.warning("tai-lb: cannot read the discovery cache %s: %s", path, error)
             return
         if not endpoints:
