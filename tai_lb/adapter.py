@@ -61,6 +61,7 @@ from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from . import context
+from ._deadline import DEADLINE
 from .config import KeySource
 from .exceptions import HTTPPoolExhausted, NoEndpointAvailable
 from .lease import Lease
@@ -453,6 +454,9 @@ class _BalancedSend:
         if self.rewind_to is not None:
             body.seek(self.rewind_to)  # type: ignore[union-attr]
         chunked = not (body is None or "Content-Length" in self.request.headers)
+        # Every read and send of this attempt, and of a streamed body read later, ends by the
+        # deadline (see _deadline.py): a read timeout alone bounds only each wait for data.
+        token = DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         try:
             raw = pool.urlopen(method=self.method, url=self.request.path_url, body=body,
                                headers=self.headers, redirect=False, assert_same_host=False,
@@ -465,6 +469,8 @@ class _BalancedSend:
             translated = to_requests_error(error, self.request, self.service, lease.address,
                                            pool_wait)
             return self._failed(number, record, kind, translated)
+        finally:
+            DEADLINE.reset(token)
 
         response = self.adapter.build_response(self.request, raw)
         record.outcome, record.status = "response", response.status_code
