@@ -4,7 +4,7 @@ The request path::
 
     Session.send -> LoadBalancedAdapter.send -> [attempt loop, tenacity-driven]
         -> LoadBalancer.pick (excluding endpoints already tried) -> endpoint's urllib3 pool
-        -> response (body read inside the loop unless streaming) -> lease released
+        -> response (body read inside the loop unless streamed or a redirect) -> lease released
 
 The URL requests sees stays the logical one (``http://users/api``), so its redirect handling,
 auth stripping, cookie domains and netrc all work on the service name; only the connection goes
@@ -485,7 +485,10 @@ class _BalancedSend:
                 self.last_error = None
                 raise _RetryAttempt(record.decision)
             record.decision = f"stop: {why_not}"
-        if not self.stream:
+        # A redirect's body is left to requests, as a streamed one: resolve_redirects() reads it
+        # and, like plain requests, falls back to the raw bytes when it is cut off or cannot be
+        # decoded, so a broken redirect body never fails (or retries) the request.
+        if not (self.stream or response.is_redirect):
             try:
                 response.content  # noqa: B018 - read the body inside the loop
             except (ChunkedEncodingError, requests.exceptions.ConnectionError) as error:

@@ -289,3 +289,29 @@ class Trickle:
             handler.close_connection = True
             return
         self.finished.set()
+
+
+def redirect_with_broken_body(kind: str, location: str = "/target") -> Behaviour:
+    """A 302 to ``location`` whose body is broken, then ``ok`` on every other path.
+
+    :param kind: ``"bad_gzip"``: ``Content-Encoding: gzip`` on a body that is not gzip;
+        ``"chunked_cut_off"``: a chunked body that stops after one chunk, with a reset.
+    """
+    assert kind in ("bad_gzip", "chunked_cut_off"), kind
+
+    def behaviour(handler: _Handler, record: dict[str, Any]) -> None:
+        if record["path"] != "/start":
+            handler.server.backend.ok(handler, record)
+        elif kind == "bad_gzip":
+            handler.reply(302, b"this is not gzip", {"Location": location,
+                                                      "Content-Encoding": "gzip"})
+        else:
+            handler.send_response(302)
+            handler.send_header("Location", location)
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"5\r\nhello\r\n")
+            handler.wfile.flush()
+            time.sleep(0.01)
+            handler.reset()
+    return behaviour
