@@ -113,6 +113,14 @@ class LoadBalancedAdapter(HTTPAdapter):
         state["balancer"] = self.balancer
         return state
 
+    def close(self) -> None:
+        """Close pass-through hosts' connections; safe twice (``Session.close()`` does that).
+
+        The balancer's pools are shared by every session and stay open until
+        :meth:`LoadBalancer.close <tai_lb.LoadBalancer.close>`; this adapter remains usable.
+        """
+        super().close()
+
     def send(self, request: requests.PreparedRequest, stream: bool = False,
              timeout: _TimeoutArg = None, verify: Union[bool, str] = True,
              cert: _CertArg = None,

@@ -705,6 +705,26 @@ def test_missing_ca_bundle_fails_before_sending_like_requests(backend_factory: F
         assert lb.stats("users")[backend.address].requests == 0
 
 
+def test_closing_a_session_twice_leaves_the_balancer_and_other_sessions_working(
+        backend_factory: Factory) -> None:
+    backend, plain = backend_factory(), backend_factory("plain")
+    with balancer(backend) as lb:
+        closing, other = lb.session(), lb.session()
+        assert closing.get("http://users/a").status_code == 200
+        backend.behaviour = backends.streamed(chunks=3, size=1000)
+        streamed = other.get("http://users/stream", stream=True)  # in flight on a shared pool
+        closing.close()  # the one adapter is mounted twice: closed twice
+        closing.close()
+        assert sum(len(c) for c in streamed.iter_content(1000)) == 3000  # not cut under it
+        backend.behaviour = backend.ok
+        assert lb.session().get("http://users/b").json()["path"] == "/b"
+        # As a closed plain requests session, a closed one still works, balanced or not.
+        assert closing.get("http://users/c").json()["path"] == "/c"
+        assert closing.get(f"http://127.0.0.1:{plain.port}/d").json()["backend"] == "plain"
+        assert lb.stats("users")[backend.address].in_flight == 0
+        assert not lb.closed
+
+
 def test_a_closed_balancer_raises_a_requests_error(backend_factory: Factory) -> None:
     backend = backend_factory()
     lb = balancer(backend)
