@@ -1402,7 +1402,7 @@ def trickle_rows(runs: Sequence[TrickleRun], settings: TrickleSettings,
                  ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the table of (d): one row per case and deadline."""
     header = ["response", "deadline s", "requests", "median s to end", "longest s",
-              "x deadline", "x without deadline", "ended with", "target"]
+              "x deadline", "x body without deadline", "ended with", "target"]
     whole = next(run.median for run in runs if run.deadline is None)
     rows = []
     for run in runs:
@@ -1445,7 +1445,7 @@ def trickle_report(runs: Sequence[TrickleRun], settings: TrickleSettings,
         f"with `timeout={TRICKLE_TIMEOUT}`, so no wait for data reaches the read timeout, and "
         "`retries.deadline` as shown (default retries: 3 attempts); a fresh balancer per row.  "
         "Time to end is the wall time from the call to its exception (or to the end of the "
-        "body); `x without deadline` compares with the one request without a deadline, which "
+        "body); `x body without deadline` compares with the one request without a deadline, which "
         "read the whole response.")
     return "\n".join([environment, "", method, "",
                       *(f"- {line}" for line in trickle_summary(runs)), "",
