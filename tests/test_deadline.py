@@ -8,6 +8,8 @@ server was done (3 s and more), and then succeeded.
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -120,3 +122,55 @@ def test_without_a_deadline_a_trickling_response_is_read_to_the_end(
         assert r.content == b"tttt"
         assert trickle.finished.is_set() and not trickle.cut.is_set()
 
+
+
+class SlowReader:
+    """A raw server on 127.0.0.1 that reads each request 64 KiB at a time, 0.02 s apart."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="test-slow-reader", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self.listener.accept()
+            with client:
+                while not self.stopped.wait(0.02):
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    if data.endswith(b"0\r\n\r\n"):  # the last chunk: the whole body came
+                        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_a_slowly_read_upload_ends_at_the_deadline() -> None:
+    server = SlowReader()
+    chunks = 256
+    sent = []
+
+    def body() -> Iterator[bytes]:  # 16 MiB: each send is quick, the whole upload takes 5 s
+        for number in range(chunks):
+            sent.append(number)
+            yield b"u" * 65536
+
+    try:
+        config = {"services": {"users": {"endpoints": [server.address],
+                                         "retries": {"deadline": 0.5}}}}
+        with LoadBalancer.from_config(config) as lb:
+            with pytest.raises(requests.exceptions.ConnectionError) as caught:
+                lb.session().post("http://users/upload", data=body(), timeout=TIMEOUT)
+            trace = trace_of(caught.value)
+            assert trace is not None and len(trace.attempts) == 1
+            assert len(sent) < chunks  # the upload stopped at the deadline, not at its end
+            assert lb.stats("users")[server.address].in_flight == 0
+    finally:
+        server.stop()
