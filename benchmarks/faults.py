@@ -26,17 +26,28 @@ shared memory:
     callers see, the requests that touched backend 0, the time to eject it, and the longest wall
     time any thread spent inside ``lb.pick()`` and inside ``lb.status()`` (polled every 20 ms).
 
+(d) **a backend that trickles its response** (``--trickle``, run on its own): one backend sends
+    a 20-byte response a byte at a time, 1 s apart (the status line and headers, or the body
+    with a ``Content-Length``, or a chunked body, or a body read with ``stream=True``); GETs with
+    ``timeout=(1, 2)`` (each wait for data is under the read timeout) and a ``retries.deadline``
+    of 1 s or 3 s, a few runs each, next to one run without a deadline: the time each request
+    took to end, and what it ended with.
+
 ::
 
     python benchmarks/faults.py          # about 4 minutes; updates "## faults.py" in RESULTS.md
     python benchmarks/faults.py --quick  # under 45 seconds; never writes RESULTS.md
+    python benchmarks/faults.py --trickle          # (d) alone, about 2 minutes; updates its
+                                                   # own section of RESULTS.md
+    python benchmarks/faults.py --trickle --quick  # (d) in about 10 seconds; no write
 
 Targets (printed as PASS/FAIL, never asserted): peak_ewma's p99 <= 1.3 x and p99.9 <= 2 x the
 run without the slow backend (the other strategies are shown for contrast); with retries on, 0
 errors seen by callers of idempotent requests when a backend fails; time to eject a refusing
 backend <= 0.05 x HAProxy's default detection time, measured in the same run; with a backend
 that never answers, the p99 of the requests that never touched it <= 1.5 x the run without the
-fault, 0 caller errors, and no thread more than 50 ms inside ``lb.pick()`` or ``lb.status()``.
+fault, 0 caller errors, and no thread more than 50 ms inside ``lb.pick()`` or ``lb.status()``;
+a trickling response with a 1 s deadline ends within 2 s (median).
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import re
 import signal
 import socket
 import socketserver
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1232,13 +1244,239 @@ def markdown_report(results: Results) -> str:
     ])
 
 
+# -- (d) a trickling response against the deadline ----------------------------------------------
+
+TRICKLE_SECTION = "## faults.py --trickle: a trickling response vs the deadline"
+TRICKLE_BYTES = 20  # bytes of body, sent one at a time
+TRICKLE_TIMEOUT = (1.0, 2.0)  # (connect, read): every wait for data is under the read timeout
+TRICKLE_CASES = ("status line", "body", "chunked body", "streamed body")
+TARGET_TRICKLE_DEADLINE = 1.0  # the deadline the target is stated for, seconds
+TARGET_TRICKLE_S = 2.0  # a trickling response with a 1 s deadline ends within 2 s (median)
+
+
+@dataclass(frozen=True)
+class TrickleSettings:
+    """How much of (d) to measure."""
+
+    interval: float  # seconds between two bytes of the response
+    deadlines: tuple[float, ...]  # the retries.deadline values measured
+    runs: int  # requests per case and deadline
+
+
+TRICKLE_FULL = TrickleSettings(interval=1.0, deadlines=(1.0, 3.0), runs=5)
+TRICKLE_QUICK = TrickleSettings(interval=0.2, deadlines=(1.0,), runs=1)
+
+
+def trickle_response(case: str) -> tuple[bytes, list[bytes]]:
+    """What a trickling backend sends at once, then the steps it sends ``interval`` apart."""
+    body = b"t" * TRICKLE_BYTES
+    if case == "chunked body":
+        head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return head, [b"1\r\nt\r\n"] * TRICKLE_BYTES + [b"0\r\n\r\n"]
+    head = (f"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {TRICKLE_BYTES}\r\n\r\n"
+            .encode())
+    if case == "status line":  # the whole response trickles, status line first
+        whole = head + body
+        return b"", [whole[i:i + 1] for i in range(len(whole))]
+    return head, [body[i:i + 1] for i in range(len(body))]
+
+
+class TrickleBackend:
+    """A raw HTTP backend on 127.0.0.1 that trickles every response as ``case`` says.
+
+    One thread accepts, one thread per connection reads the request and trickles the answer;
+    a connection the client closes ends its thread at the next byte.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.case = "body"
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._stopped = threading.Event()
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, name="faults-trickle", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._answer, args=(client, self.case),
+                             name="faults-trickle-conn", daemon=True).start()
+
+    def _answer(self, client: socket.socket, case: str) -> None:
+        head, steps = trickle_response(case)
+        with client, contextlib.suppress(OSError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = client.recv(65536)
+                if not data:
+                    return
+                request += data
+            if head:
+                client.sendall(head)
+            for step in steps:
+                if self._stopped.wait(self.interval):
+                    return
+                client.sendall(step)
+
+    def close(self) -> None:
+        """Stop accepting and end every trickle at its next byte."""
+        self._stopped.set()
+        self._listener.close()
+        self._thread.join(5)
+
+
+@dataclass
+class TrickleRun:
+    """The requests of one case of (d) with one deadline (None: no deadline)."""
+
+    case: str
+    deadline: Optional[float]
+    seconds: list[float] = field(default_factory=list)  # each request's time to end
+    endings: list[str] = field(default_factory=list)  # how each ended: an exception or "200"
+
+    @property
+    def median(self) -> float:
+        """The median time to end, seconds."""
+        return statistics.median(self.seconds)
+
+
+def trickle_request(session: requests.Session, case: str) -> str:
+    """One GET of (d), its body read to the end; how it ended."""
+    try:
+        streamed = case == "streamed body"
+        with session.get(f"http://{SERVICE}/", timeout=TRICKLE_TIMEOUT, stream=streamed) as r:
+            if streamed:
+                for _ in r.iter_content(1):
+                    pass
+            return str(r.status_code)
+    except requests.exceptions.RequestException as error:
+        return type(error).__name__
+
+
+def trickle_runs(settings: TrickleSettings, progress: bool) -> list[TrickleRun]:
+    """Every case with every deadline, then the body case once without a deadline."""
+    runs: list[TrickleRun] = []
+    backend = TrickleBackend(settings.interval)
+    try:
+        plan: list[tuple[str, Optional[float], int]] = [
+            (case, deadline, settings.runs) for case in TRICKLE_CASES
+            for deadline in settings.deadlines]
+        plan.append(("body", None, 1))
+        for case, deadline, count in plan:
+            backend.case = case
+            retries: dict[str, Any] = {} if deadline is None else {"deadline": deadline}
+            config = {"services": {SERVICE: {"endpoints": [backend.address],
+                                             "retries": retries}}}
+            run = TrickleRun(case, deadline)
+            with tai_lb.LoadBalancer.from_config(config) as lb:
+                session = lb.session()
+                for _ in range(count):
+                    begun = time.perf_counter()
+                    run.endings.append(trickle_request(session, case))
+                    run.seconds.append(time.perf_counter() - begun)
+            runs.append(run)
+            if progress:
+                print(f"(d) {case}, deadline {deadline}: median {run.median:.2f} s",
+                      file=sys.stderr, flush=True)
+    finally:
+        backend.close()
+    return runs
+
+
+def trickle_ok(run: TrickleRun) -> Optional[bool]:
+    """Whether ``run`` meets the target, or None if the target is not stated for it."""
+    if run.deadline != TARGET_TRICKLE_DEADLINE:
+        return None
+    return run.median <= TARGET_TRICKLE_S
+
+
+def trickle_rows(runs: Sequence[TrickleRun], settings: TrickleSettings,
+                 ) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the table of (d): one row per case and deadline."""
+    header = ["response", "deadline s", "requests", "median s to end", "longest s",
+              "x deadline", "x body without deadline", "ended with", "target"]
+    whole = next(run.median for run in runs if run.deadline is None)
+    rows = []
+    for run in runs:
+        ok = trickle_ok(run)
+        rows.append([
+            f"{run.case}, a byte per {settings.interval:g} s",
+            "none" if run.deadline is None else f"{run.deadline:g}", f"{len(run.seconds)}",
+            f"{run.median:.2f}", f"{max(run.seconds):.2f}",
+            "-" if run.deadline is None else f"{run.median / run.deadline:.2f}",
+            f"{run.median / whole:.2f}", ", ".join(sorted(set(run.endings))),
+            "-" if ok is None else verdict(ok)])
+    return header, rows
+
+
+def trickle_summary(runs: Sequence[TrickleRun]) -> list[str]:
+    """The verdict of (d)."""
+    judged = [ok for ok in map(trickle_ok, runs) if ok is not None]
+    if not judged:
+        return [f"Target not measured: no run with a {TARGET_TRICKLE_DEADLINE:g} s deadline."]
+    return [f"Targets: {sum(judged)} of {len(judged)} rows pass (a trickling response with a "
+            f"{TARGET_TRICKLE_DEADLINE:g} s deadline ends within {TARGET_TRICKLE_S:g} s, "
+            "median)."]
+
+
+def trickle_report(runs: Sequence[TrickleRun], settings: TrickleSettings,
+                   seconds: float) -> str:
+    """The Markdown section of (d) for RESULTS.md (without its heading)."""
+    environment = (f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
+                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
+                   f"({platform.machine()}, {platform.system()}); requests "
+                   f"{requests.__version__}; tai-lb {tai_lb.__version__} "
+                   f"({source_revision()}); {seconds:.0f} s in all.")
+    method = (
+        "One raw HTTP backend on 127.0.0.1 (a thread per connection, TCP_NODELAY, "
+        f"`Connection: close`) trickles a {TRICKLE_BYTES}-byte response a byte at a time, "
+        f"{settings.interval:g} s apart: the whole response from the status line on, or the "
+        "body after headers sent at once (with a `Content-Length`, or chunked in one-byte "
+        "chunks, or with a `Content-Length` and read by `iter_content(1)` after "
+        "`session.get(..., stream=True)` returned).  Each GET goes through `lb.session()` "
+        f"with `timeout={TRICKLE_TIMEOUT}`, so no wait for data reaches the read timeout, and "
+        "`retries.deadline` as shown (default retries: 3 attempts); a fresh balancer per row.  "
+        "Time to end is the wall time from the call to its exception (or to the end of the "
+        "body); `x body without deadline` compares with the one request without a deadline, which "
+        "read the whole response.")
+    return "\n".join([environment, "", method, "",
+                      *(f"- {line}" for line in trickle_summary(runs)), "",
+                      markdown_table(*trickle_rows(runs, settings))])
+
+
+def trickle_main(args: Any) -> int:
+    """Run (d) alone, print its table and, unless told not to, update its RESULTS.md section."""
+    settings = TRICKLE_QUICK if args.quick else TRICKLE_FULL
+    began = time.perf_counter()
+    with sigterm_raises():
+        runs = trickle_runs(settings, progress=not args.quick)
+    print("a trickling response against retries.deadline: time to end (median of a few runs)")
+    publish(args, "--quick: a smoke test with a faster trickle and one request per row",
+            trickle_summary(runs), [trickle_rows(runs, settings)],
+            trickle_report(runs, settings, time.perf_counter() - began), TRICKLE_SECTION)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the tables and, unless told not to, update RESULTS.md."""
     parser = benchmark_parser(
         __doc__, "under 45 seconds with short runs (smoke test); no write",
         "seed of the run order and delays", f"the file whose '{SECTION}' section is replaced")
     parser.add_argument("--run-seconds", type=float, help="seconds of each run of (a)")
+    parser.add_argument("--trickle", action="store_true",
+                        help="run only (d), a trickling response against the deadline, and "
+                             f"update its own '{TRICKLE_SECTION}' section")
     args = parser.parse_args(argv)
+    if args.trickle:
+        return trickle_main(args)
 
     settings = QUICK if args.quick else FULL
     if args.run_seconds is not None:

@@ -4,7 +4,7 @@ The request path::
 
     Session.send -> LoadBalancedAdapter.send -> [attempt loop, tenacity-driven]
         -> LoadBalancer.pick (excluding endpoints already tried) -> endpoint's urllib3 pool
-        -> response (body read inside the loop unless streaming) -> lease released
+        -> response (body read inside the loop unless streamed or a redirect) -> lease released
 
 The URL requests sees stays the logical one (``http://users/api``), so its redirect handling,
 auth stripping, cookie domains and netrc all work on the service name; only the connection goes
@@ -61,6 +61,7 @@ from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from . import context
+from ._deadline import DEADLINE
 from .config import KeySource
 from .exceptions import HTTPPoolExhausted, NoEndpointAvailable
 from .lease import Lease
@@ -111,6 +112,14 @@ class LoadBalancedAdapter(HTTPAdapter):
         state: dict[str, Any] = {attr: getattr(self, attr, None) for attr in self.__attrs__}
         state["balancer"] = self.balancer
         return state
+
+    def close(self) -> None:
+        """Close pass-through hosts' connections; safe twice (``Session.close()`` does that).
+
+        The balancer's pools are shared by every session and stay open until
+        :meth:`LoadBalancer.close <tai_lb.LoadBalancer.close>`; this adapter remains usable.
+        """
+        super().close()
 
     def send(self, request: requests.PreparedRequest, stream: bool = False,
              timeout: _TimeoutArg = None, verify: Union[bool, str] = True,
@@ -453,6 +462,9 @@ class _BalancedSend:
         if self.rewind_to is not None:
             body.seek(self.rewind_to)  # type: ignore[union-attr]
         chunked = not (body is None or "Content-Length" in self.request.headers)
+        # Every read and send of this attempt, and of a streamed body read later, ends by the
+        # deadline (see _deadline.py): a read timeout alone bounds only each wait for data.
+        token = DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         try:
             raw = pool.urlopen(method=self.method, url=self.request.path_url, body=body,
                                headers=self.headers, redirect=False, assert_same_host=False,
@@ -465,6 +477,8 @@ class _BalancedSend:
             translated = to_requests_error(error, self.request, self.service, lease.address,
                                            pool_wait)
             return self._failed(number, record, kind, translated)
+        finally:
+            DEADLINE.reset(token)
 
         response = self.adapter.build_response(self.request, raw)
         record.outcome, record.status = "response", response.status_code
@@ -479,7 +493,10 @@ class _BalancedSend:
                 self.last_error = None
                 raise _RetryAttempt(record.decision)
             record.decision = f"stop: {why_not}"
-        if not self.stream:
+        # A redirect's body is left to requests, as a streamed one: resolve_redirects() reads it
+        # and, like plain requests, falls back to the raw bytes when it is cut off or cannot be
+        # decoded, so a broken redirect body never fails (or retries) the request.
+        if not (self.stream or response.is_redirect):
             try:
                 response.content  # noqa: B018 - read the body inside the loop
             except (ChunkedEncodingError, requests.exceptions.ConnectionError) as error:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
+from ._deadline import DeadlineHTTPConnection, DeadlineHTTPSConnection
 from ._settings import Settings, check_int
 from .exceptions import ConfigError
 
@@ -101,9 +102,13 @@ class _PoolMixin:
 class TaiHTTPConnectionPool(_PoolMixin, HTTPConnectionPool):
     """urllib3's HTTP pool with idle expiry and release callbacks."""
 
+    ConnectionCls = DeadlineHTTPConnection  # reads and sends end by the request's deadline
+
 
 class TaiHTTPSConnectionPool(_PoolMixin, HTTPSConnectionPool):
     """urllib3's HTTPS pool with idle expiry, release callbacks and connect-phase marking."""
+
+    ConnectionCls = DeadlineHTTPSConnection
 
 
 def failed_while_connecting(error: BaseException) -> bool:

@@ -238,3 +238,80 @@ def chunked_cut_off(handler: _Handler, record: dict[str, Any]) -> None:
     handler.wfile.flush()
     time.sleep(0.01)
     handler.reset()
+
+
+class Trickle:
+    """A behaviour that sends its response one step at a time, ``interval`` seconds apart.
+
+    Every wait is shorter than any read timeout, so only a deadline ends such a request early.
+
+    :param where: ``"status"``: the whole response (status line and headers included) trickles,
+        a byte at a time; ``"body"``: the headers come at once, then a ``Content-Length`` body a
+        byte at a time; ``"chunked"``: the headers come at once, then a chunked body of one-byte
+        chunks.
+    :param size: bytes of body.
+    """
+
+    def __init__(self, where: str, size: int = 20, interval: float = 0.05,
+                 status: int = 200) -> None:
+        assert where in ("status", "body", "chunked"), where
+        self.where = where
+        self.size = size
+        self.interval = interval
+        self.status = status
+        self.steps_sent = 0
+        self.cut = threading.Event()  # the client closed the connection before the end
+        self.finished = threading.Event()  # the whole response went out
+
+    def _parts(self) -> tuple[bytes, list[bytes]]:
+        body = b"t" * self.size
+        if self.where == "chunked":
+            head = (f"HTTP/1.1 {self.status} Trickle\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .encode())
+            return head, [b"1\r\nt\r\n"] * self.size + [b"0\r\n\r\n"]
+        head = f"HTTP/1.1 {self.status} Trickle\r\nContent-Length: {self.size}\r\n\r\n".encode()
+        if self.where == "status":
+            whole = head + body
+            return b"", [whole[i:i + 1] for i in range(len(whole))]
+        return head, [body[i:i + 1] for i in range(len(body))]
+
+    def __call__(self, handler: _Handler, record: dict[str, Any]) -> None:
+        head, steps = self._parts()
+        try:
+            if head:
+                handler.wfile.write(head)
+            for step in steps:
+                time.sleep(self.interval)
+                handler.wfile.write(step)
+                self.steps_sent += 1
+        except OSError:  # EPIPE or a reset: the client closed its end
+            self.cut.set()
+            handler.close_connection = True
+            return
+        self.finished.set()
+
+
+def redirect_with_broken_body(kind: str, location: str = "/target") -> Behaviour:
+    """A 302 to ``location`` whose body is broken, then ``ok`` on every other path.
+
+    :param kind: ``"bad_gzip"``: ``Content-Encoding: gzip`` on a body that is not gzip;
+        ``"chunked_cut_off"``: a chunked body that stops after one chunk, with a reset.
+    """
+    assert kind in ("bad_gzip", "chunked_cut_off"), kind
+
+    def behaviour(handler: _Handler, record: dict[str, Any]) -> None:
+        if record["path"] != "/start":
+            handler.server.backend.ok(handler, record)
+        elif kind == "bad_gzip":
+            handler.reply(302, b"this is not gzip", {"Location": location,
+                                                      "Content-Encoding": "gzip"})
+        else:
+            handler.send_response(302)
+            handler.send_header("Location", location)
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"5\r\nhello\r\n")
+            handler.wfile.flush()
+            time.sleep(0.01)
+            handler.reset()
+    return behaviour

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -378,6 +379,36 @@ def test_redirect_to_another_host_carries_no_credentials(backend_factory: Factor
     assert "Cookie" not in landed
 
 
+def outcome(session: requests.Session, url: str, **options: Any) -> tuple[Any, ...]:
+    """What a GET ended with: its statuses, final path and body, or its exception's type."""
+    try:
+        r = session.get(url, **options)
+    except requests.exceptions.RequestException as error:
+        return ("raised", type(error).__name__)
+    return ("answered", [h.status_code for h in r.history], r.status_code,
+            urlsplit(r.url).path, r.content if r.is_redirect else r.json()["path"])
+
+
+@pytest.mark.parametrize("kind", ["bad_gzip", "chunked_cut_off"])
+def test_a_redirect_with_a_broken_body_is_followed_as_plain_requests_does(
+        backend_factory: Factory, kind: str) -> None:
+    backend = backend_factory()
+    backend.behaviour = backends.redirect_with_broken_body(kind)
+    with balancer(backend) as lb, requests.Session() as plain:
+        s = lb.session()
+        direct = f"http://127.0.0.1:{backend.port}/start"
+        for options in ({}, {"stream": True}):
+            expected = outcome(plain, direct, **options)
+            assert expected == ("answered", [302], 200, "/target", "/target")  # followed
+            assert outcome(s, "http://users/start", **options) == expected
+        # Not followed: requests still reads the 3xx body in resolve_redirects (for r.next).
+        expected = outcome(plain, direct, allow_redirects=False)
+        assert outcome(s, "http://users/start", allow_redirects=False) == expected
+        assert lb.stats("users")[backend.address].in_flight == 0
+    balanced = [r["path"] for r in backend.received if r["headers"]["Host"] == "users"]
+    assert balanced == ["/start", "/target", "/start", "/target", "/start"]  # never retried
+
+
 def test_environment_proxies_are_bypassed_for_services(
         backend_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = backend_factory()
@@ -672,6 +703,26 @@ def test_missing_ca_bundle_fails_before_sending_like_requests(backend_factory: F
         with pytest.raises(OSError, match="Could not find a suitable TLS CA certificate bundle"):
             lb.session().get("https://users/", verify="/nonexistent/ca.pem")
         assert lb.stats("users")[backend.address].requests == 0
+
+
+def test_closing_a_session_twice_leaves_the_balancer_and_other_sessions_working(
+        backend_factory: Factory) -> None:
+    backend, plain = backend_factory(), backend_factory("plain")
+    with balancer(backend) as lb:
+        closing, other = lb.session(), lb.session()
+        assert closing.get("http://users/a").status_code == 200
+        backend.behaviour = backends.streamed(chunks=3, size=1000)
+        streamed = other.get("http://users/stream", stream=True)  # in flight on a shared pool
+        closing.close()  # the one adapter is mounted twice: closed twice
+        closing.close()
+        assert sum(len(c) for c in streamed.iter_content(1000)) == 3000  # not cut under it
+        backend.behaviour = backend.ok
+        assert lb.session().get("http://users/b").json()["path"] == "/b"
+        # As a closed plain requests session, a closed one still works, balanced or not.
+        assert closing.get("http://users/c").json()["path"] == "/c"
+        assert closing.get(f"http://127.0.0.1:{plain.port}/d").json()["backend"] == "plain"
+        assert lb.stats("users")[backend.address].in_flight == 0
+        assert not lb.closed
 
 
 def test_a_closed_balancer_raises_a_requests_error(backend_factory: Factory) -> None:

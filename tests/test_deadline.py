@@ -1,0 +1,176 @@
+"""``retries.deadline`` bounds the whole request, whatever the server does, against real servers.
+
+Each backend here trickles its response: every wait for data is far shorter than the read
+timeout, so before the deadline was enforced on every socket read these requests ran until the
+server was done (3 s and more), and then succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+import requests
+import urllib3
+
+from tai_lb import LoadBalancer, trace_of
+
+from .backends import Backend, Trickle
+from .conftest import wait_for
+
+Factory = Callable[..., Backend]
+TIMEOUT = (1, 2)  # each wait for data is at most 0.05 s: the read timeout never fires
+SLOW = 60  # bytes trickled 0.05 s apart: 3 s for the whole response
+
+
+@pytest.fixture
+def backend_factory() -> Iterator[Factory]:
+    made: list[Backend] = []
+
+    def make(name: str = "", **kwargs: Any) -> Backend:
+        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        with contextlib.suppress(OSError):
+            backend.stop()
+
+
+def balancer(*backends_: Backend, **service: Any) -> LoadBalancer:
+    settings = {"endpoints": [b.address for b in backends_], **service}
+    return LoadBalancer.from_config({"services": {"users": settings}})
+
+
+def assert_cut_at_the_deadline(trickle: Trickle, lb: LoadBalancer, *addresses: str) -> None:
+    """The server saw its connection closed before the end, and no lease stayed open."""
+    assert wait_for(trickle.cut.is_set, timeout=5)  # closed, not given back to the pool
+    assert not trickle.finished.is_set()
+    stats = lb.stats("users")
+    assert sum(stats[address].in_flight for address in addresses) == 0
+    assert sum(stats[address].failures for address in addresses) == 1
+
+
+@pytest.mark.parametrize("where", ["status", "body", "chunked"])
+def test_a_trickling_response_ends_at_the_deadline_without_a_retry(
+        backend_factory: Factory, where: str) -> None:
+    a, b = backend_factory(), backend_factory()
+    trickle = Trickle(where, size=SLOW)
+    a.behaviour = b.behaviour = trickle
+    with balancer(a, b, retries={"deadline": 0.5}) as lb:
+        with pytest.raises((requests.exceptions.Timeout,
+                            requests.exceptions.ConnectionError)) as caught:
+            lb.session().get("http://users/", timeout=TIMEOUT)
+        trace = trace_of(caught.value)
+        assert trace is not None and len(trace.attempts) == 1, trace
+        assert "deadline" in trace.attempts[0].decision
+        assert_cut_at_the_deadline(trickle, lb, a.address, b.address)
+
+
+def test_a_streamed_body_read_after_send_ends_at_the_deadline(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    trickle = Trickle("body", size=SLOW)
+    backend.behaviour = trickle
+    with balancer(backend, retries={"deadline": 0.5}) as lb:
+        with lb.session().get("http://users/", stream=True, timeout=TIMEOUT) as r:
+            assert r.status_code == 200  # the headers came at once
+            with pytest.raises(requests.exceptions.ConnectionError):
+                for _ in r.iter_content(1):
+                    pass
+        assert_cut_at_the_deadline(trickle, lb, backend.address)
+
+
+def test_a_streamed_body_read_raw_ends_at_the_deadline(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    trickle = Trickle("chunked", size=SLOW)
+    backend.behaviour = trickle
+    with balancer(backend, retries={"deadline": 0.5}) as lb:
+        r = lb.session().get("http://users/", stream=True, timeout=TIMEOUT)
+        with r, pytest.raises(urllib3.exceptions.ReadTimeoutError):  # as plain requests' raw
+            r.raw.read()
+        assert_cut_at_the_deadline(trickle, lb, backend.address)
+
+
+def test_the_connection_cut_at_the_deadline_is_not_reused(backend_factory: Factory) -> None:
+    backend = backend_factory()
+    trickle = Trickle("body", size=SLOW)
+    with balancer(backend, retries={"deadline": 0.5}) as lb:
+        s = lb.session()
+        assert s.get("http://users/first").status_code == 200  # one pooled connection
+        backend.behaviour = trickle
+        with pytest.raises(requests.exceptions.ConnectionError):
+            s.get("http://users/", timeout=TIMEOUT)
+        backend.behaviour = backend.ok
+        assert s.get("http://users/after").json()["path"] == "/after"
+        assert wait_for(trickle.cut.is_set, timeout=5)
+        # The next request went out on a new connection and was answered in full.
+        assert lb.stats("users")[backend.address].in_flight == 0
+
+
+def test_without_a_deadline_a_trickling_response_is_read_to_the_end(
+        backend_factory: Factory) -> None:
+    backend = backend_factory()
+    trickle = Trickle("chunked", size=4, interval=0.02)
+    backend.behaviour = trickle
+    with balancer(backend) as lb:
+        r = lb.session().get("http://users/", timeout=TIMEOUT)
+        assert r.content == b"tttt"
+        assert trickle.finished.is_set() and not trickle.cut.is_set()
+
+
+
+class SlowReader:
+    """A raw server on 127.0.0.1 that reads each request 64 KiB at a time, 0.02 s apart."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="test-slow-reader", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self.listener.accept()
+            with client:
+                while not self.stopped.wait(0.02):
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    if data.endswith(b"0\r\n\r\n"):  # the last chunk: the whole body came
+                        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_a_slowly_read_upload_ends_at_the_deadline() -> None:
+    server = SlowReader()
+    chunks = 256
+    sent = []
+
+    def body() -> Iterator[bytes]:  # 16 MiB: each send is quick, the whole upload takes 5 s
+        for number in range(chunks):
+            sent.append(number)
+            yield b"u" * 65536
+
+    try:
+        config = {"services": {"users": {"endpoints": [server.address],
+                                         "retries": {"deadline": 0.5}}}}
+        with LoadBalancer.from_config(config) as lb:
+            with pytest.raises(requests.exceptions.ConnectionError) as caught:
+                lb.session().post("http://users/upload", data=body(), timeout=TIMEOUT)
+            trace = trace_of(caught.value)
+            assert trace is not None and len(trace.attempts) == 1
+            assert len(sent) < chunks  # the upload stopped at the deadline, not at its end
+            assert lb.stats("users")[server.address].in_flight == 0
+    finally:
+        server.stop()
