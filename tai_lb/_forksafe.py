@@ -4,6 +4,12 @@ A lock held by another thread at the moment of a fork stays held forever in the 
 child has none of the parent's threads.  Objects that own locks or threads register a method here;
 it runs in the child right after the fork, before any user code.
 
+A reset replaces what it must not use; it never frees what it replaces.  Freeing an inherited
+object may run code that takes one of its locks (a urllib3 pool's finalizer empties its queue
+under the queue's lock), and a parent's thread may have held that lock at the fork: the child
+would hang inside ``os.fork()``.  So a reset hands every object it replaces to :func:`inherited`,
+which keeps it alive for the life of the process.
+
 Random sources the library makes itself are :class:`ForkRandom` instances, reseeded in every
 child, so that forked workers do not make the same random choices.
 """
@@ -22,12 +28,20 @@ log = logging.getLogger(__name__)
 _hooks: weakref.WeakKeyDictionary[Any, list[Callable[[Any], None]]] = weakref.WeakKeyDictionary()
 _hooks_lock = threading.Lock()
 _randoms: weakref.WeakSet[ForkRandom] = weakref.WeakSet()
+# What resets replaced in this process, kept for ever: see the module's docstring.  It grows by
+# one set of objects per fork in the process's ancestry, not per request.
+_inherited: list[Any] = []
 
 
 def after_fork_in_child(owner: Any, reset: Callable[[Any], None]) -> None:
     """Call ``reset(owner)`` in every forked child for as long as ``owner`` is alive."""
     with _hooks_lock:
         _hooks.setdefault(owner, []).append(reset)
+
+
+def inherited(*objects: Any) -> None:
+    """Keep ``objects`` (what a reset replaced) alive for good: never free them in the child."""
+    _inherited.append(objects)
 
 
 class ForkRandom(random.Random):
@@ -46,6 +60,7 @@ class ForkRandom(random.Random):
 
 def _run_child_hooks() -> None:
     global _hooks_lock
+    inherited(_hooks_lock)
     _hooks_lock = threading.Lock()  # the parent may have held it during the fork
     for rng in list(_randoms):
         rng.seed()  # from os.urandom; in place, so pickers already prepared follow too

@@ -10,11 +10,15 @@
 Pools are urllib3 ``PoolManager`` pools keyed by endpoint address, scheme and every TLS setting
 (server name, CA bundle, client certificate, verification), so a request with ``verify=False``
 gets its own pool and never weakens the next request (CVE-2024-35195).
+
+Threads waiting for a connection are served first come, first served (:class:`FairQueue`).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import queue
 import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping
@@ -23,10 +27,11 @@ from typing import Any, Callable, Optional
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
+from . import _forksafe
 from ._settings import Settings, check_int
 from .exceptions import ConfigError
 
-__all__ = ["EndpointPools", "PoolConfig"]
+__all__ = ["EndpointPools", "FairQueue", "PoolConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +72,88 @@ class PoolConfig(Settings):
         object.__setattr__(self, "idle_timeout", _seconds(self.idle_timeout, "idle_timeout"))
 
 
+class _Waiter:
+    """A thread waiting in :meth:`FairQueue.get`: a lock it sleeps on until it is handed an item."""
+
+    __slots__ = ("given", "item", "wake")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()  # released by the hand-off
+        self.given = False
+        self.item: Any = None
+
+
+class FairQueue(queue.LifoQueue):  # type: ignore[type-arg]
+    """urllib3's pool queue, with waiting threads served first come, first served.
+
+    Idle connections stay last in, first out (urllib3 reuses the most recent, whose socket is
+    likeliest alive).  A thread that finds none joins a queue of waiters, and a connection put
+    back goes straight to the thread that has waited longest, as HikariCP's hand-off does.
+    With a plain :class:`queue.LifoQueue`, a put back only wakes a waiter, and the thread that
+    put it back, or any newcomer, usually takes it again first: under load some threads win
+    again and again while others wait for seconds.  ``get()`` keeps the queue's ``block`` and
+    ``timeout`` semantics (:class:`queue.Empty` once ``timeout`` has passed).
+    """
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        _forksafe.after_fork_in_child(self, FairQueue._reset_after_fork)
+
+    def _put(self, item: Any) -> None:
+        # Called with the mutex held, by put(): a waiter gets the item, else it goes idle.
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.item, waiter.given = item, True
+            waiter.wake.release()
+        else:
+            super()._put(item)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        """The most recent idle item, or (waiting behind earlier waiters) the next one put."""
+        with self.mutex:
+            if self._qsize():  # there are waiters only while nothing is idle
+                item = self._get()
+                self.not_full.notify()
+                return item
+            if not block:
+                raise queue.Empty
+            if timeout is not None and timeout < 0:
+                raise ValueError("'timeout' must be a non-negative number")
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        try:
+            waiter.wake.acquire(True, -1 if timeout is None else timeout)
+        except BaseException:  # interrupted: never keep a slot, nor a place in the queue
+            with self.mutex:
+                if waiter.given:
+                    self._put(waiter.item)
+                else:
+                    self._waiters.remove(waiter)
+            raise
+        with self.mutex:
+            if waiter.given:  # perhaps just as the wait timed out
+                return waiter.item
+            self._waiters.remove(waiter)
+        raise queue.Empty
+
+    def _reset_after_fork(self) -> None:
+        # The child never uses the parent's pools, but closing or finalizing one (at exit)
+        # empties its queue under the mutex, which a parent's thread may have held at the fork.
+        _forksafe.inherited(self.mutex, self.not_empty, self.not_full, self.all_tasks_done,
+                            self._waiters)
+        self.mutex = threading.Lock()
+        self.not_empty = threading.Condition(self.mutex)
+        self.not_full = threading.Condition(self.mutex)
+        self.all_tasks_done = threading.Condition(self.mutex)
+        self._waiters = collections.deque()  # the parent's threads: none is in the child
+
+
 class _PoolMixin:
     """What tai-lb adds to urllib3's HTTP and HTTPS connection pools."""
 
+    QueueCls = FairQueue
     idle_timeout: float = 1.5
 
     def _get_conn(self, timeout: Optional[float] = None) -> Any:
