@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import threading
 from typing import Any
 
 import pytest
 
 from tai_lb import LoadBalancer, ServiceRegistry
+from tai_lb.pool import PoolConfig
 from tai_lb.strategies import RoundRobin
 
-from .conftest import in_forked_child
+from .conftest import in_forked_child, wait_for
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
 WORKERS = 8
@@ -56,3 +59,42 @@ def test_a_strategy_given_its_own_seeded_rng_is_left_repeatable_in_children() ->
 
         reports = [in_forked_child(first) for _ in range(3)]
         assert reports[0] == reports[1] == reports[2] == first()
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_a_pool_queue_lock_was_held_comes_back() -> None:
+    # The after-fork reset replaces the parent's HTTP pools.  Freeing them would run urllib3's
+    # finalizer, which empties each pool's queue under the queue's lock; a parent's thread
+    # holding that lock at the fork would hang the child inside os.fork().
+    with _balancer() as lb:
+        pool = lb._pools.pool_for("10.0.0.1", 80, "http", PoolConfig(), None, dict)
+        assert pool.pool is not None
+        mutex = pool.pool.mutex
+        del pool  # the balancer holds the only reference, as in a real worker
+        taken, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # a parent's thread taking a connection at the moment of the fork
+            with mutex:
+                taken.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold, name="test-holder")
+        holder.start()
+        try:
+            assert wait_for(taken.is_set)
+            report = in_forked_child(lambda: _first_picks(lb), timeout=20)
+            # and exits: the parent's pools, kept alive, are finalized at exit (here as
+            # sys.exit() would), which empties their queues under that lock too
+            exited = in_forked_child(lambda: _exit_handlers_run(lb), timeout=20)
+        finally:
+            release.set()
+            holder.join()
+        assert set(report) == {"rr", "wrr", "rand"}
+        assert exited == {"exit handlers": "ran"}
+
+
+def _exit_handlers_run(lb: LoadBalancer) -> dict[str, Any]:
+    _first_picks(lb)
+    atexit._run_exitfuncs()
+    return {"exit handlers": "ran"}
