@@ -7,9 +7,10 @@
 * A callback can be attached to a connection; it runs when the connection returns to the pool,
   which is when a streamed response has been read to the end or closed.
 
-Pools are urllib3 ``PoolManager`` pools keyed by endpoint address, scheme and every TLS setting
-(server name, CA bundle, client certificate, verification), so a request with ``verify=False``
-gets its own pool and never weakens the next request (CVE-2024-35195).
+Pools are urllib3 ``PoolManager`` pools keyed by endpoint address, scheme, every TLS setting
+(server name, CA bundle, client certificate, verification) and every ``pool`` setting, so a
+request with ``verify=False`` gets its own pool and never weakens the next request
+(CVE-2024-35195), and two services on one address each get their own pool settings.
 
 Threads waiting for a connection are served first come, first served (:class:`FairQueue`).
 """
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
@@ -156,6 +157,10 @@ class _PoolMixin:
     QueueCls = FairQueue
     idle_timeout: float = 1.5
 
+    def __init__(self, *args: Any, idle_timeout: float = 1.5, **kwargs: Any) -> None:
+        self.idle_timeout = idle_timeout
+        super().__init__(*args, **kwargs)
+
     def _get_conn(self, timeout: Optional[float] = None) -> Any:
         conn = super()._get_conn(timeout)  # type: ignore[misc]
         idle_since = getattr(conn, _IDLE_SINCE, None)
@@ -211,18 +216,57 @@ def on_release(conn: Any, callback: Callable[[], None]) -> None:
     setattr(conn, _ON_RELEASE, callback)
 
 
+class _PoolKey(NamedTuple):
+    """urllib3's pool key (address, scheme, TLS, maxsize, block) plus our ``idle_timeout``."""
+
+    urllib3_key: Any
+    idle_timeout: Optional[float]
+
+
+def _close_pool(pool: HTTPConnectionPool) -> None:
+    pool.close()
+
+
+def _address(key: Any) -> tuple[str, int]:
+    """The (host, port) of one of our pool keys."""
+    return key.urllib3_key.key_host, key.urllib3_key.key_port or 0
+
+
+def _with_idle_timeout(key_fn: Callable[[dict[str, Any]], Any],
+                       ) -> Callable[[dict[str, Any]], _PoolKey]:
+    def pool_key(context: dict[str, Any]) -> _PoolKey:
+        context = dict(context)  # the pool is built from the original, idle_timeout included
+        idle_timeout = context.pop("idle_timeout", None)
+        return _PoolKey(key_fn(context), idle_timeout)
+
+    return pool_key
+
+
 class EndpointPools:
-    """All the HTTP pools of one balancer: one per endpoint, scheme and TLS setting.
+    """All the HTTP pools of one balancer: one per endpoint, scheme, TLS and pool settings.
 
     Thread-safe.  :meth:`close_endpoint` closes an endpoint's pools (its idle connections at
-    once, connections in use when they come back); :meth:`close` closes everything.
+    once, connections in use when they come back); :meth:`close` closes everything, and a
+    pool asked for afterwards comes closed (its requests fail with urllib3's
+    ``ClosedPoolError``, before anything is sent).
     """
 
     def __init__(self, num_pools: int = 1000) -> None:
         self._manager = PoolManager(num_pools=num_pools)
         self._manager.pool_classes_by_scheme = {"http": TaiHTTPConnectionPool,
                                                 "https": TaiHTTPSConnectionPool}
+        # Every pool setting is part of a pool's identity: urllib3's key knows maxsize and
+        # block, and idle_timeout is added, so services on one address never share a pool
+        # whose settings the last of them would win.
+        key_fns: dict[str, Any] = {scheme: _with_idle_timeout(key_fn)
+                                   for scheme, key_fn in self._manager.key_fn_by_scheme.items()}
+        self._manager.key_fn_by_scheme = key_fns
+        # urllib3 1.26's manager closes the pools it lets go (LRU eviction, clear(), del);
+        # urllib3 2's only drops them, and their sockets close whenever the pools are freed:
+        # closing is what close_endpoints() and close() promise, on both.
+        self._manager.pools.dispose_func = _close_pool
         self._lock = threading.Lock()
+        self._closed = False
         # The manager's key normalisation costs more than the rest of a pick: remember its
         # answers by the raw settings.  Entries go with close_endpoint() and close().
         self._cache: dict[tuple[Any, ...], HTTPConnectionPool] = {}
@@ -238,12 +282,21 @@ class EndpointPools:
         pool = self._cache.get(key)
         if pool is not None and pool.pool is not None:
             return pool
-        kwargs: dict[str, Any] = {"maxsize": settings.maxsize, "block": settings.block}
+        kwargs: dict[str, Any] = {"maxsize": settings.maxsize, "block": settings.block,
+                                  "idle_timeout": settings.idle_timeout}
         if scheme == "https":
             kwargs.update(tls())
+        if self._closed:  # a request that picked just before close(): it fails unsent
+            late: HTTPConnectionPool = self._manager.pool_classes_by_scheme[scheme](host, port)
+            late.close()
+            return late
         pool = self._manager.connection_from_host(host, port, scheme, pool_kwargs=kwargs)
-        pool.idle_timeout = settings.idle_timeout  # type: ignore[attr-defined]
-        self._cache[key] = pool
+        with self._lock:
+            kept = not self._closed
+            if kept:
+                self._cache[key] = pool
+        if not kept:  # close() came while the pool was made, and may have missed it
+            pool.close()
         return pool
 
     def close_endpoint(self, host: str, port: int) -> int:
@@ -268,7 +321,7 @@ class EndpointPools:
         with self._lock:
             # The container refuses plain iteration (not thread-safe); keys() takes its lock.
             keys = [k for k in pools.keys()  # noqa: SIM118
-                    if (k.key_host, k.key_port) in gone]
+                    if _address(k) in gone]
         closed = 0
         for key in keys:
             try:
@@ -280,10 +333,15 @@ class EndpointPools:
 
     def endpoints(self) -> list[tuple[str, int]]:
         """The (host, port) pairs that have at least one pool."""
-        return sorted({(k.key_host, k.key_port or 0)
-                       for k in self._manager.pools.keys()})  # noqa: SIM118
+        return sorted(set(map(_address, self._manager.pools.keys())))
 
     def close(self) -> None:
-        """Close every pool."""
-        self._cache.clear()
-        self._manager.clear()
+        """Close every pool (idle connections at once, those in use when they come back).
+
+        Pools are closed, not dropped: with urllib3 2, a dropped pool's sockets close only
+        when the pool is freed.  Safe to call twice.
+        """
+        with self._lock:
+            self._closed = True
+            self._cache.clear()
+        self._manager.clear()  # closes them (dispose_func), outside the container's lock

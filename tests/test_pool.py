@@ -1,15 +1,16 @@
-"""HTTP pools: waiters served in order."""
+"""HTTP pools: waiters served in order, every service's own pool settings, close()."""
 
 from __future__ import annotations
 
 import threading
-from typing import Union
+from typing import Any, Union
 
 import pytest
 import requests
+from urllib3.exceptions import ClosedPoolError
 
 import tai_lb
-from tai_lb.pool import FairQueue, TaiHTTPConnectionPool
+from tai_lb.pool import EndpointPools, FairQueue, PoolConfig, TaiHTTPConnectionPool
 
 from .backends import Backend
 from .conftest import functions_on_stack, wait_for
@@ -84,6 +85,65 @@ def test_an_exhausted_fair_pool_still_fails_as_http_pool_exhausted() -> None:
             finally:
                 pool._put_conn(held)
             assert lb.session().get("http://users/").status_code == 200
+    finally:
+        backend.stop()
+
+
+def test_services_on_one_address_each_get_their_own_pool_settings() -> None:
+    pools = EndpointPools()
+    quick = pools.pool_for("127.0.0.1", 8080, "http", PoolConfig(idle_timeout=0.5), None, dict)
+    slow = pools.pool_for("127.0.0.1", 8080, "http", PoolConfig(idle_timeout=30.0), None, dict)
+    assert quick is not slow  # one pool would keep the last writer's idle_timeout
+    assert (quick.idle_timeout, slow.idle_timeout) == (0.5, 30.0)  # type: ignore[attr-defined]
+    same = pools.pool_for("127.0.0.1", 8080, "http", PoolConfig(idle_timeout=0.5, timeout=9.0),
+                          None, dict)
+    assert same is quick  # what only a request's wait uses needs no pool of its own
+    assert pools.endpoints() == [("127.0.0.1", 8080)]
+    assert pools.close_endpoint("127.0.0.1", 8080) == 2
+    assert quick.pool is None and slow.pool is None
+    pools.close()
+
+
+def test_two_services_on_one_backend_keep_their_idle_timeouts() -> None:
+    backend = Backend("shared")
+    try:
+        config = {"services": {
+            "quick": {"endpoints": [backend.address], "pool": {"idle_timeout": 0.5}},
+            "slow": {"endpoints": [backend.address], "pool": {"idle_timeout": 30}}}}
+        with tai_lb.LoadBalancer.from_config(config) as lb, lb.session() as session:
+            for service in ("quick", "slow"):
+                assert session.get(f"http://{service}/").status_code == 200
+            timeouts = {}
+            for service in ("quick", "slow"):
+                pool = lb._pools.pool_for("127.0.0.1", backend.port, "http",
+                                          lb.service_config(service).pool, None, dict)
+                timeouts[service] = pool.idle_timeout  # type: ignore[attr-defined]
+            assert timeouts == {"quick": 0.5, "slow": 30.0}
+    finally:
+        backend.stop()
+
+
+def test_close_closes_every_pool_and_later_pools_come_closed() -> None:
+    backend = Backend("one")
+    try:
+        config: dict[str, Any] = {"services": {"users": {"endpoints": [backend.address]}}}
+        lb = tai_lb.LoadBalancer.from_config(config)
+        with lb.session() as session:
+            assert session.get("http://users/").status_code == 200
+        settings = lb.service_config("users").pool
+        pool = lb._pools.pool_for("127.0.0.1", backend.port, "http", settings, None, dict)
+        idle = list(pool.pool.queue)  # type: ignore[union-attr]
+        assert any(c is not None and c.sock is not None for c in idle)  # a kept-alive socket
+        lb.close()
+        assert pool.pool is None
+        assert all(c is None or c.sock is None for c in idle)  # closed, not left to the GC
+        # A request that picked just before close() asks for its pool just after: it gets a
+        # closed one (its attempt fails before sending), never a new pool nobody will close.
+        late = lb._pools.pool_for("127.0.0.1", backend.port, "http", settings, None, dict)
+        assert late.pool is None
+        with pytest.raises(ClosedPoolError):
+            late.urlopen("GET", "/")
+        assert lb._pools.endpoints() == []
     finally:
         backend.stop()
 
