@@ -252,6 +252,8 @@ class EndpointPools:
     """
 
     def __init__(self, num_pools: int = 1000) -> None:
+        self._num_pools = num_pools
+        self._parent: Optional[EndpointPools] = None  # a forked child's inherited pools
         self._manager = PoolManager(num_pools=num_pools)
         self._manager.pool_classes_by_scheme = {"http": TaiHTTPConnectionPool,
                                                 "https": TaiHTTPSConnectionPool}
@@ -286,6 +288,10 @@ class EndpointPools:
                                   "idle_timeout": settings.idle_timeout}
         if scheme == "https":
             kwargs.update(tls())
+        parent = self._parent
+        if parent is not None:  # the first pool asked for in a forked child
+            self._parent = None
+            parent._close_inherited()
         if self._closed:  # a request that picked just before close(): it fails unsent
             late: HTTPConnectionPool = self._manager.pool_classes_by_scheme[scheme](host, port)
             late.close()
@@ -298,6 +304,26 @@ class EndpointPools:
         if not kept:  # close() came while the pool was made, and may have missed it
             pool.close()
         return pool
+
+    def for_child(self) -> EndpointPools:
+        """New, empty pools for a forked child, which must never use the parent's connections.
+
+        Called in the after-fork hook, where nothing inherited may be closed or freed (see
+        :mod:`tai_lb._forksafe`): these pools are kept for good.  The child closes its copies
+        of their idle sockets (the parent's stay open) when it first asks for a pool, outside
+        the hook, so a long-lived worker does not hold the parent's connections open.
+        """
+        _forksafe.inherited(self)
+        child = EndpointPools(self._num_pools)
+        child._parent = self
+        return child
+
+    def _close_inherited(self) -> None:
+        # In the child, after the fork hooks: every queue has fresh locks by now.  The cache
+        # knows every live pool; the manager's container lock, perhaps held at the fork, is
+        # not taken.
+        for pool in list(self._cache.values()):
+            pool.close()
 
     def close_endpoint(self, host: str, port: int) -> int:
         """Close every pool of the endpoint at ``host:port``; returns how many."""

@@ -14,6 +14,7 @@ from tai_lb import LoadBalancer, ServiceRegistry
 from tai_lb.pool import PoolConfig
 from tai_lb.strategies import RoundRobin
 
+from .backends import Backend
 from .conftest import in_forked_child, wait_for
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
@@ -96,5 +97,37 @@ def test_a_child_forked_while_a_pool_queue_lock_was_held_comes_back() -> None:
 
 def _exit_handlers_run(lb: LoadBalancer) -> dict[str, Any]:
     _first_picks(lb)
+    # The child's first pool closes its copies of the parent's idle connections.
+    lb._pools.pool_for("10.0.0.2", 80, "http", PoolConfig(), None, dict)
     atexit._run_exitfuncs()
     return {"exit handlers": "ran"}
+
+
+@fork_only
+def test_a_child_closes_its_copies_of_the_parents_idle_connections_on_first_use() -> None:
+    backend = Backend("one")
+    try:
+        config = {"services": {"users": {"endpoints": [backend.address]}}}
+        with LoadBalancer.from_config(config) as lb, lb.session() as session:
+            assert session.get("http://users/").status_code == 200
+            pool = lb._pools.pool_for("127.0.0.1", backend.port, "http",
+                                      lb.service_config("users").pool, None, dict)
+            idle = [c for c in pool.pool.queue if c is not None]  # type: ignore[union-attr]
+            sockets = [c.sock for c in idle]
+            assert sockets and all(s is not None for s in sockets)
+
+            def child() -> dict[str, Any]:
+                kept_through_fork = sum(c.sock is not None for c in idle)
+                with lb.session() as own:
+                    status = own.get("http://users/").status_code
+                return {"kept through fork": kept_through_fork, "status": status,
+                        "open after first use": sum(c.sock is not None for c in idle)}
+
+            report = in_forked_child(child, timeout=20)
+            assert report == {"kept through fork": len(idle), "status": 200,
+                              "open after first use": 0}
+            # The child closed only its copies: the parent's connection is still its own.
+            assert session.get("http://users/").status_code == 200
+            assert [c.sock for c in idle] == sockets  # reused, not reconnected
+    finally:
+        backend.stop()
