@@ -168,6 +168,9 @@ class LoadBalancer:
         return [e for e in self.registry.endpoints(service) if e.address not in backups]
 
     def _reset_after_fork(self) -> None:
+        # What is replaced here is kept, never freed (see _forksafe): freeing the parent's
+        # pools would empty their queues under locks a parent's thread may have held.
+        _forksafe.inherited(self._lock, self._rebuild_locks, self._routes, self._pickers)
         # A lock held by another thread at the fork stays held in the child: replace them all.
         self._lock = threading.Lock()
         self._rebuild_locks = {}
@@ -177,10 +180,12 @@ class LoadBalancer:
         self._pickers = {}
         for table in self._stats.values():
             for stats in table.values():
+                _forksafe.inherited(stats._lock)
                 stats._lock = threading.Lock()
         # The parent's connections must not be shared: the child starts with no pools.
-        self._pools = EndpointPools()
+        self._pools = self._pools.for_child()
         for budget in self._budgets.values():
+            _forksafe.inherited(budget._lock)
             budget._lock = threading.Lock()
         for table in self._stats.values():
             for stats in table.values():

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import pybreaker
 
+from . import _forksafe
 from ._settings import Settings, check_int
 from .exceptions import ConfigError
 
@@ -180,6 +181,7 @@ class EndpointBreaker:
         self._flush()
 
     def _reset_after_fork(self) -> None:
+        _forksafe.inherited(self._lock, self.breaker._lock)  # never freed in the child
         self._lock = threading.Lock()
         self.breaker._lock = threading.RLock()  # pybreaker's own, held at the fork maybe
         self._probe = 0

@@ -360,6 +360,8 @@ class HealthChecker:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _reset_after_fork(self) -> None:
+        # never freed in the child
+        _forksafe.inherited(self._lock, self._wake, self._queue, self._threads)
         was_running = bool(self._threads)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

@@ -147,6 +147,8 @@ class Metrics:
             client.close()
 
     def _reset_after_fork(self) -> None:
+        # never freed in the child (the StatsD client's socket included)
+        _forksafe.inherited(self._lock, self._counts, self._stop, self._thread, self._client)
         self._lock = threading.Lock()
         self._counts = {}  # the parent sends its own
         stopped = self._stop.is_set()

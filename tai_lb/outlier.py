@@ -110,6 +110,7 @@ class OutlierDetector:
         _forksafe.after_fork_in_child(self, OutlierDetector._reset_after_fork)
 
     def _reset_after_fork(self) -> None:
+        _forksafe.inherited(self._lock, self._wake, self._thread)  # never freed in the child
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         had_thread = self._thread is not None

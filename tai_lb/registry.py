@@ -184,6 +184,7 @@ class ServiceRegistry:
         _forksafe.after_fork_in_child(self, ServiceRegistry._reset_after_fork)
 
     def _reset_after_fork(self) -> None:
+        _forksafe.inherited(self._lock, self._handing)  # never freed in the child
         self._lock = threading.Lock()
         if self._delivering and self._handing:
             # The delivering thread is not in the child: the changes it was handing over go

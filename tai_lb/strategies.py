@@ -40,6 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Callable, ClassVar, Optional, Union
 
+from ._forksafe import ForkRandom
 from ._sequences import common_head, common_tail
 from ._settings import check_int
 from .endpoint import Endpoint
@@ -85,12 +86,16 @@ class Strategy(ABC):
     """Base of every strategy: ``prepare(candidates)`` returns a picker for one snapshot.
 
     :param rng: the random source (a seeded :class:`random.Random` makes picks repeatable).
+        When None, the strategy makes its own, reseeded in every forked child so that workers
+        forked from one parent do not pick in step; a source given here is left as it is, and
+        children forked after it was given draw the same numbers (seed one per process if they
+        must differ).
     """
 
     name: ClassVar[str] = ""
 
     def __init__(self, *, rng: Optional[random.Random] = None) -> None:
-        self.rng = rng if rng is not None else random.Random()
+        self.rng = rng if rng is not None else ForkRandom()
 
     @abstractmethod
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -49,11 +51,13 @@ def functions_on_stack(thread: threading.Thread) -> set[str]:
 
 
 def in_forked_child(child: Callable[[], dict[str, Any]],
-                    parent: Callable[[], object] = lambda: None) -> dict[str, Any]:
+                    parent: Callable[[], object] = lambda: None,
+                    timeout: Optional[float] = None) -> dict[str, Any]:
     """Run ``child()`` in a forked child and return what it returned (JSON, through a pipe).
 
     ``parent()`` runs in this process meanwhile. The test fails if the child does not exit
-    cleanly.
+    cleanly, or (with ``timeout``) if it has not answered within ``timeout`` seconds of the
+    fork; the child is then killed, so a child that hangs inside ``os.fork()`` is not left over.
     """
     reader, writer = os.pipe()
     pid = os.fork()
@@ -65,10 +69,22 @@ def in_forked_child(child: Callable[[], dict[str, Any]],
             code = 0
         finally:
             os._exit(code)
+    deadline = None if timeout is None else time.monotonic() + timeout
     os.close(writer)
     parent()
-    with os.fdopen(reader) as pipe:
-        report: dict[str, Any] = json.loads(pipe.read() or "{}")
+    chunks = []
+    with os.fdopen(reader, "rb") as pipe:
+        while True:
+            if deadline is not None and not select.select(
+                    [pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the forked child did not answer within {timeout} s")
+            chunk = os.read(pipe.fileno(), 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    report: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
     assert os.waitpid(pid, 0)[1] == 0, "the forked child failed"
     return report
 

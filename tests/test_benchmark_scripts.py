@@ -46,3 +46,15 @@ def test_faults_benchmark_trickle_quick_mode_prints_its_table() -> None:
     for text in ("status line, a byte per", "chunked body", "streamed body", "x deadline"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_pool_fairness_benchmark_quick_mode_prints_its_table() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pool_fairness.py"),
+                           "--quick"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    for text in ("urllib3 LifoQueue", "tai-lb FairQueue", "p99 / p50", "per-thread requests"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before

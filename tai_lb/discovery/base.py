@@ -197,6 +197,7 @@ class DiscoveryWatcher:
         # The parent's thread is gone, and another of its threads may have been setting an
         # event (holding its lock) at the fork: the child gets fresh ones.
         running = self._thread is not None and not self._stop.is_set()
+        _forksafe.inherited(self._stop, self._wake, self._thread)  # never freed in the child
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = None
         if running:

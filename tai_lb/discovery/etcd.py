@@ -518,6 +518,7 @@ class EtcdProvider(Provider):
         self._thread.start()
 
     def _reset_after_fork(self) -> None:
+        _forksafe.inherited(self._lock, self._stop, self._thread)  # never freed in the child
         self._lock = threading.Lock()
         stopped = self._stop.is_set()
         self._stop = threading.Event()  # its lock may have been held by the parent's thread
@@ -792,6 +793,7 @@ class EtcdRegistrar:
         self.close()
 
     def _forget_after_fork(self) -> None:
+        _forksafe.inherited(self._thread, self._stop, self._lock)  # never freed in the child
         self._thread = None
         self._stop = threading.Event()  # its lock may have been held by the parent's thread
         self._stop.set()
