@@ -8,13 +8,17 @@
      +-- NoEndpointAvailable              nothing could be picked for a service
      |    (requests.exceptions.ConnectionError)
      +-- PoolExhausted                    no connection free within the acquire timeout
-          +-- HTTPPoolExhausted           the same on the HTTP path
-               (requests.exceptions.ConnectionError)
+     |    +-- HTTPPoolExhausted           the same on the HTTP path
+     |         (requests.exceptions.ConnectionError)
+     +-- SourceError                      a discovery source could not be read
+          +-- EtcdError                   etcd unreachable, or answered with an error
 
 ``NoEndpointAvailable`` and ``HTTPPoolExhausted`` are also
 :class:`requests.exceptions.ConnectionError`, so code that already handles connection failures
 from ``requests`` handles them too.  Errors that concern a
 service carry ``service``; errors that concern one endpoint carry ``endpoint`` as well.
+``SourceError`` lives in :mod:`tai_lb.discovery` and ``EtcdError`` in
+:mod:`tai_lb.discovery.etcd`, beside the code that raises them.
 """
 
 from __future__ import annotations

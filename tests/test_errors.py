@@ -49,3 +49,30 @@ def test_errors_pickle(error: LoadBalancerError) -> None:
 def test_requests_handlers_catch_no_endpoint_available() -> None:
     with pytest.raises(requests.exceptions.RequestException):
         raise NoEndpointAvailable("users", "no endpoints registered")
+
+
+def test_discovery_errors_are_in_the_tree() -> None:
+    from tai_lb.discovery import SourceError
+    from tai_lb.discovery.etcd import EtcdError
+
+    assert issubclass(SourceError, LoadBalancerError)
+    assert issubclass(EtcdError, SourceError)
+    copy = pickle.loads(pickle.dumps(EtcdError("etcd at http://127.0.0.1:1: refused")))
+    assert type(copy) is EtcdError and "refused" in str(copy)
+
+
+@pytest.mark.parametrize("ttl", [0, 3601, 2.5, True, "10"])
+def test_a_bad_registrar_ttl_is_a_config_error_naming_it(ttl: object) -> None:
+    from tai_lb import EtcdRegistrar
+
+    with pytest.raises(ConfigError, match=r"^ttl: must be an integer") as caught:
+        EtcdRegistrar(["http://127.0.0.1:1"], "users", "127.0.0.1:8001",
+                      ttl=ttl)  # type: ignore[arg-type]
+    assert isinstance(caught.value, ValueError)
+
+
+def test_an_etcd_client_with_no_url_is_a_config_error() -> None:
+    from tai_lb.discovery.etcd import EtcdClient
+
+    with pytest.raises(ConfigError, match=r"^urls: etcd needs at least one URL"):
+        EtcdClient([])

@@ -33,15 +33,19 @@ from typing import Any, Callable, Optional
 from .. import _forksafe
 from .._settings import Settings, check_int
 from ..endpoint import Endpoint
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, LoadBalancerError
 
 __all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchSettings"]
 
 log = logging.getLogger(__name__)
 
 
-class SourceError(Exception):
-    """The source could not be read at all (down, unreadable, malformed as a whole)."""
+class SourceError(LoadBalancerError):
+    """The source could not be read at all (down, unreadable, malformed as a whole).
+
+    The discovery watcher catches it and keeps the last good set; it reaches user code only
+    from a provider or client called directly.
+    """
 
 
 def read_regular_file(path: str) -> tuple[bytes, os.stat_result]:

@@ -235,7 +235,7 @@ class EtcdClient:
 
     def __init__(self, urls: Sequence[str], timeout: float = 2.0) -> None:
         if not urls:
-            raise ValueError("etcd needs at least one URL")
+            raise ConfigError("urls", "etcd needs at least one URL")
         self.urls = [url.rstrip("/") for url in urls]
         self.timeout = timeout
         self._preferred = 0
@@ -716,8 +716,8 @@ class EtcdRegistrar:
                  prefix: str = "/services", ttl: int = 10, instance_id: Optional[str] = None,
                  timeout: float = 2.0) -> None:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= 3600:
-            raise ValueError(f"ttl must be an integer number of seconds from 1 to 3600, got "
-                             f"{ttl!r}")
+            raise ConfigError("ttl", f"must be an integer number of seconds from 1 to 3600, "
+                                     f"got {ttl!r}")
         # The checks (and messages) of the etcd discovery setting: a ConfigError naming the
         # argument, rather than a string of URLs taken as a list of one-letter URLs.
         urls = EtcdSettings(urls=urls, prefix=prefix, timeout=timeout).urls  # type: ignore[arg-type]
