@@ -123,14 +123,22 @@ class Metrics:
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start sending (does nothing without StatsD settings)."""
+        """Start sending (does nothing without StatsD settings).
+
+        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``); no
+            thread or socket is left open then.
+        """
         statsd_config = self.config.statsd
         if statsd_config is None or self._thread is not None:
             return
         import statsd  # noqa: PLC0415 - a dependency, imported only when used
 
-        self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
-                                          prefix=statsd_config.prefix or None)
+        try:  # the client resolves the host once, here (an IPv4 address, as statsd does)
+            self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
+                                              prefix=statsd_config.prefix or None)
+        except (OSError, UnicodeError, ValueError) as error:  # gaierror; a bad IDNA label
+            raise ConfigError("metrics.statsd.host", f"cannot resolve {shown(statsd_config.host)}"
+                                                     f" to an IPv4 address: {error}") from None
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tai-lb-metrics")
         self._thread.start()

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 
-from tai_lb import ConfigError, KeySource, LoadBalancer, ServiceConfig, load_config
+from tai_lb import (
+    ConfigError,
+    Endpoint,
+    HealthCheckConfig,
+    KeySource,
+    LoadBalancer,
+    ServiceConfig,
+    load_config,
+)
 from tai_lb.config import NOT_SUPPORTED_YET, LoadBalancerConfig
+from tai_lb.discovery import DiscoveryConfig, Provider, StaticSettings
+from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.strategies import ConsistentHash, PeakEwma
 
 from .backends import Backend
+from .conftest import THREAD_PREFIX, wait_for
 
 
 def users(**settings: Any) -> dict[str, Any]:
@@ -405,3 +417,66 @@ def test_a_configuration_that_loads_never_breaks_a_request(backend: Backend, key
         for _ in range(3):
             assert session.get("http://users/").status_code == 200
         assert lb.status()["services"]["users"]
+
+
+# -- a construction that fails leaves nothing running -------------------------------------------
+
+
+def tai_lb_threads() -> list[str]:
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+def test_unresolvable_statsd_host_is_a_config_error_and_leaves_no_thread(
+        backend: Backend) -> None:
+    config = {"services": {"users": {"endpoints": [backend.address],
+                                     "health_check": {"path": "/", "interval": 0.05},
+                                     "discovery": {"type": "static",
+                                                   "endpoints": [backend.address]}}},
+              "metrics": {"statsd": {"host": "nonexistent.invalid"}}}
+    with pytest.raises(ConfigError) as caught:
+        LoadBalancer.from_config(config)
+    assert caught.value.path == "metrics.statsd.host"
+    assert "nonexistent.invalid" in str(caught.value)
+    assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+
+
+class _FailingProvider(Provider):
+    """A provider (a custom one, say) that fails to start."""
+
+    def fetch(self) -> Optional[list[Endpoint]]:
+        return None
+
+    def start(self, notify: Callable[[], None]) -> None:
+        raise RuntimeError("the source is broken")
+
+
+class _FailingSource:
+    def provider(self, service: str) -> Provider:
+        return _FailingProvider()
+
+
+def test_a_failure_while_starting_closes_what_started(backend: Backend) -> None:
+    endpoint = Endpoint.parse(backend.address)
+    started = ServiceConfig(endpoints=(endpoint,), health_check=HealthCheckConfig(path="/"),
+                            discovery=DiscoveryConfig("static", StaticSettings((endpoint,))))
+    failing = ServiceConfig(discovery=DiscoveryConfig("custom", _FailingSource()))
+    config = LoadBalancerConfig({"a": started, "b": failing},
+                                MetricsConfig(StatsdConfig("127.0.0.1", backend.port)))
+    with pytest.raises(RuntimeError, match="the source is broken"):
+        LoadBalancer(config=config)
+    assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+
+
+def test_etcd_answering_200_with_another_shape_is_a_failed_read(backend: Backend) -> None:
+    # The backend answers every POST with 200 and JSON that is no etcd answer: the service
+    # starts without endpoints, its discovery failing (logged, counted) as if etcd were down.
+    config = {"services": {
+        "a": {"discovery": {"type": "static", "endpoints": [backend.address]}},
+        "b": {"discovery": {"type": "etcd", "urls": [f"http://{backend.address}"],
+                            "timeout": 1}}}}
+    with LoadBalancer.from_config(config) as lb:
+        assert not lb.registry.endpoints("b")
+        status = lb.status()["services"]["b"]
+        assert "malformed answer" in json.dumps(status), status
+    assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()

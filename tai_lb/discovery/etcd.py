@@ -294,9 +294,13 @@ class EtcdClient:
         """Every key under ``prefix`` with its value, and the revision they were read at."""
         answer = self.call("kv/range", {"key": _b64(prefix),
                                         "range_end": _b64(_prefix_end(prefix))})
-        pairs = [(_key(_unb64(kv["key"])), _unb64(kv.get("value", "")))
-                 for kv in answer.get("kvs", ())]
-        return int(answer["header"]["revision"]), pairs
+        try:  # a member (or a proxy before it) may answer 200 with JSON of another shape
+            pairs = [(_key(_unb64(kv["key"])), _unb64(kv.get("value", "")))
+                     for kv in answer.get("kvs", ())]
+            return int(answer["header"]["revision"]), pairs
+        except (LookupError, TypeError, ValueError, AttributeError) as error:
+            raise EtcdError(f"etcd kv/range: a malformed answer ({type(error).__name__}: "
+                            f"{str(error)[:200]})") from None
 
     def put(self, key: str, value: Union[str, bytes], lease: int = 0) -> int:
         """Set ``key``, attached to ``lease`` if given; the new revision."""
