@@ -394,9 +394,10 @@ def read_config_file(path: str) -> Mapping[str, Any]:
     try:
         with open(path, "rb") as file:
             raw = file.read()
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        message = error.strerror if isinstance(error, OSError) else None
         raise ConfigError("", f"{path}: cannot read the configuration file: "
-                              f"{error.strerror or error}") from None
+                              f"{message or error}") from None
     try:
         if extension == ".json":
             data = json.loads(raw.decode("utf-8"))

@@ -270,6 +270,11 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.json")
 
 
+def test_a_nul_byte_in_a_file_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the configuration file: embedded null"):
+        load_config(f"{tmp_path}/lb\x00.json")
+
+
 def test_file_errors_name_the_key_path(tmp_path: Path) -> None:
     path = tmp_path / "lb.json"
     path.write_text(json.dumps(users(health_check={"path": "/h", "interval": -1})))
