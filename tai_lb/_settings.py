@@ -1,8 +1,10 @@
-"""What every group of settings shares: building from a configuration mapping, and new()."""
+"""What every group of settings shares: building from a configuration mapping, new(), and the
+checks of numbers and the quoting of values that every ``ConfigError`` message uses."""
 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -10,13 +12,83 @@ from .exceptions import ConfigError
 
 S = TypeVar("S", bound="Settings")
 
+MAX_SECONDS = 86_400.0
+"""The longest duration any setting accepts (one day): every duration must also work as a
+socket timeout, an ``Event.wait()`` and a deadline on the monotonic clock."""
+
+_SHOWN_MAX = 100  # characters of a value quoted in an error message
+
+
+class _Quoting(reprlib.Repr):
+    """``repr()`` that stays short whatever the value: a few levels, items and characters.
+
+    A configuration value may be nested a thousand deep, be a YAML alias bomb (a few hundred
+    bytes whose full repr needs gigabytes), or an integer of thousands of digits (whose repr
+    raises ``ValueError`` on Python 3.11+).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+        self.maxdeque = self.maxarray = 4
+        self.maxstring = self.maxother = 60
+        self.maxlong = 40
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, Mapping) and not isinstance(x, dict):  # MappingProxyType and friends
+            return self.repr_dict(x, level)  # type: ignore[arg-type]
+        return super().repr1(x, level)
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # str() of a huge int is slow, and refused past 4300 digits
+            return f"<an integer of {int(x.bit_length() * 0.30103) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_quoting = _Quoting()
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to about 100 characters, safe for any size or depth of value."""
+    try:
+        text = _quoting.repr(value)
+    except Exception:  # a broken __repr__ of a value given from Python
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX - 3] + "..."
+
+
+def key_text(key: object) -> str:
+    """A mapping key as one part of a key path: a string (cut to 100 characters), or the
+    quoted value of another type (YAML keys may be numbers, dates, null...)."""
+    if isinstance(key, str):
+        return key if len(key) <= _SHOWN_MAX else key[:_SHOWN_MAX - 3] + "..."
+    return shown(key)
+
 
 def check_int(value: object, key: str, low: int, high: int) -> int:
     """``value`` if it is an integer from ``low`` to ``high`` (not a bool), else a
     :class:`ConfigError` naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(key, f"must be an integer from {low} to {high}, got {value!r}")
+        raise ConfigError(key, f"must be an integer from {low} to {high}, got {shown(value)}")
     return value
+
+
+def check_number(value: object, key: str, low: float = 0.0, high: float = MAX_SECONDS, *,
+                 low_open: bool = True, what: str = "a number of seconds") -> float:
+    """``value`` as a float if it is a number above ``low`` (or at it, unless ``low_open``) and
+    at most ``high`` (not a bool, never infinite nor NaN), else a :class:`ConfigError` naming
+    ``key`` and the bounds.
+
+    Python compares an int with a float exactly, so an integer too large for a float is
+    refused here rather than raising ``OverflowError`` in ``float()``.
+    """
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (low < value if low_open else low <= value) or not value <= high):
+        bounds = (f"> {low:.15g} and <= {high:.15g}" if low_open
+                  else f"from {low:.15g} to {high:.15g}")
+        raise ConfigError(key, f"must be {what} {bounds}, got {shown(value)}")
+    return float(value)
 
 
 class Settings:
@@ -32,12 +104,12 @@ class Settings:
         """Build from a configuration mapping; errors name the sub-key (the caller adds the
         key path before it)."""
         if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping, got {value!r}")
+            raise ConfigError("", f"must be a mapping, got {shown(value)}")
         allowed = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
                    if f.name not in cls.python_only]
         for key in value:
             if key not in allowed:
-                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
+                raise ConfigError(key_text(key), f"unknown key; allowed: {', '.join(allowed)}")
         return cls(**value)
 
     def new(self: S, **changes: Any) -> S:

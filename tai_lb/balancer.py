@@ -128,25 +128,31 @@ class LoadBalancer:
                                      self._last_success, clock=clock)
         self._outliers = OutlierDetector(functools.partial(self._health_changed, source="outlier"),
                                          self._service_size, clock=clock)
+        # Everything is built before anything starts (a provider is built without I/O), and a
+        # failure while starting closes what started: a construction that fails leaves no
+        # thread, socket or file open.
+        self._watchers: dict[str, DiscoveryWatcher] = {
+            name: DiscoveryWatcher(name, service.discovery.provider(name),
+                                   service.discovery.watch,
+                                   functools.partial(self._apply_discovered, name),
+                                   functools.partial(self._discovered, name), clock)
+            for name, service in self.config.services.items() if service.discovery is not None}
         self._subscription = self.registry.subscribe_batches(self._on_changes)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
-        self._watchers: dict[str, DiscoveryWatcher] = {}
-        for name, service in self.config.services.items():
-            self.registry.add_service(name)
-            if service.endpoints or service.backups:
-                self.registry.register_many(name, (*service.endpoints, *service.backups))
-            self._sync_health(name)
-        for name, service in self.config.services.items():
-            if service.discovery is not None:
-                watcher = DiscoveryWatcher(
-                    name, service.discovery.provider(name), service.discovery.watch,
-                    functools.partial(self._apply_discovered, name),
-                    functools.partial(self._discovered, name), clock)
-                self._watchers[name] = watcher
+        try:
+            self.metrics.start()  # first: it resolves the StatsD host, a ConfigError if it fails
+            for name, service in self.config.services.items():
+                self.registry.add_service(name)
+                if service.endpoints or service.backups:
+                    self.registry.register_many(name, (*service.endpoints, *service.backups))
+                self._sync_health(name)
+            for watcher in self._watchers.values():
                 watcher.start()
-        if any(s.health_check is not None for s in self.config.services.values()):
-            self._health.start()
-        self.metrics.start()
+            if any(s.health_check is not None for s in self.config.services.values()):
+                self._health.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _apply_discovered(self, service: str, endpoints: Sequence[Endpoint]) -> None:
         """Make a discovery answer the service's endpoints, its configured backups kept after

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Optional, Union
 
+from ._settings import check_number, key_text, shown
 from .discovery import DiscoveryConfig
 from .endpoint import Endpoint
 from .exceptions import ConfigError
@@ -77,13 +78,13 @@ class KeySource:
         if self.kind in ("header", "cookie"):
             if not isinstance(self.name, str) or not _TOKEN.match(self.name):
                 raise ConfigError("name", f"a {self.kind} name must be an HTTP token, "
-                                          f"got {self.name!r}")
+                                          f"got {shown(self.name)}")
         elif self.kind == "function":
             if not callable(self.function):
-                raise ConfigError("function", f"must be callable, got {self.function!r}")
+                raise ConfigError("function", f"must be callable, got {shown(self.function)}")
         elif self.kind not in ("source_ip", "user_id"):
             raise ConfigError("kind", f"must be header, cookie, source_ip, user_id or function, "
-                                      f"got {self.kind!r}")
+                                      f"got {shown(self.kind)}")
 
     @classmethod
     def parse(cls, value: Union[str, Callable[[Any], Optional[RoutingKey]]],
@@ -94,7 +95,7 @@ class KeySource:
             return cls("function", function=value)
         if not isinstance(value, str):
             raise ConfigError(path, f"must be \"header:NAME\", \"cookie:NAME\", \"source_ip\" or "
-                                    f"\"user_id\", got {value!r}")
+                                    f"\"user_id\", got {shown(value)}")
         kind, sep, name = value.partition(":")
         if value in ("source_ip", "user_id"):
             return cls(value)  # type: ignore[arg-type]
@@ -103,9 +104,9 @@ class KeySource:
                 return cls(kind, name)  # type: ignore[arg-type]
             except ConfigError:
                 raise ConfigError(path, f"{kind} name must be an HTTP token, "
-                                        f"got {value!r}") from None
+                                        f"got {shown(value)}") from None
         raise ConfigError(path, f"must be \"header:NAME\", \"cookie:NAME\", \"source_ip\" or "
-                                f"\"user_id\", got {value!r}")
+                                f"\"user_id\", got {shown(value)}")
 
     def __str__(self) -> str:
         if self.kind in ("header", "cookie"):
@@ -153,35 +154,35 @@ class ServiceConfig:
         seen: dict[str, int] = {}
         for i, endpoint in enumerate((*self.endpoints, *self.backups)):
             if not isinstance(endpoint, Endpoint):
-                raise ConfigError(f"endpoints[{i}]", f"must be an Endpoint, got {endpoint!r}")
+                raise ConfigError(f"endpoints[{i}]", f"must be an Endpoint, got {shown(endpoint)}")
             if endpoint.address in seen:
                 raise ConfigError(f"endpoints[{i}]", f"duplicate address {endpoint.address} "
                                                      f"(also endpoints[{seen[endpoint.address]}])")
             seen[endpoint.address] = i
         if not isinstance(self.failover, FailoverPolicy):
-            raise ConfigError("failover", f"must be a FailoverPolicy, got {self.failover!r}")
+            raise ConfigError("failover", f"must be a FailoverPolicy, got {shown(self.failover)}")
         if not isinstance(self.strategy, Strategy):
-            raise ConfigError("strategy", f"must be a Strategy, got {self.strategy!r}")
+            raise ConfigError("strategy", f"must be a Strategy, got {shown(self.strategy)}")
         if self.scheme not in ("http", "https"):
-            raise ConfigError("scheme", f"must be \"http\" or \"https\", got {self.scheme!r}")
+            raise ConfigError("scheme", f"must be \"http\" or \"https\", got {shown(self.scheme)}")
         if self.hash_key is not None and not isinstance(self.hash_key, KeySource):
-            raise ConfigError("hash_key", f"must be a KeySource, got {self.hash_key!r}")
+            raise ConfigError("hash_key", f"must be a KeySource, got {shown(self.hash_key)}")
         if not isinstance(self.retries, RetryPolicy):
-            raise ConfigError("retries", f"must be a RetryPolicy, got {self.retries!r}")
+            raise ConfigError("retries", f"must be a RetryPolicy, got {shown(self.retries)}")
         if self.health_check is not None and not isinstance(self.health_check,
                                                             HealthCheckConfig):
             raise ConfigError("health_check", f"must be a HealthCheckConfig, got "
-                                              f"{self.health_check!r}")
+                                              f"{shown(self.health_check)}")
         if self.outlier_detection is not None and not isinstance(self.outlier_detection,
                                                                  OutlierConfig):
             raise ConfigError("outlier_detection", f"must be an OutlierConfig, got "
-                                                   f"{self.outlier_detection!r}")
+                                                   f"{shown(self.outlier_detection)}")
         if self.circuit_breaker is not None and not isinstance(self.circuit_breaker,
                                                                BreakerConfig):
             raise ConfigError("circuit_breaker", f"must be a BreakerConfig, got "
-                                                 f"{self.circuit_breaker!r}")
+                                                 f"{shown(self.circuit_breaker)}")
         if not isinstance(self.pool, PoolConfig):
-            raise ConfigError("pool", f"must be a PoolConfig, got {self.pool!r}")
+            raise ConfigError("pool", f"must be a PoolConfig, got {shown(self.pool)}")
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_timeout(self.timeout, "timeout"))
 
@@ -199,9 +200,10 @@ class LoadBalancerConfig:
 
     def __post_init__(self) -> None:
         for name, service in self.services.items():
-            check_service_name(name, f"services.{name}")
+            check_service_name(name, f"services.{key_text(name)}")
             if not isinstance(service, ServiceConfig):
-                raise ConfigError(f"services.{name}", f"must be a ServiceConfig, got {service!r}")
+                raise ConfigError(f"services.{key_text(name)}",
+                                  f"must be a ServiceConfig, got {shown(service)}")
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -231,7 +233,7 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
     if defaults is None:
         defaults = {}
     if not isinstance(defaults, Mapping):
-        raise ConfigError("defaults", f"must be a mapping of service keys, got {defaults!r}")
+        raise ConfigError("defaults", f"must be a mapping of service keys, got {shown(defaults)}")
     for key in ("endpoints", "discovery"):
         if key in defaults:
             raise ConfigError(f"defaults.{key}", "is per service and not allowed in defaults")
@@ -241,14 +243,15 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
         raise ConfigError("services", "is required: a mapping of service names to settings")
     if not isinstance(services, Mapping):
         raise ConfigError("services", f"must be a mapping of service names to settings, "
-                                      f"got {services!r}")
+                                      f"got {shown(services)}")
     built: dict[str, ServiceConfig] = {}
     for name, value in services.items():
-        path = f"services.{name}"
+        path = f"services.{key_text(name)}"
         check_service_name(name, path)
         settings = {} if value is None else value
         if not isinstance(settings, Mapping):
-            raise ConfigError(path, f"must be a mapping of service settings, got {settings!r}")
+            raise ConfigError(path, f"must be a mapping of service settings, "
+                                    f"got {shown(settings)}")
         if "endpoints" not in settings and "discovery" not in settings:
             raise ConfigError(path, "needs endpoints (a list of \"host:port\" or mappings) "
                                     "or discovery")
@@ -281,7 +284,7 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         raw = settings["endpoints"]
         if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
             raise ConfigError(_join(path, "endpoints"),
-                              f"must be a list of \"host:port\" or mappings, got {raw!r}")
+                              f"must be a list of \"host:port\" or mappings, got {shown(raw)}")
         fields["endpoints"] = tuple(
             Endpoint.from_value(item, path=f"{_join(path, 'endpoints')}[{i}]")
             for i, item in enumerate(raw))
@@ -323,13 +326,13 @@ def _parse_backups(value: Any, path: str, primaries: tuple[Endpoint, ...]) -> di
     if isinstance(value, Mapping):
         for key in value:
             if key not in ("endpoints", "failover_below", "failback_at"):
-                raise ConfigError(f"{path}.{key}",
+                raise ConfigError(f"{path}.{key_text(key)}",
                                   "unknown key; allowed: endpoints, failover_below, failback_at")
         items = value.get("endpoints", [])
         policy = {k: value[k] for k in ("failover_below", "failback_at") if k in value}
         path = f"{path}.endpoints"
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise ConfigError(path, f"must be a list of \"host:port\" or mappings, got {items!r}")
+        raise ConfigError(path, f"must be a list of \"host:port\" or mappings, got {shown(items)}")
     after = max((e.priority for e in primaries), default=0) + 1
     backups = []
     for i, item in enumerate(items):
@@ -347,7 +350,7 @@ def parse_timeout(value: Any, path: str) -> tuple[Optional[float], Optional[floa
     if isinstance(value, Mapping):
         for key in value:
             if key not in ("connect", "read"):
-                raise ConfigError(f"{path}.{key}", "unknown key; allowed: connect, read")
+                raise ConfigError(f"{path}.{key_text(key)}", "unknown key; allowed: connect, read")
         pair = (value.get("connect"), value.get("read"))
         names = (f"{path}.connect", f"{path}.read")
     elif isinstance(value, (tuple, list)) and len(value) == 2:
@@ -358,19 +361,15 @@ def parse_timeout(value: Any, path: str) -> tuple[Optional[float], Optional[floa
         names = (path, path)
     result: list[Optional[float]] = []
     for item, name in zip(pair, names):
-        if item is None:
-            result.append(None)
-        elif isinstance(item, bool) or not isinstance(item, (int, float)) or not item > 0:
-            raise ConfigError(name, f"must be a number of seconds > 0, got {item!r}")
-        else:
-            result.append(float(item))
+        result.append(None if item is None else check_number(item, name))
     return (result[0], result[1])
 
 
 def _reject_unknown(settings: Mapping[str, Any], allowed: Sequence[str], path: str) -> None:
     for key in settings:
         if key not in allowed:
-            raise ConfigError(_join(path, str(key)), f"unknown key; allowed: {', '.join(allowed)}")
+            raise ConfigError(_join(path, key_text(key)),
+                              f"unknown key; allowed: {', '.join(allowed)}")
 
 
 def load_config(source: Union[Mapping[str, Any], str, os.PathLike[str],
@@ -391,13 +390,14 @@ def read_config_file(path: str) -> Mapping[str, Any]:
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".json", ".toml", ".yaml", ".yml"):
         raise ConfigError("", f"{path}: a configuration file must end in .json, .toml, .yaml or "
-                              f".yml, got {extension or 'no extension'!r}")
+                              f".yml, got {shown(extension or 'no extension')}")
     try:
         with open(path, "rb") as file:
             raw = file.read()
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        message = error.strerror if isinstance(error, OSError) else None
         raise ConfigError("", f"{path}: cannot read the configuration file: "
-                              f"{error.strerror or error}") from None
+                              f"{message or error}") from None
     try:
         if extension == ".json":
             data = json.loads(raw.decode("utf-8"))

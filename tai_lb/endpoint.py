@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from ._settings import check_int
+from ._settings import check_int, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["Endpoint", "Labels"]
@@ -45,9 +45,10 @@ class Labels(Mapping[str, str]):
         for key, value in pairs:
             if not (type(key) is str or isinstance(key, str)) or not _LABEL_KEY_MATCH(key):
                 raise ConfigError(path, f"label names must be 1-253 characters of letters, digits "
-                                        f"and _./-, got {key!r}")
+                                        f"and _./-, got {shown(key)}")
             if not (type(value) is str or isinstance(value, str)):
-                raise ConfigError(_join(path, key), f"label values must be strings, got {value!r}")
+                raise ConfigError(_join(path, key), f"label values must be strings, "
+                                                    f"got {shown(value)}")
             data[key] = value
         # The sorted pairs, as a tuple: endpoints compare and hash labels through it, in C.
         self._items = tuple(sorted(data.items()))
@@ -172,13 +173,14 @@ class Endpoint:
         elif not isinstance(labels, Labels):
             if not isinstance(labels, Mapping):
                 raise ConfigError(_join(path, "labels"),
-                                  f"must be a mapping of strings, got {labels!r}")
+                                  f"must be a mapping of strings, got {shown(labels)}")
             labels = _shared_labels(labels, _join(path, "labels")) if labels else _NO_LABELS
         if not (type(priority) is int and 0 <= priority <= 1000):
             priority = check_int(priority, _join(path, "priority"), 0, 1000)
         if tls_name is not None:
             if ":" in tls_name if isinstance(tls_name, str) else True:
-                raise ConfigError(_join(path, "tls_name"), f"must be a host name, got {tls_name!r}")
+                raise ConfigError(_join(path, "tls_name"),
+                                  f"must be a host name, got {shown(tls_name)}")
             tls_name = _check_host(tls_name, _join(path, "tls_name"))
         set_ = object.__setattr__
         set_(self, "host", host)
@@ -220,10 +222,10 @@ class Endpoint:
             return cls.parse(value, path=path)
         if not isinstance(value, (dict, Mapping)):  # dict first: the abstract check is slow
             raise ConfigError(path, f"an endpoint must be \"host:port\" or a mapping, "
-                                    f"got {value!r}")
+                                    f"got {shown(value)}")
         if not _ENDPOINT_KEY_SET.issuperset(value):
-            unknown = sorted(set(value) - _ENDPOINT_KEY_SET)
-            raise ConfigError(_join(path, str(unknown[0])),
+            unknown = next(key for key in value if key not in _ENDPOINT_KEY_SET)
+            raise ConfigError(_join(path, key_text(unknown)),
                               f"unknown key; allowed: {', '.join(_ENDPOINT_KEYS)}")
         fields = dict(value)
         if "address" in fields:
@@ -304,33 +306,34 @@ def _rebuild(host: str, port: int, weight: int, zone: Optional[str], region: Opt
 
 def _split_address(address: object, path: str) -> tuple[str, int]:
     if type(address) is not str and not isinstance(address, str):
-        raise ConfigError(path, f"must be a \"host:port\" string, got {address!r}")
+        raise ConfigError(path, f"must be a \"host:port\" string, got {shown(address)}")
     text = address.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ConfigError(path, f"must be \"[ipv6]:port\", got {address!r}")
+            raise ConfigError(path, f"must be \"[ipv6]:port\", got {shown(address)}")
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
             raise ConfigError(path, f"must be \"host:port\" (IPv6 as \"[addr]:port\"), "
-                                    f"got {address!r}")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ConfigError(path, f"the port must be a number 1-65535, got {address!r}")
+                                    f"got {shown(address)}")
+    # At most five digits: int() of thousands of digits is slow, and refused past 4300.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        raise ConfigError(path, f"the port must be a number 1-65535, got {shown(address)}")
     return host, int(port_text)
 
 
 def _check_host(host: object, path: str) -> str:
     if not isinstance(host, str) or not host:
-        raise ConfigError(path, f"must be a non-empty host name or IP address, got {host!r}")
+        raise ConfigError(path, f"must be a non-empty host name or IP address, got {shown(host)}")
     if ":" in host:
         try:
             return str(ipaddress.IPv6Address(host))
         except ValueError:
-            raise ConfigError(path, f"is not a valid IPv6 address: {host!r}") from None
+            raise ConfigError(path, f"is not a valid IPv6 address: {shown(host)}") from None
     if len(host) > 253 or not _HOSTNAME.match(host):
-        raise ConfigError(path, f"must be a host name or IP address, got {host!r}")
+        raise ConfigError(path, f"must be a host name or IP address, got {shown(host)}")
     return host
 
 
@@ -338,5 +341,5 @@ def _check_name(value: object, path: str) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise ConfigError(path, f"must be a non-empty string or null, got {value!r}")
+        raise ConfigError(path, f"must be a non-empty string or null, got {shown(value)}")
     return value

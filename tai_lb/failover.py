@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Callable, Optional
 import pybreaker
 
 from . import _forksafe
-from ._settings import Settings, check_int
+from ._settings import Settings, check_int, check_number, shown
 from .exceptions import ConfigError
 
 __all__ = ["BreakerConfig", "EndpointBreaker", "FailoverPolicy"]
@@ -50,11 +49,7 @@ class BreakerConfig(Settings):
     def __post_init__(self) -> None:
         for name in ("fail_max", "success_threshold"):
             check_int(getattr(self, name), name, 1, 10_000)
-        value = self.reset_timeout
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not 0 < value < math.inf):
-            raise ConfigError("reset_timeout", f"must be a finite number of seconds > 0, got "
-                                               f"{value!r}")
+        check_number(self.reset_timeout, "reset_timeout")
 
 
 @dataclass(frozen=True)
@@ -72,14 +67,11 @@ class FailoverPolicy:
 
     def __post_init__(self) -> None:
         for name in ("failover_below", "failback_at"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    0 < value <= 1):
-                raise ConfigError(name, f"must be a share > 0 and <= 1, got {value!r}")
+            check_number(getattr(self, name), name, 0.0, 1.0, what="a share")
         if self.failback_at < self.failover_below:
             raise ConfigError("failback_at", f"must be >= failover_below "
                                              f"({self.failover_below:g}), got "
-                                             f"{self.failback_at!r}")
+                                             f"{shown(self.failback_at)}")
 
 
 class _Failure(Exception):

@@ -28,10 +28,10 @@ import heapq
 import http.client
 import itertools
 import logging
-import math
 import operator
 import queue
 import random
+import re
 import socket
 import ssl
 import threading
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from . import _forksafe
-from ._settings import Settings, check_int
+from ._settings import Settings, check_int, check_number, shown
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 
@@ -59,31 +59,31 @@ _kind_of = operator.attrgetter("kind")
 ProbeFunction = Callable[[Endpoint], bool]
 
 
-def _number(value: object, path: str, low: float, high: float = math.inf,
-            *, low_open: bool = True) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and (value > low if low_open else value >= low) and value <= high)
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        limit = "" if high == math.inf else f" and <= {high:g}"
-        raise ConfigError(path, f"must be a number {bound}{limit}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+_STATUS_RANGE = re.compile(r"\s*([0-9]{3})\s*-\s*([0-9]{3})\s*")  # ASCII digits only
 
 
 def _statuses(value: Any, path: str) -> frozenset[int]:
     items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
     result: set[int] = set()
     for item in items:
-        if isinstance(item, str) and "-" in item:
-            low, _, high = item.partition("-")
-            if low.strip().isdigit() and high.strip().isdigit():
-                result.update(range(int(low), int(high) + 1))
-                continue
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got {item!r}")
-        result.add(item)
+        if isinstance(item, str):
+            match = _STATUS_RANGE.fullmatch(item)
+            if match is None:
+                raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got "
+                                        f"{shown(item)}")
+            low, high = int(match[1]), int(match[2])
+            # Checked before the range is built: "200-999999999" would take gigabytes.
+            if not 100 <= low <= high <= 599:
+                raise ConfigError(path, f"a range must go up from 100 to at most 599, got "
+                                        f"{shown(item)}")
+            result.update(range(low, high + 1))
+        elif isinstance(item, bool) or not isinstance(item, int):
+            raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got "
+                                    f"{shown(item)}")
+        else:
+            result.add(item)
     if not result or min(result) < 100 or max(result) > 599:
-        raise ConfigError(path, f"must be HTTP statuses from 100 to 599, got {value!r}")
+        raise ConfigError(path, f"must be HTTP statuses from 100 to 599, got {shown(value)}")
     return frozenset(result)
 
 
@@ -131,30 +131,31 @@ class HealthCheckConfig(Settings):
 
     def __post_init__(self) -> None:
         if self.type not in ("http", "tcp", "function"):
-            raise ConfigError("type", f"must be http, tcp or function, got {self.type!r}")
+            raise ConfigError("type", f"must be http, tcp or function, got {shown(self.type)}")
         if self.type == "http" and (not isinstance(self.path, str)
                                     or not self.path.startswith("/")):
             raise ConfigError("path", f"an http check needs a path starting with '/', got "
-                                      f"{self.path!r}")
+                                      f"{shown(self.path)}")
         if self.type == "function" and not callable(self.function):
             raise ConfigError("function", f"a function check needs a callable, got "
-                                          f"{self.function!r}")
+                                          f"{shown(self.function)}")
         object.__setattr__(self, "expected_statuses",
                            _statuses(self.expected_statuses, "expected_statuses"))
-        _number(self.interval, "interval", 0.0)
-        _number(self.jitter, "jitter", 0.0, 1.0, low_open=False)
-        _number(self.timeout, "timeout", 0.0)
-        _number(self.grace, "grace", 0.0, low_open=False)
-        _number(self.panic_threshold, "panic_threshold", 0.0, 1.0, low_open=False)
+        check_number(self.interval, "interval")
+        check_number(self.jitter, "jitter", 0.0, 1.0, low_open=False, what="a share")
+        check_number(self.timeout, "timeout")
+        check_number(self.grace, "grace", low_open=False)
+        check_number(self.panic_threshold, "panic_threshold", 0.0, 1.0, low_open=False,
+                     what="a share")
         for name in ("healthy_threshold", "unhealthy_threshold", "history"):
             check_int(getattr(self, name), name, 1, 1000)
         check_int(self.max_skips, "max_skips", 0, 1000)
         if not isinstance(self.skip_if_traffic, bool):
             raise ConfigError("skip_if_traffic", f"must be true or false, got "
-                                                 f"{self.skip_if_traffic!r}")
+                                                 f"{shown(self.skip_if_traffic)}")
         if not isinstance(self.verify, (bool, str)):
             raise ConfigError("verify", f"must be true, false or a CA bundle path, got "
-                                        f"{self.verify!r}")
+                                        f"{shown(self.verify)}")
 
     python_only = ("function",)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import _forksafe
-from ._settings import Settings
+from ._settings import Settings, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "StatsdConfig"]
@@ -48,13 +48,13 @@ class StatsdConfig(Settings):
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
-            raise ConfigError("host", f"must be a host name or address, got {self.host!r}")
+            raise ConfigError("host", f"must be a host name or address, got {shown(self.host)}")
         port = self.port
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ConfigError("port", f"must be a port number from 1 to 65535, got {port!r}")
+            raise ConfigError("port", f"must be a port number from 1 to 65535, got {shown(port)}")
         if not isinstance(self.prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]*", self.prefix):
             raise ConfigError("prefix", f"must be letters, digits, '_', '-' and '.', got "
-                                        f"{self.prefix!r}")
+                                        f"{shown(self.prefix)}")
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,12 @@ class MetricsConfig:
     def from_config(cls, value: Any) -> MetricsConfig:
         """Build from the ``metrics`` mapping of a configuration."""
         if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping, got {value!r}")
+            raise ConfigError("", f"must be a mapping, got {shown(value)}")
         for key in value:
             if key == "prometheus":
                 raise ConfigError(key, "not supported yet: Prometheus export is not built yet")
             if key != "statsd":
-                raise ConfigError(str(key), "unknown key; allowed: statsd")
+                raise ConfigError(key_text(key), "unknown key; allowed: statsd")
         statsd = value.get("statsd")
         if statsd is None:
             return cls()
@@ -123,14 +123,22 @@ class Metrics:
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start sending (does nothing without StatsD settings)."""
+        """Start sending (does nothing without StatsD settings).
+
+        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``); no
+            thread or socket is left open then.
+        """
         statsd_config = self.config.statsd
         if statsd_config is None or self._thread is not None:
             return
         import statsd  # noqa: PLC0415 - a dependency, imported only when used
 
-        self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
-                                          prefix=statsd_config.prefix or None)
+        try:  # the client resolves the host once, here (an IPv4 address, as statsd does)
+            self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
+                                              prefix=statsd_config.prefix or None)
+        except (OSError, UnicodeError, ValueError) as error:  # gaierror; a bad IDNA label
+            raise ConfigError("metrics.statsd.host", f"cannot resolve {shown(statsd_config.host)}"
+                                                     f" to an IPv4 address: {error}") from None
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tai-lb-metrics")
         self._thread.start()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import _forksafe
-from ._settings import Settings, check_int
+from ._settings import Settings, check_int, check_number, shown
 from .exceptions import ConfigError
 from .stats import EndpointStats
 
@@ -60,18 +60,13 @@ class OutlierConfig(Settings):
                      "consecutive_local_origin_failure"):
             check_int(getattr(self, name), name, 1, 10_000)
         for name in ("base_ejection_time", "max_ejection_time"):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not 0 < value < math.inf):
-                raise ConfigError(name, f"must be a finite number of seconds > 0, got {value!r}")
+            check_number(getattr(self, name), name)
         if self.max_ejection_time < self.base_ejection_time:
             raise ConfigError("max_ejection_time", f"must be >= base_ejection_time "
                                                    f"({self.base_ejection_time:g}), got "
-                                                   f"{self.max_ejection_time!r}")
-        value = self.max_ejection_percent
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-            raise ConfigError("max_ejection_percent", f"must be a percentage from 0 to 100, got "
-                                                      f"{value!r}")
+                                                   f"{shown(self.max_ejection_time)}")
+        check_number(self.max_ejection_percent, "max_ejection_percent", 0.0, 100.0,
+                     low_open=False, what="a percentage")
 
 
 class _Ejection:

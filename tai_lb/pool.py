@@ -30,7 +30,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
 from . import _forksafe
 from ._deadline import DeadlineHTTPConnection, DeadlineHTTPSConnection
-from ._settings import Settings, check_int
+from ._settings import Settings, check_int, check_number, shown
 from .exceptions import ConfigError
 
 __all__ = ["EndpointPools", "FairQueue", "PoolConfig"]
@@ -40,12 +40,6 @@ log = logging.getLogger(__name__)
 _CONNECT_PHASE = "_tai_lb_connect_phase"
 _IDLE_SINCE = "_tai_lb_idle_since"
 _ON_RELEASE = "_tai_lb_on_release"
-
-
-def _seconds(value: object, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(path, f"must be a number of seconds > 0, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -69,9 +63,9 @@ class PoolConfig(Settings):
     def __post_init__(self) -> None:
         check_int(self.maxsize, "maxsize", 1, 10_000)
         if not isinstance(self.block, bool):
-            raise ConfigError("block", f"must be true or false, got {self.block!r}")
-        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
-        object.__setattr__(self, "idle_timeout", _seconds(self.idle_timeout, "idle_timeout"))
+            raise ConfigError("block", f"must be true or false, got {shown(self.block)}")
+        object.__setattr__(self, "timeout", check_number(self.timeout, "timeout"))
+        object.__setattr__(self, "idle_timeout", check_number(self.idle_timeout, "idle_timeout"))
 
 
 class _Waiter:

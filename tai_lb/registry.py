@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 from . import _forksafe
 from ._sequences import common_head, common_tail
+from ._settings import shown
 from .endpoint import Endpoint
 from .exceptions import ConfigError, UnknownService
 from .filters import EndpointFilter, metadata_filter
@@ -77,7 +78,7 @@ def check_service_name(name: object, path: str = "service") -> str:
     """
     if not isinstance(name, str) or not _SERVICE_NAME.match(name):
         raise ConfigError(path, "a service name must be a lower-case host name (letters, digits, "
-                                f"'-', '_', '.'), got {name!r}")
+                                f"'-', '_', '.'), got {shown(name)}")
     return name
 
 

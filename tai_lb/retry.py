@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -28,7 +27,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from ._settings import check_int
+from ._settings import check_int, check_number, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
@@ -36,19 +35,14 @@ __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "c
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """Methods that RFC 9110 defines as idempotent: retried after any transport failure."""
 
+MAX_RETRIES_PER_SECOND = 1_000_000.0
+"""The highest ``budget.min_per_second``: far beyond any real traffic, yet finite."""
+
 FailureKind = Literal["not_sent", "sent", "status"]
 """``not_sent``: the request provably never reached a server (refused, connect timeout, name
 resolution, no free connection; the adapter adds any failure while connecting, TLS handshake
 included); ``sent``: it may have (reset, read timeout, a response cut off, a TLS error after
 connecting); ``status``: a response came back with a retryable status."""
-
-
-def _positive(value: object, path: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or (
-            value < 0 if allow_zero else value <= 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(path, f"must be a number of seconds {bound}, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -81,21 +75,21 @@ class RetryPolicy:
         check_int(self.attempts, "attempts", 1, 10)
         for status in self.statuses:
             if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-                raise ConfigError("statuses", f"must be HTTP statuses (100-599), got {status!r}")
+                raise ConfigError("statuses", f"must be HTTP statuses (100-599), "
+                                              f"got {shown(status)}")
         for method in self.methods:
             if not isinstance(method, str) or not method.isalpha() or not method.isupper():
-                raise ConfigError("methods", f"must be upper-case HTTP methods, got {method!r}")
-        _positive(self.backoff_base, "backoff.base", allow_zero=True)
-        _positive(self.backoff_max, "backoff.max", allow_zero=True)
+                raise ConfigError("methods", f"must be upper-case HTTP methods, "
+                                             f"got {shown(method)}")
+        check_number(self.backoff_base, "backoff.base", low_open=False)
+        check_number(self.backoff_max, "backoff.max", low_open=False)
         if self.deadline is not None:
-            _positive(self.deadline, "deadline")
-        if (isinstance(self.budget_percent, bool)
-                or not isinstance(self.budget_percent, (int, float))
-                or not 0.0 <= self.budget_percent <= 10.0):
-            raise ConfigError("budget.percent", f"must be a share from 0 to 10, got "
-                                                f"{self.budget_percent!r}")
-        _positive(self.budget_min_per_second, "budget.min_per_second", allow_zero=True)
-        _positive(self.budget_ttl, "budget.ttl")
+            check_number(self.deadline, "deadline")
+        check_number(self.budget_percent, "budget.percent", 0.0, 10.0, low_open=False,
+                     what="a share")
+        check_number(self.budget_min_per_second, "budget.min_per_second", 0.0,
+                     MAX_RETRIES_PER_SECOND, low_open=False, what="a number of retries a second")
+        check_number(self.budget_ttl, "budget.ttl")
         object.__setattr__(self, "statuses", frozenset(self.statuses))
         object.__setattr__(self, "methods", frozenset(self.methods))
 
@@ -105,11 +99,11 @@ class RetryPolicy:
         if value is False:
             return cls(attempts=1)
         if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping (or false to disable), got {value!r}")
+            raise ConfigError("", f"must be a mapping (or false to disable), got {shown(value)}")
         allowed = ("attempts", "statuses", "methods", "backoff", "deadline", "budget")
         for key in value:
             if key not in allowed:
-                raise ConfigError(str(key), f"unknown key; allowed: {', '.join(allowed)}")
+                raise ConfigError(key_text(key), f"unknown key; allowed: {', '.join(allowed)}")
         fields: dict[str, Any] = {}
         if "attempts" in value:
             fields["attempts"] = value["attempts"]
@@ -117,7 +111,14 @@ class RetryPolicy:
             if key in value:
                 raw = value[key]
                 if isinstance(raw, (str, bytes)) or not isinstance(raw, Collection):
-                    raise ConfigError(key, f"must be a list, got {raw!r}")
+                    raise ConfigError(key, f"must be a list, got {shown(raw)}")
+                for index, item in enumerate(raw):
+                    try:
+                        hash(item)
+                    except TypeError:  # a list or a mapping in the list
+                        raise ConfigError(f"{key}[{index}]", f"must be an HTTP "
+                                          f"{'status' if key == 'statuses' else 'method'}, "
+                                          f"got {shown(item)}") from None
                 fields[key] = frozenset(raw)
         if "deadline" in value:
             fields["deadline"] = value["deadline"]
@@ -126,10 +127,10 @@ class RetryPolicy:
             if key in value:
                 sub = value[key]
                 if not isinstance(sub, Mapping):
-                    raise ConfigError(key, f"must be a mapping, got {sub!r}")
+                    raise ConfigError(key, f"must be a mapping, got {shown(sub)}")
                 for name in sub:
                     if name not in names:
-                        raise ConfigError(f"{key}.{name}",
+                        raise ConfigError(f"{key}.{key_text(name)}",
                                           f"unknown key; allowed: {', '.join(names)}")
                     fields[prefix + name] = sub[name]
         return cls(**fields)

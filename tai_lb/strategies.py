@@ -42,7 +42,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 from ._forksafe import ForkRandom
 from ._sequences import common_head, common_tail
-from ._settings import check_int
+from ._settings import check_int, check_number, key_text, shown
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
@@ -74,6 +74,7 @@ StrategyFunction = Callable[[Sequence[EndpointStats], Optional[RoutingKey]],
                             Union[EndpointStats, Endpoint]]
 
 _FULL_SCAN_MAX = 8
+_MAX_LOAD_BOUND = 1000.0  # the highest consistent_hash load_bound: as good as none
 _weight_of = operator.attrgetter("endpoint.weight")
 _address_of = operator.attrgetter("endpoint.address")
 
@@ -413,14 +414,13 @@ class ConsistentHash(Strategy):
                  max_ring_size: int = 1 << 16, rng: Optional[random.Random] = None) -> None:
         super().__init__(rng=rng)
         check_int(vnodes, "vnodes", 4, 10_000)
-        if load_bound is not None and (isinstance(load_bound, bool)
-                                       or not isinstance(load_bound, (int, float))
-                                       or not 1.0 < load_bound < math.inf):
-            raise ConfigError("load_bound", f"must be a finite number > 1 or null, "
-                                            f"got {load_bound!r}")
+        if load_bound is not None:
+            # Bounded, so the capacity (the bound times the mean load) stays a finite number.
+            load_bound = check_number(load_bound, "load_bound", 1.0, _MAX_LOAD_BOUND,
+                                      what="a number")
         check_int(max_ring_size, "max_ring_size", 1024, 1 << 24)
         self.vnodes = vnodes
-        self.load_bound = None if load_bound is None else float(load_bound)
+        self.load_bound = load_bound
         self.max_ring_size = max_ring_size
         self._points: dict[tuple[str, int], tuple[int, ...]] = {}
 
@@ -772,13 +772,8 @@ class PeakEwma(Strategy):
     def __init__(self, *, decay: float = DEFAULT_DECAY, default_latency: float = DEFAULT_LATENCY,
                  rng: Optional[random.Random] = None) -> None:
         super().__init__(rng=rng)
-        for field, value in (("decay", decay), ("default_latency", default_latency)):
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not 0 < value < math.inf):
-                raise ConfigError(field, f"must be a finite number of seconds > 0, "
-                                         f"got {value!r}")
-        self.decay = float(decay)
-        self.default_latency = float(default_latency)
+        self.decay = check_number(decay, "decay")
+        self.default_latency = check_number(default_latency, "default_latency")
 
     def options(self) -> dict[str, Any]:
         """The averaging settings."""
@@ -863,7 +858,7 @@ def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
     allowed_names = ", ".join(STRATEGIES)
     if isinstance(value, str):
         if value not in STRATEGIES:
-            raise ConfigError(path, f"unknown strategy {value!r}; allowed: {allowed_names}")
+            raise ConfigError(path, f"unknown strategy {shown(value)}; allowed: {allowed_names}")
         value = {"name": value}
     if isinstance(value, Mapping):
         if "name" not in value:
@@ -871,12 +866,13 @@ def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
         name = value["name"]
         if not isinstance(name, str) or name not in STRATEGIES:
             raise ConfigError(f"{path}.name",
-                              f"unknown strategy {name!r}; allowed: {allowed_names}")
+                              f"unknown strategy {shown(name)}; allowed: {allowed_names}")
         options = {k: v for k, v in value.items() if k != "name"}
         for key in options:
             if key not in _OPTIONS[name]:
                 allowed = ", ".join(_OPTIONS[name]) or "none"
-                raise ConfigError(f"{path}.{key}", f"unknown option of {name}; allowed: {allowed}")
+                raise ConfigError(f"{path}.{key_text(key)}",
+                                  f"unknown option of {name}; allowed: {allowed}")
         try:
             return STRATEGIES[name](**options)
         except ConfigError as error:
@@ -884,4 +880,4 @@ def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
     if callable(value):
         return FunctionStrategy(value)
     raise ConfigError(path, f"must be a strategy name ({', '.join(STRATEGIES)}), a Strategy, a "
-                            f"function or a mapping with 'name', got {value!r}")
+                            f"function or a mapping with 'name', got {shown(value)}")

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 
-from tai_lb import ConfigError, KeySource, LoadBalancer, ServiceConfig, load_config
+from tai_lb import (
+    ConfigError,
+    Endpoint,
+    HealthCheckConfig,
+    KeySource,
+    LoadBalancer,
+    ServiceConfig,
+    load_config,
+)
 from tai_lb.config import NOT_SUPPORTED_YET, LoadBalancerConfig
+from tai_lb.discovery import DiscoveryConfig, Provider, StaticSettings
+from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.strategies import ConsistentHash, PeakEwma
+
+from .backends import Backend
+from .conftest import THREAD_PREFIX, wait_for
 
 
 def users(**settings: Any) -> dict[str, Any]:
@@ -65,11 +80,11 @@ BAD: list[tuple[Any, str, str]] = [
     (users(strategy={"name": "consistent_hash", "max_ring_size": 10}),
      "services.users.strategy.max_ring_size", "from 1024"),
     (users(strategy={"name": "peak_ewma", "decay": -1}), "services.users.strategy.decay",
-     "seconds > 0, got -1"),
+     "seconds > 0 and <= 86400, got -1"),
     (users(strategy={"name": "peak_ewma", "decay": float("inf")}),
-     "services.users.strategy.decay", "finite"),
+     "services.users.strategy.decay", "<= 86400, got inf"),
     (users(strategy={"name": "consistent_hash", "load_bound": float("inf")}),
-     "services.users.strategy.load_bound", "finite"),
+     "services.users.strategy.load_bound", "<= 1000, got inf"),
     ({"services": {"users": {"endpoints": ["a:\u00b2"]}}}, "services.users.endpoints[0]",
      "port must be a number"),
     ({"services": {"users": {"endpoints": ["a:\u0668\u0660"]}}}, "services.users.endpoints[0]",
@@ -86,7 +101,7 @@ BAD: list[tuple[Any, str, str]] = [
      "not allowed in defaults"),
     ({"defaults": {"discovery": {}}, "services": {}}, "defaults.discovery",
      "not allowed in defaults"),
-    (users(timeout=-1), "services.users.timeout", "seconds > 0, got -1"),
+    (users(timeout=-1), "services.users.timeout", "seconds > 0 and <= 86400, got -1"),
     (users(scheme="ftp"), "services.users.scheme", "\"http\" or \"https\", got 'ftp'"),
     ({"defaults": {"scheme": "gopher"}, "services": {}}, "defaults.scheme", "http"),
     (users(timeout={"connect": 1, "total": 2}), "services.users.timeout.total", "unknown key"),
@@ -97,10 +112,11 @@ BAD: list[tuple[Any, str, str]] = [
     (users(retries={"statuses": [503, 700]}), "services.users.retries.statuses", "100-599"),
     (users(retries={"statuses": "503"}), "services.users.retries.statuses", "must be a list"),
     (users(retries={"methods": ["get"]}), "services.users.retries.methods", "upper-case"),
-    (users(retries={"backoff": {"base": -1}}), "services.users.retries.backoff.base", ">= 0"),
+    (users(retries={"backoff": {"base": -1}}), "services.users.retries.backoff.base",
+     "from 0 to 86400"),
     (users(retries={"backoff": {"cap": 1}}), "services.users.retries.backoff.cap",
      "unknown key"),
-    (users(retries={"deadline": 0}), "services.users.retries.deadline", "> 0, got 0"),
+    (users(retries={"deadline": 0}), "services.users.retries.deadline", "<= 86400, got 0"),
     (users(retries={"budget": {"percent": -0.1}}), "services.users.retries.budget.percent",
      "share from 0 to 10"),
     (users(retries={"budget": {"ttl": 0}}), "services.users.retries.budget.ttl", "> 0"),
@@ -136,8 +152,8 @@ def test_bad_configuration_names_the_key_path(config: Any, path: str, fragment: 
 def test_error_message_format() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(users(strategy={"name": "peak_ewma", "decay": -1}))
-    assert str(caught.value) == ("services.users.strategy.decay: must be a finite number of "
-                                 "seconds > 0, got -1")
+    assert str(caught.value) == ("services.users.strategy.decay: must be a number of "
+                                 "seconds > 0 and <= 86400, got -1")
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -254,9 +270,218 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.json")
 
 
+def test_a_nul_byte_in_a_file_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the configuration file: embedded null"):
+        load_config(f"{tmp_path}/lb\x00.json")
+
+
 def test_file_errors_name_the_key_path(tmp_path: Path) -> None:
     path = tmp_path / "lb.json"
     path.write_text(json.dumps(users(health_check={"path": "/h", "interval": -1})))
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert str(caught.value) == "services.users.health_check.interval: must be a number > 0, got -1"
+    assert str(caught.value) == ("services.users.health_check.interval: must be a number of "
+                                 "seconds > 0 and <= 86400, got -1")
+
+
+# -- values of any size and shape ---------------------------------------------------------------
+
+HUGE = 10 ** 400  # too large for a float: float() raises OverflowError
+
+
+def nested(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+# (what is wrong, the configuration, the key path the error must name)
+ANY_SIZE: list[tuple[str, Any, str]] = [
+    ("huge-int-timeout", users(timeout=HUGE), "services.users.timeout"),
+    ("huge-int-timeout-read", users(timeout={"read": HUGE}), "services.users.timeout.read"),
+    ("huge-int-pool-timeout", users(pool={"timeout": HUGE}), "services.users.pool.timeout"),
+    ("huge-int-health-interval", users(health_check={"path": "/", "interval": HUGE}),
+     "services.users.health_check.interval"),
+    ("huge-int-deadline", users(retries={"deadline": HUGE}), "services.users.retries.deadline"),
+    ("huge-int-budget-ttl", users(retries={"budget": {"ttl": HUGE}}),
+     "services.users.retries.budget.ttl"),
+    ("huge-int-load-bound", users(strategy={"name": "consistent_hash", "load_bound": HUGE}),
+     "services.users.strategy.load_bound"),
+    ("huge-int-decay", users(strategy={"name": "peak_ewma", "decay": HUGE}),
+     "services.users.strategy.decay"),
+    ("huge-int-reset-timeout", users(circuit_breaker={"reset_timeout": HUGE}),
+     "services.users.circuit_breaker.reset_timeout"),
+    ("huge-int-ejection-time", users(outlier_detection={"base_ejection_time": HUGE,
+                                                        "max_ejection_time": HUGE}),
+     "services.users.outlier_detection.base_ejection_time"),
+    ("inf-timeout", users(timeout=float("inf")), "services.users.timeout"),
+    ("nan-timeout", users(timeout=float("nan")), "services.users.timeout"),
+    ("1e300-deadline", users(retries={"deadline": 1e300}), "services.users.retries.deadline"),
+    ("1e300-backoff", users(retries={"backoff": {"max": 1e300}}),
+     "services.users.retries.backoff.max"),
+    ("inf-budget", users(retries={"budget": {"min_per_second": float("inf")}}),
+     "services.users.retries.budget.min_per_second"),
+    ("1e300-health-interval", users(health_check={"path": "/", "interval": 1e300}),
+     "services.users.health_check.interval"),
+    ("1e300-pool-idle", users(pool={"idle_timeout": 1e300}), "services.users.pool.idle_timeout"),
+    ("deep-endpoints", users(endpoints=nested(1000)), "services.users.endpoints[0]"),
+    ("deep-strategy", users(strategy=nested(1000)), "services.users.strategy"),
+    ("deep-defaults", {"defaults": nested(1000), "services": {}}, "defaults"),
+    ("5000-digit-port", users(endpoints=["127.0.0.1:" + "9" * 5000]),
+     "services.users.endpoints[0]"),
+    ("huge-int-port", users(endpoints=[{"host": "127.0.0.1", "port": 10 ** 5000}]),
+     "services.users.endpoints[0].port"),
+    ("huge-int-key", users(**{"pool": {10 ** 5000: 1}}), "services.users.pool.<an integer "
+                                                          "of 5001 digits>"),
+    ("mixed-endpoint-keys", users(endpoints=[{"address": "a:1", 1: 2, "x": 3}]),
+     "services.users.endpoints[0].1"),
+    ("unhashable-status", users(retries={"statuses": [503, [504]]}),
+     "services.users.retries.statuses[1]"),
+    ("unhashable-method", users(retries={"methods": ["GET", {"POST": 1}]}),
+     "services.users.retries.methods[1]"),
+    ("non-ascii-status-range", users(health_check={"path": "/", "expected_statuses": ["²00-399"]}),
+     "services.users.health_check.expected_statuses"),
+    ("huge-status-range", users(health_check={"path": "/",
+                                              "expected_statuses": ["200-999999999"]}),
+     "services.users.health_check.expected_statuses"),
+    ("bad-etcd-url", {"services": {"users": {"discovery": {"type": "etcd",
+                                                           "urls": ["http://[::1"]}}}},
+     "services.users.discovery.urls[0]"),
+]
+
+
+@pytest.mark.parametrize(("config", "path"), [(c, p) for _, c, p in ANY_SIZE],
+                         ids=[name for name, _, _ in ANY_SIZE])
+def test_values_of_any_size_and_shape_are_config_errors(config: Any, path: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        LoadBalancer.from_config(config)
+    assert caught.value.path == path
+    assert len(str(caught.value)) < 500  # the value is quoted, cut short
+
+
+def test_yaml_alias_bomb_gives_a_short_message(tmp_path: Path) -> None:
+    # 9 levels of 9 aliases: a few hundred bytes whose full repr would need gigabytes.
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = ("services:\n  users:\n    endpoints: ['127.0.0.1:1']\n"
+            f"    strategy: [{', '.join(levels)}]\n")
+    assert len(text) < 700
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.path == "services.users.strategy"
+    assert len(str(caught.value)) < 500
+
+
+def test_quoted_values_are_cut_short() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(users(scheme="x" * 10_000))
+    assert len(caught.value.reason) < 200
+    assert "..." in caught.value.reason
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    server = Backend("b1")
+    yield server
+    server.stop()
+
+
+# Each setting with values at and past the edge of what it can mean.
+EXTREMES: list[tuple[str, Any]] = [
+    ("timeout", {"connect": value, "read": value}) for value in (86_400, 1e300, float("inf"))
+] + [(key, {name: value}) for key, name in (("retries", "deadline"), ("pool", "timeout"),
+                                            ("pool", "idle_timeout"))
+     for value in (86_400, 1e300)] + [
+    ("retries", {"backoff": {"base": 1e300, "max": 1e300}}),
+    ("retries", {"budget": {"min_per_second": 1e300, "ttl": 1e300}}),
+    ("retries", {"budget": {"min_per_second": 1_000_000, "ttl": 86_400}}),
+    ("strategy", {"name": "consistent_hash", "load_bound": 1e308}),
+    ("strategy", {"name": "consistent_hash", "load_bound": 1000}),
+    ("strategy", {"name": "peak_ewma", "decay": 1e300, "default_latency": 1e300}),
+    ("circuit_breaker", {"reset_timeout": 1e300}),
+    ("outlier_detection", {"base_ejection_time": 1e300, "max_ejection_time": 1e300}),
+    ("health_check", {"path": "/", "interval": 1e300, "timeout": 1e300, "grace": 1e300}),
+    ("health_check", {"path": "/", "interval": 86_400, "timeout": 86_400, "grace": 86_400}),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), EXTREMES,
+                         ids=[f"{key}-{json.dumps(value)}" for key, value in EXTREMES])
+def test_a_configuration_that_loads_never_breaks_a_request(backend: Backend, key: str,
+                                                            value: Any) -> None:
+    config = {"services": {"users": {"endpoints": [backend.address], key: value}}}
+    try:
+        lb = LoadBalancer.from_config(config)
+    except ConfigError:
+        return  # refused at load time: what the rule asks
+    with lb:
+        session = lb.session()
+        for _ in range(3):
+            assert session.get("http://users/").status_code == 200
+        assert lb.status()["services"]["users"]
+
+
+# -- a construction that fails leaves nothing running -------------------------------------------
+
+
+def tai_lb_threads() -> list[str]:
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+def test_unresolvable_statsd_host_is_a_config_error_and_leaves_no_thread(
+        backend: Backend) -> None:
+    config = {"services": {"users": {"endpoints": [backend.address],
+                                     "health_check": {"path": "/", "interval": 0.05},
+                                     "discovery": {"type": "static",
+                                                   "endpoints": [backend.address]}}},
+              "metrics": {"statsd": {"host": "nonexistent.invalid"}}}
+    with pytest.raises(ConfigError) as caught:
+        LoadBalancer.from_config(config)
+    assert caught.value.path == "metrics.statsd.host"
+    assert "nonexistent.invalid" in str(caught.value)
+    assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+
+
+class _FailingProvider(Provider):
+    """A provider (a custom one, say) that fails to start."""
+
+    def fetch(self) -> Optional[list[Endpoint]]:
+        return None
+
+    def start(self, notify: Callable[[], None]) -> None:
+        raise RuntimeError("the source is broken")
+
+
+class _FailingSource:
+    def provider(self, service: str) -> Provider:
+        return _FailingProvider()
+
+
+def test_a_failure_while_starting_closes_what_started(backend: Backend) -> None:
+    endpoint = Endpoint.parse(backend.address)
+    started = ServiceConfig(endpoints=(endpoint,), health_check=HealthCheckConfig(path="/"),
+                            discovery=DiscoveryConfig("static", StaticSettings((endpoint,))))
+    failing = ServiceConfig(discovery=DiscoveryConfig("custom", _FailingSource()))
+    config = LoadBalancerConfig({"a": started, "b": failing},
+                                MetricsConfig(StatsdConfig("127.0.0.1", backend.port)))
+    with pytest.raises(RuntimeError, match="the source is broken"):
+        LoadBalancer(config=config)
+    assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+
+
+def test_etcd_answering_200_with_another_shape_is_a_failed_read(backend: Backend) -> None:
+    # The backend answers every POST with 200 and JSON that is no etcd answer: the service
+    # starts without endpoints, its discovery failing (logged, counted) as if etcd were down.
+    config = {"services": {
+        "a": {"discovery": {"type": "static", "endpoints": [backend.address]}},
+        "b": {"discovery": {"type": "etcd", "urls": [f"http://{backend.address}"],
+                            "timeout": 1}}}}
+    with LoadBalancer.from_config(config) as lb:
+        assert not lb.registry.endpoints("b")
+        status = lb.status()["services"]["b"]
+        assert "malformed answer" in json.dumps(status), status
+    assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Protocol
 
-from .._settings import Settings
+from .._settings import Settings, key_text, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import DiscoveryWatcher, Provider, SourceError, WatchSettings
@@ -60,7 +60,7 @@ class StaticSettings(Settings):
         """Build from the discovery mapping (without ``type`` and the watch keys)."""
         raw = value.get("endpoints")
         if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-            raise ConfigError("endpoints", f"static discovery needs a list, got {raw!r}")
+            raise ConfigError("endpoints", f"static discovery needs a list, got {shown(raw)}")
         return cls(tuple(Endpoint.from_value(item, path=f"endpoints[{i}]")
                          for i, item in enumerate(raw)))
 
@@ -77,7 +77,7 @@ class FileSettings(Settings):
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
-            raise ConfigError("path", f"file discovery needs a path, got {self.path!r}")
+            raise ConfigError("path", f"file discovery needs a path, got {shown(self.path)}")
         if self.path.endswith(YAML_SUFFIXES):
             try:
                 import yaml  # noqa: F401, PLC0415 - fail here, not at every read
@@ -113,18 +113,18 @@ class DiscoveryConfig:
     def from_config(cls, value: Any) -> DiscoveryConfig:
         """Build from the ``discovery`` mapping of a configuration."""
         if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping with a type, got {value!r}")
+            raise ConfigError("", f"must be a mapping with a type, got {shown(value)}")
         kind = value.get("type")
         if not isinstance(kind, str):  # a list or a mapping would not even be hashable
-            raise ConfigError("type", f"must be static, file, dns or etcd, got {kind!r}")
+            raise ConfigError("type", f"must be static, file, dns or etcd, got {shown(kind)}")
         if kind in _PLANNED:
             raise ConfigError("type", f"not supported yet: {_PLANNED[kind]}")
         if kind not in _TYPES:
-            raise ConfigError("type", f"must be static, file, dns or etcd, got {kind!r}")
+            raise ConfigError("type", f"must be static, file, dns or etcd, got {shown(kind)}")
         own, build = _TYPES[kind]
         for key in value:
             if key != "type" and key not in own and key not in _WATCH_KEYS:
-                raise ConfigError(str(key), f"unknown key for {kind} discovery; allowed: "
+                raise ConfigError(key_text(key), f"unknown key for {kind} discovery; allowed: "
                                             f"{', '.join(('type', *own, *_WATCH_KEYS))}")
         watch = WatchSettings.from_config({k: value[k] for k in _WATCH_KEYS if k in value})
         return cls(kind, build({k: value[k] for k in own if k in value}), watch)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .. import _forksafe
-from .._settings import Settings, check_int
+from .._settings import Settings, check_int, check_number, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError, LoadBalancerError
 
@@ -120,13 +120,9 @@ class WatchSettings(Settings):
     cache_path: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if (isinstance(self.interval, bool) or not isinstance(self.interval, (int, float))
-                or not 0 < self.interval <= 3600):
-            raise ConfigError("interval", f"must be a number of seconds > 0 and <= 3600, got "
-                                          f"{self.interval!r}")
-        share = self.max_removal_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise ConfigError("max_removal_share", f"must be a share from 0 to 1, got {share!r}")
+        check_number(self.interval, "interval", 0.0, 3600.0)
+        check_number(self.max_removal_share, "max_removal_share", 0.0, 1.0, low_open=False,
+                     what="a share")
         check_int(self.confirmations, "confirmations", 1, 100)
         hold = self.empty_hold
         if (isinstance(hold, bool) or not isinstance(hold, (int, float)) or math.isnan(hold)
@@ -135,7 +131,7 @@ class WatchSettings(Settings):
                                             f"{hold!r}")
         if self.cache_path is not None and (not isinstance(self.cache_path, str)
                                             or not self.cache_path):
-            raise ConfigError("cache_path", f"must be a file path, got {self.cache_path!r}")
+            raise ConfigError("cache_path", f"must be a file path, got {shown(self.cache_path)}")
 
 
 class DiscoveryWatcher:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from .._settings import Settings
+from .._settings import Settings, check_number, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
@@ -53,14 +53,9 @@ _MAX_PRIORITY = 1000  # the highest Endpoint.priority
 _INSTALL = "DNS discovery needs dnspython: pip install 'tai-lb[dns]'"
 
 
-def _seconds(value: Any, key: str, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
-        raise ConfigError(key, f"must be a number of seconds > 0 and <= {high:g}, got {value!r}")
-
-
 def _port(value: Any, key: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(key, f"must be a port number from 1 to 65535, got {value!r}")
+        raise ConfigError(key, f"must be a port number from 1 to 65535, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -105,15 +100,16 @@ class DnsSettings(Settings):
         except ImportError:
             raise ConfigError("type", _INSTALL) from None
         if not isinstance(self.name, str) or not self.name.strip(". "):
-            raise ConfigError("name", f"DNS discovery needs a name to query, got {self.name!r}")
+            raise ConfigError("name", f"DNS discovery needs a name to query, "
+                                      f"got {shown(self.name)}")
         try:
             dns.name.from_text(self.name)
         except dns.exception.DNSException as error:
             raise ConfigError("name", f"not a valid DNS name ({error}), got "
-                                      f"{self.name!r}") from None
+                                      f"{shown(self.name)}") from None
         record = self.record.upper() if isinstance(self.record, str) else self.record
         if record not in _RECORDS:
-            raise ConfigError("record", f"must be SRV, A or AAAA, got {self.record!r}")
+            raise ConfigError("record", f"must be SRV, A or AAAA, got {shown(self.record)}")
         object.__setattr__(self, "record", record)
         if self.nameserver is not None:
             try:
@@ -123,7 +119,7 @@ class DnsSettings(Settings):
             except ValueError:
                 raise ConfigError("nameserver", f"must be an IP address (leave it out to use the "
                                                 f"system's resolver), got "
-                                                f"{self.nameserver!r}") from None
+                                                f"{shown(self.nameserver)}") from None
         _port(self.port, "port")
         if record == "SRV":
             if self.endpoint_port is not None:
@@ -134,14 +130,15 @@ class DnsSettings(Settings):
                                                f"endpoint_port, the port the endpoints listen on")
         else:
             _port(self.endpoint_port, "endpoint_port")
-        _seconds(self.min_ttl, "min_ttl", 3600)
-        _seconds(self.max_ttl, "max_ttl", 86400)
+        check_number(self.min_ttl, "min_ttl", 0.0, 3600.0)
+        check_number(self.max_ttl, "max_ttl", 0.0, 86400.0)
         if self.max_ttl < self.min_ttl:
-            raise ConfigError("max_ttl", f"must not be below min_ttl ({self.min_ttl!r}), got "
-                                         f"{self.max_ttl!r}")
-        _seconds(self.timeout, "timeout", 60)
+            raise ConfigError("max_ttl", f"must not be below min_ttl ({self.min_ttl:g}), got "
+                                         f"{shown(self.max_ttl)}")
+        check_number(self.timeout, "timeout", 0.0, 60.0)
         if not isinstance(self.resolv_conf, str) or not self.resolv_conf:
-            raise ConfigError("resolv_conf", f"must be a file path, got {self.resolv_conf!r}")
+            raise ConfigError("resolv_conf", f"must be a file path, "
+                                             f"got {shown(self.resolv_conf)}")
 
     def provider(self, service: str = "") -> Provider:
         """A provider reading the records when their TTL runs out (``service`` is unused: the

@@ -36,7 +36,7 @@ import urllib3
 from urllib3.util.connection import allowed_gai_family
 
 from .. import _forksafe
-from .._settings import Settings
+from .._settings import Settings, check_number, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
@@ -294,9 +294,13 @@ class EtcdClient:
         """Every key under ``prefix`` with its value, and the revision they were read at."""
         answer = self.call("kv/range", {"key": _b64(prefix),
                                         "range_end": _b64(_prefix_end(prefix))})
-        pairs = [(_key(_unb64(kv["key"])), _unb64(kv.get("value", "")))
-                 for kv in answer.get("kvs", ())]
-        return int(answer["header"]["revision"]), pairs
+        try:  # a member (or a proxy before it) may answer 200 with JSON of another shape
+            pairs = [(_key(_unb64(kv["key"])), _unb64(kv.get("value", "")))
+                     for kv in answer.get("kvs", ())]
+            return int(answer["header"]["revision"]), pairs
+        except (LookupError, TypeError, ValueError, AttributeError) as error:
+            raise EtcdError(f"etcd kv/range: a malformed answer ({type(error).__name__}: "
+                            f"{str(error)[:200]})") from None
 
     def put(self, key: str, value: Union[str, bytes], lease: int = 0) -> int:
         """Set ``key``, attached to ``lease`` if given; the new revision."""
@@ -435,27 +439,23 @@ class EtcdSettings(Settings):
     def __post_init__(self) -> None:
         urls: Any = self.urls  # from a configuration file: any value
         if isinstance(urls, str) or not isinstance(urls, (list, tuple)) or not urls:
-            raise ConfigError("urls", f"etcd discovery needs a list of URLs, got {urls!r}")
+            raise ConfigError("urls", f"etcd discovery needs a list of URLs, got {shown(urls)}")
         for index, url in enumerate(urls):
-            parts = urlsplit(url) if isinstance(url, str) else None
-            try:
-                port = parts.port if parts is not None else None  # raises if not a port
+            try:  # urlsplit() raises on "http://[::1", .port on a port that is no number
+                parts = urlsplit(url) if isinstance(url, str) else None
+                port = parts.port if parts is not None else None
             except ValueError:
-                parts = None
+                parts = port = None
             if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
                     or port == 0 or parts.query or parts.fragment):
                 raise ConfigError(f"urls[{index}]", f"must be an http:// or https:// URL of an "
                                                     f"etcd member, such as "
-                                                    f"http://10.0.0.5:2379, got {url!r}")
+                                                    f"http://10.0.0.5:2379, got {shown(url)}")
         object.__setattr__(self, "urls", tuple(urls))
         if not isinstance(self.prefix, str) or not self.prefix.startswith("/"):
             raise ConfigError("prefix", f"must be a key prefix starting with /, got "
-                                        f"{self.prefix!r}")
-        timeout = self.timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                0 < timeout <= 60):
-            raise ConfigError("timeout", f"must be a number of seconds > 0 and <= 60, got "
-                                         f"{timeout!r}")
+                                        f"{shown(self.prefix)}")
+        check_number(self.timeout, "timeout", 0.0, 60.0)
 
     def provider(self, service: str) -> Provider:
         """A provider watching the keys of ``service``."""

@@ -1,0 +1,313 @@
+"""Fuzzes configurations: each one either builds a balancer or raises ``ConfigError``, and a
+construction that fails leaves no tai-lb thread running.
+
+The configurations are mutations of valid ones (a leaf or a whole part replaced by a huge
+integer, inf, nan, a list nested a thousand deep, a long string, an alias bomb, an unhashable
+value, non-ASCII digits...; keys deleted; unknown keys added) and random JSON-like structures.
+``tests/test_config_fuzz.py`` drives the same generators from hypothesis::
+
+    python benchmarks/fuzz_config.py                 # 26,000 configurations, a few minutes
+    python benchmarks/fuzz_config.py -n 2000 --seed 7
+
+It prints a table of outcomes (built / ConfigError / any other exception, by type) and the
+tai-lb threads left behind, and exits 1 if anything but ``ConfigError`` was raised or a thread
+was left.  No network is needed: endpoints are on 127.0.0.1, discovery is static or a file that
+does not exist, and a StatsD host is 127.0.0.1 or a name that fails before any DNS query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import tai_lb
+from tai_lb import ConfigError, LoadBalancer, LoadBalancerError
+
+THREAD_PREFIX = "tai-lb"
+DEFAULT_COUNT = 26_000
+
+Container = Union[dict[Any, Any], list[Any]]
+
+#: a StatsD host that fails in IDNA encoding (a label over 63 characters), before any DNS query
+UNRESOLVABLE_HOST = "x" * 64 + ".invalid"
+
+
+def valid_configs() -> list[dict[str, Any]]:
+    """Fresh copies of valid configurations that between them use every key."""
+    return [
+        {"services": {"users": {"endpoints": ["127.0.0.1:8001", "127.0.0.1:8002"]}}},
+        {
+            "defaults": {"strategy": "least_connections", "timeout": 2,
+                         "retries": {"attempts": 2}, "pool": {"maxsize": 4}},
+            "services": {
+                "users": {
+                    "endpoints": [
+                        "127.0.0.1:8001",
+                        {"address": "127.0.0.1:8002", "weight": 3, "zone": "eu-1a",
+                         "region": "eu", "version": "1.4", "labels": {"tier": "gold"},
+                         "priority": 1, "tls_name": "users.internal"},
+                        {"host": "::1", "port": 8003},
+                    ],
+                    "strategy": {"name": "consistent_hash", "vnodes": 100, "load_bound": 1.25,
+                                 "max_ring_size": 4096},
+                    "hash_key": "header:X-User-Id",
+                    "scheme": "http",
+                    "timeout": {"connect": 0.5, "read": 5},
+                    "retries": {"attempts": 3, "statuses": [502, 503], "methods": ["GET", "PUT"],
+                                "backoff": {"base": 0.01, "max": 0.1}, "deadline": 2,
+                                "budget": {"percent": 0.2, "min_per_second": 10, "ttl": 10}},
+                    "pool": {"maxsize": 8, "block": True, "timeout": 1, "idle_timeout": 1.5},
+                    "backups": {"endpoints": ["127.0.0.1:9001"], "failover_below": 0.5,
+                                "failback_at": 0.7},
+                },
+                "billing": {
+                    "endpoints": ["127.0.0.1:8101"],
+                    "strategy": {"name": "peak_ewma", "decay": 10, "default_latency": 0.03},
+                    "health_check": {"type": "http", "path": "/healthz",
+                                     "expected_statuses": [200, "204-206"], "interval": 1,
+                                     "jitter": 0.1, "timeout": 0.5, "healthy_threshold": 2,
+                                     "unhealthy_threshold": 2, "grace": 0, "history": 10,
+                                     "skip_if_traffic": True, "panic_threshold": 0.5,
+                                     "verify": True},
+                    "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 5,
+                                          "consecutive_local_origin_failure": 5,
+                                          "base_ejection_time": 30, "max_ejection_time": 300,
+                                          "max_ejection_percent": 10},
+                    "circuit_breaker": {"fail_max": 5, "reset_timeout": 30,
+                                        "success_threshold": 1},
+                    "timeout": [1, 2],
+                    "backups": ["127.0.0.1:9101"],
+                },
+            },
+            "metrics": {"statsd": {"host": "127.0.0.1", "port": 8125, "prefix": "fuzz"}},
+        },
+        {
+            "services": {
+                "search": {"discovery": {"type": "static", "endpoints": ["127.0.0.1:8201"],
+                                         "interval": 1, "max_removal_share": 0.5,
+                                         "confirmations": 3}},
+                "orders": {"discovery": {"type": "file",
+                                         "path": "/nonexistent/tai-lb-fuzz/orders.json",
+                                         "interval": 5},
+                           "health_check": {"type": "tcp", "interval": 2},
+                           "strategy": "weighted_round_robin"},
+            },
+        },
+    ]
+
+
+def nested(levels: int) -> list[Any]:
+    """A list nested ``levels`` deep: ``[[[...]]]``."""
+    value: list[Any] = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def alias_bomb(levels: int = 8) -> list[Any]:
+    """What a YAML alias bomb loads as: 9 references to 9 references... (9**levels leaves)."""
+    value: list[Any] = ["x"] * 9
+    for _ in range(levels):
+        value = [value] * 9
+    return value
+
+
+#: makers of the values a leaf may be replaced with
+REPLACEMENTS: tuple[Callable[[random.Random], Any], ...] = (
+    lambda rng: 10 ** rng.choice((20, 400, 5000)),   # past a float, past str()'s 4300 digits
+    lambda rng: -(10 ** 400),
+    lambda rng: rng.choice((float("inf"), float("-inf"), float("nan"), 1e300, -1e300, 5e-324)),
+    lambda rng: rng.choice((-1, 0, 1, 2, 65536, 1_000_000, 0.5, -0.5, True, False, None)),
+    lambda rng: nested(rng.choice((10, 1000))),
+    lambda rng: alias_bomb(),
+    lambda rng: "x" * rng.choice((0, 64, 10_000)),
+    lambda rng: rng.choice(("\u00b200-399", "\u0663", "\uff11\uff12\uff13", "200-999999999",
+                            "599-100", "1e999", "header:bad name", "127.0.0.1:" + "9" * 5000,
+                            "http://[::1", "\x00", "\udcff", "/")),
+    lambda rng: rng.choice(({}, [], {"a": 1}, [[1]], [{}], [[], {}], (1, [2]), {1: 2})),
+    lambda rng: {rng.choice((1, None, 1.5, 10 ** 5000, "x" * 300)): 1},
+    lambda rng: random_structure(rng, 3),
+)
+
+#: keys added next to the real ones (unknown, of every type a YAML key can have)
+UNKNOWN_KEYS: tuple[Any, ...] = ("colour", "", 1, None, 1.5, True, 10 ** 5000, "x" * 10_000,
+                                 ("a", "b"), "\u00b2")
+
+
+def random_structure(rng: random.Random, depth: int = 4) -> Any:
+    """A random JSON-like value: mappings, lists, strings, numbers, booleans and null."""
+    kind = rng.randrange(8 if depth > 0 else 5)
+    if kind == 0:
+        return rng.choice(("", "users", "127.0.0.1:8001", "round_robin", "static", "/h", "GET",
+                           "x" * rng.randrange(1, 20), "\u00e9", "200-399"))
+    if kind == 1:
+        return rng.choice((0, 1, -1, 80, 503, 2 ** 63, 10 ** 30))
+    if kind == 2:
+        return rng.choice((0.0, 0.5, -2.5, 1e20, float("inf"), float("nan")))
+    if kind == 3:
+        return rng.choice((True, False))
+    if kind == 4:
+        return None
+    if kind in (5, 6):
+        keys = ("services", "endpoints", "strategy", "name", "type", "path", "host", "port",
+                "weight", "retries", "timeout", "users", "health_check", "discovery", "x", 1)
+        return {rng.choice(keys): random_structure(rng, depth - 1)
+                for _ in range(rng.randrange(4))}
+    return [random_structure(rng, depth - 1) for _ in range(rng.randrange(4))]
+
+
+def _containers(value: Any, out: list[Container], seen: set[int], depth: int = 0,
+                ) -> list[Container]:
+    # Each container once (an alias bomb's items are all the same list), and not too deep
+    # (a list made a thousand deep by an earlier mutation is left as it is).
+    if depth > 12 or id(value) in seen or not isinstance(value, (dict, list)):
+        return out
+    seen.add(id(value))
+    out.append(value)
+    for item in list(value.values() if isinstance(value, dict) else value):
+        _containers(item, out, seen, depth + 1)
+    return out
+
+
+def mutate(config: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """``config`` (copied) with one to three random mutations."""
+    config = copy.deepcopy(config)
+    for _ in range(rng.randrange(1, 4)):
+        containers = _containers(config, [], set())
+        target = rng.choice(containers)
+        operation = rng.randrange(10)
+        if isinstance(target, dict):
+            keys = list(target)
+            if operation == 0 or not keys:
+                target[rng.choice(UNKNOWN_KEYS)] = rng.choice(REPLACEMENTS)(rng)
+            elif operation == 1:
+                del target[rng.choice(keys)]
+            else:
+                target[rng.choice(keys)] = rng.choice(REPLACEMENTS)(rng)
+        elif operation == 0 or not target:
+            target.append(rng.choice(REPLACEMENTS)(rng))
+        elif operation == 1:
+            del target[rng.randrange(len(target))]
+        else:
+            target[rng.randrange(len(target))] = rng.choice(REPLACEMENTS)(rng)
+    _keep_statsd_offline(config)
+    return config
+
+
+def _keep_statsd_offline(config: Any) -> None:
+    # A StatsD host is resolved when the balancer is built: keep the fuzz off the network.
+    metrics = config.get("metrics") if isinstance(config, dict) else None
+    statsd = metrics.get("statsd") if isinstance(metrics, dict) else None
+    host = statsd.get("host") if isinstance(statsd, dict) else None
+    if isinstance(statsd, dict) and isinstance(host, str) and host not in ("127.0.0.1", "::1"):
+        statsd["host"] = UNRESOLVABLE_HOST
+
+
+def fuzzed_config(rng: random.Random) -> Any:
+    """A mutated valid configuration (most often) or a random structure."""
+    draw = rng.random()
+    if draw < 0.85:
+        return mutate(rng.choice(valid_configs()), rng)
+    if draw < 0.95:  # random services under a valid top level
+        config = {"services": random_structure(rng)}
+        _keep_statsd_offline(config)
+        return config
+    config = random_structure(rng)
+    _keep_statsd_offline(config)
+    return config
+
+
+def tai_lb_threads() -> list[str]:
+    """Names of the tai-lb threads alive now."""
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+@dataclass
+class Outcome:
+    """What building a balancer from one configuration did."""
+
+    result: str  # "built", "ConfigError", or the type name of another exception
+    error: Optional[BaseException] = None
+    threads_left: list[str] = field(default_factory=list)
+
+
+def try_config(config: Any) -> Outcome:
+    """Build a balancer from ``config``, use and close it; what happened, and the tai-lb
+    threads still running after a failed construction or after close()."""
+    try:
+        lb = LoadBalancer.from_config(config)
+    except ConfigError:
+        return Outcome("ConfigError", threads_left=_threads_after_stop())
+    except Exception as error:
+        return Outcome(type(error).__name__, error, _threads_after_stop())
+    try:
+        for name in lb.config.services:  # a configuration that loads never breaks a pick
+            # NoEndpointAvailable (nothing healthy, discovery failing) is an answer
+            with contextlib.suppress(LoadBalancerError):
+                lb.pick(name).done()
+        lb.status()
+    except Exception as error:
+        lb.close()
+        return Outcome(f"after load: {type(error).__name__}", error, _threads_after_stop())
+    lb.close()
+    return Outcome("built", threads_left=_threads_after_stop())
+
+
+def _threads_after_stop(timeout: float = 2.0) -> list[str]:
+    # Stopped threads have been joined, so this is normally empty at once.
+    deadline = time.monotonic() + timeout
+    left = tai_lb_threads()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = tai_lb_threads()
+    return left
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the fuzz and print its table; 1 if anything but ConfigError was raised."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--count", type=int, default=DEFAULT_COUNT,
+                        help=f"configurations to try (default {DEFAULT_COUNT:,})")
+    parser.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
+    args = parser.parse_args(argv)
+    logging.getLogger("tai_lb").setLevel(logging.CRITICAL)  # failing discovery logs a lot
+    rng = random.Random(args.seed)
+    counts: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
+    leaks = 0
+    started = time.perf_counter()
+    for _ in range(args.count):
+        outcome = try_config(fuzzed_config(rng))
+        counts[outcome.result] += 1
+        if outcome.error is not None and outcome.result not in examples:
+            examples[outcome.result] = str(outcome.error)[:200]
+        if outcome.threads_left:
+            leaks += 1
+            examples.setdefault("threads left", ", ".join(outcome.threads_left)[:200])
+    elapsed = time.perf_counter() - started
+    print(f"tai-lb {tai_lb.__version__}, Python {sys.version.split()[0]}: "
+          f"{args.count:,} fuzzed configurations (seed {args.seed}) in {elapsed:.0f} s\n")
+    print(f"{'outcome':<36}{'configurations':>16}")
+    for result, count in counts.most_common():
+        print(f"{result:<36}{count:>16,}")
+    others = sum(n for result, n in counts.items() if result not in ("built", "ConfigError"))
+    print(f"{'other exceptions (target 0)':<36}{others:>16,}")
+    print(f"{'runs leaving tai-lb threads (target 0)':<36}{leaks:>16,}")
+    for result, text in examples.items():
+        print(f"\n{result}: {text}")
+    return 1 if others or leaks else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
