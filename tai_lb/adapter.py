@@ -336,7 +336,7 @@ class _BalancedSend:
         self.settings = lb.service_config(service)
         self.policy: RetryPolicy = self.settings.retries
         self.budget = lb.retry_budget(service)
-        self.clock = lb._clock
+        self.clock = lb.clock
         self.started = self.clock()
         self.deadline = (None if self.policy.deadline is None
                          else self.started + self.policy.deadline)
@@ -455,7 +455,7 @@ class _BalancedSend:
         cert = tuple(self.cert) if isinstance(self.cert, list) else self.cert
         tls_key = ((self.verify, cert, endpoint.tls_name or self.service)
                    if self.scheme == "https" else None)
-        pool = self.lb._pools.pool_for(endpoint.host, endpoint.port, self.scheme,
+        pool = self.lb.pools.pool_for(endpoint.host, endpoint.port, self.scheme,
                                        self.settings.pool, tls_key,
                                        lambda: self._tls(endpoint.tls_name))
         body = self.request.body

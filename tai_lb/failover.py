@@ -172,7 +172,7 @@ class EndpointBreaker:
                 self._opened_at = None
         self._flush()
 
-    def _reset_after_fork(self) -> None:
+    def reset_after_fork(self) -> None:
         _forksafe.inherited(self._lock, self.breaker._lock)  # never freed in the child
         self._lock = threading.Lock()
         self.breaker._lock = threading.RLock()  # pybreaker's own, held at the fork maybe

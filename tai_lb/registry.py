@@ -25,7 +25,8 @@ from .endpoint import Endpoint
 from .exceptions import ConfigError, UnknownService
 from .filters import EndpointFilter, metadata_filter
 
-__all__ = ["EndpointLike", "ServiceRegistry", "ServiceSnapshot", "Subscription", "TopologyChange"]
+__all__ = ["EndpointLike", "ServiceRegistry", "ServiceSnapshot", "SnapshotDelta", "Subscription",
+           "TopologyChange"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _Order = tuple[list[Endpoint], list[tuple[Any, ...]]]
 _WINDOW_MAX = 2048
 
 
-class _Delta(NamedTuple):
+class SnapshotDelta(NamedTuple):
     """How a snapshot differs from the one it replaced (generation ``base``), by address.
 
     Subscribers that keep per-snapshot state (the balancer's routes) use it to update that
@@ -107,7 +108,7 @@ class ServiceSnapshot:
         self._adopt(service, dict(endpoints), None, None)
 
     def _adopt(self, service: str, table: dict[str, Endpoint], order: Optional[_Order],
-               delta: Optional[_Delta]) -> None:
+               delta: Optional[SnapshotDelta]) -> None:
         # ``table`` becomes the snapshot's own: its owner never changes it afterwards.
         self.service = service
         self._table = table
@@ -121,10 +122,17 @@ class ServiceSnapshot:
 
     @classmethod
     def _of(cls, service: str, table: dict[str, Endpoint], order: Optional[_Order] = None,
-            delta: Optional[_Delta] = None) -> ServiceSnapshot:
+            delta: Optional[SnapshotDelta] = None) -> ServiceSnapshot:
         snapshot = cls.__new__(cls)
         snapshot._adopt(service, table, order, delta)
         return snapshot
+
+    @property
+    def delta(self) -> Optional[SnapshotDelta]:
+        """How this snapshot differs from the one it replaced, by address, when a write made
+        a small change (None otherwise): subscribers that keep per-snapshot state update it for
+        those endpoints alone."""
+        return self._delta
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -460,7 +468,7 @@ class ServiceRegistry:
     # -- internals (called with self._lock held) ----------------------------------------------
 
     def _publish(self, service: str, table: dict[str, Endpoint],
-                 order: Optional[_Order] = None, delta: Optional[_Delta] = None) -> None:
+                 order: Optional[_Order] = None, delta: Optional[SnapshotDelta] = None) -> None:
         # ``table`` is handed over: the snapshot keeps it, and nothing changes it afterwards.
         snapshots = self._snapshots.copy()
         snapshots[service] = ServiceSnapshot._of(service, table, order, delta)
@@ -563,12 +571,14 @@ def _endpoint_list(values: Iterable[EndpointLike]) -> list[Endpoint]:
 
 def _delta_of(base: Optional[ServiceSnapshot], added: Collection[Union[Endpoint, str]],
               removed: Collection[Union[Endpoint, str]], changed: Collection[str],
-              ) -> Optional[_Delta]:
+              ) -> Optional[SnapshotDelta]:
     """The delta from ``base`` (endpoints or addresses), or None: no base, or a large change."""
     if base is None or len(added) + len(removed) + len(changed) > _DELTA_MAX:
         return None
-    return _Delta(base.generation, tuple(e if isinstance(e, str) else e.address for e in added),
-                  tuple(e if isinstance(e, str) else e.address for e in removed), tuple(changed))
+    return SnapshotDelta(base.generation,
+                         tuple(e if isinstance(e, str) else e.address for e in added),
+                         tuple(e if isinstance(e, str) else e.address for e in removed),
+                         tuple(changed))
 
 
 def _in_table_order(table: dict[str, Endpoint], addresses: Collection[str]) -> list[str]:

@@ -27,6 +27,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from . import _forksafe
 from ._settings import check_int, check_number, key_text, shown
 from .exceptions import ConfigError
 
@@ -173,6 +174,11 @@ class RetryBudget:
         self._buckets: collections.deque[list[int]] = collections.deque()
         self._requests = 0
         self._retries = 0
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's is kept, never freed in the child)."""
+        _forksafe.inherited(self._lock)
+        self._lock = threading.Lock()
 
     @classmethod
     def for_policy(cls, policy: RetryPolicy, clock: Callable[[], float]) -> RetryBudget:

@@ -212,6 +212,16 @@ class EndpointStats:
         if drained is not None:
             drained()
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock, here and in the breaker (a parent's thread may have
+        held one at the fork); the old ones are kept, never freed in the child."""
+        from . import _forksafe  # noqa: PLC0415 - imported only where a fork happened
+
+        _forksafe.inherited(self._lock)
+        self._lock = threading.Lock()
+        if self.breaker is not None:
+            self.breaker.reset_after_fork()
+
     def reset_failure_runs(self) -> None:
         """Start the runs of consecutive failures over (after an ejection)."""
         with self._lock:

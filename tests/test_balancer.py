@@ -285,7 +285,7 @@ def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -
             assert before.get(address, stats) is stats
             assert stats.endpoint is reg.snapshot("users").by_address[address]
         fresh = LoadBalancer(reg, strategy=strategy())
-        route, fresh_route = lb._route("users"), fresh._route("users")
+        route, fresh_route = lb.route("users"), fresh.route("users")
         assert [s.endpoint for s in route.everyone] == [s.endpoint for s in fresh_route.everyone]
         assert [s.endpoint for s in route.candidates] == [
             s.endpoint for s in fresh_route.candidates]
@@ -298,9 +298,10 @@ def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -
                 fresh.pick("users", key=k).address for k in keys]
         if name == "weighted_round_robin":
             period = sum(s.endpoint.weight for s in route.candidates)
-            lb._routes.pop("users")  # a new route starts the sequence at 0, as the fresh one
-            assert [lb.pick("users").address for _ in range(period)] == [
-                fresh.pick("users").address for _ in range(period)]
+            # Pickers prepared afresh (sequence at 0) over both routes' candidates agree.
+            ours, theirs = (strategy().prepare(r.candidates) for r in (route, fresh_route))
+            assert [ours(None).endpoint.address for _ in range(period)] == [
+                theirs(None).endpoint.address for _ in range(period)]
         fresh.close()
     lb.close()
 
@@ -337,10 +338,10 @@ def test_an_endpoint_removed_and_back_in_one_delivery_keeps_its_pools(clock: Fak
     reg.subscribe(bounce)
     reg.register("users", "10.0.0.3:80")
     stats = lb.stats("users")["10.0.0.1:80"]
-    assert stats.on_drained is None and not lb._draining  # back before it drained
+    assert stats.on_drained is None and not lb.topology.draining  # back before it drained
     lease.done()
     reg.deregister("users", "10.0.0.2:80")  # nothing in flight: closed at once, no drain
-    assert not lb._draining
+    assert not lb.topology.draining
 
 
 def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
@@ -350,7 +351,7 @@ def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
     lb = make_lb(clock, "10.0.0.1:80", "10.0.0.2:80")
     lease = lb.pick("users")
     stats = lb.stats("users")[lease.address]
-    lb._pools.pool_for(stats.endpoint.host, stats.endpoint.port, "http", PoolConfig(), None,
+    lb.pools.pool_for(stats.endpoint.host, stats.endpoint.port, "http", PoolConfig(), None,
                        dict)
 
     class EndsOnceSeen(collections.deque):  # type: ignore[type-arg]
@@ -373,8 +374,8 @@ def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
     in_flight.armed = True
     lb.registry.deregister("users", lease.address)
     assert not in_flight and not in_flight.armed  # the lease ended during the removal
-    assert stats.on_drained is None and not lb._draining  # drained: nothing left waiting
-    assert (stats.endpoint.host, stats.endpoint.port) not in lb._pools.endpoints()
+    assert stats.on_drained is None and not lb.topology.draining  # drained: nothing left waiting
+    assert (stats.endpoint.host, stats.endpoint.port) not in lb.pools.endpoints()
     lb.close()
 
 
@@ -408,7 +409,7 @@ def test_a_child_forked_while_a_picker_held_its_lock_picks_with_a_new_one() -> N
                                 Endpoint("10.0.0.2", 80, weight=3)])
     lb = LoadBalancer(reg, strategy=WeightedRoundRobin(max_period=2))
     lb.pick("users").done()
-    picker = lb._route("users").picker
+    picker = lb.route("users").picker
     lock = next(c.cell_contents for c in picker.__closure__ or ()  # type: ignore[union-attr]
                 if isinstance(c.cell_contents, type(threading.Lock())))
     with lock:  # as if a parent's thread were picking at the moment of the fork
@@ -416,7 +417,7 @@ def test_a_child_forked_while_a_picker_held_its_lock_picks_with_a_new_one() -> N
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
             try:
-                code = 0 if lb._route("users").picker is not picker else 3
+                code = 0 if lb.route("users").picker is not picker else 3
             finally:
                 os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -477,7 +478,7 @@ def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_ste
     assert errors == []
     snapshot = reg.snapshot("users")
     assert set(lb._health._targets["users"]) == set(snapshot.by_address)
-    route = lb._route("users")
+    route = lb.route("users")
     assert [s.endpoint for s in route.everyone] == list(snapshot.endpoints)
     assert all(s.in_flight == 0 for s in route.everyone)
     hashes, owners = build_ring(route.candidates, 40, 4096)

@@ -69,7 +69,7 @@ def test_a_child_forked_while_a_pool_queue_lock_was_held_comes_back() -> None:
     # finalizer, which empties each pool's queue under the queue's lock; a parent's thread
     # holding that lock at the fork would hang the child inside os.fork().
     with _balancer() as lb:
-        pool = lb._pools.pool_for("10.0.0.1", 80, "http", PoolConfig(), None, dict)
+        pool = lb.pools.pool_for("10.0.0.1", 80, "http", PoolConfig(), None, dict)
         assert pool.pool is not None
         mutex = pool.pool.mutex
         del pool  # the balancer holds the only reference, as in a real worker
@@ -98,7 +98,7 @@ def test_a_child_forked_while_a_pool_queue_lock_was_held_comes_back() -> None:
 def _exit_handlers_run(lb: LoadBalancer) -> dict[str, Any]:
     _first_picks(lb)
     # The child's first pool closes its copies of the parent's idle connections.
-    lb._pools.pool_for("10.0.0.2", 80, "http", PoolConfig(), None, dict)
+    lb.pools.pool_for("10.0.0.2", 80, "http", PoolConfig(), None, dict)
     atexit._run_exitfuncs()
     return {"exit handlers": "ran"}
 
@@ -110,7 +110,7 @@ def test_a_child_closes_its_copies_of_the_parents_idle_connections_on_first_use(
         config = {"services": {"users": {"endpoints": [backend.address]}}}
         with LoadBalancer.from_config(config) as lb, lb.session() as session:
             assert session.get("http://users/").status_code == 200
-            pool = lb._pools.pool_for("127.0.0.1", backend.port, "http",
+            pool = lb.pools.pool_for("127.0.0.1", backend.port, "http",
                                       lb.service_config("users").pool, None, dict)
             idle = [c for c in pool.pool.queue if c is not None]  # type: ignore[union-attr]
             sockets = [c.sock for c in idle]

@@ -348,9 +348,9 @@ def test_removed_endpoint_drains_then_its_pool_closes(backend_factory: Factory) 
         r = s.get("http://users/", stream=True)
         lb.registry.register("users", b.address)
         lb.registry.deregister("users", a.address)
-        assert ("127.0.0.1", a.port) in lb._pools.endpoints()  # still in flight: kept
+        assert ("127.0.0.1", a.port) in lb.pools.endpoints()  # still in flight: kept
         assert len(r.content) == 300  # no ClosedPoolError for the request in flight
-        assert ("127.0.0.1", a.port) not in lb._pools.endpoints()
+        assert ("127.0.0.1", a.port) not in lb.pools.endpoints()
         assert s.get("http://users/").json()["backend"] == "b"
 
 
@@ -605,7 +605,7 @@ def test_removing_an_address_from_one_service_keeps_the_others_pools(
         s = lb.session()
         s.get("http://admin/")
         lb.registry.deregister("users", backend.address)
-        assert ("127.0.0.1", backend.port) in lb._pools.endpoints()
+        assert ("127.0.0.1", backend.port) in lb.pools.endpoints()
         assert s.get("http://admin/").status_code == 200
 
 

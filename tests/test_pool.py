@@ -76,7 +76,7 @@ def test_an_exhausted_fair_pool_still_fails_as_http_pool_exhausted() -> None:
                                          "pool": {"maxsize": 1, "timeout": 0.05},
                                          "retries": {"attempts": 1}}}}
         with tai_lb.LoadBalancer.from_config(config) as lb:
-            pool = lb._pools.pool_for("127.0.0.1", backend.port, "http",
+            pool = lb.pools.pool_for("127.0.0.1", backend.port, "http",
                                       lb.service_config("users").pool, None, dict)
             held = pool._get_conn()
             try:
@@ -115,7 +115,7 @@ def test_two_services_on_one_backend_keep_their_idle_timeouts() -> None:
                 assert session.get(f"http://{service}/").status_code == 200
             timeouts = {}
             for service in ("quick", "slow"):
-                pool = lb._pools.pool_for("127.0.0.1", backend.port, "http",
+                pool = lb.pools.pool_for("127.0.0.1", backend.port, "http",
                                           lb.service_config(service).pool, None, dict)
                 timeouts[service] = pool.idle_timeout  # type: ignore[attr-defined]
             assert timeouts == {"quick": 0.5, "slow": 30.0}
@@ -131,7 +131,7 @@ def test_close_closes_every_pool_and_later_pools_come_closed() -> None:
         with lb.session() as session:
             assert session.get("http://users/").status_code == 200
         settings = lb.service_config("users").pool
-        pool = lb._pools.pool_for("127.0.0.1", backend.port, "http", settings, None, dict)
+        pool = lb.pools.pool_for("127.0.0.1", backend.port, "http", settings, None, dict)
         idle = list(pool.pool.queue)  # type: ignore[union-attr]
         assert any(c is not None and c.sock is not None for c in idle)  # a kept-alive socket
         lb.close()
@@ -139,11 +139,11 @@ def test_close_closes_every_pool_and_later_pools_come_closed() -> None:
         assert all(c is None or c.sock is None for c in idle)  # closed, not left to the GC
         # A request that picked just before close() asks for its pool just after: it gets a
         # closed one (its attempt fails before sending), never a new pool nobody will close.
-        late = lb._pools.pool_for("127.0.0.1", backend.port, "http", settings, None, dict)
+        late = lb.pools.pool_for("127.0.0.1", backend.port, "http", settings, None, dict)
         assert late.pool is None
         with pytest.raises(ClosedPoolError):
             late.urlopen("GET", "/")
-        assert lb._pools.endpoints() == []
+        assert lb.pools.endpoints() == []
     finally:
         backend.stop()
 

@@ -1,0 +1,31 @@
+"""Routing: how the endpoints of a service become the one a request gets.
+
+A route is built by a chain of stages, once per change of the service (its endpoints, their
+health), off the request path, and published whole; a pick reads the published route and takes
+no lock.  The chain, in order (:class:`ServiceRouting` wires it)::
+
+    registry snapshot
+      -> Membership        figures per address (members.py)
+      -> Unusable          failed health checks and ejections (health.py)
+      -> PriorityFailover  the active priority group, failover and failback (priority.py)
+      -> HealthyOrPanic    the usable endpoints, or all of the group in panic (health.py)
+      -> Prepare           the strategy's picker over what is left (prepare.py)
+    per request: route.selectors (none yet), then route.picker(key)
+
+Slow-start weights, locality and subsets are stages to come between ``HealthyOrPanic`` and
+``Prepare``; affinity and subsets by header are selectors.  Each is a new module here and one
+line in the chain.
+"""
+
+from __future__ import annotations
+
+from .health import HealthyOrPanic, Unusable
+from .members import Membership
+from .prepare import Prepare
+from .priority import PriorityFailover
+from .route import Route, RouteState, Selector, Stage
+from .router import Router
+from .service import ServiceRouting
+
+__all__ = ["HealthyOrPanic", "Membership", "Prepare", "PriorityFailover", "Route", "RouteState",
+           "Router", "Selector", "ServiceRouting", "Stage", "Unusable"]

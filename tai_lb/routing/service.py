@@ -1,0 +1,71 @@
+"""`ServiceRouting`: the chain of one service, wired, with its router.
+
+The one place that says which stages a route goes through, in which order.  A new stage is a
+new module in this package and one line in :meth:`ServiceRouting.chain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .health import HealthyOrPanic, Unusable
+from .members import Membership, StatsFactory
+from .prepare import Prepare
+from .priority import PriorityFailover
+from .route import Route, Stage
+from .router import Router
+
+if TYPE_CHECKING:
+    from ..config import ServiceConfig
+    from ..registry import ServiceSnapshot
+    from ..strategies import Strategy
+
+__all__ = ["ServiceRouting"]
+
+
+class ServiceRouting:
+    """The stages and the router of one service.
+
+    :param service: the service's name.
+    :param settings: its settings.
+    :param strategy: its strategy.
+    :param snapshot: returns the registry's current snapshot of the service.
+    :param make_stats: makes the figures of an endpoint new to the service.
+    :param unusable: sources of unusable addresses (failed checks, ejections).
+    :param failover_changed: told when the active priority group changes.
+    """
+
+    def __init__(self, service: str, settings: ServiceConfig, strategy: Strategy,
+                 snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
+                 unusable: tuple[Callable[[], Set[str]], ...],
+                 failover_changed: Callable[[str, int, int, list[float]], None]) -> None:
+        self.service = service
+        self.members = Membership(make_stats)
+        self.failover = PriorityFailover(settings.failover, failover_changed)
+        self._prepare = Prepare(strategy)
+        checks = settings.health_check
+        self._unusable = Unusable(*unusable)
+        self._panic = HealthyOrPanic(checks.panic_threshold if checks is not None else 0.5)
+        self.router = Router(service, self.chain(), snapshot, strategy)
+
+    def chain(self) -> list[Stage]:
+        """The stages, in order: priority, then (to come) locality, then the host's picker."""
+        return [
+            self.members,    # figures per address
+            self._unusable,  # failed checks and ejections
+            self.failover,   # the active priority group
+            self._panic,     # its usable endpoints, or all of them in panic
+            # slow start weights, locality and subsets go here
+            self._prepare,   # the strategy's picker
+        ]
+
+    @property
+    def route(self) -> Route:
+        """The published route (built now if there is none yet)."""
+        return self.router.route or self.router.current()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: fresh locks in the figures, no picker of the parent's."""
+        self.members.reset_after_fork()
+        self._prepare.reset_after_fork()
