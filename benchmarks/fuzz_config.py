@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import faulthandler
 import logging
 import random
 import sys
@@ -35,6 +36,7 @@ from tai_lb import ConfigError, LoadBalancer, LoadBalancerError
 
 THREAD_PREFIX = "tai-lb"
 DEFAULT_COUNT = 26_000
+HANG_SECONDS = 60  # one configuration taking longer is a hang
 
 Container = Union[dict[Any, Any], list[Any]]
 
@@ -288,7 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     leaks = 0
     started = time.perf_counter()
     for _ in range(args.count):
-        outcome = try_config(fuzzed_config(rng))
+        config = fuzzed_config(rng)
+        # A configuration that hangs the balancer (a scheduler spinning...) ends the run with
+        # every thread's stack rather than a run that never ends.
+        faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+        outcome = try_config(config)
+        faulthandler.cancel_dump_traceback_later()
         counts[outcome.result] += 1
         if outcome.error is not None and outcome.result not in examples:
             examples[outcome.result] = str(outcome.error)[:200]
