@@ -305,12 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"tai-lb {tai_lb.__version__}, Python {sys.version.split()[0]}: "
           f"{args.count:,} fuzzed configurations (seed {args.seed}) in {elapsed:.0f} s\n")
-    print(f"{'outcome':<36}{'configurations':>16}")
+    print(f"{'outcome':<40}{'configurations':>16}")
     for result, count in counts.most_common():
-        print(f"{result:<36}{count:>16,}")
+        print(f"{result:<40}{count:>16,}")
     others = sum(n for result, n in counts.items() if result not in ("built", "ConfigError"))
-    print(f"{'other exceptions (target 0)':<36}{others:>16,}")
-    print(f"{'runs leaving tai-lb threads (target 0)':<36}{leaks:>16,}")
+    print(f"{'other exceptions (target 0)':<40}{others:>16,}")
+    print(f"{'runs leaving tai-lb threads (target 0)':<40}{leaks:>16,}")
     for result, text in examples.items():
         print(f"\n{result}: {text}")
     return 1 if others or leaks else 0
