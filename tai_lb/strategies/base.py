@@ -40,12 +40,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Callable, ClassVar, Optional, Union
 
-from ._forksafe import ForkRandom
-from ._sequences import common_head, common_tail
-from ._settings import check_int, check_number, key_text, shown
-from .endpoint import Endpoint
-from .exceptions import ConfigError
-from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
+from .._forksafe import ForkRandom
+from .._sequences import common_head, common_tail
+from .._settings import check_int, check_number, key_text, shown
+from ..endpoint import Endpoint
+from ..exceptions import ConfigError
+from ..stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
 
 __all__ = [
     "STRATEGIES",
