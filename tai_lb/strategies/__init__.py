@@ -34,30 +34,20 @@ the picker and routing key types, the function wrapper), :mod:`~tai_lb.strategie
 from __future__ import annotations
 
 from .base import EXCLUDING as EXCLUDING
-from .base import (
-    STRATEGIES,
-    ConsistentHash,
-    FunctionStrategy,
-    LeastConnections,
-    PeakEwma,
-    Picker,
-    Random,
-    RoundRobin,
-    RoutingKey,
-    Strategy,
-    StrategyLike,
-    Weighted,
-    WeightedRoundRobin,
-    resolve_strategy,
-)
+from .base import FunctionStrategy, Picker, RoutingKey, Strategy
 from .base import StrategyFunction as StrategyFunction
-from .base import bucket_index as bucket_index
-from .base import build_ring as build_ring
-from .base import key_hash as key_hash
-from .base import ring_points as ring_points
-from .base import shift_bucket_index as shift_bucket_index
-from .base import smooth_weighted_order as smooth_weighted_order
-from .base import smooth_weighted_sequence as smooth_weighted_sequence
+from .hashing import ConsistentHash
+from .hashing import bucket_index as bucket_index
+from .hashing import build_ring as build_ring
+from .hashing import key_hash as key_hash
+from .hashing import ring_points as ring_points
+from .hashing import shift_bucket_index as shift_bucket_index
+from .least_loaded import LeastConnections, PeakEwma
+from .names import STRATEGIES, StrategyLike, resolve_strategy
+from .randomized import Random, Weighted
+from .rotation import RoundRobin, WeightedRoundRobin
+from .rotation import smooth_weighted_order as smooth_weighted_order
+from .rotation import smooth_weighted_sequence as smooth_weighted_sequence
 
 __all__ = [
     "STRATEGIES",
