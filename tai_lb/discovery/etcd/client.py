@@ -35,11 +35,11 @@ from urllib.parse import urlsplit
 import urllib3
 from urllib3.util.connection import allowed_gai_family
 
-from .. import _forksafe
-from .._settings import Settings, check_number, shown
-from ..endpoint import Endpoint
-from ..exceptions import ConfigError
-from .base import Provider, SourceError
+from ... import _forksafe
+from ..._settings import Settings, check_number, shown
+from ...endpoint import Endpoint
+from ...exceptions import ConfigError
+from ..base import Provider, SourceError
 
 __all__ = ["Backoff", "EtcdClient", "EtcdError", "EtcdProvider", "EtcdRegistrar", "EtcdSettings",
            "WatchCompacted", "WatchIdle", "WatchStream", "interrupt"]
