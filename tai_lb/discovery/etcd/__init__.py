@@ -18,21 +18,14 @@ from __future__ import annotations
 
 from .client import RECONNECT_CAP as RECONNECT_CAP
 from .client import RECONNECT_FIRST as RECONNECT_FIRST
-from .client import WATCH_HEALTHY as WATCH_HEALTHY
-from .client import WATCH_IDLE as WATCH_IDLE
-from .client import (
-    Backoff,
-    EtcdClient,
-    EtcdError,
-    EtcdProvider,
-    EtcdRegistrar,
-    EtcdSettings,
-    WatchCompacted,
-    WatchIdle,
-    WatchStream,
-    interrupt,
-)
-from .client import service_prefix as service_prefix
+from .client import Backoff, EtcdClient, interrupt
+from .errors import EtcdError, WatchCompacted, WatchIdle
+from .provider import WATCH_HEALTHY as WATCH_HEALTHY
+from .provider import EtcdProvider, EtcdSettings
+from .provider import service_prefix as service_prefix
+from .registrar import EtcdRegistrar
+from .watch import WATCH_IDLE as WATCH_IDLE
+from .watch import WatchStream
 
 __all__ = ["Backoff", "EtcdClient", "EtcdError", "EtcdProvider", "EtcdRegistrar", "EtcdSettings",
            "WatchCompacted", "WatchIdle", "WatchStream", "interrupt"]
