@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import faulthandler
 import logging
 import random
 import sys
@@ -35,6 +36,7 @@ from tai_lb import ConfigError, LoadBalancer, LoadBalancerError
 
 THREAD_PREFIX = "tai-lb"
 DEFAULT_COUNT = 26_000
+HANG_SECONDS = 60  # one configuration taking longer is a hang
 
 Container = Union[dict[Any, Any], list[Any]]
 
@@ -288,7 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     leaks = 0
     started = time.perf_counter()
     for _ in range(args.count):
-        outcome = try_config(fuzzed_config(rng))
+        config = fuzzed_config(rng)
+        # A configuration that hangs the balancer (a scheduler spinning...) ends the run with
+        # every thread's stack rather than a run that never ends.
+        faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+        outcome = try_config(config)
+        faulthandler.cancel_dump_traceback_later()
         counts[outcome.result] += 1
         if outcome.error is not None and outcome.result not in examples:
             examples[outcome.result] = str(outcome.error)[:200]
@@ -298,12 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"tai-lb {tai_lb.__version__}, Python {sys.version.split()[0]}: "
           f"{args.count:,} fuzzed configurations (seed {args.seed}) in {elapsed:.0f} s\n")
-    print(f"{'outcome':<36}{'configurations':>16}")
+    print(f"{'outcome':<40}{'configurations':>16}")
     for result, count in counts.most_common():
-        print(f"{result:<36}{count:>16,}")
+        print(f"{result:<40}{count:>16,}")
     others = sum(n for result, n in counts.items() if result not in ("built", "ConfigError"))
-    print(f"{'other exceptions (target 0)':<36}{others:>16,}")
-    print(f"{'runs leaving tai-lb threads (target 0)':<36}{leaks:>16,}")
+    print(f"{'other exceptions (target 0)':<40}{others:>16,}")
+    print(f"{'runs leaving tai-lb threads (target 0)':<40}{leaks:>16,}")
     for result, text in examples.items():
         print(f"\n{result}: {text}")
     return 1 if others or leaks else 0

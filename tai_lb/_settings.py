@@ -16,6 +16,10 @@ MAX_SECONDS = 86_400.0
 """The longest duration any setting accepts (one day): every duration must also work as a
 socket timeout, an ``Event.wait()`` and a deadline on the monotonic clock."""
 
+MIN_INTERVAL = 0.001
+"""The shortest period of anything that repeats (a health check, a discovery read): below it a
+scheduler would spin, and ``now + 5e-324`` is ``now``, so a check would be due forever."""
+
 _SHOWN_MAX = 100  # characters of a value quoted in an error message
 
 

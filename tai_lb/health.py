@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from . import _forksafe
-from ._settings import Settings, check_int, check_number, shown
+from ._settings import MIN_INTERVAL, Settings, check_int, check_number, shown
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 
@@ -141,7 +141,7 @@ class HealthCheckConfig(Settings):
                                           f"{shown(self.function)}")
         object.__setattr__(self, "expected_statuses",
                            _statuses(self.expected_statuses, "expected_statuses"))
-        check_number(self.interval, "interval")
+        check_number(self.interval, "interval", MIN_INTERVAL, low_open=False)
         check_number(self.jitter, "jitter", 0.0, 1.0, low_open=False, what="a share")
         check_number(self.timeout, "timeout")
         check_number(self.grace, "grace", low_open=False)

@@ -281,7 +281,7 @@ def test_file_errors_name_the_key_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value) == ("services.users.health_check.interval: must be a number of "
-                                 "seconds > 0 and <= 86400, got -1")
+                                 "seconds from 0.001 to 86400, got -1")
 
 
 # -- values of any size and shape ---------------------------------------------------------------
@@ -348,6 +348,17 @@ ANY_SIZE: list[tuple[str, Any, str]] = [
     ("bad-etcd-url", {"services": {"users": {"discovery": {"type": "etcd",
                                                            "urls": ["http://[::1"]}}}},
      "services.users.discovery.urls[0]"),
+]
+
+
+# A period so short that ``now + period == now``: a scheduler would find the check due forever.
+ANY_SIZE += [
+    ("denormal-health-interval", users(health_check={"path": "/", "interval": 5e-324}),
+     "services.users.health_check.interval"),
+    ("denormal-discovery-interval",
+     {"services": {"users": {"discovery": {"type": "static", "endpoints": ["127.0.0.1:1"],
+                                           "interval": 5e-324}}}},
+     "services.users.discovery.interval"),
 ]
 
 

@@ -354,12 +354,12 @@ def test_tai_lb_imports_without_dnspython() -> None:
     ({"type": "dns", "name": "x", "nameserver": "ns.example"}, "nameserver", "IP address"),
     ({"type": "dns", "name": "x", "nameserver": 127}, "nameserver", "IP address"),
     ({"type": "dns", "name": "x", "port": 0}, "port", "1 to 65535"),
-    ({"type": "dns", "name": "x", "min_ttl": 0}, "min_ttl", "> 0"),
+    ({"type": "dns", "name": "x", "min_ttl": 0}, "min_ttl", "from 0.001"),
     ({"type": "dns", "name": "x", "min_ttl": 5, "max_ttl": 2}, "max_ttl", "below min_ttl"),
     ({"type": "dns", "name": "x", "timeout": "2s"}, "timeout", "number of seconds"),
     ({"type": "dns", "name": "x", "resolv_conf": "/tmp/r"}, "resolv_conf", "unknown key"),
     ({"type": "dns", "name": "x", "path": "x.json"}, "path", "unknown key"),
-    ({"type": "dns", "name": "x", "interval": 0}, "interval", "> 0"),
+    ({"type": "dns", "name": "x", "interval": 0}, "interval", "from 0.001"),
 ])
 def test_config_errors_name_the_key(discovery: Any, path: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -139,7 +139,7 @@ def test_static_discovery_and_the_thread_stopping_on_close(tmp_path: Path) -> No
     ({"type": "file", "path": "x.json", "endpoints": []}, "endpoints", "unknown key"),
     ({"type": "static", "endpoints": "10.0.0.1:80"}, "endpoints", "needs a list"),
     ({"type": "static", "endpoints": ["10.0.0.1:0"]}, "endpoints[0].port", "1 to 65535"),
-    ({"type": "file", "path": "x.json", "interval": 0}, "interval", "> 0"),
+    ({"type": "file", "path": "x.json", "interval": 0}, "interval", "from 0.001"),
     ({"type": "file", "path": "x.json", "confirmations": 0}, "confirmations", "1 to 100"),
     ({"type": "file", "path": "x.json", "empty_hold": -1}, "empty_hold", "0 to 86400"),
     ({"type": "file", "path": "x.json", "empty_hold": float("nan")}, "empty_hold",

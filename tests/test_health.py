@@ -213,7 +213,7 @@ def test_close_stops_the_health_threads(servers: list[Backend]) -> None:
     ({}, "path", "needs a path"),
     ({"type": "udp"}, "type", "http, tcp or function"),
     ({"type": "function"}, "type", "set from Python"),
-    ({"path": "/h", "interval": 0}, "interval", "> 0"),
+    ({"path": "/h", "interval": 0}, "interval", "from 0.001"),
     ({"path": "/h", "jitter": 2}, "jitter", "from 0 to 1"),
     ({"path": "/h", "timeout": -1}, "timeout", "> 0"),
     ({"path": "/h", "healthy_threshold": 0}, "healthy_threshold", "1 to 1000"),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .. import _forksafe
-from .._settings import Settings, check_int, check_number, shown
+from .._settings import MIN_INTERVAL, Settings, check_int, check_number, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError, LoadBalancerError
 
@@ -120,7 +120,7 @@ class WatchSettings(Settings):
     cache_path: Optional[str] = None
 
     def __post_init__(self) -> None:
-        check_number(self.interval, "interval", 0.0, 3600.0)
+        check_number(self.interval, "interval", MIN_INTERVAL, 3600.0, low_open=False)
         check_number(self.max_removal_share, "max_removal_share", 0.0, 1.0, low_open=False,
                      what="a share")
         check_int(self.confirmations, "confirmations", 1, 100)

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from .._settings import Settings, check_number, shown
+from .._settings import MIN_INTERVAL, Settings, check_number, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
@@ -130,7 +130,7 @@ class DnsSettings(Settings):
                                                f"endpoint_port, the port the endpoints listen on")
         else:
             _port(self.endpoint_port, "endpoint_port")
-        check_number(self.min_ttl, "min_ttl", 0.0, 3600.0)
+        check_number(self.min_ttl, "min_ttl", MIN_INTERVAL, 3600.0, low_open=False)
         check_number(self.max_ttl, "max_ttl", 0.0, 86400.0)
         if self.max_ttl < self.min_ttl:
             raise ConfigError("max_ttl", f"must not be below min_ttl ({self.min_ttl:g}), got "
