@@ -1,291 +1,40 @@
-"""Active health checks: probes on a small, fixed set of named daemon threads.
+"""The health checker: a scheduler thread, a few worker threads, and each endpoint's health.
 
-One scheduler thread keeps every endpoint's next check time; a bounded pool of worker threads
-runs the probes (HTTP GET of a path, TCP connect, or a function).  A probe that hangs ties up one
-worker and never delays the others, and an endpoint is never probed twice at once.  An endpoint
-turns unhealthy after ``unhealthy_threshold`` failed checks in a row and healthy again after
-``healthy_threshold`` passed ones (HAProxy's fall and rise).
-
-A new endpoint is healthy until proven otherwise and is probed at once.  A client-side balancer
-usually learns of an endpoint from configuration or discovery, both of which list instances that
-are meant to serve; holding traffic back until a first probe passes would make every process
-start cold and every discovery update wait an interval, while retries already cover an endpoint
-that turns out dead.  ``grace`` gives slow starters time: failed checks in the first ``grace``
-seconds after an endpoint appears are recorded but do not count.
-
-Traffic-proven health: an endpoint that answered real traffic successfully within the last
-interval may skip its probe (the success counts as a passed check), but only ``max_skips`` times
-in a row, and never while it has failed probes in a row: operators drain an instance by failing
-its health endpoint while it still serves, so a failing probe always counts and a busy endpoint
-that fails its health endpoint is out within ``interval x (max_skips + unhealthy_threshold)``.
+:class:`HealthChecker` keeps a target per endpoint of every checked service, schedules each
+target's next probe on one thread, runs the probes on a bounded pool of workers, counts passes
+and failures against the thresholds, and tells the balancer when an endpoint's health flips.
+The rules it follows (new endpoints, grace, traffic-proven health) are in :mod:`tai_lb.health`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import heapq
-import http.client
 import itertools
 import logging
 import operator
 import queue
 import random
-import re
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from . import _forksafe
-from ._settings import MIN_INTERVAL, Settings, check_int, check_number, shown
-from .endpoint import Endpoint
-from .exceptions import ConfigError
+from .. import _forksafe
+from ..endpoint import Endpoint
+from .probes import _NO_HISTORY, EndpointHealth, _Target, probe
+from .settings import HealthCheckConfig
 
 if TYPE_CHECKING:
-    from .registry import TopologyChange
+    from ..registry import TopologyChange
 
-__all__ = ["EndpointHealth", "HealthCheckConfig", "HealthChecker"]
+__all__ = ["HealthChecker"]
 
 log = logging.getLogger(__name__)
 
 _endpoint_of = operator.attrgetter("endpoint")
 _address_of = operator.attrgetter("address")
 _kind_of = operator.attrgetter("kind")
-
-ProbeFunction = Callable[[Endpoint], bool]
-
-
-_STATUS_RANGE = re.compile(r"\s*([0-9]{3})\s*-\s*([0-9]{3})\s*")  # ASCII digits only
-
-
-def _statuses(value: Any, path: str) -> frozenset[int]:
-    items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
-    result: set[int] = set()
-    for item in items:
-        if isinstance(item, str):
-            match = _STATUS_RANGE.fullmatch(item)
-            if match is None:
-                raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got "
-                                        f"{shown(item)}")
-            low, high = int(match[1]), int(match[2])
-            # Checked before the range is built: "200-999999999" would take gigabytes.
-            if not 100 <= low <= high <= 599:
-                raise ConfigError(path, f"a range must go up from 100 to at most 599, got "
-                                        f"{shown(item)}")
-            result.update(range(low, high + 1))
-        elif isinstance(item, bool) or not isinstance(item, int):
-            raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got "
-                                    f"{shown(item)}")
-        else:
-            result.add(item)
-    if not result or min(result) < 100 or max(result) > 599:
-        raise ConfigError(path, f"must be HTTP statuses from 100 to 599, got {shown(value)}")
-    return frozenset(result)
-
-
-@dataclass(frozen=True)
-class HealthCheckConfig(Settings):
-    """The ``health_check`` settings of a service.
-
-    :param type: ``"http"`` (GET ``path``), ``"tcp"`` (connect) or ``"function"`` (Python only).
-    :param path: the path an HTTP check requests; required for ``"http"``.
-    :param expected_statuses: statuses that pass an HTTP check (default 200-399, as HAProxy).
-    :param interval: seconds between checks of one endpoint.
-    :param jitter: each wait is ``interval`` times a random factor in ``1 +- jitter``.
-    :param timeout: seconds a check may take.
-    :param healthy_threshold: passed checks in a row that make an unhealthy endpoint healthy.
-    :param unhealthy_threshold: failed checks in a row that make a healthy endpoint unhealthy.
-    :param grace: seconds after an endpoint appears during which failed checks do not count.
-    :param history: checks remembered per endpoint (shown by ``status()``).
-    :param skip_if_traffic: skip the probe of an endpoint that answered real traffic
-        successfully within the last interval (at most ``max_skips`` times in a row).
-    :param max_skips: probes in a row that real traffic may replace; the next one runs whatever
-        the traffic, so an endpoint failing its health endpoint while it serves is out within
-        ``interval x (max_skips + unhealthy_threshold)``.  0 probes at every interval.
-    :param panic_threshold: when the healthy share of a service falls strictly below this, balance
-        over all its endpoints (Envoy's panic mode); 0 never does, failing closed instead.
-    :param verify: for ``https`` services: verify the certificate (True), not (False), or
-        against this CA bundle path.
-    :param function: for ``"function"`` checks: called with the endpoint; True passes.
-    """
-
-    type: Literal["http", "tcp", "function"] = "http"
-    path: Optional[str] = None
-    expected_statuses: frozenset[int] = frozenset(range(200, 400))
-    interval: float = 1.0
-    jitter: float = 0.1
-    timeout: float = 0.5
-    healthy_threshold: int = 2
-    unhealthy_threshold: int = 2
-    grace: float = 0.0
-    history: int = 10
-    skip_if_traffic: bool = True
-    max_skips: int = 2
-    panic_threshold: float = 0.5
-    verify: Union[bool, str] = True
-    function: Optional[ProbeFunction] = None
-
-    def __post_init__(self) -> None:
-        if self.type not in ("http", "tcp", "function"):
-            raise ConfigError("type", f"must be http, tcp or function, got {shown(self.type)}")
-        if self.type == "http" and (not isinstance(self.path, str)
-                                    or not self.path.startswith("/")):
-            raise ConfigError("path", f"an http check needs a path starting with '/', got "
-                                      f"{shown(self.path)}")
-        if self.type == "function" and not callable(self.function):
-            raise ConfigError("function", f"a function check needs a callable, got "
-                                          f"{shown(self.function)}")
-        object.__setattr__(self, "expected_statuses",
-                           _statuses(self.expected_statuses, "expected_statuses"))
-        check_number(self.interval, "interval", MIN_INTERVAL, low_open=False)
-        check_number(self.jitter, "jitter", 0.0, 1.0, low_open=False, what="a share")
-        check_number(self.timeout, "timeout")
-        check_number(self.grace, "grace", low_open=False)
-        check_number(self.panic_threshold, "panic_threshold", 0.0, 1.0, low_open=False,
-                     what="a share")
-        for name in ("healthy_threshold", "unhealthy_threshold", "history"):
-            check_int(getattr(self, name), name, 1, 1000)
-        check_int(self.max_skips, "max_skips", 0, 1000)
-        if not isinstance(self.skip_if_traffic, bool):
-            raise ConfigError("skip_if_traffic", f"must be true or false, got "
-                                                 f"{shown(self.skip_if_traffic)}")
-        if not isinstance(self.verify, (bool, str)):
-            raise ConfigError("verify", f"must be true, false or a CA bundle path, got "
-                                        f"{shown(self.verify)}")
-
-    python_only = ("function",)
-
-    @classmethod
-    def from_config(cls, value: Any) -> HealthCheckConfig:
-        """Build from the ``health_check`` mapping of a configuration."""
-        if isinstance(value, Mapping) and value.get("type") == "function":
-            raise ConfigError("type", "function checks are set from Python "
-                                      "(HealthCheckConfig(type='function', function=...))")
-        return super().from_config(value)
-
-
-@dataclass
-class EndpointHealth:
-    """What the checks know about one endpoint of one service."""
-
-    healthy: bool = True
-    checked: bool = False
-    passes_in_row: int = 0
-    failures_in_row: int = 0
-    added_at: float = 0.0
-    last_check: Optional[float] = None
-    history: collections.deque[tuple[float, bool, str]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=10))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary."""
-        return {"healthy": self.healthy, "checked": self.checked,
-                "passes_in_row": self.passes_in_row, "failures_in_row": self.failures_in_row,
-                "history": [{"ok": ok, "detail": detail} for _, ok, detail in self.history]}
-
-
-_NO_HISTORY: collections.deque[tuple[float, bool, str]] = collections.deque(maxlen=0)
-"""The history of a target never checked yet: shared, and it keeps nothing."""
-
-
-class _Target:
-    __slots__ = ("_health", "added_at", "address", "config", "due", "endpoint", "running",
-                 "scheme", "service", "skips_in_row")
-
-    def __init__(self, service: str, endpoint: Endpoint, config: HealthCheckConfig, scheme: str,
-                 now: float) -> None:
-        self.service = service
-        self.endpoint = endpoint
-        self.address = endpoint.address
-        self.config = config
-        self.scheme = scheme
-        self.due = now
-        self.running = False
-        self.skips_in_row = 0  # probes replaced by real traffic since the last one that ran
-        self.added_at = now
-        # Made at the first check (by state()): a discovery update that brings 10,000 endpoints
-        # should not build 10,000 records, with their history, while it is being applied.
-        self._health: Optional[EndpointHealth] = None
-
-    @property
-    def health(self) -> EndpointHealth:
-        """What the checks know; for a target never checked, a fresh record (not kept)."""
-        health = self._health
-        if health is None:
-            return EndpointHealth(added_at=self.added_at, history=_NO_HISTORY)
-        return health
-
-    @property
-    def healthy(self) -> bool:
-        """False only once checks have failed."""
-        return self._health is None or self._health.healthy
-
-    @property
-    def failing(self) -> bool:
-        """True while its last counted probe failed."""
-        return self._health is not None and self._health.failures_in_row > 0
-
-    def state(self) -> EndpointHealth:
-        """The record to update, made at the first call; only under the checker's lock."""
-        if self._health is None:
-            self._health = EndpointHealth(added_at=self.added_at, history=_NO_HISTORY)
-        return self._health
-
-
-def probe(target: _Target) -> tuple[bool, str]:
-    """Run one check; returns (passed, detail).  Never raises."""
-    config = target.config
-    endpoint = target.endpoint
-    try:
-        if config.type == "function":
-            assert config.function is not None
-            ok = bool(config.function(endpoint))
-            return ok, "function returned " + ("true" if ok else "false")
-        if config.type == "tcp":
-            with socket.create_connection((endpoint.host, endpoint.port), config.timeout):
-                return True, "connected"
-        name = endpoint.tls_name or target.service
-        connection: http.client.HTTPConnection
-        if target.scheme == "https":
-            context = ssl.create_default_context(
-                cafile=config.verify if isinstance(config.verify, str) else None)
-            if config.verify is False:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            connection = _NamedHTTPSConnection(endpoint.host, endpoint.port, name, context,
-                                               config.timeout)
-        else:
-            connection = http.client.HTTPConnection(endpoint.host, endpoint.port,
-                                                    timeout=config.timeout)
-        try:
-            connection.request("GET", config.path or "/", headers={
-                "Host": name, "User-Agent": "tai-lb health check", "Connection": "close"})
-            response = connection.getresponse()
-            response.read(65536)
-            ok = response.status in config.expected_statuses
-            return ok, f"HTTP {response.status}"
-        finally:
-            connection.close()
-    except Exception as error:  # a failed probe, whatever the cause
-        return False, f"{type(error).__name__}: {error}"[:200]
-
-
-class _NamedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to an address, with SNI and certificate checks for a name."""
-
-    def __init__(self, host: str, port: int, name: str, context: ssl.SSLContext,
-                 timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._tls_name = name
-        self._tls_context = context
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        self.sock = self._tls_context.wrap_socket(sock, server_hostname=self._tls_name)
 
 
 class HealthChecker:

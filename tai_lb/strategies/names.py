@@ -1,0 +1,78 @@
+"""The strategies by configuration name, and the function that resolves a configured strategy.
+
+:data:`STRATEGIES` maps each built-in strategy's name to its class, and
+:func:`~tai_lb.strategies.resolve_strategy` turns whatever a configuration gives (a name, a
+mapping with ``name`` and options, a :class:`~tai_lb.Strategy` or a plain function) into a
+strategy, or raises :class:`~tai_lb.ConfigError` naming the key path.  It sits apart from the
+base class because it names every strategy, and the strategies' modules import the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Union
+
+from .._settings import key_text, shown
+from ..exceptions import ConfigError
+from .base import FunctionStrategy, Strategy, StrategyFunction
+from .hashing import ConsistentHash
+from .least_loaded import LeastConnections, PeakEwma
+from .randomized import Random, Weighted
+from .rotation import RoundRobin, WeightedRoundRobin
+
+__all__ = ["STRATEGIES", "StrategyLike", "resolve_strategy"]
+
+STRATEGIES: Mapping[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (RoundRobin, WeightedRoundRobin, Random, Weighted, LeastConnections,
+                ConsistentHash, PeakEwma)
+}
+"""Strategy classes by configuration name."""
+
+StrategyLike = Union[str, Strategy, StrategyFunction, Mapping[str, Any]]
+"""A strategy name, a `Strategy`, a function, or a config dict ``{"name": ..., **options}``."""
+
+_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "round_robin": (),
+    "weighted_round_robin": (),
+    "random": (),
+    "weighted": (),
+    "least_connections": (),
+    "consistent_hash": ("vnodes", "load_bound", "max_ring_size"),
+    "peak_ewma": ("decay", "default_latency"),
+}
+
+
+def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
+    """Turn a name, a config dict, a `Strategy` or a function into a `Strategy`.
+
+    Raises :class:`~tai_lb.ConfigError` naming ``path`` for an unknown name or a bad option.
+    """
+    if isinstance(value, Strategy):
+        return value
+    allowed_names = ", ".join(STRATEGIES)
+    if isinstance(value, str):
+        if value not in STRATEGIES:
+            raise ConfigError(path, f"unknown strategy {shown(value)}; allowed: {allowed_names}")
+        value = {"name": value}
+    if isinstance(value, Mapping):
+        if "name" not in value:
+            raise ConfigError(path, f"a strategy mapping needs 'name'; allowed: {allowed_names}")
+        name = value["name"]
+        if not isinstance(name, str) or name not in STRATEGIES:
+            raise ConfigError(f"{path}.name",
+                              f"unknown strategy {shown(name)}; allowed: {allowed_names}")
+        options = {k: v for k, v in value.items() if k != "name"}
+        for key in options:
+            if key not in _OPTIONS[name]:
+                allowed = ", ".join(_OPTIONS[name]) or "none"
+                raise ConfigError(f"{path}.{key_text(key)}",
+                                  f"unknown option of {name}; allowed: {allowed}")
+        try:
+            return STRATEGIES[name](**options)
+        except ConfigError as error:
+            raise ConfigError(f"{path}.{error.path}", error.reason) from None
+    if callable(value):
+        return FunctionStrategy(value)
+    raise ConfigError(path, f"must be a strategy name ({', '.join(STRATEGIES)}), a Strategy, a "
+                            f"function or a mapping with 'name', got {shown(value)}")
