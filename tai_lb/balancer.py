@@ -18,11 +18,9 @@ import collections
 import functools
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -31,20 +29,21 @@ import requests
 from . import _forksafe
 from ._status import balancer_status
 from .config import LoadBalancerConfig, ServiceConfig, load_config
-from .discovery import DiscoveryWatcher
-from .endpoint import Endpoint
+from .discovery.backups import discovery_watchers
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
-from .failover import EndpointBreaker
-from .health import HealthCheckConfig, HealthChecker
+from .health import HealthChecker
 from .lease import Lease
 from .metrics import Metrics
 from .outlier import OutlierDetector
 from .pool import EndpointPools
 from .registry import ServiceRegistry, TopologyChange
-from .retry import RetryBudget
+from .retry import RetryBudget, RetryBudgets
 from .routing import Route, ServiceRouting
-from .stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
-from .strategies import EXCLUDING, RoutingKey, Strategy, StrategyLike, resolve_strategy
+from .routing.members import figures_factory
+from .routing.picking import admitted, excluding
+from .routing.priority import FailoverEvents
+from .stats import EndpointStats
+from .strategies import RoutingKey, Strategy, StrategyLike, resolve_strategy
 from .topology import TopologyFollower
 
 if TYPE_CHECKING:
@@ -79,26 +78,22 @@ class LoadBalancer:
         self._services: dict[str, ServiceRouting] = {}
         self._closed = False
         self._pools = EndpointPools()
-        self._budgets: dict[str, RetryBudget] = {}
+        self._budgets = RetryBudgets(clock)
         self.breaker_transitions = 0
-        self.failover_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         #: the StatsD export of state changes (does nothing unless ``metrics`` is configured)
         self.metrics = Metrics(self.config.metrics)
+        self._failovers = FailoverEvents(self.metrics, clock)
         self._health = HealthChecker(functools.partial(self._health_changed, source="health"),
                                      self._last_success, clock=clock)
         self._outliers = OutlierDetector(functools.partial(self._health_changed, source="outlier"),
-                                         self._service_size, clock=clock)
-        self.topology = TopologyFollower(self.registry, self._health, self._outliers,
-                                         lambda: self._pools, self._checks, self._figures)
+                                         lambda name: len(self.registry.get_snapshot(name) or ()),
+                                         clock=clock)
+        self.topology = TopologyFollower(self.registry, self.config, self._health,
+                                         self._outliers, lambda: self._pools, self._figures)
         # Everything is built before anything starts (a provider is built without I/O), and a
         # failure while starting closes what started: a construction that fails leaves no
         # thread, socket or file open.
-        self._watchers: dict[str, DiscoveryWatcher] = {
-            name: DiscoveryWatcher(name, service.discovery.provider(name),
-                                   service.discovery.watch,
-                                   functools.partial(self._apply_discovered, name),
-                                   functools.partial(self._discovered, name), clock)
-            for name, service in self.config.services.items() if service.discovery is not None}
+        self._watchers = discovery_watchers(self.config, self.registry, clock)
         self._subscription = self.registry.subscribe_batches(self._on_changes)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
         try:
@@ -107,7 +102,7 @@ class LoadBalancer:
                 self.registry.add_service(name)
                 if service.endpoints or service.backups:
                     self.registry.register_many(name, (*service.endpoints, *service.backups))
-                self._sync_health(name)
+                self.topology.sync_health(name)
             for watcher in self._watchers.values():
                 watcher.start()
             if any(s.health_check is not None for s in self.config.services.values()):
@@ -153,80 +148,18 @@ class LoadBalancer:
             raise NoEndpointAvailable(service, route.refusal)
         stats = picker(key)
         if exclude and stats.endpoint.address in exclude:
-            stats = self._pick_excluding(route, key, exclude, stats)
+            stats = excluding(route, key, exclude, stats)
         if route.snapshot is not snapshot and snapshot is not None \
                 and stats.endpoint.address not in snapshot.by_address:
-            return self._pick_fresh(routing, service, key, exclude)
+            routing.router.fresh()  # landed on a removed endpoint: wait for the current route
+            return self.pick(service, key, exclude=exclude)
         breaker = stats.breaker
         if breaker is None:
             return Lease(service, stats, key)
         ticket = breaker.admit()
         if ticket is None:
-            stats, ticket = self._pick_admitted(service, route, key, exclude, stats)
+            stats, ticket = admitted(service, route, key, exclude, stats)
         return Lease(service, stats, key, ticket)
-
-    def _pick_fresh(self, routing: ServiceRouting, service: str, key: Optional[RoutingKey],
-                    exclude: Collection[str]) -> Lease:
-        """A pick that landed on a removed endpoint: wait for the current route, pick there."""
-        route = routing.router.fresh()
-        if route.picker is None:
-            raise NoEndpointAvailable(service, route.refusal)
-        stats = route.picker(key)
-        if exclude and stats.endpoint.address in exclude:
-            stats = self._pick_excluding(route, key, exclude, stats)
-        ticket = stats.breaker.admit() if stats.breaker is not None else 0
-        if ticket is None:
-            stats, ticket = self._pick_admitted(service, route, key, exclude, stats)
-        return Lease(service, stats, key, ticket)
-
-    def _pick_admitted(self, service: str, route: Route, key: Optional[RoutingKey],
-                       exclude: Collection[str], refused: EndpointStats,
-                       ) -> tuple[EndpointStats, int]:
-        """Another endpoint (and its breaker ticket) when the picked one's breaker refuses."""
-        rejected = {refused.endpoint.address}
-        candidates = route.candidates
-        while len(rejected) < len(candidates):
-            skip = set(exclude) | rejected
-            if len(skip) >= len(candidates):
-                skip = rejected  # the excluded ones are all that is left: they may do
-            stats = self._pick_excluding(route, key, skip, refused)
-            if stats.endpoint.address in rejected:
-                break
-            ticket = stats.breaker.admit() if stats.breaker is not None else 0
-            if ticket is not None:
-                return stats, ticket
-            rejected.add(stats.endpoint.address)
-        # Every breaker of the group in use refuses: any other endpoint (the next priority
-        # groups, backups) beats refusing the request.
-        for stats in sorted(route.everyone, key=lambda s: s.endpoint.priority):
-            if stats.endpoint.address in rejected or stats in candidates:
-                continue
-            ticket = stats.breaker.admit() if stats.breaker is not None else 0
-            if ticket is not None:
-                return stats, ticket
-            rejected.add(stats.endpoint.address)
-        raise NoEndpointAvailable(service, f"{len(rejected)} of {len(route.everyone)} circuit "
-                                           "breakers open")
-
-    @staticmethod
-    def _pick_excluding(route: Route, key: Optional[RoutingKey], exclude: Collection[str],
-                        first: EndpointStats) -> EndpointStats:
-        picker = route.picker
-        assert picker is not None
-        own = getattr(picker, EXCLUDING, None)
-        if own is not None:
-            chosen: Optional[EndpointStats] = own(key, exclude)
-            return chosen if chosen is not None else first
-        for _ in range(3):  # the strategy's own choice, when it soon lands elsewhere
-            stats = picker(key)
-            if stats.endpoint.address not in exclude:
-                return stats
-        remaining = [c for c in route.candidates if c.endpoint.address not in exclude]
-        if not remaining:
-            return first  # everything was tried: another try on one of them beats failing
-        # Few remain (retries exclude one endpoint per attempt): weighted at random among them,
-        # without preparing strategy state for a single pick.
-        return random.choices(remaining, weights=[c.endpoint.weight for c in remaining])[0]
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -243,9 +176,9 @@ class LoadBalancer:
                 routing = ServiceRouting(
                     service, settings, settings.strategy,
                     functools.partial(self.registry.get_snapshot, service),
-                    functools.partial(self._new_stats, service, settings),
-                    self._unusable_sources(service, settings),
-                    functools.partial(self._failover_changed, service))
+                    figures_factory(service, settings, self.clock, self._outliers,
+                                    functools.partial(self._breaker_changed, service)),
+                    self._health, self._outliers, self._failovers)
                 if not self._closed:  # close() empties the table under this lock
                     self._services[service] = routing
         return routing
@@ -254,43 +187,6 @@ class LoadBalancer:
         """The route of ``service`` for the registry's current endpoints (for inspection: it
         waits for a build in progress, which a pick never does)."""
         return self._routing(service, picking=False).router.fresh()
-
-    def _new_stats(self, service: str, settings: ServiceConfig, endpoint: Endpoint,
-                   load: collections.deque[None]) -> EndpointStats:
-        """The figures (and breaker) of an endpoint new to the service."""
-        strategy = settings.strategy
-        stats = EndpointStats(endpoint, self.clock,
-                              decay=getattr(strategy, "decay", DEFAULT_DECAY),
-                              default_latency=getattr(strategy, "default_latency",
-                                                      DEFAULT_LATENCY),
-                              service_load=load)
-        if settings.circuit_breaker is not None:
-            stats.breaker = EndpointBreaker(f"{service}/{endpoint.address}",
-                                            settings.circuit_breaker,
-                                            functools.partial(self._breaker_changed, service),
-                                            self.clock)
-        if settings.outlier_detection is not None:
-            stats.on_failure = functools.partial(self._outliers.report_failure, service,
-                                                 config=settings.outlier_detection)
-        return stats
-
-    def _unusable_sources(self, service: str, settings: ServiceConfig,
-                          ) -> tuple[Callable[[], AbstractSet[str]], ...]:
-        sources: list[Callable[[], AbstractSet[str]]] = []
-        if settings.health_check is not None:
-            sources.append(functools.partial(self._health.unhealthy, service))
-        if settings.outlier_detection is not None:
-            sources.append(functools.partial(self._outliers.ejected, service))
-        return tuple(sources)
-
-    def _failover_changed(self, service: str, kind: str, before: int, after: int,
-                          shares: list[float]) -> None:
-        event = {"service": service, "kind": kind, "from_priority": before,
-                 "to_priority": after, "usable_shares": shares, "at": round(self.clock(), 3)}
-        self.failover_events.append(event)
-        self.metrics.count(service, kind)
-        log.warning("tai-lb: %s %s from priority %d to %d (usable shares %s)", service, kind,
-                    before, after, shares)
 
     def service_config(self, service: str) -> ServiceConfig:
         """The settings of ``service`` (defaults if it was registered from Python)."""
@@ -326,66 +222,19 @@ class LoadBalancer:
         if source is not None:
             self.metrics.count(service, f"{source}.changed")
 
-    def _checks(self, service: str) -> Optional[tuple[HealthCheckConfig, str]]:
-        settings = self.config.services.get(service)
-        if settings is None or settings.health_check is None:
-            return None
-        return settings.health_check, settings.scheme
-
     def _figures(self, service: str,
                  ) -> Optional[tuple[dict[str, EndpointStats], collections.deque[None]]]:
         routing = self._services.get(service)
         return None if routing is None else (routing.members.figures, routing.members.load)
 
-    def _sync_health(self, service: str) -> None:
-        """Make the checked set of ``service`` its current endpoints (changes then follow).
-
-        A change delivered between reading the snapshot and setting it would be undone by the
-        older set, and the checker only follows changes from then on: read and set again until
-        the snapshot set is still the current one.
-        """
-        checks = self._checks(service)
-        if checks is None:
-            return
-        snapshot = self.registry.get_snapshot(service)
-        while snapshot is not None:
-            self._health.set_endpoints(service, snapshot.endpoints, *checks)
-            current = self.registry.get_snapshot(service)
-            if current is snapshot:
-                return
-            snapshot = current
-
     def _breaker_changed(self, service: str, old: str, new: str) -> None:
         self.breaker_transitions += 1
         self.metrics.count(service, f"breaker.{new.replace('-', '_')}")
-
-    def _service_size(self, service: str) -> int:
-        snapshot = self.registry.get_snapshot(service)
-        return len(snapshot) if snapshot is not None else 0
 
     def _last_success(self, service: str, address: str) -> Optional[float]:
         routing = self._services.get(service)
         stats = routing.members.get(address) if routing is not None else None
         return stats.last_success if stats is not None else None
-
-    def _apply_discovered(self, service: str, endpoints: Sequence[Endpoint]) -> None:
-        """Make a discovery answer the service's endpoints, its configured backups kept after
-        them (in priority, and out of the answer's reach)."""
-        backups = self.config.services[service].backups
-        if backups:
-            primaries = self.config.services[service].endpoints
-            configured_after = max((e.priority for e in primaries), default=0) + 1
-            after = max((e.priority for e in endpoints), default=0) + 1
-            taken = {e.address for e in endpoints}
-            endpoints = [*endpoints, *(
-                b.replace(priority=min(1000, after + b.priority - configured_after))
-                for b in backups if b.address not in taken)]
-        self.registry.set_endpoints(service, endpoints)
-
-    def _discovered(self, service: str) -> list[Endpoint]:
-        """The service's endpoints but its configured backups (what discovery answers for)."""
-        backups = {b.address for b in self.config.services[service].backups}
-        return [e for e in self.registry.endpoints(service) if e.address not in backups]
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -414,15 +263,7 @@ class LoadBalancer:
 
     def retry_budget(self, service: str) -> RetryBudget:
         """The retry budget of ``service`` (created on first use)."""
-        budget = self._budgets.get(service)
-        if budget is None:
-            with self._lock:
-                budget = self._budgets.get(service)
-                if budget is None:
-                    policy = self.service_config(service).retries
-                    budget = RetryBudget.for_policy(policy, self.clock)
-                    self._budgets[service] = budget
-        return budget
+        return self._budgets.get(service, lambda: self.service_config(service).retries)
 
     # -- inspection -----------------------------------------------------------------------------
 
@@ -438,9 +279,9 @@ class LoadBalancer:
             route = routing.router.fresh()
             active = routing.failover.active
             services[name] = balancer_status(
-                route, self._health, self._outliers, self._budgets.get(name),
+                route, self._health, self._outliers, self._budgets.find(name),
                 self._watchers.get(name), active, routing.members.load)
-        return {"closed": self._closed, "failover_events": list(self.failover_events),
+        return {"closed": self._closed, "failover_events": list(self._failovers.events),
                 "metrics": self.metrics.snapshot(),
                 "health_checker": self._health.snapshot(),
                 "outlier_detection": self._outliers.snapshot(),
@@ -457,8 +298,7 @@ class LoadBalancer:
             routing.reset_after_fork()
         # The parent's connections must not be shared: the child starts with no pools.
         self._pools = self._pools.for_child()
-        for budget in self._budgets.values():
-            budget.reset_after_fork()
+        self._budgets.reset_after_fork()
 
     def close(self) -> None:
         """Stop the balancer: later picks raise `LoadBalancerError`.  Safe to call twice."""

@@ -31,7 +31,8 @@ from . import _forksafe
 from ._settings import check_int, check_number, key_text, shown
 from .exceptions import ConfigError
 
-__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
+__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryBudgets", "RetryPolicy",
+           "classify"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """Methods that RFC 9110 defines as idempotent: retried after any transport failure."""
@@ -262,3 +263,37 @@ def classify(error: BaseException) -> FailureKind:
     if isinstance(error, (ProtocolError, ReadTimeoutError)):
         return "sent"
     return "sent"
+
+
+class RetryBudgets:
+    """The retry budget of each service of a balancer, made on first use.  Thread-safe.
+
+    :param clock: monotonic clock in seconds, for every budget.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._budgets: dict[str, RetryBudget] = {}
+
+    def get(self, service: str, policy: Callable[[], RetryPolicy]) -> RetryBudget:
+        """The budget of ``service``, made from ``policy()`` the first time."""
+        budget = self._budgets.get(service)
+        if budget is None:
+            with self._lock:
+                budget = self._budgets.get(service)
+                if budget is None:
+                    budget = RetryBudget.for_policy(policy(), self._clock)
+                    self._budgets[service] = budget
+        return budget
+
+    def find(self, service: str) -> Optional[RetryBudget]:
+        """The budget of ``service`` if it has one yet."""
+        return self._budgets.get(service)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: fresh locks here and in every budget (the old ones are kept)."""
+        _forksafe.inherited(self._lock)
+        self._lock = threading.Lock()
+        for budget in self._budgets.values():
+            budget.reset_after_fork()

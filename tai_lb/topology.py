@@ -23,6 +23,7 @@ from .endpoint import Endpoint
 from .stats import EndpointStats
 
 if TYPE_CHECKING:
+    from .config import LoadBalancerConfig
     from .health import HealthCheckConfig, HealthChecker
     from .outlier import OutlierDetector
     from .pool import EndpointPools
@@ -42,31 +43,56 @@ class TopologyFollower:
 
     :param registry: the registry the changes come from (to see which addresses other services
         still use).
+    :param config: the balancer's settings (which services have health checks).
     :param health: the active health checker.
     :param outliers: the outlier detector.
     :param pools: returns the balancer's current HTTP pools (a forked child gets new ones).
-    :param checks: a service's health-check settings and scheme, or None when unchecked.
     :param figures: a service's figures by address and its in-flight deque, or None before its
         first route.
     """
 
-    def __init__(self, registry: ServiceRegistry, health: HealthChecker,
-                 outliers: OutlierDetector, pools: Callable[[], EndpointPools],
-                 checks: Callable[[str], Optional[tuple[HealthCheckConfig, str]]],
+    def __init__(self, registry: ServiceRegistry, config: LoadBalancerConfig,
+                 health: HealthChecker, outliers: OutlierDetector,
+                 pools: Callable[[], EndpointPools],
                  figures: Callable[[str], Optional[tuple[dict[str, EndpointStats],
                                                          Sequence[None]]]]) -> None:
         self._registry = registry
+        self._config = config
         self._health = health
         self._outliers = outliers
         self._pools = pools
-        self._checks = checks
         self._figures = figures
         #: figures of removed endpoints whose pools close once their last lease is released
         self.draining: set[EndpointStats] = set()
 
+    def checks(self, service: str) -> Optional[tuple[HealthCheckConfig, str]]:
+        """The health-check settings and scheme of ``service``, or None when unchecked."""
+        settings = self._config.services.get(service)
+        if settings is None or settings.health_check is None:
+            return None
+        return settings.health_check, settings.scheme
+
+    def sync_health(self, service: str) -> None:
+        """Make the checked set of ``service`` its current endpoints (changes then follow).
+
+        A change delivered between reading the snapshot and setting it would be undone by the
+        older set, and the checker only follows changes from then on: read and set again until
+        the snapshot set is still the current one.
+        """
+        checks = self.checks(service)
+        if checks is None:
+            return
+        snapshot = self._registry.get_snapshot(service)
+        while snapshot is not None:
+            self._health.set_endpoints(service, snapshot.endpoints, *checks)
+            current = self._registry.get_snapshot(service)
+            if current is snapshot:
+                return
+            snapshot = current
+
     def apply(self, service: str, changes: Sequence[TopologyChange]) -> None:
         """Health targets, outlier state, pools and draining for changes to one service."""
-        checks = self._checks(service)
+        checks = self.checks(service)
         if checks is not None:
             self._health.apply_changes(service, changes, *checks)
         figures = self._figures(service)

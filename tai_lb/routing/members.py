@@ -12,6 +12,7 @@ is, in C (maps and set differences over the snapshot).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import operator
 import threading
@@ -19,13 +20,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..endpoint import Endpoint
-from ..stats import EndpointStats
+from ..failover import EndpointBreaker
+from ..stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
 
 if TYPE_CHECKING:
+    from ..config import ServiceConfig
+    from ..outlier import OutlierDetector
     from ..registry import ServiceSnapshot
     from .route import RouteState
 
-__all__ = ["Membership"]
+__all__ = ["Membership", "figures_factory"]
 
 _endpoint_of = operator.attrgetter("endpoint")
 _priority_of = operator.attrgetter("endpoint.priority")
@@ -118,3 +122,26 @@ class Membership:
         self._lock = threading.Lock()
         for stats in self.figures.values():
             stats.reset_after_fork()
+
+
+def figures_factory(service: str, settings: ServiceConfig, clock: Callable[[], float],
+                    outliers: OutlierDetector,
+                    breaker_changed: Callable[[str, str], None]) -> StatsFactory:
+    """What makes the figures of an endpoint new to ``service``: the strategy's averages, a
+    circuit breaker when the service has one, and outlier reporting when it is configured."""
+    strategy = settings.strategy
+    decay = getattr(strategy, "decay", DEFAULT_DECAY)
+    default_latency = getattr(strategy, "default_latency", DEFAULT_LATENCY)
+
+    def make(endpoint: Endpoint, load: collections.deque[None]) -> EndpointStats:
+        stats = EndpointStats(endpoint, clock, decay=decay, default_latency=default_latency,
+                              service_load=load)
+        if settings.circuit_breaker is not None:
+            stats.breaker = EndpointBreaker(f"{service}/{endpoint.address}",
+                                            settings.circuit_breaker, breaker_changed, clock)
+        if settings.outlier_detection is not None:
+            stats.on_failure = functools.partial(outliers.report_failure, service,
+                                                 config=settings.outlier_detection)
+        return stats
+
+    return make

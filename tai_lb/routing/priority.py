@@ -10,15 +10,20 @@ priority first, then the locality, then the host; so does this chain.
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from ..failover import FailoverPolicy
+    from ..metrics import Metrics
     from ..stats import EndpointStats
     from .route import RouteState
 
-__all__ = ["PriorityFailover"]
+__all__ = ["FailoverEvents", "PriorityFailover"]
+
+log = logging.getLogger(__name__)
 
 Group = tuple[int, tuple["EndpointStats", ...]]
 
@@ -76,3 +81,27 @@ def _groups(everyone: tuple[EndpointStats, ...]) -> list[Group]:
     for stats in everyone:
         by_priority.setdefault(stats.endpoint.priority, []).append(stats)
     return [(priority, tuple(by_priority[priority])) for priority in sorted(by_priority)]
+
+
+class FailoverEvents:
+    """The balancer's record of failovers and failbacks: the last 100, counted and logged.
+
+    :param metrics: where each switch is counted (``<service>.failover`` or ``.failback``).
+    :param clock: the balancer's clock, for each event's ``at``.
+    """
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        #: the last 100 switches, oldest first, as JSON-serialisable dicts
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+
+    def record(self, service: str, kind: str, before: int, after: int,
+               shares: list[float]) -> None:
+        """Record one switch of ``service``'s active group (called by its priority stage)."""
+        self.events.append({"service": service, "kind": kind, "from_priority": before,
+                            "to_priority": after, "usable_shares": shares,
+                            "at": round(self._clock(), 3)})
+        self._metrics.count(service, kind)
+        log.warning("tai-lb: %s %s from priority %d to %d (usable shares %s)", service, kind,
+                    before, after, shares)

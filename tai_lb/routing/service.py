@@ -6,6 +6,7 @@ new module in this package and one line in :meth:`ServiceRouting.chain`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Set
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -18,8 +19,11 @@ from .router import Router
 
 if TYPE_CHECKING:
     from ..config import ServiceConfig
+    from ..health import HealthChecker
+    from ..outlier import OutlierDetector
     from ..registry import ServiceSnapshot
     from ..strategies import Strategy
+    from .priority import FailoverEvents
 
 __all__ = ["ServiceRouting"]
 
@@ -32,19 +36,26 @@ class ServiceRouting:
     :param strategy: its strategy.
     :param snapshot: returns the registry's current snapshot of the service.
     :param make_stats: makes the figures of an endpoint new to the service.
-    :param unusable: sources of unusable addresses (failed checks, ejections).
-    :param failover_changed: told when the active priority group changes.
+    :param health: the active health checker (consulted when the service has checks).
+    :param outliers: the outlier detector (consulted when the service has outlier detection).
+    :param events: where failovers and failbacks are recorded.
     """
 
     def __init__(self, service: str, settings: ServiceConfig, strategy: Strategy,
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
-                 unusable: tuple[Callable[[], Set[str]], ...],
-                 failover_changed: Callable[[str, int, int, list[float]], None]) -> None:
+                 health: HealthChecker, outliers: OutlierDetector,
+                 events: FailoverEvents) -> None:
         self.service = service
         self.members = Membership(make_stats)
-        self.failover = PriorityFailover(settings.failover, failover_changed)
+        self.failover = PriorityFailover(settings.failover,
+                                         functools.partial(events.record, service))
         self._prepare = Prepare(strategy)
         checks = settings.health_check
+        unusable: list[Callable[[], Set[str]]] = []
+        if checks is not None:
+            unusable.append(functools.partial(health.unhealthy, service))
+        if settings.outlier_detection is not None:
+            unusable.append(functools.partial(outliers.ejected, service))
         self._unusable = Unusable(*unusable)
         self._panic = HealthyOrPanic(checks.panic_threshold if checks is not None else 0.5)
         self.router = Router(service, self.chain(), snapshot, strategy)
