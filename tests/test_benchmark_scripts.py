@@ -58,3 +58,15 @@ def test_pool_fairness_benchmark_quick_mode_prints_its_table() -> None:
     for text in ("urllib3 LifoQueue", "tai-lb FairQueue", "p99 / p50", "per-thread requests"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_churn_benchmark_quick_mode_prints_its_table() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    for text in ("round_robin", "consistent_hash", "steady", "churn", "p99.9 ms"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
