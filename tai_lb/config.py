@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Optional, Union
 
-from ._settings import check_number, key_text, shown
+from ._settings import check_instance, check_number, key_text, shown
 from .discovery import DiscoveryConfig
 from .endpoint import Endpoint
 from .exceptions import ConfigError
@@ -114,6 +114,13 @@ class KeySource:
         return self.kind if self.kind != "function" else repr(self.function)
 
 
+#: the parts of a service that may be None (not used), and the class each must be otherwise
+_OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
+    ("hash_key", KeySource), ("health_check", HealthCheckConfig),
+    ("outlier_detection", OutlierConfig), ("circuit_breaker", BreakerConfig),
+    ("discovery", DiscoveryConfig))
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """The settings of one service.
@@ -153,36 +160,20 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
         for i, endpoint in enumerate((*self.endpoints, *self.backups)):
-            if not isinstance(endpoint, Endpoint):
-                raise ConfigError(f"endpoints[{i}]", f"must be an Endpoint, got {shown(endpoint)}")
+            check_instance(endpoint, f"endpoints[{i}]", Endpoint)
             if endpoint.address in seen:
                 raise ConfigError(f"endpoints[{i}]", f"duplicate address {endpoint.address} "
                                                      f"(also endpoints[{seen[endpoint.address]}])")
             seen[endpoint.address] = i
-        if not isinstance(self.failover, FailoverPolicy):
-            raise ConfigError("failover", f"must be a FailoverPolicy, got {shown(self.failover)}")
-        if not isinstance(self.strategy, Strategy):
-            raise ConfigError("strategy", f"must be a Strategy, got {shown(self.strategy)}")
+        check_instance(self.failover, "failover", FailoverPolicy)
+        check_instance(self.strategy, "strategy", Strategy)
         if self.scheme not in ("http", "https"):
             raise ConfigError("scheme", f"must be \"http\" or \"https\", got {shown(self.scheme)}")
-        if self.hash_key is not None and not isinstance(self.hash_key, KeySource):
-            raise ConfigError("hash_key", f"must be a KeySource, got {shown(self.hash_key)}")
-        if not isinstance(self.retries, RetryPolicy):
-            raise ConfigError("retries", f"must be a RetryPolicy, got {shown(self.retries)}")
-        if self.health_check is not None and not isinstance(self.health_check,
-                                                            HealthCheckConfig):
-            raise ConfigError("health_check", f"must be a HealthCheckConfig, got "
-                                              f"{shown(self.health_check)}")
-        if self.outlier_detection is not None and not isinstance(self.outlier_detection,
-                                                                 OutlierConfig):
-            raise ConfigError("outlier_detection", f"must be an OutlierConfig, got "
-                                                   f"{shown(self.outlier_detection)}")
-        if self.circuit_breaker is not None and not isinstance(self.circuit_breaker,
-                                                               BreakerConfig):
-            raise ConfigError("circuit_breaker", f"must be a BreakerConfig, got "
-                                                 f"{shown(self.circuit_breaker)}")
-        if not isinstance(self.pool, PoolConfig):
-            raise ConfigError("pool", f"must be a PoolConfig, got {shown(self.pool)}")
+        check_instance(self.retries, "retries", RetryPolicy)
+        check_instance(self.pool, "pool", PoolConfig)
+        for key, kind in _OPTIONAL_PARTS:
+            if getattr(self, key) is not None:
+                check_instance(getattr(self, key), key, kind)
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_timeout(self.timeout, "timeout"))
 
@@ -201,9 +192,7 @@ class LoadBalancerConfig:
     def __post_init__(self) -> None:
         for name, service in self.services.items():
             check_service_name(name, f"services.{key_text(name)}")
-            if not isinstance(service, ServiceConfig):
-                raise ConfigError(f"services.{key_text(name)}",
-                                  f"must be a ServiceConfig, got {shown(service)}")
+            check_instance(service, f"services.{key_text(name)}", ServiceConfig)
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -28,7 +28,7 @@ from urllib3.exceptions import (
 )
 
 from . import _forksafe
-from ._settings import check_int, check_number, key_text, shown
+from ._settings import check_int, check_number, is_int, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
@@ -75,7 +75,7 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         check_int(self.attempts, "attempts", 1, 10)
         for status in self.statuses:
-            if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            if not is_int(status, 100, 599):
                 raise ConfigError("statuses", f"must be HTTP statuses (100-599), "
                                               f"got {shown(status)}")
         for method in self.methods:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from .._settings import MIN_INTERVAL, Settings, check_number, shown
+from .._settings import MIN_INTERVAL, Settings, check_number, check_port, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
@@ -51,11 +51,6 @@ _RECORDS = ("SRV", "A", "AAAA")
 _JITTER = 0.1  # share of the wait added at random, at most
 _MAX_PRIORITY = 1000  # the highest Endpoint.priority
 _INSTALL = "DNS discovery needs dnspython: pip install 'tai-lb[dns]'"
-
-
-def _port(value: Any, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(key, f"must be a port number from 1 to 65535, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -120,7 +115,7 @@ class DnsSettings(Settings):
                 raise ConfigError("nameserver", f"must be an IP address (leave it out to use the "
                                                 f"system's resolver), got "
                                                 f"{shown(self.nameserver)}") from None
-        _port(self.port, "port")
+        check_port(self.port, "port")
         if record == "SRV":
             if self.endpoint_port is not None:
                 raise ConfigError("endpoint_port", "SRV records carry their own ports; remove "
@@ -129,7 +124,7 @@ class DnsSettings(Settings):
             raise ConfigError("endpoint_port", f"{record} records carry no port: give "
                                                f"endpoint_port, the port the endpoints listen on")
         else:
-            _port(self.endpoint_port, "endpoint_port")
+            check_port(self.endpoint_port, "endpoint_port")
         check_number(self.min_ttl, "min_ttl", MIN_INTERVAL, 3600.0, low_open=False)
         check_number(self.max_ttl, "max_ttl", 0.0, 86400.0)
         if self.max_ttl < self.min_ttl:

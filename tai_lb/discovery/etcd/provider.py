@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from ... import _forksafe
-from ..._settings import Settings, check_number, shown
+from ..._settings import MAX_PORT, Settings, check_number, is_int, shown
 from ...endpoint import Endpoint
 from ...exceptions import ConfigError
 from ..base import Provider, SourceError
@@ -58,7 +58,8 @@ class EtcdSettings(Settings):
             except ValueError:
                 parts = port = None
             if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-                    or port == 0 or parts.query or parts.fragment):
+                    or (port is not None and not is_int(port, 1, MAX_PORT))
+                    or parts.query or parts.fragment):
                 raise ConfigError(f"urls[{index}]", f"must be an http:// or https:// URL of an "
                                                     f"etcd member, such as "
                                                     f"http://10.0.0.5:2379, got {shown(url)}")

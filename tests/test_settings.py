@@ -1,0 +1,98 @@
+"""The shared settings checks (``tai_lb._settings``), and the settings classes built on them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tai_lb import ConfigError, Endpoint, ServiceConfig
+from tai_lb._settings import (
+    check_bool,
+    check_instance,
+    check_int,
+    check_number,
+    check_port,
+    is_int,
+)
+from tai_lb.discovery import DnsSettings, EtcdSettings
+from tai_lb.discovery.etcd import EtcdRegistrar
+from tai_lb.metrics import StatsdConfig
+
+
+def message(call: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(ConfigError) as caught:
+        call(*args, **kwargs)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, "1", None, [1]])
+def test_is_int_refuses_what_is_not_an_integer(value: Any) -> None:
+    assert not is_int(value)
+
+
+def test_is_int_bounds_are_inclusive_and_exact_for_huge_integers() -> None:
+    assert is_int(1, 1, 3) and is_int(3, 1, 3) and not is_int(4, 1, 3)
+    assert is_int(10**400) and not is_int(10**400, 1, 2**63)
+
+
+def test_check_int_names_the_key_the_bounds_and_what_is_expected() -> None:
+    assert check_int(7, "n", 1, 10) == 7
+    assert message(check_int, 0, "n", 1, 10) == "n: must be an integer from 1 to 10, got 0"
+    assert message(check_int, 0, "ttl", 1, 3600, what="an integer number of seconds") == (
+        "ttl: must be an integer number of seconds from 1 to 3600, got 0")
+
+
+@pytest.mark.parametrize("value", [0, 65536, -1, True, "80", 80.0, None])
+def test_check_port_refuses_what_is_no_port(value: Any) -> None:
+    assert message(check_port, value, "port").startswith(
+        "port: must be a port number from 1 to 65535, got ")
+
+
+def test_check_port_accepts_every_port() -> None:
+    assert check_port(1, "port") == 1 and check_port(65535, "port") == 65535
+
+
+def test_check_bool() -> None:
+    assert check_bool(False, "block") is False
+    assert message(check_bool, "yes", "block") == "block: must be true or false, got 'yes'"
+
+
+def test_check_instance_names_the_class_with_its_article() -> None:
+    check_instance(Endpoint("a", 1), "e", Endpoint)
+    assert message(check_instance, "a:1", "e", Endpoint) == "e: must be an Endpoint, got 'a:1'"
+    assert message(check_instance, 1, "s", ServiceConfig) == "s: must be a ServiceConfig, got 1"
+
+
+def test_check_number_still_refuses_nan_and_infinity() -> None:
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"^d: must be a number of seconds"):
+            check_number(value, "d")
+
+
+# Every place a port is set goes through check_port (the endpoint keeps its older wording).
+@pytest.mark.parametrize(("build", "text"), [
+    (lambda port: Endpoint("a", port), "port: must be an integer from 1 to 65535"),
+    (lambda port: StatsdConfig(port=port), "port: must be a port number from 1 to 65535"),
+    (lambda port: DnsSettings(name="x", port=port), "port: must be a port number from 1 to 65535"),
+    (lambda port: DnsSettings(name="x", record="A", endpoint_port=port),
+     "endpoint_port: must be a port number from 1 to 65535"),
+])
+@pytest.mark.parametrize("port", [0, 65536, True, "80"])
+def test_every_port_setting_is_checked_alike(build: Any, text: str, port: Any) -> None:
+    assert message(build, port).startswith(text)
+
+
+def test_an_etcd_url_with_port_0_is_refused() -> None:
+    assert message(EtcdSettings, urls=("http://h:0",)).startswith("urls[0]: must be an http://")
+    assert EtcdSettings(urls=("http://h", "http://h:65535")).urls == ("http://h", "http://h:65535")
+
+
+def test_registrar_ttl_message_is_unchanged() -> None:
+    assert message(EtcdRegistrar, ["http://127.0.0.1:1"], "users", "127.0.0.1:80", ttl=0) == (
+        "ttl: must be an integer number of seconds from 1 to 3600, got 0")
+
+
+def test_a_service_discovery_must_be_a_discovery_config() -> None:
+    assert message(ServiceConfig, discovery={"type": "static"}).startswith(
+        "discovery: must be a DiscoveryConfig, got {")
