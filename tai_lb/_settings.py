@@ -131,9 +131,12 @@ def check_number(value: object, key: str, low: float = 0.0, high: float = MAX_SE
 
 
 class Settings:
-    """Mixin for the frozen dataclasses that hold one configuration key's settings.
+    """Mixin of every settings class: the frozen dataclasses that hold a configuration key's
+    settings (a whole configuration's, for :class:`~tai_lb.LoadBalancerConfig`).
 
-    ``python_only`` names fields that configuration files may not set (a function, say).
+    It gives :meth:`new` and a :meth:`from_config` that takes the fields by name; a class whose
+    configuration has another shape overrides :meth:`from_config`.  ``python_only`` names fields
+    that configuration files may not set (a function, say).
     """
 
     python_only: ClassVar[tuple[str, ...]] = ()

@@ -11,7 +11,6 @@ Keys of the specification that this version does not implement yet are rejected 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Optional, Union
 
-from ._settings import check_instance, check_number, key_text, shown
+from ._settings import Settings, check_instance, check_number, key_text, shown
 from .discovery import DiscoveryConfig
 from .endpoint import Endpoint
 from .exceptions import ConfigError
@@ -122,7 +121,7 @@ _OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
 
 
 @dataclass(frozen=True)
-class ServiceConfig:
+class ServiceConfig(Settings):
     """The settings of one service.
 
     :param endpoints: the static endpoints.
@@ -177,13 +176,16 @@ class ServiceConfig:
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_timeout(self.timeout, "timeout"))
 
-    def new(self, **changes: Any) -> ServiceConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def from_config(cls, value: Any) -> ServiceConfig:
+        """Build from one service's mapping of a configuration (errors name the sub-key)."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping of service settings, got {shown(value)}")
+        return cls(**_parse_service_fields(value, ""))
 
 
 @dataclass(frozen=True)
-class LoadBalancerConfig:
+class LoadBalancerConfig(Settings):
     """A whole balancer's settings: the services by name, and where metrics go."""
 
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
@@ -198,9 +200,10 @@ class LoadBalancerConfig:
     def __reduce__(self) -> tuple[Any, ...]:
         return (LoadBalancerConfig, (dict(self.services), self.metrics))
 
-    def new(self, **changes: Any) -> LoadBalancerConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def from_config(cls, value: Any) -> LoadBalancerConfig:
+        """Build from a whole configuration mapping (as :func:`parse_config`)."""
+        return parse_config(value)
 
 
 # -- the loader ---------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class BreakerConfig(Settings):
 
 
 @dataclass(frozen=True)
-class FailoverPolicy:
+class FailoverPolicy(Settings):
     """When traffic moves between priority groups (endpoint ``priority``, then ``backups``).
 
     :param failover_below: the group in use keeps the traffic while this share of its endpoints

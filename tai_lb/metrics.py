@@ -56,7 +56,7 @@ class StatsdConfig(Settings):
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(Settings):
     """The top-level ``metrics`` setting."""
 
     statsd: Optional[StatsdConfig] = None

@@ -9,7 +9,6 @@ into what it proves about the request: whether it could have reached a server.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -28,7 +27,7 @@ from urllib3.exceptions import (
 )
 
 from . import _forksafe
-from ._settings import check_int, check_number, is_int, key_text, shown
+from ._settings import Settings, check_int, check_number, is_int, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
@@ -47,7 +46,7 @@ connecting); ``status``: a response came back with a retryable status."""
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(Settings):
     """The ``retries`` settings of a service.
 
     :param attempts: attempts in all, the first included (1 disables retries).
@@ -135,10 +134,6 @@ class RetryPolicy:
                                           f"unknown key; allowed: {', '.join(names)}")
                     fields[prefix + name] = sub[name]
         return cls(**fields)
-
-    def new(self, **changes: Any) -> RetryPolicy:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
 
     def backoff(self, retry: int, draw: float) -> float:
         """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``draw``."""

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
-from tai_lb import ConfigError, Endpoint, ServiceConfig
+from tai_lb import (
+    ConfigError,
+    Endpoint,
+    HealthCheckConfig,
+    LoadBalancerConfig,
+    PoolConfig,
+    RetryPolicy,
+    ServiceConfig,
+)
 from tai_lb._settings import (
+    Settings,
     check_bool,
     check_instance,
     check_int,
@@ -15,9 +25,23 @@ from tai_lb._settings import (
     check_port,
     is_int,
 )
-from tai_lb.discovery import DnsSettings, EtcdSettings
+from tai_lb.discovery import (
+    DiscoveryConfig,
+    DnsSettings,
+    EtcdSettings,
+    FileSettings,
+    StaticSettings,
+    WatchSettings,
+)
 from tai_lb.discovery.etcd import EtcdRegistrar
-from tai_lb.metrics import StatsdConfig
+from tai_lb.failover import BreakerConfig, FailoverPolicy
+from tai_lb.metrics import MetricsConfig, StatsdConfig
+from tai_lb.outlier import OutlierConfig
+
+SETTINGS_CLASSES: list[type[Any]] = [
+    BreakerConfig, DiscoveryConfig, DnsSettings, EtcdSettings, FailoverPolicy, FileSettings,
+    HealthCheckConfig, LoadBalancerConfig, MetricsConfig, OutlierConfig, PoolConfig,
+    RetryPolicy, ServiceConfig, StaticSettings, StatsdConfig, WatchSettings]
 
 
 def message(call: Any, *args: Any, **kwargs: Any) -> str:
@@ -96,3 +120,41 @@ def test_registrar_ttl_message_is_unchanged() -> None:
 def test_a_service_discovery_must_be_a_discovery_config() -> None:
     assert message(ServiceConfig, discovery={"type": "static"}).startswith(
         "discovery: must be a DiscoveryConfig, got {")
+
+
+@pytest.mark.parametrize("cls", SETTINGS_CLASSES, ids=lambda cls: cls.__name__)
+def test_every_settings_class_is_a_frozen_settings_dataclass(cls: type[Any]) -> None:
+    assert issubclass(cls, Settings) and dataclasses.is_dataclass(cls)
+    assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert "new" not in vars(cls), "new() comes from Settings, not a copy"
+
+
+def test_every_settings_class_in_the_package_is_listed() -> None:
+    found = {cls for cls in _subclasses(Settings) if cls.__module__.startswith("tai_lb.")}
+    assert found == set(SETTINGS_CLASSES)
+
+
+def _subclasses(cls: type[Any]) -> set[type[Any]]:
+    direct = set(cls.__subclasses__())
+    return direct.union(*(_subclasses(sub) for sub in direct))
+
+
+def test_new_returns_a_checked_copy() -> None:
+    config = ServiceConfig(retries=RetryPolicy(attempts=2))
+    assert config.new(scheme="https").scheme == "https"
+    assert config.new(scheme="https").retries == config.retries
+    with pytest.raises(ConfigError, match=r"^scheme: "):
+        config.new(scheme="ftp")
+    assert MetricsConfig().new(statsd=StatsdConfig()).statsd == StatsdConfig()
+    assert FailoverPolicy().new(failback_at=0.9) == FailoverPolicy(0.5, 0.9)
+
+
+def test_service_and_whole_configurations_build_from_mappings() -> None:
+    service = ServiceConfig.from_config({"endpoints": ["127.0.0.1:8001"], "retries": False})
+    assert service.endpoints == (Endpoint("127.0.0.1", 8001),)
+    assert service.retries.attempts == 1
+    assert message(ServiceConfig.from_config, {"retries": {"attempts": 0}}).startswith(
+        "retries.attempts: must be an integer from 1 to 10")
+    assert message(ServiceConfig.from_config, ["a:1"]).startswith("must be a mapping")
+    whole = LoadBalancerConfig.from_config({"services": {"users": {"endpoints": ["a:1"]}}})
+    assert whole.services["users"].endpoints == (Endpoint("a", 1),)

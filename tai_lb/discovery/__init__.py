@@ -102,7 +102,7 @@ _WATCH_KEYS = tuple(f.name for f in fields(WatchSettings))
 
 
 @dataclass(frozen=True)
-class DiscoveryConfig:
+class DiscoveryConfig(Settings):
     """The ``discovery`` setting of a service: its type, the type's settings, how to watch."""
 
     type: str
