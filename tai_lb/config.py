@@ -24,13 +24,13 @@ from ._settings import Settings, check_instance, check_number, key_text, shown
 from .discovery import DiscoveryConfig
 from .endpoint import Endpoint
 from .exceptions import ConfigError
-from .failover import BreakerConfig, FailoverPolicy
+from .failover import BreakerConfig, FailoverConfig
 from .health import HealthCheckConfig
 from .metrics import MetricsConfig
 from .outlier import OutlierConfig
 from .pool import PoolConfig
 from .registry import check_service_name
-from .retry import RetryPolicy
+from .retry import RetryConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
@@ -146,14 +146,14 @@ class ServiceConfig(Settings):
     strategy: Strategy = field(default_factory=RoundRobin)
     scheme: Literal["http", "https"] = "http"
     hash_key: Optional[KeySource] = None
-    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    retries: RetryConfig = field(default_factory=RetryConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     timeout: Optional[tuple[Optional[float], Optional[float]]] = None
     health_check: Optional[HealthCheckConfig] = None
     outlier_detection: Optional[OutlierConfig] = None
     circuit_breaker: Optional[BreakerConfig] = None
     backups: tuple[Endpoint, ...] = ()
-    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
     discovery: Optional[DiscoveryConfig] = None
 
     def __post_init__(self) -> None:
@@ -164,11 +164,11 @@ class ServiceConfig(Settings):
                 raise ConfigError(f"endpoints[{i}]", f"duplicate address {endpoint.address} "
                                                      f"(also endpoints[{seen[endpoint.address]}])")
             seen[endpoint.address] = i
-        check_instance(self.failover, "failover", FailoverPolicy)
+        check_instance(self.failover, "failover", FailoverConfig)
         check_instance(self.strategy, "strategy", Strategy)
         if self.scheme not in ("http", "https"):
             raise ConfigError("scheme", f"must be \"http\" or \"https\", got {shown(self.scheme)}")
-        check_instance(self.retries, "retries", RetryPolicy)
+        check_instance(self.retries, "retries", RetryConfig)
         check_instance(self.pool, "pool", PoolConfig)
         for key, kind in _OPTIONAL_PARTS:
             if getattr(self, key) is not None:
@@ -287,7 +287,7 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         fields["scheme"] = settings["scheme"]
     if "hash_key" in settings:
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
-    for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config),
+    for key, build in (("retries", RetryConfig.from_config), ("pool", PoolConfig.from_config),
                        ("discovery", DiscoveryConfig.from_config),
                        ("health_check", HealthCheckConfig.from_config),
                        ("outlier_detection", OutlierConfig.from_config),
@@ -331,7 +331,7 @@ def _parse_backups(value: Any, path: str, primaries: tuple[Endpoint, ...]) -> di
         endpoint = Endpoint.from_value(item, path=f"{path}[{i}]")
         backups.append(endpoint.replace(priority=min(1000, after + endpoint.priority)))
     try:
-        failover = FailoverPolicy(**policy)
+        failover = FailoverConfig(**policy)
     except ConfigError as error:
         raise ConfigError(f"{path.rsplit('.endpoints', 1)[0]}.{error.path}", error.reason) from None
     return {"backups": tuple(backups), "failover": failover}

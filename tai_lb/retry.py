@@ -1,6 +1,6 @@
 """Retries: which failures may be retried, on which requests, and how many retries may run.
 
-:class:`RetryPolicy` is the ``retries`` setting of a service.  :class:`RetryBudget` caps retries
+:class:`RetryConfig` is the ``retries`` setting of a service.  :class:`RetryBudget` caps retries
 at a share of recent requests plus a floor per second (Finagle's ``RetryBudget``), so that when a
 whole service is failing, retries do not multiply its load.  :func:`classify` sorts a failure
 into what it proves about the request: whether it could have reached a server.
@@ -30,7 +30,8 @@ from . import _forksafe
 from ._settings import Settings, check_int, check_number, is_int, key_text, shown
 from .exceptions import ConfigError
 
-__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryPolicy", "classify"]
+__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryConfig", "RetryPolicy",
+           "classify"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """Methods that RFC 9110 defines as idempotent: retried after any transport failure."""
@@ -46,7 +47,7 @@ connecting); ``status``: a response came back with a retryable status."""
 
 
 @dataclass(frozen=True)
-class RetryPolicy(Settings):
+class RetryConfig(Settings):
     """The ``retries`` settings of a service.
 
     :param attempts: attempts in all, the first included (1 disables retries).
@@ -94,7 +95,7 @@ class RetryPolicy(Settings):
         object.__setattr__(self, "methods", frozenset(self.methods))
 
     @classmethod
-    def from_config(cls, value: Any) -> RetryPolicy:
+    def from_config(cls, value: Any) -> RetryConfig:
         """Build from the ``retries`` mapping of a configuration (errors name the sub-key)."""
         if value is False:
             return cls(attempts=1)
@@ -140,7 +141,9 @@ class RetryPolicy(Settings):
         return draw * min(self.backoff_max, self.backoff_base * 2.0 ** (retry - 1))
 
 
-RetryPolicy.DEFAULT = RetryPolicy()  # type: ignore[attr-defined]
+RetryConfig.DEFAULT = RetryConfig()  # type: ignore[attr-defined]
+
+RetryPolicy = RetryConfig  #: old name of :class:`RetryConfig`
 
 
 class RetryBudget:
@@ -176,7 +179,7 @@ class RetryBudget:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_policy(cls, policy: RetryPolicy, clock: Callable[[], float]) -> RetryBudget:
+    def for_policy(cls, policy: RetryConfig, clock: Callable[[], float]) -> RetryBudget:
         """The budget a service with ``policy`` uses."""
         return cls(policy.budget_percent, policy.budget_min_per_second, policy.budget_ttl, clock)
 

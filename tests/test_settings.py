@@ -7,14 +7,17 @@ from typing import Any
 
 import pytest
 
+import tai_lb
+import tai_lb.discovery
 from tai_lb import (
     ConfigError,
     Endpoint,
     HealthCheckConfig,
     LoadBalancerConfig,
     PoolConfig,
-    RetryPolicy,
+    RetryConfig,
     ServiceConfig,
+    failover,
 )
 from tai_lb._settings import (
     Settings,
@@ -27,21 +30,24 @@ from tai_lb._settings import (
 )
 from tai_lb.discovery import (
     DiscoveryConfig,
-    DnsSettings,
-    EtcdSettings,
-    FileSettings,
-    StaticSettings,
-    WatchSettings,
+    DnsConfig,
+    EtcdConfig,
+    FileConfig,
+    StaticConfig,
+    WatchConfig,
+    base,
+    dns,
+    etcd,
 )
 from tai_lb.discovery.etcd import EtcdRegistrar
-from tai_lb.failover import BreakerConfig, FailoverPolicy
+from tai_lb.failover import BreakerConfig, FailoverConfig
 from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.outlier import OutlierConfig
 
 SETTINGS_CLASSES: list[type[Any]] = [
-    BreakerConfig, DiscoveryConfig, DnsSettings, EtcdSettings, FailoverPolicy, FileSettings,
+    BreakerConfig, DiscoveryConfig, DnsConfig, EtcdConfig, FailoverConfig, FileConfig,
     HealthCheckConfig, LoadBalancerConfig, MetricsConfig, OutlierConfig, PoolConfig,
-    RetryPolicy, ServiceConfig, StaticSettings, StatsdConfig, WatchSettings]
+    RetryConfig, ServiceConfig, StaticConfig, StatsdConfig, WatchConfig]
 
 
 def message(call: Any, *args: Any, **kwargs: Any) -> str:
@@ -98,8 +104,8 @@ def test_check_number_still_refuses_nan_and_infinity() -> None:
 @pytest.mark.parametrize(("build", "text"), [
     (lambda port: Endpoint("a", port), "port: must be an integer from 1 to 65535"),
     (lambda port: StatsdConfig(port=port), "port: must be a port number from 1 to 65535"),
-    (lambda port: DnsSettings(name="x", port=port), "port: must be a port number from 1 to 65535"),
-    (lambda port: DnsSettings(name="x", record="A", endpoint_port=port),
+    (lambda port: DnsConfig(name="x", port=port), "port: must be a port number from 1 to 65535"),
+    (lambda port: DnsConfig(name="x", record="A", endpoint_port=port),
      "endpoint_port: must be a port number from 1 to 65535"),
 ])
 @pytest.mark.parametrize("port", [0, 65536, True, "80"])
@@ -108,8 +114,8 @@ def test_every_port_setting_is_checked_alike(build: Any, text: str, port: Any) -
 
 
 def test_an_etcd_url_with_port_0_is_refused() -> None:
-    assert message(EtcdSettings, urls=("http://h:0",)).startswith("urls[0]: must be an http://")
-    assert EtcdSettings(urls=("http://h", "http://h:65535")).urls == ("http://h", "http://h:65535")
+    assert message(EtcdConfig, urls=("http://h:0",)).startswith("urls[0]: must be an http://")
+    assert EtcdConfig(urls=("http://h", "http://h:65535")).urls == ("http://h", "http://h:65535")
 
 
 def test_registrar_ttl_message_is_unchanged() -> None:
@@ -140,13 +146,13 @@ def _subclasses(cls: type[Any]) -> set[type[Any]]:
 
 
 def test_new_returns_a_checked_copy() -> None:
-    config = ServiceConfig(retries=RetryPolicy(attempts=2))
+    config = ServiceConfig(retries=RetryConfig(attempts=2))
     assert config.new(scheme="https").scheme == "https"
     assert config.new(scheme="https").retries == config.retries
     with pytest.raises(ConfigError, match=r"^scheme: "):
         config.new(scheme="ftp")
     assert MetricsConfig().new(statsd=StatsdConfig()).statsd == StatsdConfig()
-    assert FailoverPolicy().new(failback_at=0.9) == FailoverPolicy(0.5, 0.9)
+    assert FailoverConfig().new(failback_at=0.9) == FailoverConfig(0.5, 0.9)
 
 
 def test_service_and_whole_configurations_build_from_mappings() -> None:
@@ -158,3 +164,20 @@ def test_service_and_whole_configurations_build_from_mappings() -> None:
     assert message(ServiceConfig.from_config, ["a:1"]).startswith("must be a mapping")
     whole = LoadBalancerConfig.from_config({"services": {"users": {"endpoints": ["a:1"]}}})
     assert whole.services["users"].endpoints == (Endpoint("a", 1),)
+
+
+def test_old_names_of_settings_classes_still_work() -> None:
+    assert tai_lb.RetryPolicy is RetryConfig and "RetryPolicy" in tai_lb.__all__
+    assert tai_lb.RetryPolicy() == RetryConfig.DEFAULT  # type: ignore[attr-defined]
+    for old, new in (("DnsSettings", DnsConfig), ("EtcdSettings", EtcdConfig),
+                     ("FileSettings", FileConfig), ("StaticSettings", StaticConfig),
+                     ("WatchSettings", WatchConfig),
+                     ("SourceSettings", tai_lb.discovery.SourceConfig)):
+        assert getattr(tai_lb.discovery, old) is new and old in tai_lb.discovery.__all__
+    assert (base.WatchSettings, dns.DnsSettings, etcd.EtcdSettings) == (
+        WatchConfig, DnsConfig, EtcdConfig)
+    assert failover.FailoverPolicy is FailoverConfig
+
+
+def test_every_settings_class_name_ends_in_config() -> None:
+    assert [cls.__name__ for cls in SETTINGS_CLASSES if not cls.__name__.endswith("Config")] == []

@@ -34,7 +34,7 @@ from .._settings import MAX_SECONDS, MIN_INTERVAL, Settings, check_int, check_nu
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError, LoadBalancerError
 
-__all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchSettings"]
+__all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchConfig", "WatchSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Provider(ABC):
 
 
 @dataclass(frozen=True)
-class WatchSettings(Settings):
+class WatchConfig(Settings):
     """How a discovery watcher polls and guards (keys shared by every discovery type).
 
     :param interval: seconds between fetches.
@@ -129,6 +129,9 @@ class WatchSettings(Settings):
             raise ConfigError("cache_path", f"must be a file path, got {shown(self.cache_path)}")
 
 
+WatchSettings = WatchConfig  #: old name of :class:`WatchConfig`
+
+
 class DiscoveryWatcher:
     """Keeps one service of a registry in step with a provider, on a named daemon thread.
 
@@ -137,7 +140,7 @@ class DiscoveryWatcher:
     :param current: returns the service's current endpoints.
     """
 
-    def __init__(self, service: str, provider: Provider, settings: WatchSettings,
+    def __init__(self, service: str, provider: Provider, settings: WatchConfig,
                  apply: Callable[[Sequence[Endpoint]], None],
                  current: Callable[[], Sequence[Endpoint]],
                  clock: Callable[[], float] = time.monotonic) -> None:

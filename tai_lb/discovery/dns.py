@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import dns.name
     import dns.resolver
 
-__all__ = ["DnsProvider", "DnsSettings"]
+__all__ = ["DnsConfig", "DnsProvider", "DnsSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ _INSTALL = "DNS discovery needs dnspython: pip install 'tai-lb[dns]'"
 
 
 @dataclass(frozen=True)
-class DnsSettings(Settings):
+class DnsConfig(Settings):
     """``{"type": "dns", "name": ..., "record": "SRV" | "A" | "AAAA", ...}``: DNS records.
 
     :param name: the name to query, such as ``_http._tcp.users.default.svc.cluster.local`` (SRV)
@@ -141,6 +141,9 @@ class DnsSettings(Settings):
         return DnsProvider(self)
 
 
+DnsSettings = DnsConfig  #: old name of :class:`DnsConfig`
+
+
 class DnsProvider(Provider):
     """Reads one service's A, AAAA or SRV records; the next read is due when their TTL runs out.
 
@@ -150,7 +153,7 @@ class DnsProvider(Provider):
     :param rng: returns a number in [0, 1) that sets the jitter (tests pass a fixed one).
     """
 
-    def __init__(self, settings: DnsSettings, rng: Callable[[], float] = random.random) -> None:
+    def __init__(self, settings: DnsConfig, rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.skipped = 0
         self._rng = rng
@@ -192,7 +195,7 @@ class DnsProvider(Provider):
             endpoints, ttl = self._read_srv(problems)
         else:
             port = self.settings.endpoint_port
-            assert port is not None  # DnsSettings requires it for A and AAAA
+            assert port is not None  # DnsConfig requires it for A and AAAA
             records, ttl, _ = self._query(self.settings.name, self.settings.record)
             endpoints = [Endpoint(_ip(r.address), port) for r in records]
         self._report(problems)

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
-    from ..failover import FailoverPolicy
+    from ..failover import FailoverConfig
     from ..stats import EndpointStats
     from .route import RouteState
 
@@ -31,7 +31,7 @@ class PriorityFailover:
         active group changes (``kind`` is ``"failover"`` or ``"failback"``), off any lock.
     """
 
-    def __init__(self, policy: FailoverPolicy,
+    def __init__(self, policy: FailoverConfig,
                  changed: Callable[[str, int, int, list[float]], None]) -> None:
         self.policy = policy
         self._changed = changed

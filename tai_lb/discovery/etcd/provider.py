@@ -1,6 +1,6 @@
 """etcd discovery: the ``etcd`` setting, and the provider that lists and watches a service.
 
-:class:`EtcdSettings` checks the ``discovery`` setting of type ``etcd``; :class:`EtcdProvider`
+:class:`EtcdConfig` checks the ``discovery`` setting of type ``etcd``; :class:`EtcdProvider`
 lists a service's keys at one revision, then watches from the next on a named daemon thread,
 lists again (after a growing, jittered delay) when the watch is lost, and hands the watcher
 the current set whenever it changed.
@@ -26,7 +26,7 @@ from .client import Backoff, EtcdClient, _key, _shown, _unb64, interrupt
 from .errors import EtcdError, WatchCompacted, WatchIdle
 from .watch import WATCH_IDLE
 
-__all__ = ["WATCH_HEALTHY", "EtcdProvider", "EtcdSettings", "service_prefix"]
+__all__ = ["WATCH_HEALTHY", "EtcdConfig", "EtcdProvider", "EtcdSettings", "service_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ WATCH_HEALTHY = 1.0
 
 
 @dataclass(frozen=True)
-class EtcdSettings(Settings):
+class EtcdConfig(Settings):
     """``{"type": "etcd", "urls": [...], "prefix": "/services"}``.
 
     :param urls: client URLs of etcd's members, ``http://host:port`` or ``https://...``.
@@ -72,6 +72,9 @@ class EtcdSettings(Settings):
     def provider(self, service: str) -> Provider:
         """A provider watching the keys of ``service``."""
         return EtcdProvider(EtcdClient(self.urls, self.timeout), self.prefix, service)
+
+
+EtcdSettings = EtcdConfig  #: old name of :class:`EtcdConfig`
 
 
 def service_prefix(prefix: str, service: str) -> str:

@@ -21,7 +21,7 @@ from ..._settings import check_int
 from ...endpoint import Endpoint
 from .client import EtcdClient, interrupt
 from .errors import EtcdError
-from .provider import EtcdSettings, service_prefix
+from .provider import EtcdConfig, service_prefix
 
 __all__ = ["EtcdRegistrar"]
 
@@ -54,7 +54,7 @@ class EtcdRegistrar:
         check_int(ttl, "ttl", 1, 3600, what="an integer number of seconds")
         # The checks (and messages) of the etcd discovery setting: a ConfigError naming the
         # argument, rather than a string of URLs taken as a list of one-letter URLs.
-        urls = EtcdSettings(urls=urls, prefix=prefix, timeout=timeout).urls  # type: ignore[arg-type]
+        urls = EtcdConfig(urls=urls, prefix=prefix, timeout=timeout).urls  # type: ignore[arg-type]
         self.endpoint = Endpoint.from_value(endpoint)
         self.service = service
         self.key = service_prefix(prefix, service) + (instance_id or self.endpoint.address)
