@@ -28,7 +28,7 @@ from .health import HealthCheckConfig
 from .lease import Lease
 from .pool import PoolConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
-from .retry import RetryBudget, RetryPolicy
+from .retry import RetryBudget, RetryConfig, RetryPolicy
 from .stats import EndpointStats
 from .strategies import Strategy
 from .trace import Attempt, DecisionTrace, trace_of
@@ -55,6 +55,7 @@ __all__ = [
     "PoolConfig",
     "PoolExhausted",
     "RetryBudget",
+    "RetryConfig",
     "RetryPolicy",
     "ServiceConfig",
     "ServiceRegistry",

@@ -1,12 +1,15 @@
 """What every group of settings shares: building from a configuration mapping, new(), and the
-checks of numbers and the quoting of values that every ``ConfigError`` message uses."""
+checks (numbers, durations, ports, integers from LOW to HIGH, booleans, value objects) and the
+quoting of values that every ``ConfigError`` message uses.  Settings classes call these checks
+rather than writing their own."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from .exceptions import ConfigError
 
@@ -70,12 +73,44 @@ def key_text(key: object) -> str:
     return shown(key)
 
 
-def check_int(value: object, key: str, low: int, high: int) -> int:
+MAX_PORT = 65535
+"""The highest TCP or UDP port number."""
+
+
+def is_int(value: object, low: float = -math.inf, high: float = math.inf) -> bool:
+    """Whether ``value`` is an integer (not a bool) from ``low`` to ``high``."""
+    return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+
+
+def check_int(value: object, key: str, low: int, high: int, *,
+              what: str = "an integer") -> int:
     """``value`` if it is an integer from ``low`` to ``high`` (not a bool), else a
-    :class:`ConfigError` naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(key, f"must be an integer from {low} to {high}, got {shown(value)}")
+    :class:`ConfigError` naming ``key``: "must be <what> from <low> to <high>"."""
+    if not is_int(value, low, high):
+        raise ConfigError(key, f"must be {what} from {low} to {high}, got {shown(value)}")
+    return cast(int, value)
+
+
+def check_port(value: object, key: str, *, what: str = "a port number") -> int:
+    """``value`` if it is a port number (1 to 65535), else a :class:`ConfigError` naming
+    ``key`` (``what`` as in :func:`check_int`)."""
+    return check_int(value, key, 1, MAX_PORT, what=what)
+
+
+def check_bool(value: object, key: str) -> bool:
+    """``value`` if it is True or False, else a :class:`ConfigError` naming ``key``."""
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {shown(value)}")
     return value
+
+
+def check_instance(value: object, key: str, kind: type[Any]) -> None:
+    """A :class:`ConfigError` naming ``key`` unless ``value`` is a ``kind`` (a value object
+    given from Python, where a setting's own class is expected)."""
+    if not isinstance(value, kind):
+        name = kind.__name__
+        article = "an" if name[:1] in "AEIOU" else "a"
+        raise ConfigError(key, f"must be {article} {name}, got {shown(value)}")
 
 
 def check_number(value: object, key: str, low: float = 0.0, high: float = MAX_SECONDS, *,
@@ -96,9 +131,12 @@ def check_number(value: object, key: str, low: float = 0.0, high: float = MAX_SE
 
 
 class Settings:
-    """Mixin for the frozen dataclasses that hold one configuration key's settings.
+    """Mixin of every settings class: the frozen dataclasses that hold a configuration key's
+    settings (a whole configuration's, for :class:`~tai_lb.LoadBalancerConfig`).
 
-    ``python_only`` names fields that configuration files may not set (a function, say).
+    It gives :meth:`new` and a :meth:`from_config` that takes the fields by name; a class whose
+    configuration has another shape overrides :meth:`from_config`.  ``python_only`` names fields
+    that configuration files may not set (a function, say).
     """
 
     python_only: ClassVar[tuple[str, ...]] = ()

@@ -66,7 +66,7 @@ from .config import KeySource
 from .exceptions import HTTPPoolExhausted, NoEndpointAvailable
 from .lease import Lease
 from .pool import failed_while_connecting, on_release
-from .retry import RetryPolicy, classify
+from .retry import RetryConfig, classify
 from .strategies import RoutingKey
 from .trace import Attempt, DecisionTrace
 
@@ -334,7 +334,7 @@ class _BalancedSend:
         self.verify = verify
         self.cert = cert
         self.settings = lb.service_config(service)
-        self.policy: RetryPolicy = self.settings.retries
+        self.policy: RetryConfig = self.settings.retries
         self.budget = lb.retry_budget(service)
         self.clock = lb.clock
         self.started = self.clock()

@@ -11,7 +11,6 @@ Keys of the specification that this version does not implement yet are rejected 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -21,17 +20,17 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Optional, Union
 
-from ._settings import check_number, key_text, shown
+from ._settings import Settings, check_instance, check_number, key_text, shown
 from .discovery import DiscoveryConfig
 from .endpoint import Endpoint
 from .exceptions import ConfigError
-from .failover import BreakerConfig, FailoverPolicy
+from .failover import BreakerConfig, FailoverConfig
 from .health import HealthCheckConfig
 from .metrics import MetricsConfig
 from .outlier import OutlierConfig
 from .pool import PoolConfig
 from .registry import check_service_name
-from .retry import RetryPolicy
+from .retry import RetryConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
@@ -114,8 +113,15 @@ class KeySource:
         return self.kind if self.kind != "function" else repr(self.function)
 
 
+#: the parts of a service that may be None (not used), and the class each must be otherwise
+_OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
+    ("hash_key", KeySource), ("health_check", HealthCheckConfig),
+    ("outlier_detection", OutlierConfig), ("circuit_breaker", BreakerConfig),
+    ("discovery", DiscoveryConfig))
+
+
 @dataclass(frozen=True)
-class ServiceConfig:
+class ServiceConfig(Settings):
     """The settings of one service.
 
     :param endpoints: the static endpoints.
@@ -140,59 +146,46 @@ class ServiceConfig:
     strategy: Strategy = field(default_factory=RoundRobin)
     scheme: Literal["http", "https"] = "http"
     hash_key: Optional[KeySource] = None
-    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    retries: RetryConfig = field(default_factory=RetryConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     timeout: Optional[tuple[Optional[float], Optional[float]]] = None
     health_check: Optional[HealthCheckConfig] = None
     outlier_detection: Optional[OutlierConfig] = None
     circuit_breaker: Optional[BreakerConfig] = None
     backups: tuple[Endpoint, ...] = ()
-    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
     discovery: Optional[DiscoveryConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
         for i, endpoint in enumerate((*self.endpoints, *self.backups)):
-            if not isinstance(endpoint, Endpoint):
-                raise ConfigError(f"endpoints[{i}]", f"must be an Endpoint, got {shown(endpoint)}")
+            check_instance(endpoint, f"endpoints[{i}]", Endpoint)
             if endpoint.address in seen:
                 raise ConfigError(f"endpoints[{i}]", f"duplicate address {endpoint.address} "
                                                      f"(also endpoints[{seen[endpoint.address]}])")
             seen[endpoint.address] = i
-        if not isinstance(self.failover, FailoverPolicy):
-            raise ConfigError("failover", f"must be a FailoverPolicy, got {shown(self.failover)}")
-        if not isinstance(self.strategy, Strategy):
-            raise ConfigError("strategy", f"must be a Strategy, got {shown(self.strategy)}")
+        check_instance(self.failover, "failover", FailoverConfig)
+        check_instance(self.strategy, "strategy", Strategy)
         if self.scheme not in ("http", "https"):
             raise ConfigError("scheme", f"must be \"http\" or \"https\", got {shown(self.scheme)}")
-        if self.hash_key is not None and not isinstance(self.hash_key, KeySource):
-            raise ConfigError("hash_key", f"must be a KeySource, got {shown(self.hash_key)}")
-        if not isinstance(self.retries, RetryPolicy):
-            raise ConfigError("retries", f"must be a RetryPolicy, got {shown(self.retries)}")
-        if self.health_check is not None and not isinstance(self.health_check,
-                                                            HealthCheckConfig):
-            raise ConfigError("health_check", f"must be a HealthCheckConfig, got "
-                                              f"{shown(self.health_check)}")
-        if self.outlier_detection is not None and not isinstance(self.outlier_detection,
-                                                                 OutlierConfig):
-            raise ConfigError("outlier_detection", f"must be an OutlierConfig, got "
-                                                   f"{shown(self.outlier_detection)}")
-        if self.circuit_breaker is not None and not isinstance(self.circuit_breaker,
-                                                               BreakerConfig):
-            raise ConfigError("circuit_breaker", f"must be a BreakerConfig, got "
-                                                 f"{shown(self.circuit_breaker)}")
-        if not isinstance(self.pool, PoolConfig):
-            raise ConfigError("pool", f"must be a PoolConfig, got {shown(self.pool)}")
+        check_instance(self.retries, "retries", RetryConfig)
+        check_instance(self.pool, "pool", PoolConfig)
+        for key, kind in _OPTIONAL_PARTS:
+            if getattr(self, key) is not None:
+                check_instance(getattr(self, key), key, kind)
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_timeout(self.timeout, "timeout"))
 
-    def new(self, **changes: Any) -> ServiceConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def from_config(cls, value: Any) -> ServiceConfig:
+        """Build from one service's mapping of a configuration (errors name the sub-key)."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping of service settings, got {shown(value)}")
+        return cls(**_parse_service_fields(value, ""))
 
 
 @dataclass(frozen=True)
-class LoadBalancerConfig:
+class LoadBalancerConfig(Settings):
     """A whole balancer's settings: the services by name, and where metrics go."""
 
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
@@ -201,17 +194,16 @@ class LoadBalancerConfig:
     def __post_init__(self) -> None:
         for name, service in self.services.items():
             check_service_name(name, f"services.{key_text(name)}")
-            if not isinstance(service, ServiceConfig):
-                raise ConfigError(f"services.{key_text(name)}",
-                                  f"must be a ServiceConfig, got {shown(service)}")
+            check_instance(service, f"services.{key_text(name)}", ServiceConfig)
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (LoadBalancerConfig, (dict(self.services), self.metrics))
 
-    def new(self, **changes: Any) -> LoadBalancerConfig:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def from_config(cls, value: Any) -> LoadBalancerConfig:
+        """Build from a whole configuration mapping (as :func:`parse_config`)."""
+        return parse_config(value)
 
 
 # -- the loader ---------------------------------------------------------------------------------
@@ -295,7 +287,7 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         fields["scheme"] = settings["scheme"]
     if "hash_key" in settings:
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
-    for key, build in (("retries", RetryPolicy.from_config), ("pool", PoolConfig.from_config),
+    for key, build in (("retries", RetryConfig.from_config), ("pool", PoolConfig.from_config),
                        ("discovery", DiscoveryConfig.from_config),
                        ("health_check", HealthCheckConfig.from_config),
                        ("outlier_detection", OutlierConfig.from_config),
@@ -339,7 +331,7 @@ def _parse_backups(value: Any, path: str, primaries: tuple[Endpoint, ...]) -> di
         endpoint = Endpoint.from_value(item, path=f"{path}[{i}]")
         backups.append(endpoint.replace(priority=min(1000, after + endpoint.priority)))
     try:
-        failover = FailoverPolicy(**policy)
+        failover = FailoverConfig(**policy)
     except ConfigError as error:
         raise ConfigError(f"{path.rsplit('.endpoints', 1)[0]}.{error.path}", error.reason) from None
     return {"backups": tuple(backups), "failover": failover}

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from ._settings import check_int, key_text, shown
+from ._settings import MAX_PORT, check_int, check_port, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["Endpoint", "Labels"]
@@ -156,8 +156,8 @@ class Endpoint:
         # checks that name the field in their error.
         if not (type(host) is str and len(host) <= 253 and _HOSTNAME_MATCH(host)):
             host = _check_host(host, _join(path, "host"))
-        if not (type(port) is int and 1 <= port <= 65535):
-            port = check_int(port, _join(path, "port"), 1, 65535)
+        if not (type(port) is int and 1 <= port <= MAX_PORT):
+            port = check_port(port, _join(path, "port"), what="an integer")
         if not (type(weight) is int and 1 <= weight <= _MAX_WEIGHT):
             weight = check_int(weight, _join(path, "weight"), 1, _MAX_WEIGHT)
         if zone is not None and (type(zone) is not str or not zone):

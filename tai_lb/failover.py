@@ -28,7 +28,7 @@ from . import _forksafe
 from ._settings import Settings, check_int, check_number, shown
 from .exceptions import ConfigError
 
-__all__ = ["BreakerConfig", "EndpointBreaker", "FailoverPolicy"]
+__all__ = ["BreakerConfig", "EndpointBreaker", "FailoverConfig", "FailoverPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class BreakerConfig(Settings):
 
 
 @dataclass(frozen=True)
-class FailoverPolicy:
+class FailoverConfig(Settings):
     """When traffic moves between priority groups (endpoint ``priority``, then ``backups``).
 
     :param failover_below: the group in use keeps the traffic while this share of its endpoints
@@ -72,6 +72,9 @@ class FailoverPolicy:
             raise ConfigError("failback_at", f"must be >= failover_below "
                                              f"({self.failover_below:g}), got "
                                              f"{shown(self.failback_at)}")
+
+
+FailoverPolicy = FailoverConfig  #: old name of :class:`FailoverConfig`
 
 
 class _Failure(Exception):

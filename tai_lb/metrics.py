@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import _forksafe
-from ._settings import Settings, key_text, shown
+from ._settings import Settings, check_port, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "StatsdConfig"]
@@ -49,16 +49,14 @@ class StatsdConfig(Settings):
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError("host", f"must be a host name or address, got {shown(self.host)}")
-        port = self.port
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ConfigError("port", f"must be a port number from 1 to 65535, got {shown(port)}")
+        check_port(self.port, "port")
         if not isinstance(self.prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]*", self.prefix):
             raise ConfigError("prefix", f"must be letters, digits, '_', '-' and '.', got "
                                         f"{shown(self.prefix)}")
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(Settings):
     """The top-level ``metrics`` setting."""
 
     statsd: Optional[StatsdConfig] = None

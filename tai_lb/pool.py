@@ -30,8 +30,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
 from . import _forksafe
 from ._deadline import DeadlineHTTPConnection, DeadlineHTTPSConnection
-from ._settings import Settings, check_int, check_number, shown
-from .exceptions import ConfigError
+from ._settings import Settings, check_bool, check_int, check_number
 
 __all__ = ["EndpointPools", "FairQueue", "PoolConfig"]
 
@@ -62,8 +61,7 @@ class PoolConfig(Settings):
 
     def __post_init__(self) -> None:
         check_int(self.maxsize, "maxsize", 1, 10_000)
-        if not isinstance(self.block, bool):
-            raise ConfigError("block", f"must be true or false, got {shown(self.block)}")
+        check_bool(self.block, "block")
         object.__setattr__(self, "timeout", check_number(self.timeout, "timeout"))
         object.__setattr__(self, "idle_timeout", check_number(self.idle_timeout, "idle_timeout"))
 

@@ -1,6 +1,6 @@
 """Retries: which failures may be retried, on which requests, and how many retries may run.
 
-:class:`RetryPolicy` is the ``retries`` setting of a service.  :class:`RetryBudget` caps retries
+:class:`RetryConfig` is the ``retries`` setting of a service.  :class:`RetryBudget` caps retries
 at a share of recent requests plus a floor per second (Finagle's ``RetryBudget``), so that when a
 whole service is failing, retries do not multiply its load.  :func:`classify` sorts a failure
 into what it proves about the request: whether it could have reached a server.
@@ -9,7 +9,6 @@ into what it proves about the request: whether it could have reached a server.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -28,11 +27,11 @@ from urllib3.exceptions import (
 )
 
 from . import _forksafe
-from ._settings import check_int, check_number, key_text, shown
+from ._settings import Settings, check_int, check_number, is_int, key_text, shown
 from .exceptions import ConfigError
 
-__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryBudgets", "RetryPolicy",
-           "classify"]
+__all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryBudgets", "RetryConfig",
+           "RetryPolicy", "classify"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """Methods that RFC 9110 defines as idempotent: retried after any transport failure."""
@@ -48,7 +47,7 @@ connecting); ``status``: a response came back with a retryable status."""
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RetryConfig(Settings):
     """The ``retries`` settings of a service.
 
     :param attempts: attempts in all, the first included (1 disables retries).
@@ -76,7 +75,7 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         check_int(self.attempts, "attempts", 1, 10)
         for status in self.statuses:
-            if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            if not is_int(status, 100, 599):
                 raise ConfigError("statuses", f"must be HTTP statuses (100-599), "
                                               f"got {shown(status)}")
         for method in self.methods:
@@ -96,7 +95,7 @@ class RetryPolicy:
         object.__setattr__(self, "methods", frozenset(self.methods))
 
     @classmethod
-    def from_config(cls, value: Any) -> RetryPolicy:
+    def from_config(cls, value: Any) -> RetryConfig:
         """Build from the ``retries`` mapping of a configuration (errors name the sub-key)."""
         if value is False:
             return cls(attempts=1)
@@ -137,16 +136,14 @@ class RetryPolicy:
                     fields[prefix + name] = sub[name]
         return cls(**fields)
 
-    def new(self, **changes: Any) -> RetryPolicy:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
-
     def backoff(self, retry: int, draw: float) -> float:
         """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``draw``."""
         return draw * min(self.backoff_max, self.backoff_base * 2.0 ** (retry - 1))
 
 
-RetryPolicy.DEFAULT = RetryPolicy()  # type: ignore[attr-defined]
+RetryConfig.DEFAULT = RetryConfig()  # type: ignore[attr-defined]
+
+RetryPolicy = RetryConfig  #: old name of :class:`RetryConfig`
 
 
 class RetryBudget:
@@ -182,7 +179,7 @@ class RetryBudget:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_policy(cls, policy: RetryPolicy, clock: Callable[[], float]) -> RetryBudget:
+    def for_policy(cls, policy: RetryConfig, clock: Callable[[], float]) -> RetryBudget:
         """The budget a service with ``policy`` uses."""
         return cls(policy.budget_percent, policy.budget_min_per_second, policy.budget_ttl, clock)
 
@@ -276,7 +273,7 @@ class RetryBudgets:
         self._lock = threading.Lock()
         self._budgets: dict[str, RetryBudget] = {}
 
-    def get(self, service: str, policy: Callable[[], RetryPolicy]) -> RetryBudget:
+    def get(self, service: str, policy: Callable[[], RetryConfig]) -> RetryBudget:
         """The budget of ``service``, made from ``policy()`` the first time."""
         budget = self._budgets.get(service)
         if budget is None:

@@ -20,7 +20,7 @@ from tai_lb import (
     load_config,
 )
 from tai_lb.config import NOT_SUPPORTED_YET, LoadBalancerConfig
-from tai_lb.discovery import DiscoveryConfig, Provider, StaticSettings
+from tai_lb.discovery import DiscoveryConfig, Provider, StaticConfig
 from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.strategies import ConsistentHash, PeakEwma
 
@@ -475,7 +475,7 @@ class _FailingSource:
 def test_a_failure_while_starting_closes_what_started(backend: Backend) -> None:
     endpoint = Endpoint.parse(backend.address)
     started = ServiceConfig(endpoints=(endpoint,), health_check=HealthCheckConfig(path="/"),
-                            discovery=DiscoveryConfig("static", StaticSettings((endpoint,))))
+                            discovery=DiscoveryConfig("static", StaticConfig((endpoint,))))
     failing = ServiceConfig(discovery=DiscoveryConfig("custom", _FailingSource()))
     config = LoadBalancerConfig({"a": started, "b": failing},
                                 MetricsConfig(StatsdConfig("127.0.0.1", backend.port)))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, load_config
-from tai_lb.discovery import DiscoveryWatcher, DnsProvider, DnsSettings, SourceError
+from tai_lb.discovery import DiscoveryWatcher, DnsConfig, DnsProvider, SourceError
 
 from .conftest import functions_on_stack, wait_for
 from .dnsserver import ZONE, DnsServer, Srv, dnsmasq_binary, running_dns_server
@@ -99,7 +99,7 @@ def test_srv_targets_not_in_the_additional_section_are_looked_up(dns_server: Dns
     dns_server.set_srv(USERS_SRV, Srv(f"alias.{ZONE}", 8080, weight=3),
                        Srv("127.0.0.31", 8081))  # an address as the target: taken as it is
     dns_server.apply()
-    provider = DnsProvider(DnsSettings(name=USERS_SRV, nameserver=dns_server.nameserver,
+    provider = DnsProvider(DnsConfig(name=USERS_SRV, nameserver=dns_server.nameserver,
                                        port=dns_server.port, timeout=0.5))
     assert provider.fetch() == [Endpoint("127.0.0.11", 8080, weight=3),
                                 Endpoint("127.0.0.31", 8081),
@@ -153,7 +153,7 @@ def test_the_next_read_waits_for_the_ttl_clamped_plus_jitter(
         expected: float) -> None:
     dns_server.set_host(f"users.{ZONE}", "127.0.0.11", ttl=ttl)
     dns_server.apply()
-    settings = DnsSettings(name=f"users.{ZONE}", record="A", endpoint_port=80,
+    settings = DnsConfig(name=f"users.{ZONE}", record="A", endpoint_port=80,
                            nameserver=dns_server.nameserver, port=dns_server.port,
                            min_ttl=min_ttl, max_ttl=max_ttl, timeout=0.5)
     provider = DnsProvider(settings, rng=lambda: draw)
@@ -174,7 +174,7 @@ def test_the_wait_is_the_smallest_ttl_of_the_records_used(
     dns_server.set_cname(f"alias.{ZONE}", WEB2)
     dns_server.set_srv(USERS_SRV, Srv(WEB1, 8080), Srv(f"alias.{ZONE}", 8081))
     dns_server.apply()
-    settings = DnsSettings(name=USERS_SRV, nameserver=dns_server.nameserver, port=dns_server.port)
+    settings = DnsConfig(name=USERS_SRV, nameserver=dns_server.nameserver, port=dns_server.port)
     provider = DnsProvider(settings, rng=lambda: 0.0)
     assert provider.fetch() == [Endpoint("127.0.0.11", 8080), Endpoint("127.0.0.21", 8081)]
     assert provider.wait_hint() == expected
@@ -255,7 +255,7 @@ def test_without_a_nameserver_the_system_resolver_configuration_applies(
     resolv_conf.write_text(f"nameserver 127.0.0.1\nsearch {ZONE}\n")  # as in a Kubernetes pod
     dns_server.set_host(f"users.{ZONE}", "127.0.0.11")
     dns_server.apply()
-    settings = DnsSettings(name="users", record="A", endpoint_port=80, port=dns_server.port,
+    settings = DnsConfig(name="users", record="A", endpoint_port=80, port=dns_server.port,
                            resolv_conf=str(resolv_conf), timeout=0.5)
     assert settings.provider().fetch() == [Endpoint("127.0.0.11", 80)]  # the search list applies
     missing = settings.new(resolv_conf=str(tmp_path / "missing.conf")).provider()
@@ -296,7 +296,7 @@ def test_an_answer_too_large_for_udp_is_read_over_tcp(dns_server: DnsServer) -> 
     addresses = [f"127.0.1.{i}" for i in range(1, 121)]  # about 2 kB of A records
     dns_server.set_host(f"users.{ZONE}", *addresses)
     dns_server.apply()
-    settings = DnsSettings(name=f"users.{ZONE}", record="A", endpoint_port=80,
+    settings = DnsConfig(name=f"users.{ZONE}", record="A", endpoint_port=80,
                            nameserver=dns_server.nameserver, port=dns_server.port, timeout=2.0)
     endpoints = settings.provider().fetch()
     assert endpoints is not None
@@ -310,7 +310,7 @@ def test_a_name_server_that_does_not_answer_leaves_time_for_the_next(
     resolv_conf.write_text("nameserver 127.0.0.2\nnameserver 127.0.0.1\n")
     dns_server.set_host(f"users.{ZONE}", "127.0.0.11")
     dns_server.apply()
-    settings = DnsSettings(name=f"users.{ZONE}", record="A", endpoint_port=80,
+    settings = DnsConfig(name=f"users.{ZONE}", record="A", endpoint_port=80,
                            port=dns_server.port, resolv_conf=str(resolv_conf), timeout=1.0)
     assert settings.provider().fetch() == [Endpoint("127.0.0.11", 80)]
 
@@ -319,10 +319,10 @@ def test_a_dns_setting_has_sensible_defaults() -> None:
     config = load_config({"services": {"users": {"discovery": {"type": "dns", "name": "x"}}}})
     discovery = config.services["users"].discovery
     assert discovery is not None and discovery.type == "dns"
-    assert discovery.source == DnsSettings(name="x", record="SRV", nameserver=None, port=53,
+    assert discovery.source == DnsConfig(name="x", record="SRV", nameserver=None, port=53,
                                            endpoint_port=None, min_ttl=1.0, max_ttl=60.0,
                                            timeout=2.0)
-    assert DnsSettings(name="x", record="aaaa", endpoint_port=80).record == "AAAA"
+    assert DnsConfig(name="x", record="aaaa", endpoint_port=80).record == "AAAA"
 
 
 def test_without_dnspython_a_dns_setting_says_what_to_install(

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import pytest
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, ServiceRegistry, load_config
-from tai_lb.discovery import DiscoveryWatcher, FileProvider, Provider, WatchSettings
+from tai_lb.discovery import DiscoveryWatcher, FileProvider, Provider, WatchConfig
 
 from .conftest import FakeClock, in_forked_child, wait_for
 
@@ -234,7 +234,7 @@ class _BrokenProvider(Provider):
 
 def test_a_provider_bug_is_counted_and_does_not_fail_the_start(tmp_path: Path) -> None:
     applied: list[Sequence[Endpoint]] = []
-    watcher = DiscoveryWatcher("users", _BrokenProvider(), WatchSettings(interval=0.01),
+    watcher = DiscoveryWatcher("users", _BrokenProvider(), WatchConfig(interval=0.01),
                                applied.append, lambda: [])
     watcher.start()  # raised before: a balancer with such a watcher could not be built
     try:
@@ -262,7 +262,7 @@ def test_a_forked_child_reads_the_source_on_its_own_thread_not_in_the_fork() -> 
     registry.add_service("users")
     provider = _RecordingProvider()
     watcher = DiscoveryWatcher(
-        "users", provider, WatchSettings(interval=0.01),
+        "users", provider, WatchConfig(interval=0.01),
         lambda endpoints: registry.set_endpoints("users", endpoints),
         lambda: registry.endpoints("users"))
     watcher.start()
@@ -299,7 +299,7 @@ def watched_file(path: Path, clock: FakeClock, **settings: Any
     registry = ServiceRegistry()
     registry.add_service("users")
     watcher = DiscoveryWatcher(
-        "users", FileProvider(str(path)), WatchSettings(**settings),
+        "users", FileProvider(str(path)), WatchConfig(**settings),
         lambda endpoints: registry.set_endpoints("users", endpoints),
         lambda: registry.endpoints("users"), clock=clock)
     return watcher, registry

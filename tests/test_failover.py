@@ -8,7 +8,7 @@ import pytest
 
 from tai_lb import ConfigError, Endpoint, HealthCheckConfig, LoadBalancer, load_config
 from tai_lb.config import LoadBalancerConfig, ServiceConfig
-from tai_lb.failover import FailoverPolicy
+from tai_lb.failover import FailoverConfig
 
 from .conftest import wait_for
 
@@ -93,4 +93,4 @@ def test_backup_config_errors_name_the_key(backups: Any, path: str, fragment: st
 
 
 def test_policy_defaults() -> None:
-    assert FailoverPolicy() == FailoverPolicy(0.5, 0.7)
+    assert FailoverConfig() == FailoverConfig(0.5, 0.7)

@@ -15,7 +15,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from tai_lb import ConfigError, RetryBudget, RetryPolicy
+from tai_lb import ConfigError, RetryBudget, RetryConfig
 from tai_lb.retry import classify
 
 from .conftest import FakeClock
@@ -43,14 +43,14 @@ def test_budget_window_slides(clock: FakeClock) -> None:
 
 
 def test_policy_defaults_and_backoff() -> None:
-    policy = RetryPolicy()
+    policy = RetryConfig()
     assert policy.attempts == 3 and policy.statuses == {502, 503, 504}
     assert "GET" in policy.methods and "POST" not in policy.methods
     assert policy.backoff(1, 1.0) == pytest.approx(0.025)
     assert policy.backoff(3, 1.0) == pytest.approx(0.1)
     assert policy.backoff(10, 1.0) == pytest.approx(0.25)  # capped
     assert policy.backoff(2, 0.5) == pytest.approx(0.025)  # full jitter: a share of the cap
-    assert RetryPolicy.from_config(False).attempts == 1
+    assert RetryConfig.from_config(False).attempts == 1
     assert policy.new(attempts=2).attempts == 2
     with pytest.raises(ConfigError, match="attempts"):
         policy.new(attempts=0)

@@ -13,15 +13,15 @@ from typing import Any, Callable, Optional, Protocol
 from .._settings import Settings, key_text, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
-from .base import DiscoveryWatcher, Provider, SourceError, WatchSettings
-from .dns import DnsProvider, DnsSettings
-from .etcd import EtcdClient, EtcdProvider, EtcdSettings
+from .base import DiscoveryWatcher, Provider, SourceError, WatchConfig, WatchSettings
+from .dns import DnsConfig, DnsProvider, DnsSettings
+from .etcd import EtcdClient, EtcdConfig, EtcdProvider, EtcdSettings
 from .file import YAML_SUFFIXES, FileProvider
 
-__all__ = ["DiscoveryConfig", "DiscoveryWatcher", "DnsProvider", "DnsSettings", "EtcdClient",
-           "EtcdProvider", "EtcdSettings", "FileProvider", "FileSettings",
-           "Provider", "SourceError", "SourceSettings", "StaticProvider", "StaticSettings",
-           "WatchSettings"]
+__all__ = ["DiscoveryConfig", "DiscoveryWatcher", "DnsConfig", "DnsProvider", "DnsSettings",
+           "EtcdClient", "EtcdConfig", "EtcdProvider", "EtcdSettings", "FileConfig", "FileProvider",
+           "FileSettings", "Provider", "SourceConfig", "SourceError", "SourceSettings",
+           "StaticConfig", "StaticProvider", "StaticSettings", "WatchConfig", "WatchSettings"]
 
 _PLANNED: dict[str, str] = {}
 
@@ -42,7 +42,7 @@ class StaticProvider(Provider):
         return list(self.endpoints)
 
 
-class SourceSettings(Protocol):
+class SourceConfig(Protocol):
     """The settings of one discovery type (the keys other than ``type`` and the watch keys)."""
 
     def provider(self, service: str) -> Provider:
@@ -50,13 +50,13 @@ class SourceSettings(Protocol):
 
 
 @dataclass(frozen=True)
-class StaticSettings(Settings):
+class StaticConfig(Settings):
     """``{"type": "static", "endpoints": [...]}``: a fixed list."""
 
     endpoints: tuple[Endpoint, ...] = ()
 
     @classmethod
-    def from_config(cls, value: Any) -> StaticSettings:
+    def from_config(cls, value: Any) -> StaticConfig:
         """Build from the discovery mapping (without ``type`` and the watch keys)."""
         raw = value.get("endpoints")
         if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
@@ -70,7 +70,7 @@ class StaticSettings(Settings):
 
 
 @dataclass(frozen=True)
-class FileSettings(Settings):
+class FileConfig(Settings):
     """``{"type": "file", "path": ...}``: a watched JSON or YAML file."""
 
     path: str = ""
@@ -90,24 +90,28 @@ class FileSettings(Settings):
         return FileProvider(self.path)
 
 
+SourceSettings = SourceConfig  #: old name of :class:`SourceConfig`
+StaticSettings = StaticConfig  #: old name of :class:`StaticConfig`
+FileSettings = FileConfig  #: old name of :class:`FileConfig`
+
 #: discovery type -> (its own keys, how to build its settings from them)
-_TYPES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], SourceSettings]]] = {
-    "static": (("endpoints",), StaticSettings.from_config),
-    "file": (("path",), FileSettings.from_config),
+_TYPES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], SourceConfig]]] = {
+    "static": (("endpoints",), StaticConfig.from_config),
+    "file": (("path",), FileConfig.from_config),
     "dns": (("name", "record", "nameserver", "port", "endpoint_port", "min_ttl", "max_ttl",
-             "timeout"), DnsSettings.from_config),
-    "etcd": (("urls", "prefix", "timeout"), EtcdSettings.from_config),
+             "timeout"), DnsConfig.from_config),
+    "etcd": (("urls", "prefix", "timeout"), EtcdConfig.from_config),
 }
-_WATCH_KEYS = tuple(f.name for f in fields(WatchSettings))
+_WATCH_KEYS = tuple(f.name for f in fields(WatchConfig))
 
 
 @dataclass(frozen=True)
-class DiscoveryConfig:
+class DiscoveryConfig(Settings):
     """The ``discovery`` setting of a service: its type, the type's settings, how to watch."""
 
     type: str
-    source: SourceSettings
-    watch: WatchSettings = field(default_factory=WatchSettings)
+    source: SourceConfig
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     @classmethod
     def from_config(cls, value: Any) -> DiscoveryConfig:
@@ -126,7 +130,7 @@ class DiscoveryConfig:
             if key != "type" and key not in own and key not in _WATCH_KEYS:
                 raise ConfigError(key_text(key), f"unknown key for {kind} discovery; allowed: "
                                             f"{', '.join(('type', *own, *_WATCH_KEYS))}")
-        watch = WatchSettings.from_config({k: value[k] for k in _WATCH_KEYS if k in value})
+        watch = WatchConfig.from_config({k: value[k] for k in _WATCH_KEYS if k in value})
         return cls(kind, build({k: value[k] for k in own if k in value}), watch)
 
     def provider(self, service: str) -> Provider:

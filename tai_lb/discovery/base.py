@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import stat
 import tempfile
@@ -31,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .. import _forksafe
-from .._settings import MIN_INTERVAL, Settings, check_int, check_number, shown
+from .._settings import MAX_SECONDS, MIN_INTERVAL, Settings, check_int, check_number, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError, LoadBalancerError
 
-__all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchSettings"]
+__all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchConfig", "WatchSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class Provider(ABC):
 
 
 @dataclass(frozen=True)
-class WatchSettings(Settings):
+class WatchConfig(Settings):
     """How a discovery watcher polls and guards (keys shared by every discovery type).
 
     :param interval: seconds between fetches.
@@ -124,14 +123,13 @@ class WatchSettings(Settings):
         check_number(self.max_removal_share, "max_removal_share", 0.0, 1.0, low_open=False,
                      what="a share")
         check_int(self.confirmations, "confirmations", 1, 100)
-        hold = self.empty_hold
-        if (isinstance(hold, bool) or not isinstance(hold, (int, float)) or math.isnan(hold)
-                or not 0 <= hold <= 86400):
-            raise ConfigError("empty_hold", f"must be a number of seconds from 0 to 86400, got "
-                                            f"{hold!r}")
+        check_number(self.empty_hold, "empty_hold", 0.0, MAX_SECONDS, low_open=False)
         if self.cache_path is not None and (not isinstance(self.cache_path, str)
                                             or not self.cache_path):
             raise ConfigError("cache_path", f"must be a file path, got {shown(self.cache_path)}")
+
+
+WatchSettings = WatchConfig  #: old name of :class:`WatchConfig`
 
 
 class DiscoveryWatcher:
@@ -142,7 +140,7 @@ class DiscoveryWatcher:
     :param current: returns the service's current endpoints.
     """
 
-    def __init__(self, service: str, provider: Provider, settings: WatchSettings,
+    def __init__(self, service: str, provider: Provider, settings: WatchConfig,
                  apply: Callable[[Sequence[Endpoint]], None],
                  current: Callable[[], Sequence[Endpoint]],
                  clock: Callable[[], float] = time.monotonic) -> None:

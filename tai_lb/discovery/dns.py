@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from .._settings import MIN_INTERVAL, Settings, check_number, shown
+from .._settings import MIN_INTERVAL, Settings, check_number, check_port, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import dns.name
     import dns.resolver
 
-__all__ = ["DnsProvider", "DnsSettings"]
+__all__ = ["DnsConfig", "DnsProvider", "DnsSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,8 @@ _MAX_PRIORITY = 1000  # the highest Endpoint.priority
 _INSTALL = "DNS discovery needs dnspython: pip install 'tai-lb[dns]'"
 
 
-def _port(value: Any, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(key, f"must be a port number from 1 to 65535, got {shown(value)}")
-
-
 @dataclass(frozen=True)
-class DnsSettings(Settings):
+class DnsConfig(Settings):
     """``{"type": "dns", "name": ..., "record": "SRV" | "A" | "AAAA", ...}``: DNS records.
 
     :param name: the name to query, such as ``_http._tcp.users.default.svc.cluster.local`` (SRV)
@@ -120,7 +115,7 @@ class DnsSettings(Settings):
                 raise ConfigError("nameserver", f"must be an IP address (leave it out to use the "
                                                 f"system's resolver), got "
                                                 f"{shown(self.nameserver)}") from None
-        _port(self.port, "port")
+        check_port(self.port, "port")
         if record == "SRV":
             if self.endpoint_port is not None:
                 raise ConfigError("endpoint_port", "SRV records carry their own ports; remove "
@@ -129,7 +124,7 @@ class DnsSettings(Settings):
             raise ConfigError("endpoint_port", f"{record} records carry no port: give "
                                                f"endpoint_port, the port the endpoints listen on")
         else:
-            _port(self.endpoint_port, "endpoint_port")
+            check_port(self.endpoint_port, "endpoint_port")
         check_number(self.min_ttl, "min_ttl", MIN_INTERVAL, 3600.0, low_open=False)
         check_number(self.max_ttl, "max_ttl", 0.0, 86400.0)
         if self.max_ttl < self.min_ttl:
@@ -146,6 +141,9 @@ class DnsSettings(Settings):
         return DnsProvider(self)
 
 
+DnsSettings = DnsConfig  #: old name of :class:`DnsConfig`
+
+
 class DnsProvider(Provider):
     """Reads one service's A, AAAA or SRV records; the next read is due when their TTL runs out.
 
@@ -155,7 +153,7 @@ class DnsProvider(Provider):
     :param rng: returns a number in [0, 1) that sets the jitter (tests pass a fixed one).
     """
 
-    def __init__(self, settings: DnsSettings, rng: Callable[[], float] = random.random) -> None:
+    def __init__(self, settings: DnsConfig, rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.skipped = 0
         self._rng = rng
@@ -197,7 +195,7 @@ class DnsProvider(Provider):
             endpoints, ttl = self._read_srv(problems)
         else:
             port = self.settings.endpoint_port
-            assert port is not None  # DnsSettings requires it for A and AAAA
+            assert port is not None  # DnsConfig requires it for A and AAAA
             records, ttl, _ = self._query(self.settings.name, self.settings.record)
             endpoints = [Endpoint(_ip(r.address), port) for r in records]
         self._report(problems)

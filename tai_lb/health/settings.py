@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
-from .._settings import MIN_INTERVAL, Settings, check_int, check_number, shown
+from .._settings import MIN_INTERVAL, Settings, check_bool, check_int, check_number, is_int, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 
@@ -39,7 +39,7 @@ def _statuses(value: Any, path: str) -> frozenset[int]:
                 raise ConfigError(path, f"a range must go up from 100 to at most 599, got "
                                         f"{shown(item)}")
             result.update(range(low, high + 1))
-        elif isinstance(item, bool) or not isinstance(item, int):
+        elif not is_int(item):
             raise ConfigError(path, f"must be statuses (200) or ranges (\"200-399\"), got "
                                     f"{shown(item)}")
         else:
@@ -113,9 +113,7 @@ class HealthCheckConfig(Settings):
         for name in ("healthy_threshold", "unhealthy_threshold", "history"):
             check_int(getattr(self, name), name, 1, 1000)
         check_int(self.max_skips, "max_skips", 0, 1000)
-        if not isinstance(self.skip_if_traffic, bool):
-            raise ConfigError("skip_if_traffic", f"must be true or false, got "
-                                                 f"{shown(self.skip_if_traffic)}")
+        check_bool(self.skip_if_traffic, "skip_if_traffic")
         if not isinstance(self.verify, (bool, str)):
             raise ConfigError("verify", f"must be true, false or a CA bundle path, got "
                                         f"{shown(self.verify)}")

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
-    from ..failover import FailoverPolicy
+    from ..failover import FailoverConfig
     from ..metrics import Metrics
     from ..stats import EndpointStats
     from .route import RouteState
@@ -36,7 +36,7 @@ class PriorityFailover:
         active group changes (``kind`` is ``"failover"`` or ``"failback"``), off any lock.
     """
 
-    def __init__(self, policy: FailoverPolicy,
+    def __init__(self, policy: FailoverConfig,
                  changed: Callable[[str, int, int, list[float]], None]) -> None:
         self.policy = policy
         self._changed = changed

@@ -21,11 +21,11 @@ from .client import RECONNECT_FIRST as RECONNECT_FIRST
 from .client import Backoff, EtcdClient, interrupt
 from .errors import EtcdError, WatchCompacted, WatchIdle
 from .provider import WATCH_HEALTHY as WATCH_HEALTHY
-from .provider import EtcdProvider, EtcdSettings
+from .provider import EtcdConfig, EtcdProvider, EtcdSettings
 from .provider import service_prefix as service_prefix
 from .registrar import EtcdRegistrar
 from .watch import WATCH_IDLE as WATCH_IDLE
 from .watch import WatchStream
 
-__all__ = ["Backoff", "EtcdClient", "EtcdError", "EtcdProvider", "EtcdRegistrar", "EtcdSettings",
-           "WatchCompacted", "WatchIdle", "WatchStream", "interrupt"]
+__all__ = ["Backoff", "EtcdClient", "EtcdConfig", "EtcdError", "EtcdProvider", "EtcdRegistrar",
+           "EtcdSettings", "WatchCompacted", "WatchIdle", "WatchStream", "interrupt"]

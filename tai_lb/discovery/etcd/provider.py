@@ -1,6 +1,6 @@
 """etcd discovery: the ``etcd`` setting, and the provider that lists and watches a service.
 
-:class:`EtcdSettings` checks the ``discovery`` setting of type ``etcd``; :class:`EtcdProvider`
+:class:`EtcdConfig` checks the ``discovery`` setting of type ``etcd``; :class:`EtcdProvider`
 lists a service's keys at one revision, then watches from the next on a named daemon thread,
 lists again (after a growing, jittered delay) when the watch is lost, and hands the watcher
 the current set whenever it changed.
@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from ... import _forksafe
-from ..._settings import Settings, check_number, shown
+from ..._settings import MAX_PORT, Settings, check_number, is_int, shown
 from ...endpoint import Endpoint
 from ...exceptions import ConfigError
 from ..base import Provider, SourceError
@@ -26,7 +26,7 @@ from .client import Backoff, EtcdClient, _key, _shown, _unb64, interrupt
 from .errors import EtcdError, WatchCompacted, WatchIdle
 from .watch import WATCH_IDLE
 
-__all__ = ["WATCH_HEALTHY", "EtcdProvider", "EtcdSettings", "service_prefix"]
+__all__ = ["WATCH_HEALTHY", "EtcdConfig", "EtcdProvider", "EtcdSettings", "service_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ WATCH_HEALTHY = 1.0
 
 
 @dataclass(frozen=True)
-class EtcdSettings(Settings):
+class EtcdConfig(Settings):
     """``{"type": "etcd", "urls": [...], "prefix": "/services"}``.
 
     :param urls: client URLs of etcd's members, ``http://host:port`` or ``https://...``.
@@ -58,7 +58,8 @@ class EtcdSettings(Settings):
             except ValueError:
                 parts = port = None
             if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-                    or port == 0 or parts.query or parts.fragment):
+                    or (port is not None and not is_int(port, 1, MAX_PORT))
+                    or parts.query or parts.fragment):
                 raise ConfigError(f"urls[{index}]", f"must be an http:// or https:// URL of an "
                                                     f"etcd member, such as "
                                                     f"http://10.0.0.5:2379, got {shown(url)}")
@@ -71,6 +72,9 @@ class EtcdSettings(Settings):
     def provider(self, service: str) -> Provider:
         """A provider watching the keys of ``service``."""
         return EtcdProvider(EtcdClient(self.urls, self.timeout), self.prefix, service)
+
+
+EtcdSettings = EtcdConfig  #: old name of :class:`EtcdConfig`
 
 
 def service_prefix(prefix: str, service: str) -> str:

@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 from ... import _forksafe
+from ..._settings import check_int
 from ...endpoint import Endpoint
-from ...exceptions import ConfigError
 from .client import EtcdClient, interrupt
 from .errors import EtcdError
-from .provider import EtcdSettings, service_prefix
+from .provider import EtcdConfig, service_prefix
 
 __all__ = ["EtcdRegistrar"]
 
@@ -51,12 +51,10 @@ class EtcdRegistrar:
                  endpoint: Union[str, Mapping[str, Any], Endpoint], *,
                  prefix: str = "/services", ttl: int = 10, instance_id: Optional[str] = None,
                  timeout: float = 2.0) -> None:
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= 3600:
-            raise ConfigError("ttl", f"must be an integer number of seconds from 1 to 3600, "
-                                     f"got {ttl!r}")
+        check_int(ttl, "ttl", 1, 3600, what="an integer number of seconds")
         # The checks (and messages) of the etcd discovery setting: a ConfigError naming the
         # argument, rather than a string of URLs taken as a list of one-letter URLs.
-        urls = EtcdSettings(urls=urls, prefix=prefix, timeout=timeout).urls  # type: ignore[arg-type]
+        urls = EtcdConfig(urls=urls, prefix=prefix, timeout=timeout).urls  # type: ignore[arg-type]
         self.endpoint = Endpoint.from_value(endpoint)
         self.service = service
         self.key = service_prefix(prefix, service) + (instance_id or self.endpoint.address)
