@@ -11,19 +11,26 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import operator
 import re
 import threading
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 from . import _forksafe
-from ._sequences import common_head, common_tail
 from ._settings import shown
 from .endpoint import Endpoint
 from .exceptions import ConfigError, UnknownService
 from .filters import EndpointFilter, metadata_filter
+from .snapshot import (
+    ServiceSnapshot,
+    SnapshotDelta,
+    delta_of,
+    diff_full_update,
+    snapshot_of,
+    table_copy,
+    value_keys,
+)
 
 __all__ = ["EndpointLike", "ServiceRegistry", "ServiceSnapshot", "SnapshotDelta", "Subscription",
            "TopologyChange"]
@@ -36,40 +43,6 @@ EndpointLike = Union[Endpoint, str, Mapping[str, Any]]
 ChangeKind = Literal["added", "removed", "changed"]
 
 _SERVICE_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?\Z")  # \Z: no "users\n"
-_generation = itertools.count(1)
-_address = operator.attrgetter("address")
-_key = operator.attrgetter("_key")
-_Order = tuple[list[Endpoint], list[tuple[Any, ...]]]
-# A full update whose differences (after the common head and tail) span more endpoints than this
-# is diffed by address over the whole set instead.
-_WINDOW_MAX = 2048
-
-
-class SnapshotDelta(NamedTuple):
-    """How a snapshot differs from the one it replaced (generation ``base``), by address.
-
-    Subscribers that keep per-snapshot state (the balancer's routes) use it to update that
-    state for the few endpoints that changed, rather than rebuild it over the whole set.
-    """
-
-    base: int
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    changed: tuple[str, ...]
-
-
-# A write that changes more endpoints than this records no delta: rebuilding is as cheap.
-_DELTA_MAX = 64
-
-
-class _Absent:
-    """Stands for an endpoint a full update adds: its key equals no endpoint's."""
-
-    __slots__ = ()
-    _key = None
-
-
-_ABSENT = _Absent()
 
 
 def check_service_name(name: object, path: str = "service") -> str:
@@ -96,50 +69,6 @@ class TopologyChange(NamedTuple):
     endpoint: Endpoint
     previous: Optional[Endpoint]
     sequence: int
-
-
-class ServiceSnapshot:
-    """The endpoints of one service at one moment; never changes once published."""
-
-    __slots__ = ("_delta", "_order", "_table", "by_address", "endpoints", "generation",
-                 "service")
-
-    def __init__(self, service: str, endpoints: Mapping[str, Endpoint]) -> None:
-        self._adopt(service, dict(endpoints), None, None)
-
-    def _adopt(self, service: str, table: dict[str, Endpoint], order: Optional[_Order],
-               delta: Optional[SnapshotDelta]) -> None:
-        # ``table`` becomes the snapshot's own: its owner never changes it afterwards.
-        self.service = service
-        self._table = table
-        self.by_address: Mapping[str, Endpoint] = MappingProxyType(table)
-        self.endpoints: tuple[Endpoint, ...] = tuple(table.values())
-        self.generation = next(_generation)
-        # For the next set_endpoints(): these endpoints in the order the last full set gave
-        # them, with their value keys.  Read and written only under the registry's lock.
-        self._order = order
-        self._delta = delta  # the difference from the snapshot this one replaced, if small
-
-    @classmethod
-    def _of(cls, service: str, table: dict[str, Endpoint], order: Optional[_Order] = None,
-            delta: Optional[SnapshotDelta] = None) -> ServiceSnapshot:
-        snapshot = cls.__new__(cls)
-        snapshot._adopt(service, table, order, delta)
-        return snapshot
-
-    @property
-    def delta(self) -> Optional[SnapshotDelta]:
-        """How this snapshot differs from the one it replaced, by address, when a write made
-        a small change (None otherwise): subscribers that keep per-snapshot state update it for
-        those endpoints alone."""
-        return self._delta
-
-    def __len__(self) -> int:
-        return len(self.endpoints)
-
-    def __repr__(self) -> str:
-        return (f"<ServiceSnapshot {self.service!r} generation={self.generation} "
-                f"endpoints={len(self.endpoints)}>")
 
 
 class Subscription:
@@ -255,7 +184,7 @@ class ServiceRegistry:
         check_service_name(service)
         with self._lock:
             if service not in self._snapshots:
-                self._publish(service, {})
+                self._publish(snapshot_of(service, {}))
 
     def register(self, service: str, endpoint: EndpointLike) -> None:
         """Add ``endpoint`` to ``service`` or, if its address is known, replace its metadata."""
@@ -268,7 +197,7 @@ class ServiceRegistry:
         with self._lock:
             snap = self._snapshots.get(service)
             table: Optional[dict[str, Endpoint]] = None  # copied on the first difference
-            current = snap._table if snap is not None else {}
+            current: Mapping[str, Endpoint] = snap.by_address if snap is not None else {}
             added: list[str] = []
             changed: list[str] = []
             for endpoint in new:
@@ -277,13 +206,13 @@ class ServiceRegistry:
                 if old is not None and (old is endpoint or old._key == endpoint._key):
                     continue  # equal: the registered object stays
                 if table is None:
-                    table = current = dict(current)
+                    table = current = table_copy(snap)
                 table[address] = endpoint
                 self._queue("added" if old is None else "changed", service, endpoint, old)
                 (added if old is None else changed).append(address)
             if table is not None or snap is None:
-                self._publish(service, table if table is not None else {},
-                              delta=_delta_of(snap, added, (), changed))
+                self._publish(snapshot_of(service, table if table is not None else {},
+                                          delta=delta_of(snap, added, (), changed)))
         self._deliver()
 
     def deregister(self, service: str, endpoint: Union[Endpoint, str]) -> bool:
@@ -298,21 +227,22 @@ class ServiceRegistry:
             if snap is None:
                 raise UnknownService(service)
             table: Optional[dict[str, Endpoint]] = None  # copied on the first removal
-            current = snap._table
+            current: Mapping[str, Endpoint] = snap.by_address
             removed: list[str] = []
             for address in addresses:
                 old = current.get(address)
                 if old is None:
                     continue
                 if table is None:
-                    table = current = dict(current)
+                    table = current = table_copy(snap)
                 del table[address]
                 self._queue("removed", service, old, None)
                 removed.append(address)
             if table is not None:
-                self._publish(service, table, delta=_delta_of(snap, (), removed, ()))
+                self._publish(snapshot_of(service, table,
+                                          delta=delta_of(snap, (), removed, ())))
         self._deliver()
-        return len(snap._table) - len(table) if table is not None else 0
+        return len(snap) - len(table) if table is not None else 0
 
     def set_endpoints(self, service: str, endpoints: Iterable[EndpointLike]) -> None:
         """Make ``endpoints`` the whole set of ``service``, emitting only the differences.
@@ -324,111 +254,17 @@ class ServiceRegistry:
         """
         check_service_name(service)
         new = _endpoint_list(endpoints)
-        keys = list(map(_key, new))
+        keys = value_keys(new)
         with self._lock:
-            snap = self._snapshots.get(service)
-            if snap is None or not snap._table:
-                if new or snap is None:
-                    self._set_all(service, new, keys)
-            elif not self._set_window(snap, new, keys):
-                self._set_by_address(snap, new, keys)
+            # Diffed with the lock held: the current snapshot must stay current meanwhile.
+            update = diff_full_update(self._snapshots.get(service), new, keys)
+            self._queue_all("removed", service, update.removed)
+            for endpoint, previous in update.changed:
+                self._queue("changed", service, endpoint, previous)
+            self._queue_all("added", service, update.added)
+            if update.table is not None:
+                self._publish(snapshot_of(service, update.table, update.order, update.delta))
         self._deliver()
-
-    # A full update is diffed in C wherever the whole set is walked (maps, list and set
-    # comparisons, never one Python call per endpoint): an update of 10,000 endpoints that
-    # differs in one costs a few milliseconds.  Each endpoint's ``_key`` is a tuple of plain
-    # values, so equality is one C comparison.  All three run with the lock held.
-
-    def _set_all(self, service: str, new: list[Endpoint], keys: list[tuple[Any, ...]]) -> None:
-        # Into an empty (or new) service: everything is added.
-        wanted = dict(zip(map(_address, new), new))
-        order: Optional[_Order] = (new, keys)
-        if len(wanted) < len(new):  # an address twice: its last endpoint, in its first place
-            new, order = list(wanted.values()), None
-        self._queue_all("added", service, new)
-        self._publish(service, wanted, order)
-
-    def _set_window(self, snap: ServiceSnapshot, new: list[Endpoint],
-                    keys: list[tuple[Any, ...]]) -> bool:
-        # Providers send their endpoints in a stable order, so an update is usually the last
-        # one with a few endpoints inserted, removed or changed somewhere.  The common head and
-        # tail (equal keys, position by position) stay as they are; only the window between
-        # them is diffed, by address.  False when the window is too wide or is not
-        # self-contained (an address also in the head or tail): the caller diffs by address.
-        current = snap._table
-        if snap._order is not None:
-            last, last_keys = snap._order
-        else:
-            last = list(snap.endpoints)
-            last_keys = list(map(_key, last))
-        if abs(len(new) - len(last)) > _WINDOW_MAX:
-            return False
-        shortest = min(len(new), len(last))
-        head = common_head(keys, last_keys, shortest)
-        if head == len(new) == len(last):
-            snap._order = (last, last_keys)
-            return True  # the same endpoints in the same order: nothing to do
-        tail = common_tail(keys, last_keys, shortest - head)
-        arriving = new[head:len(new) - tail]
-        leaving = last[head:len(last) - tail]
-        if len(arriving) + len(leaving) > _WINDOW_MAX:
-            return False
-        window = dict(zip(map(_address, arriving), arriving))
-        gone = set(map(_address, leaving))
-        if len(window) < len(arriving) or any(a in current and a not in gone for a in window):
-            return False  # an address given twice
-        removed = [current[a] for a in _in_table_order(current, gone - window.keys())]
-        changed = {a: e for a, e in window.items()
-                   if a in gone and e._key != current[a]._key}
-        added = [e for a, e in window.items() if a not in current]
-        table = self._apply_diff(snap, removed, changed, added) if (
-            removed or changed or added) else current
-        order = (last[:head] + list(map(table.__getitem__, window)) + last[len(last) - tail:],
-                 last_keys[:head] + keys[head:len(new) - tail] + last_keys[len(last) - tail:])
-        if table is current:  # the same endpoints in another order: nothing to publish
-            snap._order = order
-        else:
-            self._publish(snap.service, table, order, _delta_of(snap, added, removed, changed))
-        return True
-
-    def _set_by_address(self, snap: ServiceSnapshot, new: list[Endpoint],
-                        keys: list[tuple[Any, ...]]) -> None:
-        current = snap._table
-        addresses = list(map(_address, new))
-        wanted = dict(zip(addresses, new))
-        if len(wanted) < len(new):  # an address twice: its last endpoint, in its first place
-            new, addresses = list(wanted.values()), list(wanted)
-            keys = list(map(_key, new))
-        registered_keys = map(_key, map(current.get, addresses, itertools.repeat(_ABSENT)))
-        differ = list(itertools.compress(range(len(new)),
-                                         map(operator.ne, keys, registered_keys)))
-        known = list(map(current.__contains__, map(addresses.__getitem__, differ)))
-        added = list(map(new.__getitem__, itertools.compress(differ, map(operator.not_, known))))
-        changed = {addresses[i]: new[i] for i in itertools.compress(differ, known)}
-        removed = []
-        if len(current) + len(added) > len(wanted):  # in the current order
-            removed = [current[a] for a in itertools.filterfalse(wanted.__contains__, current)]
-        if not (removed or changed or added):
-            snap._order = (list(map(current.__getitem__, addresses)), keys)  # another order
-            return
-        table = self._apply_diff(snap, removed, changed, added)
-        self._publish(snap.service, table, (list(map(table.__getitem__, addresses)), keys),
-                      _delta_of(snap, added, removed, changed))
-
-    def _apply_diff(self, snap: ServiceSnapshot, removed: list[Endpoint],
-                    changed: dict[str, Endpoint], added: list[Endpoint]) -> dict[str, Endpoint]:
-        # Queues the changes and returns the new table: the current one with the removed
-        # taken out, the changed replaced in place and the added appended.
-        current, service = snap._table, snap.service
-        table = dict(current)
-        collections.deque(map(table.pop, map(_address, removed)), maxlen=0)  # del each, in C
-        self._queue_all("removed", service, removed)
-        for address in _in_table_order(current, changed.keys()):
-            self._queue("changed", service, changed[address], current[address])
-        table.update(changed)
-        table.update(zip(map(_address, added), added))
-        self._queue_all("added", service, added)
-        return table
 
     # -- subscriptions ------------------------------------------------------------------------
 
@@ -467,11 +303,9 @@ class ServiceRegistry:
 
     # -- internals (called with self._lock held) ----------------------------------------------
 
-    def _publish(self, service: str, table: dict[str, Endpoint],
-                 order: Optional[_Order] = None, delta: Optional[SnapshotDelta] = None) -> None:
-        # ``table`` is handed over: the snapshot keeps it, and nothing changes it afterwards.
+    def _publish(self, snapshot: ServiceSnapshot) -> None:
         snapshots = self._snapshots.copy()
-        snapshots[service] = ServiceSnapshot._of(service, table, order, delta)
+        snapshots[snapshot.service] = snapshot
         self._snapshots = MappingProxyType(snapshots)
 
     def _queue(self, kind: ChangeKind, service: str, endpoint: Endpoint,
@@ -567,25 +401,6 @@ def _endpoint_list(values: Iterable[EndpointLike]) -> list[Endpoint]:
     if all(issubclass(kind, Endpoint) for kind in set(map(type, items))):
         return items  # type: ignore[return-value]
     return [Endpoint.from_value(e, path=f"endpoints[{i}]") for i, e in enumerate(items)]
-
-
-def _delta_of(base: Optional[ServiceSnapshot], added: Collection[Union[Endpoint, str]],
-              removed: Collection[Union[Endpoint, str]], changed: Collection[str],
-              ) -> Optional[SnapshotDelta]:
-    """The delta from ``base`` (endpoints or addresses), or None: no base, or a large change."""
-    if base is None or len(added) + len(removed) + len(changed) > _DELTA_MAX:
-        return None
-    return SnapshotDelta(base.generation,
-                         tuple(e if isinstance(e, str) else e.address for e in added),
-                         tuple(e if isinstance(e, str) else e.address for e in removed),
-                         tuple(changed))
-
-
-def _in_table_order(table: dict[str, Endpoint], addresses: Collection[str]) -> list[str]:
-    """``addresses`` (all in ``table``) in the table's order."""
-    if len(addresses) < 2:
-        return list(addresses)
-    return list(filter(addresses.__contains__, table))
 
 
 def _address_of(endpoint: Union[Endpoint, str]) -> str:

@@ -324,10 +324,10 @@ def next_endpoint_set(rng: random.Random, current: list[Endpoint]) -> list[Endpo
 @pytest.mark.parametrize("seed", range(6))
 def test_full_updates_match_the_plain_algorithm(seed: int, window: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import tai_lb.registry
+    import tai_lb.snapshot
 
     if window == "never":  # every update diffed over the whole set, by address
-        monkeypatch.setattr(tai_lb.registry, "_WINDOW_MAX", -1)
+        monkeypatch.setattr(tai_lb.snapshot, "_WINDOW_MAX", -1)
     rng = random.Random(seed)
     reg = ServiceRegistry()
     reg.add_service("users")
