@@ -369,8 +369,8 @@ def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
         def __bool__(self) -> bool:  # how truth is asked differs between Pythons
             return len(self) > 0
 
-    in_flight = EndsOnceSeen(stats._in_flight)
-    stats._in_flight = in_flight
+    in_flight = EndsOnceSeen(stats.load)
+    stats.load = in_flight
     in_flight.armed = True
     lb.registry.deregister("users", lease.address)
     assert not in_flight and not in_flight.armed  # the lease ended during the removal

@@ -230,7 +230,7 @@ class ConsistentHash(Strategy):
             setattr(pick, _RING, ring)
             return pick
 
-        service_load = items[0]._service_load
+        service_load = items[0].service_load
 
         def pick_bounded(key: Optional[RoutingKey]) -> EndpointStats:
             if key is None:
@@ -242,7 +242,7 @@ class ConsistentHash(Strategy):
             seen: set[int] = set()
             for step in range(ring_size):
                 owner = owners[(i + step) % ring_size]
-                if len(owner._in_flight) < capacity:
+                if len(owner.load) < capacity:
                     return owner
                 seen.add(id(owner))
                 if len(seen) == size:

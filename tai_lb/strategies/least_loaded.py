@@ -49,11 +49,11 @@ class LeastConnections(Strategy):
                 def scan(key: Optional[RoutingKey]) -> EndpointStats:
                     # One pass; ties broken uniformly by reservoir sampling.
                     best = items[0]
-                    best_load = len(best._in_flight)
+                    best_load = len(best.load)
                     ties = 1
                     for i in range(1, size):
                         c = items[i]
-                        load = len(c._in_flight)
+                        load = len(c.load)
                         if load < best_load:
                             best, best_load, ties = c, load, 1
                         elif load == best_load:
@@ -67,7 +67,7 @@ class LeastConnections(Strategy):
                 i = int(draw() * size)
                 j = int(draw() * (size - 1))
                 a, b = items[i], items[j + 1 if j >= i else j]
-                return a if len(a._in_flight) <= len(b._in_flight) else b
+                return a if len(a.load) <= len(b.load) else b
             return two_choices
 
         cumulative = list(itertools.accumulate(map(_weight_of, items)))
@@ -86,8 +86,8 @@ class LeastConnections(Strategy):
                 j = (i + 1 + int(draw() * last)) % size
             a, b = items[i], items[j]
             # a.in_flight / a.weight <= b.in_flight / b.weight, without division
-            a_load = len(a._in_flight) * b.endpoint.weight
-            return a if a_load <= len(b._in_flight) * a.endpoint.weight else b
+            a_load = len(a.load) * b.endpoint.weight
+            return a if a_load <= len(b.load) * a.endpoint.weight else b
         return weighted_two_choices
 
 
