@@ -430,6 +430,21 @@ class LoadBalancer:
         """The live figures of each current endpoint of ``service``, by address."""
         return {c.endpoint.address: c for c in self.route(service).everyone}
 
+    @property
+    def health_checker(self) -> HealthChecker:
+        """The active health checks of every service (its threads run only when a service has
+        ``health_check``)."""
+        return self._health
+
+    @property
+    def outlier_detector(self) -> OutlierDetector:
+        """The passive health checks of every service: ejections after failures of real traffic."""
+        return self._outliers
+
+    def watcher(self, service: str) -> Optional[DiscoveryWatcher]:
+        """The discovery watcher of ``service``, or None when its endpoints are not discovered."""
+        return self._watchers.get(service)
+
     def status(self) -> dict[str, Any]:
         """Every service's endpoints with their figures, as a JSON-serialisable dict."""
         services = {}

@@ -315,9 +315,9 @@ def test_health_targets_follow_registry_changes_one_by_one(clock: FakeClock) -> 
     with LoadBalancer(reg, config=config, clock=clock) as lb:
         for _ in range(60):
             random_change(rng, reg)
-            assert set(lb._health._targets["users"]) == set(reg.snapshot("users").by_address)
+            assert set(lb.health_checker.targets("users")) == set(reg.snapshot("users").by_address)
             for address, endpoint in reg.snapshot("users").by_address.items():
-                target = lb._health._target("users", address)
+                target = lb.health_checker.target("users", address)
                 assert target is not None and target.endpoint is endpoint
 
 
@@ -395,7 +395,7 @@ def test_health_targets_match_the_registry_when_it_changes_as_the_balancer_start
     checks = tai_lb.HealthCheckConfig(type="function", function=lambda e: True, interval=3600.0)
     config = tai_lb.LoadBalancerConfig({"users": tai_lb.ServiceConfig(health_check=checks)})
     with LoadBalancer(reg, config=config, clock=clock) as lb:
-        assert set(lb._health._targets["users"]) == {"10.0.0.1:80", "10.0.0.9:80"}
+        assert set(lb.health_checker.targets("users")) == {"10.0.0.1:80", "10.0.0.9:80"}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
@@ -477,7 +477,7 @@ def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_ste
         thread.join()
     assert errors == []
     snapshot = reg.snapshot("users")
-    assert set(lb._health._targets["users"]) == set(snapshot.by_address)
+    assert set(lb.health_checker.targets("users")) == set(snapshot.by_address)
     route = lb.route("users")
     assert [s.endpoint for s in route.everyone] == list(snapshot.endpoints)
     assert all(s.in_flight == 0 for s in route.everyone)
