@@ -281,7 +281,7 @@ def test_close_ends_a_read_in_flight_within_a_second(
         lb = lb_for(dns_server, name=f"users.{ZONE}", record="A", endpoint_port=80,
                     max_ttl=0.05, timeout=30)
         provider = provider_of(lb)
-        thread = lb.watcher("users")._thread
+        thread = lb.watcher("users").thread
         assert thread is not None
         dns_server.stop()  # the next read waits for an answer that never comes...
         assert wait_for(lambda: provider.wait_hint() is None  # ...and it has begun

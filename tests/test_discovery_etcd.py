@@ -139,7 +139,7 @@ def test_a_watch_on_a_compacted_revision_lists_again_and_loses_no_change(
         with pytest.raises(WatchCompacted):  # etcd creates the watch, then cancels it
             stream.next_message()
         stream.close()
-        provider.start(lb.watcher("users")._wake.set)  # resumes from the listed revision
+        provider.start(lb.watcher("users").wake)  # resumes from the listed revision
         assert wait_for(lambda: addresses(lb) == {"10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80",
                                                   "10.0.0.5:80", "10.0.0.7:80"})
         assert provider.compactions == 1
@@ -219,7 +219,7 @@ def test_a_lost_watch_reconnects_and_catches_up(etcd: EtcdServer, client: EtcdCl
 def test_close_ends_a_connect_that_hangs(etcd: EtcdServer, prefix: str) -> None:
     provider = EtcdProvider(EtcdClient([etcd.url], timeout=30), prefix, "users")
     provider.start(lambda: None)
-    thread = provider._thread
+    thread = provider.thread
     assert thread is not None
     try:
         assert wait_for(lambda: provider.snapshot()["watching"])

@@ -138,6 +138,11 @@ class EtcdProvider(Provider):
         self._thread = None  # the watcher's own reset starts it again
         self._watching = False
 
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        """The watching thread, or None while stopped."""
+        return self._thread
+
     def stop(self) -> None:
         """Stop watching within a second (the open stream is cut)."""
         self._stop.set()
