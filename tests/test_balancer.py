@@ -262,7 +262,13 @@ def random_change(rng: random.Random, reg: ServiceRegistry) -> None:
 @pytest.mark.parametrize("name", ["round_robin", "weighted_round_robin", "least_connections",
                                   "peak_ewma", "consistent_hash", "weighted", "random"])
 def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -> None:
-    from tai_lb.strategies import ConsistentHash, WeightedRoundRobin, bucket_index, build_ring
+    from tai_lb.strategies import (
+        ConsistentHash,
+        WeightedRoundRobin,
+        bucket_index,
+        build_ring,
+        ring_of,
+    )
 
     def strategy() -> tai_lb.Strategy:
         if name == "consistent_hash":
@@ -290,7 +296,8 @@ def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -
         assert [s.endpoint for s in route.candidates] == [
             s.endpoint for s in fresh_route.candidates]
         if name == "consistent_hash":
-            ring = route.picker._tai_lb_ring  # type: ignore[union-attr]
+            ring = ring_of(route.picker)
+            assert ring is not None
             hashes, owners = build_ring(route.candidates, 40, 4096)
             assert ring.hashes == hashes and ring.owners == owners
             assert (ring.shift, ring.starts) == bucket_index(hashes)
@@ -426,7 +433,7 @@ def test_a_child_forked_while_a_picker_held_its_lock_picks_with_a_new_one() -> N
 
 
 def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_step() -> None:
-    from tai_lb.strategies import ConsistentHash, build_ring
+    from tai_lb.strategies import ConsistentHash, build_ring, ring_of
 
     reg = ServiceRegistry()
     reg.register_many("users", [Endpoint("10.9.0.1", 80 + i) for i in range(10)])
@@ -482,6 +489,7 @@ def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_ste
     assert [s.endpoint for s in route.everyone] == list(snapshot.endpoints)
     assert all(s.in_flight == 0 for s in route.everyone)
     hashes, owners = build_ring(route.candidates, 40, 4096)
-    ring = route.picker._tai_lb_ring  # type: ignore[union-attr]
+    ring = ring_of(route.picker)
+    assert ring is not None
     assert (ring.hashes, ring.owners) == (hashes, owners)
     lb.close()
