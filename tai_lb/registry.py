@@ -38,7 +38,7 @@ ChangeKind = Literal["added", "removed", "changed"]
 _SERVICE_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?\Z")  # \Z: no "users\n"
 _generation = itertools.count(1)
 _address = operator.attrgetter("address")
-_key = operator.attrgetter("_key")
+_key = operator.attrgetter("compare_key")
 _Order = tuple[list[Endpoint], list[tuple[Any, ...]]]
 # A full update whose differences (after the common head and tail) span more endpoints than this
 # is diffed by address over the whole set instead.
@@ -66,7 +66,7 @@ class _Absent:
     """Stands for an endpoint a full update adds: its key equals no endpoint's."""
 
     __slots__ = ()
-    _key = None
+    compare_key = None
 
 
 _ABSENT = _Absent()
@@ -274,7 +274,7 @@ class ServiceRegistry:
             for endpoint in new:
                 address = endpoint.address
                 old = current.get(address)
-                if old is not None and (old is endpoint or old._key == endpoint._key):
+                if old is not None and (old is endpoint or old.compare_key == endpoint.compare_key):
                     continue  # equal: the registered object stays
                 if table is None:
                     table = current = dict(current)
@@ -336,7 +336,7 @@ class ServiceRegistry:
 
     # A full update is diffed in C wherever the whole set is walked (maps, list and set
     # comparisons, never one Python call per endpoint): an update of 10,000 endpoints that
-    # differs in one costs a few milliseconds.  Each endpoint's ``_key`` is a tuple of plain
+    # differs in one costs a few milliseconds.  Each endpoint's ``compare_key`` is a tuple of plain
     # values, so equality is one C comparison.  All three run with the lock held.
 
     def _set_all(self, service: str, new: list[Endpoint], keys: list[tuple[Any, ...]]) -> None:
@@ -379,7 +379,7 @@ class ServiceRegistry:
             return False  # an address given twice
         removed = [current[a] for a in _in_table_order(current, gone - window.keys())]
         changed = {a: e for a, e in window.items()
-                   if a in gone and e._key != current[a]._key}
+                   if a in gone and e.compare_key != current[a].compare_key}
         added = [e for a, e in window.items() if a not in current]
         table = self._apply_diff(snap, removed, changed, added) if (
             removed or changed or added) else current
