@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from .._sequences import common_head, common_tail
 from .._settings import check_int, check_number
 from ..stats import EndpointStats
-from .base import EXCLUDING, Picker, RoutingKey, Strategy, _weight_of
+from .base import EXCLUDING, Picker, RoutingKey, Strategy, weight_of
 
 __all__ = [
     "ConsistentHash",
@@ -116,7 +116,7 @@ class ConsistentHash(Strategy):
     def _build(self, items: tuple[EndpointStats, ...]) -> HashRing:
         hashes, owners = build_ring(items, self.vnodes, self.max_ring_size, self._points)
         self._forget_gone(items)
-        weights: list[int] = list(map(_weight_of, items))
+        weights: list[int] = list(map(weight_of, items))
         shift, starts = bucket_index(hashes)
         return HashRing(items, weights, self._scale(sum(weights)), hashes, owners, shift, starts)
 
@@ -138,7 +138,7 @@ class ConsistentHash(Strategy):
 
     def _update(self, last: HashRing, items: tuple[EndpointStats, ...]) -> Optional[HashRing]:
         """``last`` changed for ``items``, or None when building again is as good."""
-        weights: list[int] = list(map(_weight_of, items))
+        weights: list[int] = list(map(weight_of, items))
         if items == last.items and weights == last.weights:
             return last  # the same candidates and weights: the same ring
         scale = self._scale(sum(weights))
@@ -382,7 +382,7 @@ def build_ring(items: Sequence[EndpointStats], vnodes: int, max_ring_size: int,
     ring whatever order it learnt the endpoints in.  ``cache`` keeps points between builds.
     """
     ordered = sorted(items, key=_address_of)
-    weights: list[int] = list(map(_weight_of, ordered))
+    weights: list[int] = list(map(weight_of, ordered))
     total = sum(weights) * vnodes
     # Halve the points per endpoint as often as needed to fit, never by another factor: the
     # scale then changes only when a service crosses a power of two, so between those sizes

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .._settings import check_number
 from ..stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
-from .base import Picker, RoutingKey, Strategy, _weight_of
+from .base import Picker, RoutingKey, Strategy, weight_of
 
 __all__ = ["LeastConnections", "PeakEwma"]
 
@@ -23,7 +23,7 @@ _FULL_SCAN_MAX = 8
 
 
 def _weights_equal(candidates: Sequence[EndpointStats]) -> bool:
-    weights = list(map(_weight_of, candidates))
+    weights = list(map(weight_of, candidates))
     return weights.count(weights[0]) == len(weights)
 
 
@@ -70,7 +70,7 @@ class LeastConnections(Strategy):
                 return a if len(a.load) <= len(b.load) else b
             return two_choices
 
-        cumulative = list(itertools.accumulate(map(_weight_of, items)))
+        cumulative = list(itertools.accumulate(map(weight_of, items)))
         total = cumulative[-1]
         last = size - 1
         search = bisect.bisect_right
