@@ -225,7 +225,7 @@ def make_balancer(setup: Balancer) -> tuple[tai_lb.ServiceRegistry, tai_lb.LoadB
     # The probes run on the checker's own threads, after the change has been applied; stopping
     # them keeps 10,000 probes from running during the timings.  Each change still updates the
     # checker's targets, which is what is timed.
-    lb._health.stop()
+    lb.health_checker.stop()
     return registry, lb
 
 

@@ -7,14 +7,12 @@ the thread that changed it, and published whole; the pick path takes no lock::
     pick(service, key) -> the service's published route -> selectors, then the strategy's picker
                        -> breaker admission -> Lease (counts in flight until released)
 
-A pick never waits for a build, except the very first of a service.  While a newer registry
-snapshot is being built into a route, picks go on with the last route and refuse any endpoint the
-registry has removed, so a pick that starts after ``deregister()`` returns never gets it.
+A pick never waits for a build but a service's first; while a newer snapshot is being built, picks
+use the last route and refuse endpoints the registry removed (never one after deregister()).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import os
@@ -39,7 +37,7 @@ from .pool import EndpointPools
 from .registry import ServiceRegistry, TopologyChange
 from .retry import RetryBudget, RetryBudgets
 from .routing import Route, ServiceRouting
-from .routing.members import figures_factory
+from .routing.members import Membership, figures_factory
 from .routing.picking import admitted, excluding
 from .routing.priority import FailoverEvents
 from .stats import EndpointStats
@@ -48,6 +46,7 @@ from .topology import TopologyFollower
 
 if TYPE_CHECKING:
     from .adapter import LoadBalancedAdapter
+    from .discovery.base import DiscoveryWatcher
 
 __all__ = ["LoadBalancer"]
 
@@ -83,13 +82,17 @@ class LoadBalancer:
         #: the StatsD export of state changes (does nothing unless ``metrics`` is configured)
         self.metrics = Metrics(self.config.metrics)
         self._failovers = FailoverEvents(self.metrics, clock)
-        self._health = HealthChecker(functools.partial(self._health_changed, source="health"),
-                                     self._last_success, clock=clock)
-        self._outliers = OutlierDetector(functools.partial(self._health_changed, source="outlier"),
-                                         lambda name: len(self.registry.get_snapshot(name) or ()),
-                                         clock=clock)
-        self.topology = TopologyFollower(self.registry, self.config, self._health,
-                                         self._outliers, lambda: self._pools, self._figures)
+        #: the active health checks of every service (threads only when one has ``health_check``)
+        self.health_checker = HealthChecker(
+            functools.partial(self._health_changed, source="health"), self._last_success,
+            clock=clock)
+        #: the passive checks: ejections after failures of real traffic
+        self.outlier_detector = OutlierDetector(
+            functools.partial(self._health_changed, source="outlier"),
+            lambda name: len(self.registry.get_snapshot(name) or ()), clock=clock)
+        self.topology = TopologyFollower(self.registry, self.config, self.health_checker,
+                                         self.outlier_detector, lambda: self._pools,
+                                         self._members)
         # Everything is built before anything starts (a provider is built without I/O), and a
         # failure while starting closes what started: a construction that fails leaves no
         # thread, socket or file open.
@@ -106,7 +109,7 @@ class LoadBalancer:
             for watcher in self._watchers.values():
                 watcher.start()
             if any(s.health_check is not None for s in self.config.services.values()):
-                self._health.start()
+                self.health_checker.start()
         except BaseException:
             self.close()
             raise
@@ -167,18 +170,15 @@ class LoadBalancer:
         """The service's routing, made on first use."""
         if self._closed and picking:
             raise LoadBalancerError("the load balancer is closed")
-        if service not in self.registry:
-            raise UnknownService(service)
+        settings = self.service_config(service)  # UnknownService for a name never seen
         with self._lock:
             routing = self._services.get(service)
             if routing is None:
-                settings = self.service_config(service)
                 routing = ServiceRouting(
-                    service, settings, settings.strategy,
-                    functools.partial(self.registry.get_snapshot, service),
-                    figures_factory(service, settings, self.clock, self._outliers,
+                    service, settings, functools.partial(self.registry.get_snapshot, service),
+                    figures_factory(service, settings, self.clock, self.outlier_detector,
                                     functools.partial(self._breaker_changed, service)),
-                    self._health, self._outliers, self._failovers)
+                    self.health_checker, self.outlier_detector, self._failovers)
                 if not self._closed:  # close() empties the table under this lock
                     self._services[service] = routing
         return routing
@@ -222,18 +222,16 @@ class LoadBalancer:
         if source is not None:
             self.metrics.count(service, f"{source}.changed")
 
-    def _figures(self, service: str,
-                 ) -> Optional[tuple[dict[str, EndpointStats], collections.deque[None]]]:
-        routing = self._services.get(service)
-        return None if routing is None else (routing.members.figures, routing.members.load)
-
     def _breaker_changed(self, service: str, old: str, new: str) -> None:
         self.breaker_transitions += 1
         self.metrics.count(service, f"breaker.{new.replace('-', '_')}")
 
-    def _last_success(self, service: str, address: str) -> Optional[float]:
+    def _members(self, service: str) -> Optional[Membership]:
         routing = self._services.get(service)
-        stats = routing.members.get(address) if routing is not None else None
+        return routing.members if routing is not None else None
+
+    def _last_success(self, service: str, address: str) -> Optional[float]:
+        stats = members.get(address) if (members := self._members(service)) else None
         return stats.last_success if stats is not None else None
 
     # -- HTTP -------------------------------------------------------------------------------------
@@ -271,6 +269,10 @@ class LoadBalancer:
         """The live figures of each current endpoint of ``service``, by address."""
         return {c.endpoint.address: c for c in self.route(service).everyone}
 
+    def watcher(self, service: str) -> Optional[DiscoveryWatcher]:
+        """The discovery watcher of ``service``, or None when its endpoints are not discovered."""
+        return self._watchers.get(service)
+
     def status(self) -> dict[str, Any]:
         """Every service's endpoints with their figures, as a JSON-serialisable dict."""
         services = {}
@@ -279,12 +281,12 @@ class LoadBalancer:
             route = routing.router.fresh()
             active = routing.failover.active
             services[name] = balancer_status(
-                route, self._health, self._outliers, self._budgets.find(name),
+                route, self.health_checker, self.outlier_detector, self._budgets.find(name),
                 self._watchers.get(name), active, routing.members.load)
         return {"closed": self._closed, "failover_events": list(self._failovers.events),
                 "metrics": self.metrics.snapshot(),
-                "health_checker": self._health.snapshot(),
-                "outlier_detection": self._outliers.snapshot(),
+                "health_checker": self.health_checker.snapshot(),
+                "outlier_detection": self.outlier_detector.snapshot(),
                 "services": services}
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -309,8 +311,8 @@ class LoadBalancer:
             self._subscription.unsubscribe()
             for watcher in self._watchers.values():
                 watcher.stop()
-            self._health.stop()
-            self._outliers.stop()
+            self.health_checker.stop()
+            self.outlier_detector.stop()
             self._pools.close()
             self.metrics.close()
 
@@ -320,10 +322,8 @@ class LoadBalancer:
         return self._closed
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Locks, threads and sockets cannot cross processes: what pickles is the recipe (the
-        # configuration, every service's endpoints and the default strategy), and unpickling
-        # builds a new balancer from it, with its own threads and pools.  A pickled
-        # requests.Session with a balanced adapter therefore keeps balancing.
+        # Locks, threads and sockets cannot cross processes: the recipe pickles (configuration,
+        # endpoints, default strategy), so a pickled balanced requests.Session keeps balancing.
         endpoints = {name: self.registry.endpoints(name) for name in self.registry.services()}
         return (_restore, (self.config, endpoints, self._default_strategy))
 

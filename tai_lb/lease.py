@@ -37,8 +37,8 @@ class Lease:
         self._released = False
         self._failed = False
         self._ticket = ticket  # the circuit breaker's (0: none or closed)
-        stats._in_flight.append(None)  # EndpointStats.started(), inlined: this is the hot path
-        stats._service_load.append(None)
+        stats.load.append(None)  # EndpointStats.started(), inlined: this is the hot path
+        stats.service_load.append(None)
         self._start = stats.clock()
 
     @property

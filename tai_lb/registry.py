@@ -203,7 +203,8 @@ class ServiceRegistry:
             for endpoint in new:
                 address = endpoint.address
                 old = current.get(address)
-                if old is not None and (old is endpoint or old._key == endpoint._key):
+                if old is not None and (old is endpoint
+                                        or old.compare_key == endpoint.compare_key):
                     continue  # equal: the registered object stays
                 if table is None:
                     table = current = table_copy(snap)

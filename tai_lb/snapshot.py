@@ -25,7 +25,7 @@ __all__ = ["ServiceSnapshot", "SnapshotDelta"]
 
 _generation = itertools.count(1)
 _address = operator.attrgetter("address")
-_key = operator.attrgetter("_key")
+_key = operator.attrgetter("compare_key")
 _Order = tuple[list[Endpoint], list[tuple[Any, ...]]]
 # A full update whose differences (after the common head and tail) span more endpoints than this
 # is diffed by address over the whole set instead.
@@ -53,7 +53,7 @@ class _Absent:
     """Stands for an endpoint a full update adds: its key equals no endpoint's."""
 
     __slots__ = ()
-    _key = None
+    compare_key = None
 
 
 _ABSENT = _Absent()
@@ -151,7 +151,7 @@ _UNCHANGED = FullUpdate([], [], [], None, None, None)
 
 # A full update is diffed in C wherever the whole set is walked (maps, list and set
 # comparisons, never one Python call per endpoint): an update of 10,000 endpoints that
-# differs in one costs a few milliseconds.  Each endpoint's ``_key`` is a tuple of plain
+# differs in one costs a few milliseconds.  Each endpoint's ``compare_key`` is a tuple of plain
 # values, so equality is one C comparison.  All of it runs with the registry's lock held.
 
 
@@ -211,7 +211,7 @@ def _window_diff(snap: ServiceSnapshot, new: list[Endpoint],
         return None  # an address given twice
     removed = [current[a] for a in _in_table_order(current, gone - window.keys())]
     changed = {a: e for a, e in window.items()
-               if a in gone and e._key != current[a]._key}
+               if a in gone and e.compare_key != current[a].compare_key}
     added = [e for a, e in window.items() if a not in current]
     table = _table_after(current, removed, changed, added) if (
         removed or changed or added) else current

@@ -43,15 +43,18 @@ class EndpointStats:
     :param default_latency: cost of an endpoint with no measurement yet, in seconds.
     :param service_load: a deque shared by the service's endpoints; its length is the
         service's total in flight (used by bounded-load consistent hashing).
+    :ivar load: one item per request in flight on this endpoint: ``len(stats.load)`` is
+        :attr:`in_flight`, read by strategies on every pick without a property call.  Only
+        :meth:`started`, :meth:`finished` and :class:`~tai_lb.Lease` (which inlines
+        :meth:`started`) change it.
+    :ivar service_load: the ``service_load`` deque, changed along with :attr:`load`.
     """
 
     __slots__ = (
         "_default_latency",
         "_ewma",
-        "_in_flight",
         "_lock",
         "_peak",
-        "_service_load",
         "_stamp",
         "breaker",
         "clock",
@@ -63,8 +66,10 @@ class EndpointStats:
         "failures",
         "last_latency",
         "last_success",
+        "load",
         "on_drained",
         "on_failure",
+        "service_load",
         "successes",
     )
 
@@ -75,8 +80,8 @@ class EndpointStats:
         self.clock = clock
         self.decay = decay
         self._default_latency = default_latency
-        self._in_flight: collections.deque[None] = collections.deque()
-        self._service_load: collections.deque[None] = (
+        self.load: collections.deque[None] = collections.deque()
+        self.service_load: collections.deque[None] = (
             service_load if service_load is not None else collections.deque())
         self._lock = threading.Lock()
         self.successes = 0
@@ -98,7 +103,7 @@ class EndpointStats:
     @property
     def in_flight(self) -> int:
         """Requests started on this endpoint and not yet finished."""
-        return len(self._in_flight)
+        return len(self.load)
 
     @property
     def requests(self) -> int:
@@ -115,18 +120,18 @@ class EndpointStats:
         if self._ewma is None:
             # As Finagle: an idle unmeasured endpoint is free, so it is tried and measured at
             # once; while its first requests are out it costs the default latency.
-            if not self._in_flight:
+            if not self.load:
                 return 0.0
             base = self._default_latency
         else:
             elapsed = now - self._stamp
             base = self._peak * math.exp(-elapsed / self.decay) if elapsed > 0 else self._peak
-        return base * (len(self._in_flight) + 1)
+        return base * (len(self.load) + 1)
 
     def started(self) -> None:
         """Count one more request in flight."""
-        self._in_flight.append(None)
-        self._service_load.append(None)
+        self.load.append(None)
+        self.service_load.append(None)
 
     def finished(self, latency: float, success: bool, now: float,
                  status: Optional[int] = None, ticket: int = 0) -> None:
@@ -144,8 +149,8 @@ class EndpointStats:
         The reported latency average uses the real latency.
         """
         # This runs once per request: plain comparisons rather than max() calls.
-        self._in_flight.pop()
-        self._service_load.pop()
+        self.load.pop()
+        self.service_load.pop()
         if not 0.0 <= latency < math.inf:  # negative, infinite or NaN: a broken measurement
             latency = 0.0 if latency < 0.0 else FAILURE_PENALTY_CAP
         lock = self._lock
@@ -193,7 +198,7 @@ class EndpointStats:
             self.breaker.record(not endpoint_failed, ticket)
         if endpoint_failed and self.on_failure is not None:
             self.on_failure(self)
-        if self.on_drained is not None and not self._in_flight:
+        if self.on_drained is not None and not self.load:
             self._drained()
 
     def when_drained(self, callback: Callable[[], None]) -> None:
@@ -203,7 +208,7 @@ class EndpointStats:
         it: checking again after setting it makes sure it runs.
         """
         self.on_drained = callback
-        if not self._in_flight:
+        if not self.load:
             self._drained()
 
     def _drained(self) -> None:
@@ -233,7 +238,7 @@ class EndpointStats:
             ewma, last = self._ewma, self.last_latency
             successes, failures = self.successes, self.failures
         return {
-            "in_flight": len(self._in_flight),
+            "in_flight": len(self.load),
             "requests": successes + failures,
             "successes": successes,
             "failures": failures,
@@ -242,5 +247,5 @@ class EndpointStats:
         }
 
     def __repr__(self) -> str:
-        return (f"<EndpointStats {self.endpoint.address} in_flight={len(self._in_flight)} "
+        return (f"<EndpointStats {self.endpoint.address} in_flight={len(self.load)} "
                 f"ok={self.successes} failed={self.failures}>")

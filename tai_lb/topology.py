@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .outlier import OutlierDetector
     from .pool import EndpointPools
     from .registry import ServiceRegistry, TopologyChange
+    from .routing.members import Membership
 
 __all__ = ["TopologyFollower"]
 
@@ -47,21 +48,19 @@ class TopologyFollower:
     :param health: the active health checker.
     :param outliers: the outlier detector.
     :param pools: returns the balancer's current HTTP pools (a forked child gets new ones).
-    :param figures: a service's figures by address and its in-flight deque, or None before its
-        first route.
+    :param members: a service's figures (its membership stage), or None before its first route.
     """
 
     def __init__(self, registry: ServiceRegistry, config: LoadBalancerConfig,
                  health: HealthChecker, outliers: OutlierDetector,
                  pools: Callable[[], EndpointPools],
-                 figures: Callable[[str], Optional[tuple[dict[str, EndpointStats],
-                                                         Sequence[None]]]]) -> None:
+                 members: Callable[[str], Optional[Membership]]) -> None:
         self._registry = registry
         self._config = config
         self._health = health
         self._outliers = outliers
         self._pools = pools
-        self._figures = figures
+        self._members = members
         #: figures of removed endpoints whose pools close once their last lease is released
         self.draining: set[EndpointStats] = set()
 
@@ -95,8 +94,8 @@ class TopologyFollower:
         checks = self.checks(service)
         if checks is not None:
             self._health.apply_changes(service, changes, *checks)
-        figures = self._figures(service)
-        table, load = figures if figures is not None else ({}, ())
+        members = self._members(service)
+        table, load = (members.figures, members.load) if members is not None else ({}, ())
         kinds = list(map(_kind_of, changes))
         # An addition matters only to an endpoint that drains, or may start to drain here
         # (one with requests in flight): its pools stay.  Usually neither is the case.

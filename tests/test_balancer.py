@@ -7,7 +7,7 @@ import json
 import os
 import random
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -21,7 +21,7 @@ from tai_lb import (
     UnknownService,
 )
 
-from .conftest import FakeClock
+from .conftest import FakeClock, in_forked_child
 
 
 def make_lb(clock: FakeClock, *addresses: str, strategy: str = "round_robin") -> LoadBalancer:
@@ -177,29 +177,21 @@ def test_default_strategy_is_round_robin() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
-def test_usable_in_a_child_forked_while_every_lock_was_held() -> None:
+def test_usable_in_a_child_forked_while_its_lock_was_held() -> None:
+    # The registry's lock and the figures' locks, held at a fork: test_registry and test_stats.
     reg = ServiceRegistry()
     reg.register("users", "10.0.0.1:80")
-    lb = LoadBalancer(reg)
-    stats_lock = lb.stats("users")["10.0.0.1:80"]._lock
-    held = [reg._lock, lb._lock, stats_lock]
-    for lock in held:  # as if other threads were writing at the moment of the fork
-        lock.acquire()
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                reg.register("users", "10.0.0.2:80")
-                with lb.pick("users") as lease:
-                    code = 0 if lease.address.startswith("10.0.0.") else 3
-            finally:
-                os._exit(code)
-    finally:
-        for lock in held:
-            lock.release()
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+    lb = LoadBalancer(reg)  # no pick yet: the child's first pick takes the lock
+
+    def child() -> dict[str, Any]:
+        reg.register("users", "10.0.0.2:80")
+        with lb.pick("users") as lease:
+            return {"address": lease.address}
+
+    lb._lock.acquire()  # as if another thread were writing at the moment of the fork
+    report = in_forked_child(child, lb._lock.release, timeout=10)
+    assert report["address"].startswith("10.0.0.")
+    lb.close()
 
 
 def test_picks_survive_concurrent_topology_changes_with_counts_intact() -> None:
@@ -262,7 +254,13 @@ def random_change(rng: random.Random, reg: ServiceRegistry) -> None:
 @pytest.mark.parametrize("name", ["round_robin", "weighted_round_robin", "least_connections",
                                   "peak_ewma", "consistent_hash", "weighted", "random"])
 def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -> None:
-    from tai_lb.strategies import ConsistentHash, WeightedRoundRobin, bucket_index, build_ring
+    from tai_lb.strategies import (
+        ConsistentHash,
+        WeightedRoundRobin,
+        bucket_index,
+        build_ring,
+        ring_of,
+    )
 
     def strategy() -> tai_lb.Strategy:
         if name == "consistent_hash":
@@ -290,7 +288,8 @@ def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -
         assert [s.endpoint for s in route.candidates] == [
             s.endpoint for s in fresh_route.candidates]
         if name == "consistent_hash":
-            ring = route.picker._tai_lb_ring  # type: ignore[union-attr]
+            ring = ring_of(route.picker)
+            assert ring is not None
             hashes, owners = build_ring(route.candidates, 40, 4096)
             assert ring.hashes == hashes and ring.owners == owners
             assert (ring.shift, ring.starts) == bucket_index(hashes)
@@ -315,9 +314,9 @@ def test_health_targets_follow_registry_changes_one_by_one(clock: FakeClock) -> 
     with LoadBalancer(reg, config=config, clock=clock) as lb:
         for _ in range(60):
             random_change(rng, reg)
-            assert set(lb._health._targets["users"]) == set(reg.snapshot("users").by_address)
+            assert set(lb.health_checker.targets("users")) == set(reg.snapshot("users").by_address)
             for address, endpoint in reg.snapshot("users").by_address.items():
-                target = lb._health._target("users", address)
+                target = lb.health_checker.target("users", address)
                 assert target is not None and target.endpoint is endpoint
 
 
@@ -369,8 +368,8 @@ def test_a_lease_ending_as_its_endpoint_is_removed_still_closes_its_pools(
         def __bool__(self) -> bool:  # how truth is asked differs between Pythons
             return len(self) > 0
 
-    in_flight = EndsOnceSeen(stats._in_flight)
-    stats._in_flight = in_flight
+    in_flight = EndsOnceSeen(stats.load)
+    stats.load = in_flight
     in_flight.armed = True
     lb.registry.deregister("users", lease.address)
     assert not in_flight and not in_flight.armed  # the lease ended during the removal
@@ -395,7 +394,7 @@ def test_health_targets_match_the_registry_when_it_changes_as_the_balancer_start
     checks = tai_lb.HealthCheckConfig(type="function", function=lambda e: True, interval=3600.0)
     config = tai_lb.LoadBalancerConfig({"users": tai_lb.ServiceConfig(health_check=checks)})
     with LoadBalancer(reg, config=config, clock=clock) as lb:
-        assert set(lb._health._targets["users"]) == {"10.0.0.1:80", "10.0.0.9:80"}
+        assert set(lb.health_checker.targets("users")) == {"10.0.0.1:80", "10.0.0.9:80"}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
@@ -426,7 +425,7 @@ def test_a_child_forked_while_a_picker_held_its_lock_picks_with_a_new_one() -> N
 
 
 def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_step() -> None:
-    from tai_lb.strategies import ConsistentHash, build_ring
+    from tai_lb.strategies import ConsistentHash, build_ring, ring_of
 
     reg = ServiceRegistry()
     reg.register_many("users", [Endpoint("10.9.0.1", 80 + i) for i in range(10)])
@@ -477,11 +476,12 @@ def test_racing_writers_and_pickers_never_pick_a_removed_endpoint_and_end_in_ste
         thread.join()
     assert errors == []
     snapshot = reg.snapshot("users")
-    assert set(lb._health._targets["users"]) == set(snapshot.by_address)
+    assert set(lb.health_checker.targets("users")) == set(snapshot.by_address)
     route = lb.route("users")
     assert [s.endpoint for s in route.everyone] == list(snapshot.endpoints)
     assert all(s.in_flight == 0 for s in route.everyone)
     hashes, owners = build_ring(route.candidates, 40, 4096)
-    ring = route.picker._tai_lb_ring  # type: ignore[union-attr]
+    ring = ring_of(route.picker)
+    assert ring is not None
     assert (ring.hashes, ring.owners) == (hashes, owners)
     lb.close()

@@ -95,7 +95,7 @@ def test_two_of_five_killed_mid_load_no_failed_request_and_both_ejected(
         load.run_for(200)
         for proxy in proxies[:2]:
             proxy.mode = "refuse"  # the process dies: listener gone, connections cut
-        assert wait_for(lambda: all(lb._outliers.is_ejected("users", p.address)
+        assert wait_for(lambda: all(lb.outlier_detector.is_ejected("users", p.address)
                                     for p in proxies[:2]))
         load.run_for(300)
         outcomes = load.stop()
@@ -115,7 +115,7 @@ def test_a_backend_that_never_answers_is_timed_out_retried_and_ejected(
         load.run_for(100)
         proxies[0].mode = "blackhole"
         proxies[0].cut_all()
-        assert wait_for(lambda: lb._outliers.is_ejected("users", proxies[0].address))
+        assert wait_for(lambda: lb.outlier_detector.is_ejected("users", proxies[0].address))
         load.run_for(200)
         outcomes = load.stop()
     assert set(outcomes) == {"200"}
@@ -138,7 +138,7 @@ def test_four_of_five_returning_500_ejection_capped_panic_no_refusal(
         assert wait_for(lambda: lb.status()["services"]["users"]["panic"])
         load.run_for(300)
         outcomes = load.stop()
-        ejected = [p for p in proxies if lb._outliers.is_ejected("users", p.address)]
+        ejected = [p for p in proxies if lb.outlier_detector.is_ejected("users", p.address)]
         assert len(ejected) <= 1  # 10% of 5, but one is always ejectable
         assert lb.status()["services"]["users"]["endpoints_pickable"] == 5  # panic: all
     assert "NoEndpointAvailable" not in outcomes
@@ -165,7 +165,7 @@ def test_every_backend_dies_then_returns(
             proxy.mode = "pass"
         assert wait_for(lambda: lb.status()["services"]["users"]["endpoints_pickable"] == 5)
         for proxy in proxies:
-            health = lb._health.health("users", proxy.address)
+            health = lb.health_checker.health("users", proxy.address)
             assert health is not None
             # healthy_threshold 1: the first passed check after the return brings it back
             assert health.healthy and health.history[-1][1]
@@ -221,9 +221,9 @@ def test_exceptions_in_checks_and_listeners_are_survived_and_counted(
         load = Load(lb)
         lb.registry.deregister("users", proxies[4].address)
         lb.registry.register("users", proxies[4].address)
-        assert wait_for(lambda: not lb._health.is_healthy("users", proxies[0].address))
+        assert wait_for(lambda: not lb.health_checker.is_healthy("users", proxies[0].address))
         load.run_for(200)
         outcomes = load.stop()
         assert lb.registry.callback_errors == 2  # counted, and the registry carried on
-        assert all(t.is_alive() for t in lb._health._threads)  # the checker survived
+        assert all(t.is_alive() for t in lb.health_checker.threads)  # the checker survived
     assert set(outcomes) == {"200"}

@@ -53,14 +53,14 @@ def watch_status(lb: LoadBalancer) -> dict[str, Any]:
 
 
 def provider_of(lb: LoadBalancer) -> DnsProvider:
-    provider = lb._watchers["users"].provider
+    provider = lb.watcher("users").provider
     assert isinstance(provider, DnsProvider)
     return provider
 
 
 def by_hand(lb: LoadBalancer) -> DiscoveryWatcher:
     """The service's watcher, its thread stopped so that a test drives the rounds by hand."""
-    watcher = lb._watchers["users"]
+    watcher = lb.watcher("users")
     watcher.stop()
     watcher.provider.start(lambda: None)  # stop() also made the provider refuse to read
     return watcher
@@ -281,7 +281,7 @@ def test_close_ends_a_read_in_flight_within_a_second(
         lb = lb_for(dns_server, name=f"users.{ZONE}", record="A", endpoint_port=80,
                     max_ttl=0.05, timeout=30)
         provider = provider_of(lb)
-        thread = lb._watchers["users"]._thread
+        thread = lb.watcher("users").thread
         assert thread is not None
         dns_server.stop()  # the next read waits for an answer that never comes...
         assert wait_for(lambda: provider.wait_hint() is None  # ...and it has begun

@@ -125,7 +125,7 @@ def test_a_watch_on_a_compacted_revision_lists_again_and_loses_no_change(
     for i in range(1, 6):
         put(client, prefix, f"i{i}", {"address": f"10.0.0.{i}:80"})
     with lb_for([etcd.url], prefix) as lb:
-        provider = lb._watchers["users"].provider
+        provider = lb.watcher("users").provider
         assert isinstance(provider, EtcdProvider)
         listed_at = provider.snapshot()["revision"]
         provider.stop()  # the watch is down while these happen and are compacted away
@@ -139,7 +139,7 @@ def test_a_watch_on_a_compacted_revision_lists_again_and_loses_no_change(
         with pytest.raises(WatchCompacted):  # etcd creates the watch, then cancels it
             stream.next_message()
         stream.close()
-        provider.start(lb._watchers["users"]._wake.set)  # resumes from the listed revision
+        provider.start(lb.watcher("users").wake)  # resumes from the listed revision
         assert wait_for(lambda: addresses(lb) == {"10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80",
                                                   "10.0.0.5:80", "10.0.0.7:80"})
         assert provider.compactions == 1
@@ -219,7 +219,7 @@ def test_a_lost_watch_reconnects_and_catches_up(etcd: EtcdServer, client: EtcdCl
 def test_close_ends_a_connect_that_hangs(etcd: EtcdServer, prefix: str) -> None:
     provider = EtcdProvider(EtcdClient([etcd.url], timeout=30), prefix, "users")
     provider.start(lambda: None)
-    thread = provider._thread
+    thread = provider.thread
     assert thread is not None
     try:
         assert wait_for(lambda: provider.snapshot()["watching"])
@@ -286,7 +286,7 @@ def test_a_mass_removal_is_held_back_until_confirmed(etcd: EtcdServer, client: E
     for i in range(1, 5):
         put(client, prefix, f"i{i}", {"address": f"10.0.0.{i}:80"})
     with lb_for([etcd.url], prefix, confirmations=3, interval=0.2, empty_hold=0) as lb:
-        watcher = lb._watchers["users"]
+        watcher = lb.watcher("users")
         client.delete(f"{prefix}/users/", prefix=True)  # a bad deploy wipes the prefix
         assert wait_for(lambda: watcher.held_back >= 1)
         assert len(addresses(lb)) == 4

@@ -86,7 +86,7 @@ def test_a_mass_removal_is_held_back_until_confirmed(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
     write(path, [f"10.0.0.{i}:80" for i in range(1, 11)])
     with lb_for(path, confirmations=3, max_removal_share=0.5) as lb:
-        watcher = lb._watchers["users"]
+        watcher = lb.watcher("users")
         watcher.stop()  # drive the rounds by hand
         write(path, ["10.0.0.1:80"])  # 9 of 10 removed at once
         assert watcher.poll() and len(addresses(lb)) == 10  # seen once: held back
@@ -169,7 +169,7 @@ def test_configured_backups_stay_after_the_discovered_endpoints(tmp_path: Path) 
         write(path, ["10.0.0.3:80"])  # every discovered endpoint replaced: backups untouched
         assert wait_for(lambda: {e.address: e.priority for e in lb.registry.endpoints("users")}
                         == {"10.0.0.3:80": 0, "10.0.9.1:80": 1, "10.0.9.2:80": 2})
-        assert lb._watchers["users"].held_back == 2  # 2 of 2 discovered removed: confirmed
+        assert lb.watcher("users").held_back == 2  # 2 of 2 discovered removed: confirmed
 
 
 def test_the_first_answer_replaces_the_configured_endpoints_at_once(tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_the_first_answer_replaces_the_configured_endpoints_at_once(tmp_path: Pa
             "endpoints": ["10.0.0.1:80"],
             "discovery": {"type": "file", "path": str(path)}}}}) as lb:
         assert addresses(lb) == {"10.0.0.1:80"}
-        assert lb._watchers["users"].held_back == 1
+        assert lb.watcher("users").held_back == 1
 
 
 def test_one_warning_per_outage_however_its_errors_differ(
@@ -192,7 +192,7 @@ def test_one_warning_per_outage_however_its_errors_differ(
     path = tmp_path / "users.json"
     write(path, ["10.0.0.1:80"])
     with caplog.at_level(logging.DEBUG, logger="tai_lb.discovery"), lb_for(path) as lb:
-        watcher = lb._watchers["users"]
+        watcher = lb.watcher("users")
         watcher.stop()  # drive the rounds by hand
         write(path, '["10.0.0.1:80", "10.0.')  # half written...
         assert not watcher.poll() and not watcher.poll()

@@ -41,7 +41,7 @@ def test_backups_get_traffic_only_when_the_primaries_fail_and_failback_waits() -
         assert [(e["kind"], e["from_priority"], e["to_priority"]) for e in events] == [
             ("failover", 0, 1)]
         bad.discard(PRIMARY[0])  # half the primaries back: below failback_at (0.7)
-        assert wait_for(lambda: lb._health.is_healthy("users", PRIMARY[0]))
+        assert wait_for(lambda: lb.health_checker.is_healthy("users", PRIMARY[0]))
         assert picks(lb) == {BACKUP}  # hysteresis: no flapping back at 50%
         bad.clear()
         assert wait_for(lambda: picks(lb) == set(PRIMARY))
@@ -52,7 +52,7 @@ def test_backups_get_traffic_only_when_the_primaries_fail_and_failback_waits() -
 def test_half_the_primaries_healthy_keeps_traffic_on_them() -> None:
     bad = {PRIMARY[0]}
     with balancer_with(bad) as lb:
-        assert wait_for(lambda: not lb._health.is_healthy("users", PRIMARY[0]))
+        assert wait_for(lambda: not lb.health_checker.is_healthy("users", PRIMARY[0]))
         assert picks(lb) == {PRIMARY[1]}
         assert lb.status()["failover_events"] == []
 

@@ -78,7 +78,7 @@ def test_tcp_check_notices_a_dead_endpoint(servers: list[Backend]) -> None:
         "health_check": {"type": "tcp", **FAST}}}})
     with lb:
         a.stop()
-        assert wait_for(lambda: not lb._health.is_healthy("users", a.address))
+        assert wait_for(lambda: not lb.health_checker.is_healthy("users", a.address))
         assert {lb.pick("users").address for _ in range(20)} == {b.address}
 
 
@@ -98,10 +98,10 @@ def test_rise_and_fall_thresholds_and_grace() -> None:
     seen: list[bool] = []
     with lb:
         assert wait_for(lambda: len(calls) >= 7)
-        health = lb._health.health("users", "10.0.0.1:80")
+        health = lb.health_checker.health("users", "10.0.0.1:80")
         assert health is not None
         seen = [ok for _, ok, _ in health.history]
-        flips = lb._health.flips
+        flips = lb.health_checker.flips
     assert seen[:7] == [False, True, False, False, True, True, True]
     # F T: one failure, then reset (no flip); F F: down after two; T T: up after two.
     assert flips == 2
@@ -113,8 +113,8 @@ def test_failures_during_grace_do_not_count() -> None:
         type="function", function=lambda e: False, interval=0.02, jitter=0.0, grace=60.0,
         unhealthy_threshold=1, skip_if_traffic=False))
     with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
-        assert wait_for(lambda: lb._health.checks >= 5)
-        assert lb._health.is_healthy("users", "10.0.0.1:80")
+        assert wait_for(lambda: lb.health_checker.checks >= 5)
+        assert lb.health_checker.is_healthy("users", "10.0.0.1:80")
 
 
 def test_panic_spreads_over_all_and_fail_closed_refuses() -> None:
@@ -175,11 +175,11 @@ def test_exception_in_a_check_is_a_failed_probe_and_the_threads_survive() -> Non
                                                           interval=0.02, unhealthy_threshold=1,
                                                           skip_if_traffic=False))
     with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
-        assert wait_for(lambda: lb._health.checks >= 10)
-        health = lb._health.health("users", "10.0.0.1:80")
+        assert wait_for(lambda: lb.health_checker.checks >= 10)
+        health = lb.health_checker.health("users", "10.0.0.1:80")
         assert health is not None and not health.healthy
         assert "RuntimeError: probe bug" in health.history[-1][2]
-        assert all(t.is_alive() for t in lb._health._threads)
+        assert all(t.is_alive() for t in lb.health_checker.threads)
 
 
 def test_traffic_proven_health_skips_probes(servers: list[Backend]) -> None:
@@ -253,7 +253,7 @@ def test_registry_changes_reach_the_checker(servers: list[Backend]) -> None:
         lb.registry.register("users", b.address)
         assert wait_for(lambda: len(health_paths(b)) >= 1)
         lb.registry.deregister("users", a.address)
-        assert lb._health.health("users", a.address) is None
+        assert lb.health_checker.health("users", a.address) is None
 
 
 def test_services_registered_from_python_stay_unchecked() -> None:
@@ -262,7 +262,7 @@ def test_services_registered_from_python_stay_unchecked() -> None:
     with LoadBalancer(reg) as lb:
         assert lb.status()["services"]["users"]["endpoints"]["10.0.0.1:80"]["health"] == (
             "unchecked")
-        assert not lb._health.running
+        assert not lb.health_checker.running
 
 
 def test_removing_and_adding_an_endpoint_again_never_doubles_its_checks(
@@ -272,10 +272,10 @@ def test_removing_and_adding_an_endpoint_again_never_doubles_its_checks(
         for _ in range(6):
             lb.registry.deregister("users", a.address)
             lb.registry.register("users", a.address)
-        assert wait_for(lambda: lb._health.checks >= 20)
-        with lb._health._lock:
-            entries = [t for _, _, t in lb._health._heap if t.address == a.address]
-        live = [t for t in entries if lb._health._target("users", a.address) is t]
+        assert wait_for(lambda: lb.health_checker.checks >= 20)
+        with lb.health_checker._lock:
+            entries = [t for _, _, t in lb.health_checker._heap if t.address == a.address]
+        live = [t for t in entries if lb.health_checker.target("users", a.address) is t]
         assert len(live) == 1  # one schedule for the endpoint, however often it came back
 
 
@@ -285,16 +285,16 @@ def test_traffic_counts_as_a_passed_check_but_never_erases_a_failed_probe() -> N
         type="function", function=lambda e: next(results), interval=0.05, jitter=0.0,
         unhealthy_threshold=2, skip_if_traffic=True))
     with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
-        assert wait_for(lambda: lb._health.checks >= 1)
-        health = lb._health.health("users", "10.0.0.1:80")
+        assert wait_for(lambda: lb.health_checker.checks >= 1)
+        health = lb.health_checker.health("users", "10.0.0.1:80")
         assert health is not None and health.failures_in_row == 1
         deadline = time.monotonic() + 2
-        while lb._health.skipped < 2 and time.monotonic() < deadline:
+        while lb.health_checker.skipped < 2 and time.monotonic() < deadline:
             lb.pick("users").done()  # real traffic succeeding
             time.sleep(0.01)
         # The failed probe was followed by a probe, not by skips: it passed, and then traffic
         # stood in for the next ones.
-        assert lb._health.checks >= 2 and lb._health.skipped >= 2
+        assert lb.health_checker.checks >= 2 and lb.health_checker.skipped >= 2
         assert health.failures_in_row == 0 and health.healthy
         assert [ok for _, ok, _ in health.history][:2] == [False, True]
 
@@ -386,14 +386,14 @@ def test_a_backend_failing_its_health_endpoint_under_steady_traffic_goes_out(
         thread.start()
         try:
             assert wait_for(lambda: served_by_a() >= 1)  # real traffic reaches a
-            assert wait_for(lambda: not lb._health.is_healthy("users", a.address), timeout=5)
+            assert wait_for(lambda: not lb.health_checker.is_healthy("users", a.address), timeout=5)
             # It stays out: several more failed probes, no flip back, no new traffic to a.
             probes = len(health_paths(a))
             assert wait_for(lambda: len(health_paths(a)) >= probes + 1, timeout=5)
             served = served_by_a()  # (a request picked just before the flip is in by now)
             assert wait_for(lambda: len(health_paths(a)) >= probes + 4, timeout=5)
-            assert not lb._health.is_healthy("users", a.address)
-            assert lb._health.flips == 1
+            assert not lb.health_checker.is_healthy("users", a.address)
+            assert lb.health_checker.flips == 1
             assert served_by_a() == served
         finally:
             stop.set()

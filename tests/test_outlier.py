@@ -34,7 +34,7 @@ def lb_for(servers: list[Backend], **outlier: Any) -> LoadBalancer:
 
 
 def ejected(lb: LoadBalancer, address: str) -> bool:
-    return lb._outliers.is_ejected("users", address)
+    return lb.outlier_detector.is_ejected("users", address)
 
 
 def test_consecutive_5xx_eject_then_time_brings_it_back_on_probation(
@@ -129,7 +129,7 @@ def test_lease_exceptions_are_local_origin_failures() -> None:
 
 
 def ejected_db(lb: LoadBalancer, address: str) -> bool:
-    return lb._outliers.is_ejected("db", address)
+    return lb.outlier_detector.is_ejected("db", address)
 
 
 @pytest.mark.parametrize(("settings", "path", "fragment"), [

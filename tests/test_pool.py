@@ -7,10 +7,17 @@ from typing import Any, Union
 
 import pytest
 import requests
-from urllib3.exceptions import ClosedPoolError
+from urllib3.exceptions import ClosedPoolError, SSLError
 
 import tai_lb
-from tai_lb.pool import EndpointPools, FairQueue, PoolConfig, TaiHTTPConnectionPool
+from tai_lb.pool import (
+    _CONNECT_PHASE,
+    EndpointPools,
+    FairQueue,
+    PoolConfig,
+    TaiHTTPConnectionPool,
+    failed_while_connecting,
+)
 
 from .backends import Backend
 from .conftest import functions_on_stack, wait_for
@@ -172,3 +179,11 @@ def test_requests_still_flow_through_the_fair_pools() -> None:
             assert backend.max_active <= 2
     finally:
         backend.stop()
+
+
+def test_an_error_raised_while_connecting_is_not_sent() -> None:
+    inner = OSError("handshake failed")
+    setattr(inner, _CONNECT_PHASE, True)
+    wrapped = SSLError(inner)
+    assert failed_while_connecting(wrapped)
+    assert not failed_while_connecting(SSLError(OSError("after sending")))

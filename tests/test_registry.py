@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 from hypothesis import settings
@@ -14,6 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tai_lb import ConfigError, Endpoint, ServiceRegistry, TopologyChange, UnknownService
 from tai_lb.filters import in_zone
+
+from .conftest import in_forked_child
 
 
 def test_register_and_read_back_in_order() -> None:
@@ -418,6 +420,20 @@ def test_a_subscriber_gets_only_changes_after_it_subscribed() -> None:
     reg.register_many("users", ["127.0.0.1:1", "127.0.0.1:2"])
     reg.register("users", "127.0.0.1:3")
     assert [c.sequence for c in seen] == [1, 3]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_writable_in_a_child_forked_while_its_lock_was_held() -> None:
+    reg = ServiceRegistry()
+    reg.register("users", "10.0.0.1:80")
+
+    def child() -> dict[str, Any]:
+        reg.register("users", "10.0.0.2:80")
+        return {"addresses": [e.address for e in reg.endpoints("users")]}
+
+    reg._lock.acquire()  # as if another thread were writing at the moment of the fork
+    report = in_forked_child(child, reg._lock.release, timeout=10)
+    assert report["addresses"] == ["10.0.0.1:80", "10.0.0.2:80"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")

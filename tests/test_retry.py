@@ -69,12 +69,3 @@ def test_policy_defaults_and_backoff() -> None:
 ])
 def test_classify(error: BaseException, kind: str) -> None:
     assert classify(error) == kind
-
-
-def test_an_error_raised_while_connecting_is_not_sent() -> None:
-    from tai_lb.pool import _CONNECT_PHASE, failed_while_connecting
-    inner = OSError("handshake failed")
-    setattr(inner, _CONNECT_PHASE, True)
-    wrapped = SSLError(inner)
-    assert failed_while_connecting(wrapped)
-    assert not failed_while_connecting(SSLError(OSError("after sending")))

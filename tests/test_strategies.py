@@ -36,6 +36,7 @@ from tai_lb.strategies import (
     build_ring,
     key_hash,
     resolve_strategy,
+    ring_of,
     smooth_weighted_order,
     smooth_weighted_sequence,
 )
@@ -533,7 +534,8 @@ def test_a_ring_updated_endpoint_by_endpoint_keeps_a_bounded_cache() -> None:
         picker = strategy.prepare_next(items, picker)
         assert len(strategy._points) <= 2 * len(items) + 64 + 1
     hashes, owners = build_ring(items, 100, strategy.max_ring_size)
-    ring = picker._tai_lb_ring  # type: ignore[attr-defined]
+    ring = ring_of(picker)
+    assert ring is not None
     assert (ring.hashes, ring.owners) == (hashes, owners)
 
 
@@ -575,7 +577,8 @@ def test_a_ring_updated_change_by_change_equals_a_ring_built_from_scratch(seed: 
                 i, j = rng.sample(range(len(items)), 2)
                 items[i], items[j] = items[j], items[i]
         picker = strategy.prepare_next(list(items), picker)
-        ring = picker._tai_lb_ring  # type: ignore[attr-defined]
+        ring = ring_of(picker)
+        assert ring is not None
         hashes, owners = build_ring(items, vnodes, max_ring_size)
         assert (ring.hashes, ring.owners) == (hashes, owners)
         assert (ring.shift, ring.starts) == bucket_index(hashes)

@@ -191,6 +191,16 @@ class DiscoveryWatcher:
         if thread is not None:
             thread.join(timeout)
 
+    def wake(self) -> None:
+        """Read the source now rather than at the end of the current wait (what a pushing
+        provider's ``notify`` does)."""
+        self._wake.set()
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        """The watching thread, or None while stopped."""
+        return self._thread
+
     def _reset_after_fork(self) -> None:
         # The parent's thread is gone, and another of its threads may have been setting an
         # event (holding its lock) at the fork: the child gets fresh ones.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import _forksafe
 from ..endpoint import Endpoint
-from .probes import _NO_HISTORY, EndpointHealth, _Target, probe
+from .probes import NO_HISTORY, EndpointHealth, HealthTarget, probe
 from .settings import HealthCheckConfig
 
 if TYPE_CHECKING:
@@ -58,17 +58,17 @@ class HealthChecker:
         self._wake = threading.Condition(self._lock)
         # Service -> address -> target (nested, so lookups hash plain strings, whose hash is
         # cached, rather than a tuple per lookup).
-        self._targets: dict[str, dict[str, _Target]] = {}
+        self._targets: dict[str, dict[str, HealthTarget]] = {}
         # The unhealthy addresses of each service, replaced whole under the lock and read
         # without it: a route rebuild filters 10,000 endpoints by one set, not 10,000 lookups.
         self._unhealthy: dict[str, frozenset[str]] = {}
         # (due, tie-breaker, target): an entry whose target was replaced or removed is dropped
-        self._heap: list[tuple[float, int, _Target]] = []
+        self._heap: list[tuple[float, int, HealthTarget]] = []
         # New targets, due at once, in the order they came: the scheduler takes them before the
         # heap, so a full update adds 10,000 of them without 10,000 heap pushes.
-        self._fresh: collections.deque[_Target] = collections.deque()
+        self._fresh: collections.deque[HealthTarget] = collections.deque()
         self._counter = 0
-        self._queue: queue.Queue[Optional[_Target]] = queue.Queue()
+        self._queue: queue.Queue[Optional[HealthTarget]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.errors = 0
@@ -128,6 +128,11 @@ class HealthChecker:
         """True while the threads run."""
         return bool(self._threads)
 
+    @property
+    def threads(self) -> tuple[threading.Thread, ...]:
+        """The scheduler and worker threads started by :meth:`start` (none while stopped)."""
+        return tuple(self._threads)
+
     # -- targets --------------------------------------------------------------------------------
 
     def set_endpoints(self, service: str, endpoints: Iterable[Endpoint],
@@ -174,14 +179,14 @@ class HealthChecker:
                 if unhealthy:
                     self._unhealthy[service] = unhealthy.difference(gone)
             staying = list(map(operator.not_, removing))
-            new: list[_Target] = []
+            new: list[HealthTarget] = []
             for address, endpoint, known in zip(
                     itertools.compress(addresses, staying), itertools.compress(endpoints, staying),
                     map(targets.get, itertools.compress(addresses, staying))):
                 if known is not None:
                     known.endpoint = endpoint
                 else:
-                    target = targets[address] = _Target(service, endpoint, config, scheme, now)
+                    target = targets[address] = HealthTarget(service, endpoint, config, scheme, now)
                     new.append(target)
             self._fresh += new  # checked at once
             self._wake.notify_all()
@@ -192,7 +197,8 @@ class HealthChecker:
         targets = self._targets.setdefault(service, {})
         target = targets.get(endpoint.address)
         if target is None:
-            target = targets[endpoint.address] = _Target(service, endpoint, config, scheme, now)
+            target = HealthTarget(service, endpoint, config, scheme, now)
+            targets[endpoint.address] = target
             self._fresh.append(target)  # checked at once
         else:
             target.endpoint = endpoint
@@ -202,10 +208,17 @@ class HealthChecker:
         if self._targets.get(service, {}).pop(address, None) is not None:
             self._set_unhealthy(service, address, False)
 
-    def _target(self, service: str, address: str) -> Optional[_Target]:
-        """The target of one endpoint, or None (no lock: one read of each dict)."""
+    def target(self, service: str, address: str) -> Optional[HealthTarget]:
+        """The target of one endpoint, or None if it is not checked (no lock: one read of each
+        dict)."""
         targets = self._targets.get(service)
         return targets.get(address) if targets is not None else None
+
+    def targets(self, service: str) -> dict[str, HealthTarget]:
+        """The targets of ``service`` by address: a copy of the checked set, taken under the
+        lock (O(n): for inspection, not for every request)."""
+        with self._lock:
+            return dict(self._targets.get(service, {}))
 
     def _set_unhealthy(self, service: str, address: str, unhealthy: bool) -> None:
         # Called with the lock held.
@@ -220,17 +233,17 @@ class HealthChecker:
 
     def health(self, service: str, address: str) -> Optional[EndpointHealth]:
         """The health of one endpoint, or None if it is not checked."""
-        target = self._target(service, address)
+        target = self.target(service, address)
         return target.health if target is not None else None
 
     def is_healthy(self, service: str, address: str) -> bool:
         """False only for an endpoint whose checks have failed; unchecked ones are healthy."""
-        target = self._target(service, address)
+        target = self.target(service, address)
         return target is None or target.healthy
 
     # -- threads --------------------------------------------------------------------------------
 
-    def _push(self, target: _Target, due: float) -> None:
+    def _push(self, target: HealthTarget, due: float) -> None:
         self._counter += 1
         heapq.heappush(self._heap, (due, self._counter, target))
 
@@ -255,10 +268,10 @@ class HealthChecker:
             self._due(heapq.heappop(self._heap)[2], now)
         return self._heap[0][0] - now if self._heap else 1.0
 
-    def _due(self, target: _Target, now: float) -> None:
+    def _due(self, target: HealthTarget, now: float) -> None:
         # Called by the scheduler with the lock held: schedule the next check of a target that
         # is due, and queue this one unless it can be skipped.
-        if self._target(target.service, target.address) is not target:
+        if self.target(target.service, target.address) is not target:
             return  # removed (or removed and added again) meanwhile
         config = target.config
         spread = 1.0 + random.uniform(-config.jitter, config.jitter)
@@ -276,7 +289,7 @@ class HealthChecker:
         target.running = True
         self._queue.put(target)
 
-    def _may_skip(self, target: _Target, now: float) -> bool:
+    def _may_skip(self, target: HealthTarget, now: float) -> bool:
         """True if real traffic may stand in for this probe: it succeeded within the interval,
         fewer than ``max_skips`` probes in a row were skipped, and no probe is failing."""
         config = target.config
@@ -300,7 +313,7 @@ class HealthChecker:
             finally:
                 target.running = False
 
-    def _record(self, target: _Target, ok: bool, detail: str) -> None:
+    def _record(self, target: HealthTarget, ok: bool, detail: str) -> None:
         now = self._clock()
         config = target.config
         flipped = False
@@ -309,7 +322,7 @@ class HealthChecker:
             health = target.state()
             health.checked = True
             health.last_check = now
-            if health.history is _NO_HISTORY:
+            if health.history is NO_HISTORY:
                 health.history = collections.deque(maxlen=config.history)
             health.history.append((now, ok, detail))
             if ok:
@@ -323,7 +336,7 @@ class HealthChecker:
                 if health.healthy and health.failures_in_row >= config.unhealthy_threshold:
                     health.healthy = False
                     flipped = True
-            if flipped and self._target(target.service, target.address) is target:
+            if flipped and self.target(target.service, target.address) is target:
                 self._set_unhealthy(target.service, target.address, not health.healthy)
         if flipped:
             self.flips += 1

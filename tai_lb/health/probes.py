@@ -2,7 +2,8 @@
 
 :func:`probe` runs one check (an HTTP GET, with SNI and certificate checks for the endpoint's
 TLS name over https, a TCP connect, or a function) and never raises; :class:`EndpointHealth`
-is the record of an endpoint's checks, kept on the checker's private target of each endpoint.
+is the record of an endpoint's checks, kept on the checker's
+:class:`HealthTarget` of each endpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from ..endpoint import Endpoint
 from .settings import HealthCheckConfig
 
-__all__ = ["EndpointHealth", "probe"]
+__all__ = ["NO_HISTORY", "EndpointHealth", "HealthTarget", "probe"]
 
 
 @dataclass
@@ -41,11 +42,17 @@ class EndpointHealth:
                 "history": [{"ok": ok, "detail": detail} for _, ok, detail in self.history]}
 
 
-_NO_HISTORY: collections.deque[tuple[float, bool, str]] = collections.deque(maxlen=0)
+NO_HISTORY: collections.deque[tuple[float, bool, str]] = collections.deque(maxlen=0)
 """The history of a target never checked yet: shared, and it keeps nothing."""
 
 
-class _Target:
+class HealthTarget:
+    """One checked endpoint of one service, as the checker keeps it: what to probe, when, and
+    what the probes found (:attr:`health`).
+
+    The checker owns its targets and changes them under its lock; read them, never change them.
+    """
+
     __slots__ = ("_health", "added_at", "address", "config", "due", "endpoint", "running",
                  "scheme", "service", "skips_in_row")
 
@@ -69,7 +76,7 @@ class _Target:
         """What the checks know; for a target never checked, a fresh record (not kept)."""
         health = self._health
         if health is None:
-            return EndpointHealth(added_at=self.added_at, history=_NO_HISTORY)
+            return EndpointHealth(added_at=self.added_at, history=NO_HISTORY)
         return health
 
     @property
@@ -85,11 +92,11 @@ class _Target:
     def state(self) -> EndpointHealth:
         """The record to update, made at the first call; only under the checker's lock."""
         if self._health is None:
-            self._health = EndpointHealth(added_at=self.added_at, history=_NO_HISTORY)
+            self._health = EndpointHealth(added_at=self.added_at, history=NO_HISTORY)
         return self._health
 
 
-def probe(target: _Target) -> tuple[bool, str]:
+def probe(target: HealthTarget) -> tuple[bool, str]:
     """Run one check; returns (passed, detail).  Never raises."""
     config = target.config
     endpoint = target.endpoint

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable, Optional
 
+from .. import _forksafe
 from ..endpoint import Endpoint
 from ..failover import EndpointBreaker
 from ..stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
@@ -118,7 +119,9 @@ class Membership:
             self.figures.pop(address, None)
 
     def reset_after_fork(self) -> None:
-        """Fresh locks for the figures (a parent's thread may have held one at the fork)."""
+        """Fresh locks for the figures (a parent's thread may have held one at the fork); the
+        old ones are kept, never freed in the child."""
+        _forksafe.inherited(self._lock)
         self._lock = threading.Lock()
         for stats in self.figures.values():
             stats.reset_after_fork()

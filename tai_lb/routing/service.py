@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from ..health import HealthChecker
     from ..outlier import OutlierDetector
     from ..registry import ServiceSnapshot
-    from ..strategies import Strategy
     from .priority import FailoverEvents
 
 __all__ = ["ServiceRouting"]
@@ -33,7 +32,6 @@ class ServiceRouting:
 
     :param service: the service's name.
     :param settings: its settings.
-    :param strategy: its strategy.
     :param snapshot: returns the registry's current snapshot of the service.
     :param make_stats: makes the figures of an endpoint new to the service.
     :param health: the active health checker (consulted when the service has checks).
@@ -41,7 +39,7 @@ class ServiceRouting:
     :param events: where failovers and failbacks are recorded.
     """
 
-    def __init__(self, service: str, settings: ServiceConfig, strategy: Strategy,
+    def __init__(self, service: str, settings: ServiceConfig,
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
                  health: HealthChecker, outliers: OutlierDetector,
                  events: FailoverEvents) -> None:
@@ -49,6 +47,7 @@ class ServiceRouting:
         self.members = Membership(make_stats)
         self.failover = PriorityFailover(settings.failover,
                                          functools.partial(events.record, service))
+        strategy = settings.strategy
         self._prepare = Prepare(strategy)
         checks = settings.health_check
         unusable: list[Callable[[], Set[str]]] = []

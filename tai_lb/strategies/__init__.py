@@ -40,6 +40,7 @@ from .hashing import ConsistentHash
 from .hashing import bucket_index as bucket_index
 from .hashing import build_ring as build_ring
 from .hashing import key_hash as key_hash
+from .hashing import ring_of as ring_of
 from .hashing import ring_points as ring_points
 from .hashing import shift_bucket_index as shift_bucket_index
 from .least_loaded import LeastConnections, PeakEwma

@@ -19,7 +19,8 @@ from .._forksafe import ForkRandom
 from ..endpoint import Endpoint
 from ..stats import EndpointStats
 
-__all__ = ["EXCLUDING", "FunctionStrategy", "Picker", "RoutingKey", "Strategy", "StrategyFunction"]
+__all__ = ["EXCLUDING", "FunctionStrategy", "Picker", "RoutingKey", "Strategy", "StrategyFunction",
+           "weight_of"]
 
 RoutingKey = Union[str, bytes, int]
 """A request's routing key, as used by ``consistent_hash`` and affinity."""
@@ -32,7 +33,8 @@ StrategyFunction = Callable[[Sequence[EndpointStats], Optional[RoutingKey]],
 """A function that serves as a strategy: ``f(candidates, key)`` returns one of the candidates
 (its :class:`~tai_lb.EndpointStats` or its :class:`~tai_lb.Endpoint`)."""
 
-_weight_of = operator.attrgetter("endpoint.weight")
+weight_of = operator.attrgetter("endpoint.weight")
+"""``weight_of(stats)`` is ``stats.endpoint.weight``, in C: ``map(weight_of, candidates)``."""
 
 EXCLUDING = "excluding"
 """A picker may carry ``picker.excluding(key, exclude)``: a pick that avoids the addresses in

@@ -4,7 +4,8 @@
 endpoint stays, and updates the previous ring in place of a new build when a few endpoints
 change.  The ring's pieces are plain functions beside it: :func:`key_hash` and
 :func:`ring_points` (MD5, stable across processes), :func:`build_ring`, and the bucket index
-that narrows a lookup (:func:`bucket_index`, :func:`shift_bucket_index`).
+that narrows a lookup (:func:`bucket_index`, :func:`shift_bucket_index`).  A picker keeps the
+:class:`HashRing` it picks from, which :func:`ring_of` reads.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any, Callable, Optional
 from .._sequences import common_head, common_tail
 from .._settings import check_int, check_number
 from ..stats import EndpointStats
-from .base import EXCLUDING, Picker, RoutingKey, Strategy, _weight_of
+from .base import EXCLUDING, Picker, RoutingKey, Strategy, weight_of
 
 __all__ = [
     "ConsistentHash",
+    "HashRing",
     "bucket_index",
     "build_ring",
     "key_hash",
+    "ring_of",
     "ring_points",
     "shift_bucket_index",
 ]
@@ -37,7 +40,7 @@ __all__ = [
 _MAX_LOAD_BOUND = 1000.0  # the highest consistent_hash load_bound: as good as none
 
 _address_of = operator.attrgetter("endpoint.address")
-_RING = "_tai_lb_ring"  # the picker's attribute holding its _Ring, for prepare_next()
+_RING = "_tai_lb_ring"  # the picker's attribute holding its HashRing: see ring_of()
 # A ring update that moves more endpoints than this builds the ring again instead.
 _RING_UPDATE_MAX = 64
 
@@ -106,16 +109,16 @@ class ConsistentHash(Strategy):
             # keeps doing so: updating the previous ring would go around it.
             return self.prepare(candidates)
         items = tuple(candidates)
-        last: Optional[_Ring] = getattr(previous, _RING, None)
+        last = ring_of(previous)
         ring = self._update(last, items) if last is not None else None
         return self._picker(ring if ring is not None else self._build(items))
 
-    def _build(self, items: tuple[EndpointStats, ...]) -> _Ring:
+    def _build(self, items: tuple[EndpointStats, ...]) -> HashRing:
         hashes, owners = build_ring(items, self.vnodes, self.max_ring_size, self._points)
         self._forget_gone(items)
-        weights: list[int] = list(map(_weight_of, items))
+        weights: list[int] = list(map(weight_of, items))
         shift, starts = bucket_index(hashes)
-        return _Ring(items, weights, self._scale(sum(weights)), hashes, owners, shift, starts)
+        return HashRing(items, weights, self._scale(sum(weights)), hashes, owners, shift, starts)
 
     def _forget_gone(self, items: tuple[EndpointStats, ...]) -> None:
         # The points of endpoints long gone: after a build and after an update alike, or a
@@ -133,9 +136,9 @@ class ConsistentHash(Strategy):
             scale /= 2.0
         return scale
 
-    def _update(self, last: _Ring, items: tuple[EndpointStats, ...]) -> Optional[_Ring]:
+    def _update(self, last: HashRing, items: tuple[EndpointStats, ...]) -> Optional[HashRing]:
         """``last`` changed for ``items``, or None when building again is as good."""
-        weights: list[int] = list(map(_weight_of, items))
+        weights: list[int] = list(map(weight_of, items))
         if items == last.items and weights == last.weights:
             return last  # the same candidates and weights: the same ring
         scale = self._scale(sum(weights))
@@ -157,7 +160,8 @@ class ConsistentHash(Strategy):
         came = [m for m in arriving if m not in leaving]
         went = [m for m in leaving if m not in arriving]
         if not (came or went):  # only their order changed: no point moves
-            return _Ring(items, weights, scale, last.hashes, last.owners, last.shift, last.starts)
+            return HashRing(items, weights, scale, last.hashes, last.owners, last.shift,
+                            last.starts)
         hashes, owners = list(last.hashes), list(last.owners)
         moved: list[tuple[int, int]] = []  # (point, +1 or -1) for the bucket index
         for stats, weight in went:
@@ -181,7 +185,7 @@ class ConsistentHash(Strategy):
         if came:
             self._forget_gone(items)
         shift, starts = shift_bucket_index(last.shift, last.starts, hashes, moved)
-        return _Ring(items, weights, scale, hashes, owners, shift, starts)
+        return HashRing(items, weights, scale, hashes, owners, shift, starts)
 
     def _points_of(self, address: str, weight: int, scale: float) -> tuple[int, ...]:
         spec = (address, max(4, int(weight * self.vnodes * scale)))
@@ -190,7 +194,7 @@ class ConsistentHash(Strategy):
             points = self._points[spec] = ring_points(*spec)
         return points
 
-    def _picker(self, ring: _Ring) -> Picker:
+    def _picker(self, ring: HashRing) -> Picker:
         items = ring.items
         hashes, owners, shift, starts = ring.hashes, ring.owners, ring.shift, ring.starts
         ring_size = len(hashes)
@@ -230,7 +234,7 @@ class ConsistentHash(Strategy):
             setattr(pick, _RING, ring)
             return pick
 
-        service_load = items[0]._service_load
+        service_load = items[0].service_load
 
         def pick_bounded(key: Optional[RoutingKey]) -> EndpointStats:
             if key is None:
@@ -242,7 +246,7 @@ class ConsistentHash(Strategy):
             seen: set[int] = set()
             for step in range(ring_size):
                 owner = owners[(i + step) % ring_size]
-                if len(owner._in_flight) < capacity:
+                if len(owner.load) < capacity:
                     return owner
                 seen.add(id(owner))
                 if len(seen) == size:
@@ -253,11 +257,13 @@ class ConsistentHash(Strategy):
         return pick_bounded
 
 
-class _Ring:
+class HashRing:
     """A built ring and what it was built from, kept on its picker for the next update.
 
-    ``items`` are the candidates and ``weights`` the weight each had; the ring's lists are
-    never changed once built (an update changes copies).
+    ``items`` are the candidates and ``weights`` the weight each had; ``hashes`` and ``owners``
+    are the ring as :func:`build_ring` returns it, ``shift`` and ``starts`` its
+    :func:`bucket_index`.  The ring's lists are never changed once built (an update changes
+    copies): read them, never change them.
     """
 
     __slots__ = ("hashes", "items", "owners", "scale", "shift", "starts", "weights")
@@ -272,6 +278,13 @@ class _Ring:
         self.owners = owners
         self.shift = shift
         self.starts = starts
+
+
+def ring_of(picker: Optional[Picker]) -> Optional[HashRing]:
+    """The ring a ``consistent_hash`` picker picks from, or None for any other picker (or
+    for None, a route's picker when it has no endpoint)."""
+    ring: Optional[HashRing] = getattr(picker, _RING, None)
+    return ring
 
 
 def _find_md5() -> Callable[[bytes], Any]:
@@ -369,7 +382,7 @@ def build_ring(items: Sequence[EndpointStats], vnodes: int, max_ring_size: int,
     ring whatever order it learnt the endpoints in.  ``cache`` keeps points between builds.
     """
     ordered = sorted(items, key=_address_of)
-    weights: list[int] = list(map(_weight_of, ordered))
+    weights: list[int] = list(map(weight_of, ordered))
     total = sum(weights) * vnodes
     # Halve the points per endpoint as often as needed to fit, never by another factor: the
     # scale then changes only when a service crosses a power of two, so between those sizes

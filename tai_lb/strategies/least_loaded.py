@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .._settings import check_number
 from ..stats import DEFAULT_DECAY, DEFAULT_LATENCY, EndpointStats
-from .base import Picker, RoutingKey, Strategy, _weight_of
+from .base import Picker, RoutingKey, Strategy, weight_of
 
 __all__ = ["LeastConnections", "PeakEwma"]
 
@@ -23,7 +23,7 @@ _FULL_SCAN_MAX = 8
 
 
 def _weights_equal(candidates: Sequence[EndpointStats]) -> bool:
-    weights = list(map(_weight_of, candidates))
+    weights = list(map(weight_of, candidates))
     return weights.count(weights[0]) == len(weights)
 
 
@@ -49,11 +49,11 @@ class LeastConnections(Strategy):
                 def scan(key: Optional[RoutingKey]) -> EndpointStats:
                     # One pass; ties broken uniformly by reservoir sampling.
                     best = items[0]
-                    best_load = len(best._in_flight)
+                    best_load = len(best.load)
                     ties = 1
                     for i in range(1, size):
                         c = items[i]
-                        load = len(c._in_flight)
+                        load = len(c.load)
                         if load < best_load:
                             best, best_load, ties = c, load, 1
                         elif load == best_load:
@@ -67,10 +67,10 @@ class LeastConnections(Strategy):
                 i = int(draw() * size)
                 j = int(draw() * (size - 1))
                 a, b = items[i], items[j + 1 if j >= i else j]
-                return a if len(a._in_flight) <= len(b._in_flight) else b
+                return a if len(a.load) <= len(b.load) else b
             return two_choices
 
-        cumulative = list(itertools.accumulate(map(_weight_of, items)))
+        cumulative = list(itertools.accumulate(map(weight_of, items)))
         total = cumulative[-1]
         last = size - 1
         search = bisect.bisect_right
@@ -86,8 +86,8 @@ class LeastConnections(Strategy):
                 j = (i + 1 + int(draw() * last)) % size
             a, b = items[i], items[j]
             # a.in_flight / a.weight <= b.in_flight / b.weight, without division
-            a_load = len(a._in_flight) * b.endpoint.weight
-            return a if a_load <= len(b._in_flight) * a.endpoint.weight else b
+            a_load = len(a.load) * b.endpoint.weight
+            return a if a_load <= len(b.load) * a.endpoint.weight else b
         return weighted_two_choices
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ..stats import EndpointStats
-from .base import Picker, RoutingKey, Strategy, _weight_of
+from .base import Picker, RoutingKey, Strategy, weight_of
 
 __all__ = ["Random", "Weighted"]
 
@@ -40,7 +40,7 @@ class Weighted(Strategy):
 
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
         items = tuple(candidates)
-        cumulative = list(itertools.accumulate(map(_weight_of, items)))
+        cumulative = list(itertools.accumulate(map(weight_of, items)))
         total = cumulative[-1]
         last = len(items) - 1
         draw = self.rng.random

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Optional
 
 from ..stats import EndpointStats
-from .base import Picker, RoutingKey, Strategy, _weight_of
+from .base import Picker, RoutingKey, Strategy, weight_of
 
 __all__ = ["RoundRobin", "WeightedRoundRobin", "smooth_weighted_order", "smooth_weighted_sequence"]
 
@@ -66,7 +66,7 @@ class WeightedRoundRobin(Strategy):
 
     def prepare(self, candidates: Sequence[EndpointStats]) -> Picker:
         items = tuple(candidates)
-        weights: list[int] = list(map(_weight_of, items))
+        weights: list[int] = list(map(weight_of, items))
         divisor = math.gcd(*weights)
         if divisor > 1:
             weights = [weight // divisor for weight in weights]

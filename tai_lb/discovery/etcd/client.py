@@ -26,7 +26,8 @@ from ...exceptions import ConfigError
 from .errors import EtcdError
 from .watch import WATCH_IDLE, WatchStream
 
-__all__ = ["RECONNECT_CAP", "RECONNECT_FIRST", "Backoff", "EtcdClient", "interrupt"]
+__all__ = ["RECONNECT_CAP", "RECONNECT_FIRST", "Backoff", "EtcdClient", "decode_key", "interrupt",
+           "shown_key", "unb64"]
 
 #: delays between reconnection attempts: from the first to the cap, doubling, with jitter
 RECONNECT_FIRST = 0.05
@@ -43,17 +44,18 @@ def _b64(data: Union[str, bytes]) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
+    """The bytes of a base64 field of etcd's JSON gateway (keys, values)."""
     return base64.b64decode(text)
 
 
-def _key(raw: bytes) -> str:
+def decode_key(raw: bytes) -> str:
     """A key as text: UTF-8, its other bytes kept apart as surrogates, so that two keys never
     become one (``errors="replace"`` would make ``b"\\xfe"`` and ``b"\\xff"`` the same key)."""
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _shown(key: str) -> str:
+def shown_key(key: str) -> str:
     """A key for a log line or status(): its bytes that are not UTF-8 as ``\\xNN``."""
     return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -260,7 +262,7 @@ class EtcdClient:
         answer = self.call("kv/range", {"key": _b64(prefix),
                                         "range_end": _b64(_prefix_end(prefix))})
         try:  # a member (or a proxy before it) may answer 200 with JSON of another shape
-            pairs = [(_key(_unb64(kv["key"])), _unb64(kv.get("value", "")))
+            pairs = [(decode_key(unb64(kv["key"])), unb64(kv.get("value", "")))
                      for kv in answer.get("kvs", ())]
             return int(answer["header"]["revision"]), pairs
         except (LookupError, TypeError, ValueError, AttributeError) as error:

@@ -22,7 +22,7 @@ from ..._settings import MAX_PORT, Settings, check_number, is_int, shown
 from ...endpoint import Endpoint
 from ...exceptions import ConfigError
 from ..base import Provider, SourceError
-from .client import Backoff, EtcdClient, _key, _shown, _unb64, interrupt
+from .client import Backoff, EtcdClient, decode_key, interrupt, shown_key, unb64
 from .errors import EtcdError, WatchCompacted, WatchIdle
 from .watch import WATCH_IDLE
 
@@ -142,6 +142,11 @@ class EtcdProvider(Provider):
         self._thread = None  # the watcher's own reset starts it again
         self._watching = False
 
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        """The watching thread, or None while stopped."""
+        return self._thread
+
     def stop(self) -> None:
         """Stop watching within a second (the open stream is cut)."""
         self._stop.set()
@@ -173,7 +178,7 @@ class EtcdProvider(Provider):
                 if key not in self._repeats:  # counted and logged once while it stays
                     self.skipped += 1
                     log.warning("tai-lb: etcd key %s repeats endpoint %s; skipped",
-                                _shown(key), endpoint.address)
+                                shown_key(key), endpoint.address)
                 continue
             seen.add(endpoint.address)
             endpoints.append(endpoint)
@@ -183,11 +188,11 @@ class EtcdProvider(Provider):
     def _parse(self, key: str, value: bytes) -> Optional[Endpoint]:
         try:
             data = json.loads(value)
-            return Endpoint.from_value(data, path=_shown(key))
+            return Endpoint.from_value(data, path=shown_key(key))
         except (ValueError, TypeError) as error:  # ConfigError is a ValueError
             self.skipped += 1
             log.warning("tai-lb: etcd key %s holds no valid endpoint (%s); skipped",
-                        _shown(key),
+                        shown_key(key),
                         error if isinstance(error, ConfigError) else f"{value[:200]!r}")
             return None
 
@@ -218,12 +223,12 @@ class EtcdProvider(Provider):
         revision = 0
         for event in events:
             kv = event.get("kv", {})
-            key = _key(_unb64(kv.get("key", "")))
+            key = decode_key(unb64(kv.get("key", "")))
             revision = max(revision, int(kv.get("mod_revision", 0)))
             if event.get("type") == "DELETE":
                 updates[key] = None
                 continue
-            endpoint = self._parse(key, _unb64(kv.get("value", "")))
+            endpoint = self._parse(key, unb64(kv.get("value", "")))
             if endpoint is not None:
                 updates[key] = endpoint
         with self._lock:
