@@ -140,21 +140,21 @@ class LoadBalancer:
         routing = self._services.get(service)
         if routing is None:
             routing = self._routing(service)
-        route = routing.router.route or routing.router.current()
-        snapshot = self.registry.get_snapshot(service)
+        route = routing.route or routing.current()
+        snapshot = self.registry.snapshots.get(service)
         # A newer set may be being built into a route: this one may still hold endpoints the
         # registry has removed (checked below).  Build now only when it has nothing to offer.
-        if route.snapshot is not snapshot and route.picker is None and snapshot:
-            route = routing.router.fresh()
+        stale = route.snapshot is not snapshot
+        if stale and route.picker is None and snapshot:
+            route = routing.fresh()
         picker = route.picker
         if picker is None:
             raise NoEndpointAvailable(service, route.refusal)
         stats = picker(key)
         if exclude and stats.endpoint.address in exclude:
             stats = excluding(route, key, exclude, stats)
-        if route.snapshot is not snapshot and snapshot is not None \
-                and stats.endpoint.address not in snapshot.by_address:
-            routing.router.fresh()  # landed on a removed endpoint: wait for the current route
+        if stale and snapshot is not None and stats.endpoint.address not in snapshot.by_address:
+            routing.fresh()  # landed on a removed endpoint: wait for the current route
             return self.pick(service, key, exclude=exclude)
         breaker = stats.breaker
         if breaker is None:
@@ -186,7 +186,7 @@ class LoadBalancer:
     def route(self, service: str) -> Route:
         """The route of ``service`` for the registry's current endpoints (for inspection: it
         waits for a build in progress, which a pick never does)."""
-        return self._routing(service, picking=False).router.fresh()
+        return self._routing(service, picking=False).fresh()
 
     def service_config(self, service: str) -> ServiceConfig:
         """The settings of ``service`` (defaults if it was registered from Python)."""
@@ -211,14 +211,14 @@ class LoadBalancer:
             self.topology.apply(name, group)
             routing = self._services.get(name)
             if routing is not None:
-                routing.router.update()
+                routing.update()
 
     def _health_changed(self, service: str, source: Optional[str] = None) -> None:
         # Called by the checker or the outlier detector, outside their locks: build the route
         # on the new health, on their thread.
         routing = self._services.get(service)
         if routing is not None:
-            routing.router.update()
+            routing.update()
         if source is not None:
             self.metrics.count(service, f"{source}.changed")
 
@@ -278,7 +278,7 @@ class LoadBalancer:
         services = {}
         for name in self.registry.services():
             routing = self._routing(name, picking=False)
-            route = routing.router.fresh()
+            route = routing.fresh()
             active = routing.failover.active
             services[name] = balancer_status(
                 route, self.health_checker, self.outlier_detector, self._budgets.find(name),

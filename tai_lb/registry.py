@@ -111,7 +111,8 @@ class ServiceRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # Copy-on-write: readers get this dict without a lock; writers replace it whole.
-        self._snapshots: MappingProxyType[str, ServiceSnapshot] = MappingProxyType({})
+        #: every service's current snapshot, read-only; replaced whole by each write
+        self.snapshots: MappingProxyType[str, ServiceSnapshot] = MappingProxyType({})
         self._subscribers: tuple[Subscription, ...] = ()
         self._sequence = 0
         self._pending: collections.deque[TopologyChange] = collections.deque()
@@ -138,14 +139,14 @@ class ServiceRegistry:
 
     def snapshot(self, service: str) -> ServiceSnapshot:
         """The current snapshot of ``service``; raises `UnknownService` for an unknown name."""
-        snap = self._snapshots.get(service)
+        snap = self.snapshots.get(service)
         if snap is None:
             raise UnknownService(service)
         return snap
 
     def get_snapshot(self, service: str) -> Optional[ServiceSnapshot]:
         """The current snapshot of ``service``, or None if it is unknown."""
-        return self._snapshots.get(service)
+        return self.snapshots.get(service)
 
     def endpoints(self, service: str) -> tuple[Endpoint, ...]:
         """The endpoints of ``service`` in registration order."""
@@ -153,10 +154,10 @@ class ServiceRegistry:
 
     def services(self) -> tuple[str, ...]:
         """The names of every known service, sorted."""
-        return tuple(sorted(self._snapshots))
+        return tuple(sorted(self.snapshots))
 
     def __contains__(self, service: object) -> bool:
-        return service in self._snapshots
+        return service in self.snapshots
 
     def find(self, service: Optional[str] = None, *, zone: Optional[str] = None,
              region: Optional[str] = None, version: Optional[str] = None,
@@ -174,7 +175,7 @@ class ServiceRegistry:
         if service is not None:
             sources: Iterable[ServiceSnapshot] = (self.snapshot(service),)
         else:
-            sources = self._snapshots.values()
+            sources = self.snapshots.values()
         return tuple(e for snap in sources for e in snap.endpoints if condition(e))
 
     # -- writes -------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class ServiceRegistry:
         """Make ``service`` known, with no endpoints if it has none yet."""
         check_service_name(service)
         with self._lock:
-            if service not in self._snapshots:
+            if service not in self.snapshots:
                 self._publish(snapshot_of(service, {}))
 
     def register(self, service: str, endpoint: EndpointLike) -> None:
@@ -195,7 +196,7 @@ class ServiceRegistry:
         check_service_name(service)
         new = _endpoint_list(endpoints)
         with self._lock:
-            snap = self._snapshots.get(service)
+            snap = self.snapshots.get(service)
             table: Optional[dict[str, Endpoint]] = None  # copied on the first difference
             current: Mapping[str, Endpoint] = snap.by_address if snap is not None else {}
             added: list[str] = []
@@ -224,7 +225,7 @@ class ServiceRegistry:
         """Remove several endpoints in one atomic step; returns how many were removed."""
         addresses = [_address_of(e) for e in endpoints]
         with self._lock:
-            snap = self._snapshots.get(service)
+            snap = self.snapshots.get(service)
             if snap is None:
                 raise UnknownService(service)
             table: Optional[dict[str, Endpoint]] = None  # copied on the first removal
@@ -258,7 +259,7 @@ class ServiceRegistry:
         keys = value_keys(new)
         with self._lock:
             # Diffed with the lock held: the current snapshot must stay current meanwhile.
-            update = diff_full_update(self._snapshots.get(service), new, keys)
+            update = diff_full_update(self.snapshots.get(service), new, keys)
             self._queue_all("removed", service, update.removed)
             for endpoint, previous in update.changed:
                 self._queue("changed", service, endpoint, previous)
@@ -305,9 +306,9 @@ class ServiceRegistry:
     # -- internals (called with self._lock held) ----------------------------------------------
 
     def _publish(self, snapshot: ServiceSnapshot) -> None:
-        snapshots = self._snapshots.copy()
+        snapshots = self.snapshots.copy()
         snapshots[snapshot.service] = snapshot
-        self._snapshots = MappingProxyType(snapshots)
+        self.snapshots = MappingProxyType(snapshots)
 
     def _queue(self, kind: ChangeKind, service: str, endpoint: Endpoint,
                previous: Optional[Endpoint]) -> None:

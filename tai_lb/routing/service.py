@@ -14,7 +14,7 @@ from .health import HealthyOrPanic, Unusable
 from .members import Membership, StatsFactory
 from .prepare import Prepare
 from .priority import PriorityFailover
-from .route import Route, Stage
+from .route import Stage
 from .router import Router
 
 if TYPE_CHECKING:
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["ServiceRouting"]
 
 
-class ServiceRouting:
-    """The stages and the router of one service.
+class ServiceRouting(Router):
+    """The router of one service, with its chain of stages.
 
     :param service: the service's name.
     :param settings: its settings.
@@ -43,7 +43,6 @@ class ServiceRouting:
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
                  health: HealthChecker, outliers: OutlierDetector,
                  events: FailoverEvents) -> None:
-        self.service = service
         self.members = Membership(make_stats)
         self.failover = PriorityFailover(settings.failover,
                                          functools.partial(events.record, service))
@@ -57,7 +56,7 @@ class ServiceRouting:
             unusable.append(functools.partial(outliers.ejected, service))
         self._unusable = Unusable(*unusable)
         self._panic = HealthyOrPanic(checks.panic_threshold if checks is not None else 0.5)
-        self.router = Router(service, self.chain(), snapshot, strategy)
+        super().__init__(service, self.chain(), snapshot, strategy)
 
     def chain(self) -> list[Stage]:
         """The stages, in order: priority, then (to come) locality, then the host's picker."""
@@ -69,11 +68,6 @@ class ServiceRouting:
             # slow start weights, locality and subsets go here
             self._prepare,   # the strategy's picker
         ]
-
-    @property
-    def route(self) -> Route:
-        """The published route (built now if there is none yet)."""
-        return self.router.route or self.router.current()
 
     def reset_after_fork(self) -> None:
         """In a forked child: fresh locks in the figures, no picker of the parent's."""
