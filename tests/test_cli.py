@@ -3,7 +3,9 @@ and ``--help``."""
 
 from __future__ import annotations
 
+import configparser
 import contextlib
+import importlib
 import json
 import re
 import socket
@@ -20,6 +22,7 @@ from tai_lb.__main__ import main
 
 from . import backends
 from .backends import Backend
+from .etcdserver import EtcdServer
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -285,3 +288,41 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("demo", "check", "status", "picks"):
         assert re.search(rf"^\s+{command}\s+\w", out, re.MULTILINE), command
+
+
+def test_status_asks_etcd_once_and_leaves_no_watch_running(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        backend_factory: Callable[..., Backend]) -> None:
+    up = backend_factory()
+    server = EtcdServer(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        client.put("/status/services/users/one", json.dumps({"address": up.address}))
+        client.close()
+        down_url = f"http://{dead_address()}"
+        code, out = status(capsys, tmp_path, {"services": {
+            "users": {"discovery": {"type": "etcd", "urls": [server.url],
+                                    "prefix": "/status/services"}},
+            "orders": {"discovery": {"type": "etcd", "urls": [down_url],
+                                     "prefix": "/status/services", "timeout": 0.2}}}},
+            "--discovery-timeout", "0.5")
+    finally:
+        server.stop()
+    assert code == 1, out  # orders: etcd down and nothing configured
+    assert table_rows(out)[up.address][:4] == ["users", up.address, "-", "healthy"]
+    assert "users: 1 of 1 endpoints healthy (tcp connect, no health_check); etcd discovery: " \
+           "1 endpoints found" in out
+    orders = next(line for line in out.splitlines() if line.startswith("orders: "))
+    assert "etcd discovery: SourceError: " in orders and "0 configured endpoints probed" in orders
+    # the etcd watch threads started for the answer were stopped before the command returned
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tai-lb")]
+
+
+def test_the_console_script_runs_main() -> None:
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parent.parent / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in
+                   setup["options.entry_points"]["console_scripts"].strip().splitlines())
+    module, _, function = scripts["tai-lb"].partition(":")
+    assert getattr(importlib.import_module(module), function) is main
