@@ -147,8 +147,11 @@ def probe_services(config: LoadBalancerConfig, timeout: float = DEFAULT_TIMEOUT,
     services = list(config.services.items())
     reports = {name: ServiceReport(name, _check_of(service, timeout)[1])
                for name, service in services}
-    jobs = max(1, min(workers, sum(len(s.endpoints) + len(s.backups) + 1 for _, s in services)))
-    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="tai-lb-status") as pool:
+    # The pool starts a thread only when a job waits and none is idle, so a small
+    # configuration gets few threads, and a discovered service of 100 endpoints still gets
+    # ``workers`` (a count from the configured endpoints would probe those one at a time).
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers),
+                                               thread_name_prefix="tai-lb-status") as pool:
         found: dict[str, concurrent.futures.Future[tuple[list[Endpoint], dict[str, Any]]]] = {
             name: pool.submit(_discover, name, service, discovery_timeout)
             for name, service in services if service.discovery is not None}

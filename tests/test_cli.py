@@ -326,3 +326,19 @@ def test_the_console_script_runs_main() -> None:
                    setup["options.entry_points"]["console_scripts"].strip().splitlines())
     module, _, function = scripts["tai-lb"].partition(":")
     assert getattr(importlib.import_module(module), function) is main
+
+
+def test_status_probes_discovered_endpoints_concurrently(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        backend_factory: Callable[..., Backend]) -> None:
+    gate = _Gate(4)
+    made = [backend_factory() for _ in range(4)]
+    for backend in made:
+        backend.behaviour = gate
+    listing = tmp_path / "users.json"
+    listing.write_text(json.dumps([b.address for b in made]))
+    code, out = status(capsys, tmp_path, {"services": {"users": {
+        "discovery": {"type": "file", "path": str(listing)},
+        "health_check": {"path": "/healthz", "timeout": 5}}}}, "--workers", "4")
+    assert code == 0, out
+    assert gate.most == 4  # not one at a time for want of configured endpoints
