@@ -14,6 +14,7 @@ import logging
 from .adapter import LoadBalancedAdapter
 from .balancer import LoadBalancer
 from .config import KeySource, LoadBalancerConfig, ServiceConfig, load_config
+from .connpool import ConnectionPool
 from .discovery.etcd import EtcdRegistrar
 from .endpoint import Endpoint, Labels
 from .exceptions import (
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attempt",
     "ConfigError",
+    "ConnectionPool",
     "DecisionTrace",
     "Endpoint",
     "EndpointStats",

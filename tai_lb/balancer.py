@@ -14,7 +14,6 @@ use the last route and refuse endpoints the registry removed (never one after de
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ import requests
 from . import _forksafe
 from ._status import balancer_status
 from .config import LoadBalancerConfig, ServiceConfig, load_config
+from .connpool import balanced_connection
 from .discovery.backups import discovery_watchers
 from .exceptions import LoadBalancerError, NoEndpointAvailable, UnknownService
 from .health import HealthChecker
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from .discovery.base import DiscoveryWatcher
 
 __all__ = ["LoadBalancer"]
-
-log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
@@ -254,6 +252,8 @@ class LoadBalancer:
 
         return LoadBalancedAdapter(self)
 
+    connection = balanced_connection  # a method: ``with lb.connection(service, factory) as conn:``
+
     @property
     def pools(self) -> EndpointPools:
         """The HTTP connection pools of every endpoint (a forked child gets new ones)."""
@@ -314,6 +314,7 @@ class LoadBalancer:
             self.health_checker.stop()
             self.outlier_detector.stop()
             self._pools.close()
+            self.topology.connection_pools.close()
             self.metrics.close()
 
     @property

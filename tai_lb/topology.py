@@ -1,11 +1,11 @@
 """`TopologyFollower`: what the balancer does when a service's endpoints change, besides routing.
 
 For every list of registry changes it updates the health checker's targets, forgets the outlier
-state of removed endpoints, and closes their HTTP pools: at once when nothing is in flight on
-them, or, when requests are still in flight, once the last one ends (the endpoint drains: it gets
-no new picks, its requests finish, then its pools close).  An endpoint removed and added back
-before it drained keeps its pools.  A removed address that another service still uses keeps its
-pools too.
+state of removed endpoints, and closes their pools (HTTP, and the generic ``connection_pools``):
+at once when nothing is in flight on them, or, when requests are still in flight, once the last
+one ends (the endpoint drains: it gets no new picks, its requests finish, then its pools close).
+An endpoint removed and added back before it drained keeps its pools.  A removed address that
+another service still uses keeps its pools too.
 
 Whole lists are handled at a time, in C where it can (a full update of 10,000 endpoints is one
 list of as many changes); one change at a time, in order, only when an address went and came back
@@ -19,6 +19,7 @@ import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, Optional
 
+from .connpool import EndpointConnectionPools
 from .endpoint import Endpoint
 from .stats import EndpointStats
 
@@ -61,6 +62,8 @@ class TopologyFollower:
         self._outliers = outliers
         self._pools = pools
         self._members = members
+        #: the generic pools of ``LoadBalancer.connection()``, closed here as HTTP pools are
+        self.connection_pools = EndpointConnectionPools()
         #: figures of removed endpoints whose pools close once their last lease is released
         self.draining: set[EndpointStats] = set()
 
@@ -134,7 +137,9 @@ class TopologyFollower:
                     draining.add(endpoint.address)
             if draining:
                 going = [e for e in going if e.address not in draining]
-        self._pools().close_endpoints(map(_host_port_of, going))
+        addresses = list(map(_host_port_of, going))
+        self._pools().close_endpoints(addresses)
+        self.connection_pools.close_endpoints(addresses)
 
     def _apply_in_order(self, service: str, changes: Sequence[TopologyChange],
                         table: dict[str, EndpointStats], load: Sequence[None]) -> None:
@@ -151,6 +156,7 @@ class TopologyFollower:
         def close_pools() -> None:
             self.draining.discard(stats)
             self._pools().close_endpoint(endpoint.host, endpoint.port)
+            self.connection_pools.close_endpoints(((endpoint.host, endpoint.port),))
 
         self.draining.add(stats)
         return close_pools

@@ -70,3 +70,16 @@ def test_churn_benchmark_quick_mode_prints_its_table() -> None:
     for text in ("round_robin", "consistent_hash", "steady", "churn", "p99.9 ms"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_pool_benchmark_quick_mode_prints_its_table() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pool.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    for text in ("queue.Queue get/put", "ConnectionPool borrow/return", "lb.connection()",
+                 "vs queue.Queue", "target ConnectionPool borrow and return <= 20 us"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before

@@ -24,5 +24,5 @@ def test_every_exported_name_resolves_and_has_a_docstring() -> None:
 
 def test_spec_names_are_exported() -> None:
     for name in ("LoadBalancer", "ServiceRegistry", "Endpoint", "LoadBalancerError", "ConfigError",
-                 "NoEndpointAvailable", "PoolExhausted", "UnknownService"):
+                 "ConnectionPool", "NoEndpointAvailable", "PoolExhausted", "UnknownService"):
         assert name in tai_lb.__all__
