@@ -252,19 +252,25 @@ def random_change(rng: random.Random, reg: ServiceRegistry) -> None:
 
 
 @pytest.mark.parametrize("name", ["round_robin", "weighted_round_robin", "least_connections",
-                                  "peak_ewma", "consistent_hash", "weighted", "random"])
+                                  "peak_ewma", "consistent_hash", "weighted", "random",
+                                  "maglev"])
 def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -> None:
     from tai_lb.strategies import (
         ConsistentHash,
+        Maglev,
         WeightedRoundRobin,
         bucket_index,
         build_ring,
+        build_table,
         ring_of,
+        table_of,
     )
 
     def strategy() -> tai_lb.Strategy:
         if name == "consistent_hash":
             return ConsistentHash(vnodes=40, max_ring_size=4096)
+        if name == "maglev":
+            return Maglev(table_size=1009)
         if name == "weighted_round_robin":
             return WeightedRoundRobin(start=0)
         return tai_lb.strategies.resolve_strategy(name)
@@ -293,6 +299,13 @@ def test_routes_after_small_changes_equal_routes_built_from_scratch(name: str) -
             hashes, owners = build_ring(route.candidates, 40, 4096)
             assert ring.hashes == hashes and ring.owners == owners
             assert (ring.shift, ring.starts) == bucket_index(hashes)
+            assert [lb.pick("users", key=k).address for k in keys] == [
+                fresh.pick("users", key=k).address for k in keys]
+        if name == "maglev":
+            table = table_of(route.picker)
+            assert table is not None
+            ordered = sorted(route.candidates, key=lambda s: s.endpoint.address)
+            assert table.owners == build_table(ordered, 1009)
             assert [lb.pick("users", key=k).address for k in keys] == [
                 fresh.pick("users", key=k).address for k in keys]
         if name == "weighted_round_robin":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,5 +82,19 @@ def test_pool_benchmark_quick_mode_prints_its_table() -> None:
     assert done.returncode == 0, done.stderr
     for text in ("queue.Queue get/put", "ConnectionPool borrow/return", "lb.connection()",
                  "vs queue.Queue", "target ConnectionPool borrow and return <= 20 us"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
+
+
+
+@pytest.mark.slow
+def test_hashing_benchmark_quick_mode_prints_its_table() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hashing.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    for text in ("consistent_hash", "maglev", "memory MB", "moved x 1/10", "at home >= 90%"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before

@@ -22,7 +22,7 @@ from tai_lb import (
 from tai_lb.config import NOT_SUPPORTED_YET, LoadBalancerConfig
 from tai_lb.discovery import DiscoveryConfig, Provider, StaticConfig
 from tai_lb.metrics import MetricsConfig, StatsdConfig
-from tai_lb.strategies import ConsistentHash, PeakEwma
+from tai_lb.strategies import ConsistentHash, Maglev, PeakEwma
 
 from .backends import Backend
 from .conftest import THREAD_PREFIX, wait_for
@@ -79,6 +79,12 @@ BAD: list[tuple[Any, str, str]] = [
      "services.users.strategy.load_bound", "number > 1"),
     (users(strategy={"name": "consistent_hash", "max_ring_size": 10}),
      "services.users.strategy.max_ring_size", "from 1024"),
+    (users(strategy={"name": "maglev", "table_size": 65536}),
+     "services.users.strategy.table_size", "a prime from 7 to 1000003, got 65536"),
+    (users(strategy={"name": "maglev", "table_size": "65537"}),
+     "services.users.strategy.table_size", "a prime from 7"),
+    (users(strategy={"name": "maglev", "load_bound": 0.5}),
+     "services.users.strategy.load_bound", "number > 1"),
     (users(strategy={"name": "peak_ewma", "decay": -1}), "services.users.strategy.decay",
      "seconds > 0 and <= 86400, got -1"),
     (users(strategy={"name": "peak_ewma", "decay": float("inf")}),
@@ -203,6 +209,14 @@ def test_defaults_merge_into_mappings() -> None:
     assert isinstance(ring, ConsistentHash) and (ring.vnodes, ring.load_bound) == (50, 1.5)
 
 
+def test_maglev_with_its_table_size() -> None:
+    config = load_config({"services": {"users": {
+        "endpoints": ["a:1"], "strategy": {"name": "maglev", "table_size": 65537}}}})
+    table = config.services["users"].strategy
+    assert isinstance(table, Maglev) and table.options() == {"table_size": 65537,
+                                                             "load_bound": None}
+
+
 def test_default_strategy_options_do_not_leak_into_another_strategy() -> None:
     config = load_config({
         "defaults": {"strategy": {"name": "peak_ewma", "decay": 5}},
@@ -308,6 +322,8 @@ ANY_SIZE: list[tuple[str, Any, str]] = [
      "services.users.retries.budget.ttl"),
     ("huge-int-load-bound", users(strategy={"name": "consistent_hash", "load_bound": HUGE}),
      "services.users.strategy.load_bound"),
+    ("huge-int-table-size", users(strategy={"name": "maglev", "table_size": HUGE}),
+     "services.users.strategy.table_size"),
     ("huge-int-decay", users(strategy={"name": "peak_ewma", "decay": HUGE}),
      "services.users.strategy.decay"),
     ("huge-int-reset-timeout", users(circuit_breaker={"reset_timeout": HUGE}),
@@ -411,6 +427,7 @@ EXTREMES: list[tuple[str, Any]] = [
     ("retries", {"budget": {"min_per_second": 1_000_000, "ttl": 86_400}}),
     ("strategy", {"name": "consistent_hash", "load_bound": 1e308}),
     ("strategy", {"name": "consistent_hash", "load_bound": 1000}),
+    ("strategy", {"name": "maglev", "table_size": 7, "load_bound": 1000}),
     ("strategy", {"name": "peak_ewma", "decay": 1e300, "default_latency": 1e300}),
     ("circuit_breaker", {"reset_timeout": 1e300}),
     ("outlier_detection", {"base_ejection_time": 1e300, "max_ejection_time": 1e300}),

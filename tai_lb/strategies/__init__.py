@@ -15,6 +15,7 @@ name                       picks                                                
 ``weighted``               at random, in proportion to weight                           O(log n)
 ``least_connections``      fewest in flight per weight; two random choices past 8       O(1) [#]_
 ``consistent_hash``        the key's owner on a ketama ring (random without a key)      O(log n)
+``maglev``                 the key's owner in a Maglev table (random without a key)     O(1)
 ``peak_ewma``              two random choices, lower peak-EWMA latency x (in flight+1)  O(1)
 =========================  ===========================================================  ========
 
@@ -27,7 +28,8 @@ The package's modules, each re-exported here: :mod:`~tai_lb.strategies.base` (th
 the picker and routing key types, the function wrapper), :mod:`~tai_lb.strategies.rotation`
 (``round_robin``, ``weighted_round_robin``), :mod:`~tai_lb.strategies.randomized` (``random``,
 ``weighted``), :mod:`~tai_lb.strategies.least_loaded` (``least_connections``, ``peak_ewma``),
-:mod:`~tai_lb.strategies.hashing` (``consistent_hash``) and :mod:`~tai_lb.strategies.names`
+:mod:`~tai_lb.strategies.hashing` (``consistent_hash``, and what hashing strategies share),
+:mod:`~tai_lb.strategies.maglev` (``maglev``) and :mod:`~tai_lb.strategies.names`
 (the names of configuration, :func:`resolve_strategy`).
 """
 
@@ -44,6 +46,9 @@ from .hashing import ring_of as ring_of
 from .hashing import ring_points as ring_points
 from .hashing import shift_bucket_index as shift_bucket_index
 from .least_loaded import LeastConnections, PeakEwma
+from .maglev import Maglev
+from .maglev import build_table as build_table
+from .maglev import table_of as table_of
 from .names import STRATEGIES, StrategyLike, resolve_strategy
 from .randomized import Random, Weighted
 from .rotation import RoundRobin, WeightedRoundRobin
@@ -55,6 +60,7 @@ __all__ = [
     "ConsistentHash",
     "FunctionStrategy",
     "LeastConnections",
+    "Maglev",
     "PeakEwma",
     "Picker",
     "Random",

@@ -5,7 +5,10 @@ endpoint stays, and updates the previous ring in place of a new build when a few
 change.  The ring's pieces are plain functions beside it: :func:`key_hash` and
 :func:`ring_points` (MD5, stable across processes), :func:`build_ring`, and the bucket index
 that narrows a lookup (:func:`bucket_index`, :func:`shift_bucket_index`).  A picker keeps the
-:class:`HashRing` it picks from, which :func:`ring_of` reads.
+:class:`HashRing` it picks from, which :func:`ring_of` reads.  What every hashing strategy
+(``maglev`` too) shares is here as well: the ``load_bound`` check (:func:`check_load_bound`),
+and the walks from a key's place to the next owner that is not excluded
+(:func:`excluding_walk`) or has room (:func:`bounded_picker`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from .base import EXCLUDING, Picker, RoutingKey, Strategy, weight_of
 __all__ = [
     "ConsistentHash",
     "HashRing",
+    "bounded_picker",
     "bucket_index",
     "build_ring",
+    "check_load_bound",
+    "excluding_walk",
     "key_hash",
     "ring_of",
     "ring_points",
@@ -76,10 +82,7 @@ class ConsistentHash(Strategy):
                  max_ring_size: int = 1 << 16, rng: Optional[random.Random] = None) -> None:
         super().__init__(rng=rng)
         check_int(vnodes, "vnodes", 4, 10_000)
-        if load_bound is not None:
-            # Bounded, so the capacity (the bound times the mean load) stays a finite number.
-            load_bound = check_number(load_bound, "load_bound", 1.0, _MAX_LOAD_BOUND,
-                                      what="a number")
+        load_bound = check_load_bound(load_bound)
         check_int(max_ring_size, "max_ring_size", 1024, 1 << 24)
         self.vnodes = vnodes
         self.load_bound = load_bound
@@ -201,26 +204,19 @@ class ConsistentHash(Strategy):
         size = len(items)
         draw = self.rng.random
         search = bisect.bisect_right
-        bound = self.load_bound
         md5, unpack = _md5, _unpack_first
 
-        def excluding(key: Optional[RoutingKey],
-                      exclude: Collection[str]) -> Optional[EndpointStats]:
-            # The next owner clockwise that is not excluded: where the key would go if the
-            # excluded endpoints were removed from the ring.
-            if key is None:
-                remaining = [c for c in items if c.endpoint.address not in exclude]
-                return remaining[int(draw() * len(remaining))] if remaining else None
+        def locate(key: RoutingKey) -> int:
+            # The index of the key's point: the first ring point after its hash (ring_size
+            # past the last point, which the walks wrap to 0).
             h = key_hash(key)
             bucket = h >> shift
-            i = search(hashes, h, starts[bucket], starts[bucket + 1])
-            for step in range(ring_size):
-                owner = owners[(i + step) % ring_size]
-                if owner.endpoint.address not in exclude:
-                    return owner
-            return None
+            return search(hashes, h, starts[bucket], starts[bucket + 1])
 
-        if bound is None:
+        if self.load_bound is not None:
+            # As without a bound, a key goes to the next owner clockwise that has room.
+            picker = bounded_picker(items, owners, locate, size, self.load_bound, draw)
+        else:
             def pick(key: Optional[RoutingKey]) -> EndpointStats:
                 if key is None:
                     return items[int(draw() * size)]
@@ -230,31 +226,83 @@ class ConsistentHash(Strategy):
                 bucket = h >> shift
                 i = search(hashes, h, starts[bucket], starts[bucket + 1])
                 return owners[i if i < ring_size else 0]
-            setattr(pick, EXCLUDING, excluding)
-            setattr(pick, _RING, ring)
-            return pick
+            picker = pick
+        # The next owner clockwise that is not excluded: where the key would go if the
+        # excluded endpoints were removed from the ring.
+        setattr(picker, EXCLUDING, excluding_walk(items, owners, locate, size, draw))
+        setattr(picker, _RING, ring)
+        return picker
 
-        service_load = items[0].service_load
 
-        def pick_bounded(key: Optional[RoutingKey]) -> EndpointStats:
-            if key is None:
-                return items[int(draw() * size)]
-            h = key_hash(key)
-            bucket = h >> shift
-            i = search(hashes, h, starts[bucket], starts[bucket + 1])
-            capacity = math.ceil(bound * (len(service_load) + 1) / size)
-            seen: set[int] = set()
-            for step in range(ring_size):
-                owner = owners[(i + step) % ring_size]
-                if len(owner.load) < capacity:
-                    return owner
-                seen.add(id(owner))
-                if len(seen) == size:
-                    break
-            return owners[i % ring_size]
-        setattr(pick_bounded, EXCLUDING, excluding)
-        setattr(pick_bounded, _RING, ring)
-        return pick_bounded
+def check_load_bound(value: object) -> Optional[float]:
+    """``load_bound`` of a hashing strategy: None (off), or a number above 1 and at most 1000
+    (as good as none), so the capacity it gives stays a finite number."""
+    if value is None:
+        return None
+    return check_number(value, "load_bound", 1.0, _MAX_LOAD_BOUND, what="a number")
+
+
+def excluding_walk(items: Sequence[EndpointStats], owners: Sequence[EndpointStats],
+                   locate: Callable[[RoutingKey], int], distinct: int,
+                   draw: Callable[[], float],
+                   ) -> Callable[[Optional[RoutingKey], Collection[str]], Optional[EndpointStats]]:
+    """The :data:`~tai_lb.strategies.EXCLUDING` function of a hashing picker.
+
+    From the key's place in ``owners`` (``locate(key)``, wrapped at the end), the first owner
+    that is not excluded; None once ``distinct`` different owners (every endpoint that owns a
+    place) were all excluded.  Without a key, one of the ``items`` left, at random.
+    """
+    length = len(owners)
+
+    def excluding(key: Optional[RoutingKey],
+                  exclude: Collection[str]) -> Optional[EndpointStats]:
+        if key is None:
+            remaining = [c for c in items if c.endpoint.address not in exclude]
+            return remaining[int(draw() * len(remaining))] if remaining else None
+        start = locate(key)
+        seen: set[int] = set()
+        for step in range(length):
+            owner = owners[(start + step) % length]
+            if owner.endpoint.address not in exclude:
+                return owner
+            seen.add(id(owner))
+            if len(seen) == distinct:
+                break
+        return None
+
+    return excluding
+
+
+def bounded_picker(items: Sequence[EndpointStats], owners: Sequence[EndpointStats],
+                   locate: Callable[[RoutingKey], int], distinct: int, bound: float,
+                   draw: Callable[[], float]) -> Picker:
+    """A hashing picker with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2016).
+
+    From the key's place in ``owners`` (``locate(key)``, wrapped at the end), the first owner
+    with fewer than ``ceil(bound * (in flight in the service + 1) / len(items))`` requests in
+    flight; the key's own owner when ``distinct`` different owners are all that full.  Without
+    a key, one of the ``items`` at random.
+    """
+    size = len(items)
+    length = len(owners)
+    service_load = items[0].service_load
+
+    def pick_bounded(key: Optional[RoutingKey]) -> EndpointStats:
+        if key is None:
+            return items[int(draw() * size)]
+        start = locate(key)
+        capacity = math.ceil(bound * (len(service_load) + 1) / size)
+        seen: set[int] = set()
+        for step in range(length):
+            owner = owners[(start + step) % length]
+            if len(owner.load) < capacity:
+                return owner
+            seen.add(id(owner))
+            if len(seen) == distinct:
+                break
+        return owners[start % length]
+
+    return pick_bounded
 
 
 class HashRing:

@@ -17,6 +17,7 @@ from ..exceptions import ConfigError
 from .base import FunctionStrategy, Strategy, StrategyFunction
 from .hashing import ConsistentHash
 from .least_loaded import LeastConnections, PeakEwma
+from .maglev import Maglev
 from .randomized import Random, Weighted
 from .rotation import RoundRobin, WeightedRoundRobin
 
@@ -25,7 +26,7 @@ __all__ = ["STRATEGIES", "StrategyLike", "resolve_strategy"]
 STRATEGIES: Mapping[str, type[Strategy]] = {
     cls.name: cls
     for cls in (RoundRobin, WeightedRoundRobin, Random, Weighted, LeastConnections,
-                ConsistentHash, PeakEwma)
+                ConsistentHash, Maglev, PeakEwma)
 }
 """Strategy classes by configuration name."""
 
@@ -39,6 +40,7 @@ _OPTIONS: Mapping[str, tuple[str, ...]] = {
     "weighted": (),
     "least_connections": (),
     "consistent_hash": ("vnodes", "load_bound", "max_ring_size"),
+    "maglev": ("table_size", "load_bound"),
     "peak_ewma": ("decay", "default_latency"),
 }
 
