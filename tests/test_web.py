@@ -3,6 +3,7 @@ read over HTTP and in a real headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import pytest
 import requests
 
 import tai_lb
-from tai_lb.web import status_app
+from tai_lb.web import render_html, status_app
 
 from .backends import Backend
 from .conftest import wait_for
@@ -68,11 +69,10 @@ def balancer() -> Iterator[tuple[tai_lb.LoadBalancer, list[Backend]]]:
         other.stop()
 
 
-@pytest.fixture
-def served(balancer: tuple[tai_lb.LoadBalancer, list[Backend]]) -> Iterator[str]:
-    """The status page of ``balancer`` served by wsgiref on a port of its own; its base URL."""
-    server = make_server("127.0.0.1", 0, status_app(balancer[0], refresh=2),
-                         server_class=_Server, handler_class=_Handler)
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """``app`` served by wsgiref on 127.0.0.1, on a port of its own; yields the base URL."""
+    server = make_server("127.0.0.1", 0, app, server_class=_Server, handler_class=_Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name="test-status-page", daemon=True)
     thread.start()
@@ -82,6 +82,13 @@ def served(balancer: tuple[tai_lb.LoadBalancer, list[Backend]]) -> Iterator[str]
         server.shutdown()
         server.server_close()
         thread.join(timeout=2)
+
+
+@pytest.fixture
+def served(balancer: tuple[tai_lb.LoadBalancer, list[Backend]]) -> Iterator[str]:
+    """The status page of ``balancer`` (reloading every second); its base URL."""
+    with _serve(status_app(balancer[0], refresh=1)) as url:
+        yield url
 
 
 def _shape(value: Any) -> Any:
@@ -100,7 +107,7 @@ def test_html_has_every_endpoint_row_and_state(
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/html; charset=utf-8"
     page = response.text
-    assert '<meta http-equiv="refresh" content="2">' in page
+    assert '<meta http-equiv="refresh" content="1">' in page
     assert page.count('<tr class="endpoint ') == 3
     assert '<tr class="endpoint healthy"><td title="team=' in page
     for backend, health in ((live, "healthy"), (other, "healthy"), (dead, "unhealthy")):
@@ -158,6 +165,35 @@ def test_closed_balancer_no_refresh_and_bad_refresh(
     for bad in (-1, "5", True, 1e9):
         with pytest.raises(tai_lb.ConfigError, match=r"^refresh: "):
             status_app(lb, refresh=bad)  # type: ignore[arg-type]
+
+
+def test_failover_events_newest_first_and_escaped() -> None:
+    events = [{"service": "users", "kind": "failover", "from_priority": 0, "to_priority": 1,
+               "usable_shares": [0.2, 1.0], "at": 10.0},
+              {"service": HOSTILE, "kind": "failback", "from_priority": 1, "to_priority": 0,
+               "usable_shares": [1.0, 1.0], "at": 20.0}]
+    page = render_html({"services": {}, "failover_events": events})
+    table = page.split('<table class="events">', 1)[1]
+    assert table.index("failback") < table.index("failover")
+    assert "<td>0 -&gt; 1</td>" in table and HOSTILE not in page
+
+
+def test_mounts_in_a_wsgi_dispatcher(
+        balancer: tuple[tai_lb.LoadBalancer, list[Backend]]) -> None:
+    dispatcher = pytest.importorskip("werkzeug.middleware.dispatcher")
+
+    def main_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"main"]
+
+    app = dispatcher.DispatcherMiddleware(main_app, {"/lb-status": status_app(balancer[0])})
+    with _serve(app) as url:
+        assert requests.get(url + "/", timeout=5).text == "main"
+        page = requests.get(url + "/lb-status/", timeout=5)
+        assert page.status_code == 200 and page.text.count('<tr class="endpoint ') == 3
+        data = requests.get(url + "/lb-status?format=json", timeout=5).json()
+        assert data["services"]["users"]["strategy"] == "peak_ewma"
+        assert requests.get(url + "/lb-status/other", timeout=5).status_code == 404
 
 
 # -- a real headless browser --------------------------------------------------------------------
@@ -245,3 +281,8 @@ def test_page_renders_in_headless_chromium(
     assert len(set(pixels)) > 10  # many different rows: text and table, not a blank page
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []
+    # The page reloads itself (refresh=1): the browser fetches it again with no script.
+    browser.execute_script("window.before_reload = 1")
+    assert wait_for(lambda: browser.execute_script("return window.before_reload") is None,
+                    timeout=10)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.endpoint")) == 3
