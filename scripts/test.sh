@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 
 # The discovery tests run a real etcd and a real DNS server (dnsmasq); they fail without them.
-apt_install etcd-server dnsmasq-base
+# The status page test drives a real headless Chromium (Debian's, with its chromedriver).
+apt_install etcd-server dnsmasq-base chromium chromium-driver
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv -e '.[test,lint,docs,all]'
 
