@@ -244,7 +244,11 @@ def _png_pixels(png: bytes) -> tuple[int, int, list[bytes]]:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
+        # The test command installs them: in CI their absence is a failure, never a skip.
+        missing = "Debian's chromium and chromium-driver are not installed"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
     webdriver = pytest.importorskip("selenium.webdriver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
