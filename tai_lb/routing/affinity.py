@@ -52,7 +52,8 @@ class AffinityConfig(Settings):
     :param key: where a request's affinity key comes from: ``"header:NAME"``,
         ``"cookie:NAME"``, ``"source_ip"``, ``"user_id"`` or (from Python) a function of the
         request; a :class:`~tai_lb.config.KeySource` once built.
-    :param ttl: seconds a key stays pinned after its last request.
+    :param ttl: seconds a key stays pinned after its last request (a hit restarts the TTL when
+        a tenth of it has passed: a key is forgotten 0.9 to 1 ``ttl`` after its last request).
     :param max_entries: the most keys kept; past it the least recently used one is evicted.
     :param max_moves_per_second: the most keys re-pinned a second (when an endpoint leaves,
         its keys move at this rate, not all at once).
@@ -120,7 +121,10 @@ class Affinity:
         self.clock = clock
         self.interval = interval
         self._lock = threading.Lock()  # guards the table, the counters and the move budget
+        #: key -> (address, when its TTL last started); a hit starts it again once a tenth of
+        #: the TTL has passed, so a key expires 0.9 to 1 TTL after its last request
         self._table = _Table(config.max_entries, config.ttl, timer=clock)
+        self._refresh = config.ttl / 10
         self._by_address: Mapping[str, EndpointStats] = {}
         self.hits = self.misses = self.repins = self.deferred = 0
         self._tokens = self._rate = config.max_moves_per_second
@@ -145,13 +149,18 @@ class Affinity:
         if key is None or route.picker is None:
             return None
         with self._lock:
-            address = self._table.get(key)
-            if address is not None:
+            try:
+                address, since = self._table[key]
+            except KeyError:
+                address = None
+            else:
                 stats = self._by_address.get(address)
                 if (stats is not None and address not in exclude
                         and (stats.breaker is None or stats.breaker.state != "open")):
                     self.hits += 1
-                    self._table[key] = address  # the TTL runs from the last request
+                    now = self.clock()
+                    if now - since >= self._refresh:  # the TTL runs from the last request,
+                        self._table[key] = (address, now)  # to within a tenth of it
                     return stats
         stats = route.picker(key)  # outside the lock: a strategy may take its own
         if exclude and stats.endpoint.address in exclude:
@@ -164,7 +173,7 @@ class Affinity:
             else:
                 self.deferred += 1
                 return stats  # over the move rate: this pick is not pinned
-            self._table[key] = stats.endpoint.address
+            self._table[key] = (stats.endpoint.address, self.clock())
             self._start()
         return stats
 
@@ -181,8 +190,8 @@ class Affinity:
     def pinned(self, key: RoutingKey) -> Optional[str]:
         """The address ``key`` is pinned to, or None (for inspection and tests)."""
         with self._lock:
-            address: Optional[str] = self._table.get(key)
-            return address
+            entry: Optional[tuple[str, float]] = self._table.get(key)
+            return entry[0] if entry is not None else None
 
     # -- figures ----------------------------------------------------------------------------
 
@@ -222,9 +231,10 @@ class Affinity:
 
     def close(self) -> None:
         """Stop the expiry thread (it ends within a second); safe to call twice."""
-        self._closed = True
+        with self._lock:  # no pin starts a thread after this
+            self._closed = True
+            thread, self._thread = self._thread, None
         self._stop.set()
-        thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0)
 
