@@ -121,10 +121,11 @@ class Affinity:
         self.clock = clock
         self.interval = interval
         self._lock = threading.Lock()  # guards the table, the counters and the move budget
-        #: key -> (address, when its TTL last started); a hit starts it again once a tenth of
-        #: the TTL has passed, so a key expires 0.9 to 1 TTL after its last request
+        #: key -> (address, the tick its TTL last started in; a tick is a tenth of the TTL): a
+        #: hit in a later tick starts it again, so a key expires 0.9 to 1 TTL after its last use
         self._table = _Table(config.max_entries, config.ttl, timer=clock)
         self._refresh = config.ttl / 10
+        self._values: dict[str, tuple[str, int]] = {}
         self._by_address: Mapping[str, EndpointStats] = {}
         self.hits = self.misses = self.repins = self.deferred = 0
         self._tokens = self._rate = config.max_moves_per_second
@@ -158,9 +159,9 @@ class Affinity:
                 if (stats is not None and address not in exclude
                         and (stats.breaker is None or stats.breaker.state != "open")):
                     self.hits += 1
-                    now = self.clock()
-                    if now - since >= self._refresh:  # the TTL runs from the last request,
-                        self._table[key] = (address, now)  # to within a tenth of it
+                    tick = int(self.clock() / self._refresh)
+                    if since != tick:  # the TTL runs from the last request, to a tenth of it
+                        self._table[key] = self._value(address, tick)
                     return stats
         stats = route.picker(key)  # outside the lock: a strategy may take its own
         if exclude and stats.endpoint.address in exclude:
@@ -173,9 +174,18 @@ class Affinity:
             else:
                 self.deferred += 1
                 return stats  # over the move rate: this pick is not pinned
-            self._table[key] = (stats.endpoint.address, self.clock())
+            self._table[key] = self._value(stats.endpoint.address,
+                                           int(self.clock() / self._refresh))
             self._start()
         return stats
+
+    def _value(self, address: str, tick: int) -> tuple[str, int]:
+        # One shared (address, tick) per endpoint and tick, not one per key: a million entries
+        # hold a million references, not a million tuples.  Called with the lock held.
+        value = self._values.get(address)
+        if value is None or value[1] != tick:
+            value = self._values[address] = (address, tick)
+        return value
 
     def _take_move(self) -> bool:
         # A token bucket holding at most one second of moves.  Called with the lock held.
@@ -190,7 +200,7 @@ class Affinity:
     def pinned(self, key: RoutingKey) -> Optional[str]:
         """The address ``key`` is pinned to, or None (for inspection and tests)."""
         with self._lock:
-            entry: Optional[tuple[str, float]] = self._table.get(key)
+            entry: Optional[tuple[str, int]] = self._table.get(key)
             return entry[0] if entry is not None else None
 
     # -- figures ----------------------------------------------------------------------------
