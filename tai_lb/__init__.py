@@ -30,6 +30,7 @@ from .lease import Lease
 from .pool import PoolConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
 from .retry import RetryBudget, RetryConfig, RetryPolicy
+from .routing.affinity import AffinityConfig
 from .stats import EndpointStats
 from .strategies import Strategy
 from .trace import Attempt, DecisionTrace, trace_of
@@ -37,6 +38,7 @@ from .trace import Attempt, DecisionTrace, trace_of
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffinityConfig",
     "Attempt",
     "ConfigError",
     "ConnectionPool",

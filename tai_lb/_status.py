@@ -40,7 +40,9 @@ def balancer_status(route: Route, health: HealthChecker, outliers: OutlierDetect
         endpoints[endpoint.address] = entry
     if active_priority is None:
         active_priority = min((s.endpoint.priority for s in route.everyone), default=0)
+    affinity = [s.figures() for s in route.selectors if hasattr(s, "figures")]
     return {
+        "affinity": affinity[0] if affinity else None,
         "discovery": watcher.snapshot() if watcher is not None else None,
         "retry_budget": budget.snapshot() if budget is not None else None,
         "strategy": route.strategy.name,

@@ -239,7 +239,8 @@ class _BalancedSend:
         self.idempotent = (self.method in self.policy.methods
                            or "Idempotency-Key" in request.headers)
         self.replayable, self.rewind_to = _body_rewinder(request.body)
-        self.key = key_of(self.settings.hash_key, request)
+        affinity = self.settings.affinity  # its key is the routing key when it is set
+        self.key = key_of(self.settings.hash_key if affinity is None else affinity.source, request)
         if scheme == "https":
             _check_tls_paths(verify, cert)
         self.tried: list[str] = []

@@ -38,7 +38,7 @@ from .registry import ServiceRegistry, TopologyChange
 from .retry import RetryBudget, RetryBudgets
 from .routing import Route, ServiceRouting
 from .routing.members import Membership, figures_factory
-from .routing.picking import admitted, excluding
+from .routing.picking import admitted, excluding, selected
 from .routing.priority import FailoverEvents
 from .stats import EndpointStats
 from .strategies import RoutingKey, Strategy, StrategyLike, resolve_strategy
@@ -148,7 +148,7 @@ class LoadBalancer:
         picker = route.picker
         if picker is None:
             raise NoEndpointAvailable(service, route.refusal)
-        stats = picker(key)
+        stats = picker(key) if not route.selectors else selected(route, key, exclude)
         if exclude and stats.endpoint.address in exclude:
             stats = excluding(route, key, exclude, stats)
         if stale and snapshot is not None and stats.endpoint.address not in snapshot.by_address:
@@ -176,7 +176,7 @@ class LoadBalancer:
                     service, settings, functools.partial(self.registry.get_snapshot, service),
                     figures_factory(service, settings, self.clock, self.outlier_detector,
                                     functools.partial(self._breaker_changed, service)),
-                    self.health_checker, self.outlier_detector, self._failovers)
+                    self.health_checker, self.outlier_detector, self._failovers, self.clock)
                 if not self._closed:  # close() empties the table under this lock
                     self._services[service] = routing
         return routing
@@ -200,8 +200,7 @@ class LoadBalancer:
     # -- changes --------------------------------------------------------------------------------
 
     def _on_changes(self, changes: Sequence[TopologyChange]) -> None:
-        # The registry hands over every change of a write in one list: apply them per service,
-        # then build and publish each service's route here, off the request path.
+        # A write's changes, applied per service; each route is built here, off the request path.
         by_service: dict[str, list[TopologyChange]] = {}
         for change in changes:
             by_service.setdefault(change.service, []).append(change)
@@ -292,8 +291,7 @@ class LoadBalancer:
     # -- life cycle -----------------------------------------------------------------------------
 
     def _reset_after_fork(self) -> None:
-        # What is replaced here is kept, never freed (see _forksafe): freeing the parent's
-        # pools would empty their queues under locks a parent's thread may have held.
+        # Replaced objects are kept, never freed (see _forksafe): their locks may be held.
         _forksafe.inherited(self._lock)
         self._lock = threading.Lock()
         for routing in self._services.values():
@@ -306,8 +304,10 @@ class LoadBalancer:
         """Stop the balancer: later picks raise `LoadBalancerError`.  Safe to call twice."""
         with self._lock:
             already, self._closed = self._closed, True
-            self._services.clear()  # picks now take the slow path, which refuses
+            routings, self._services = self._services, {}  # picks take the refusing slow path
         if not already:
+            for routing in routings.values():
+                routing.close()
             self._subscription.unsubscribe()
             for watcher in self._watchers.values():
                 watcher.stop()

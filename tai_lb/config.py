@@ -31,6 +31,7 @@ from .outlier import OutlierConfig
 from .pool import PoolConfig
 from .registry import check_service_name
 from .retry import RetryConfig
+from .routing.affinity import AffinityConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
@@ -51,7 +52,6 @@ SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "hea
 TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
-    "affinity": "session affinity is not built yet",
     "slow_start": "slow start is not built yet",
 })
 """Keys of the specification that this version rejects, with the reason shown to the user."""
@@ -117,7 +117,7 @@ class KeySource:
 _OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
     ("hash_key", KeySource), ("health_check", HealthCheckConfig),
     ("outlier_detection", OutlierConfig), ("circuit_breaker", BreakerConfig),
-    ("discovery", DiscoveryConfig))
+    ("discovery", DiscoveryConfig), ("affinity", AffinityConfig))
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ class ServiceConfig(Settings):
     :param failover: when traffic moves between priority groups and back.
     :param discovery: where the endpoints come from, when not (only) listed.
     :param hash_key: where the routing key of an HTTP request comes from.
+    :param affinity: session affinity (sticky keys), or None; its ``key`` is then the routing
+        key of HTTP requests, and ``hash_key``, if set too, must be the same.
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
     :param timeout: (connect, read) seconds for HTTP requests that set no timeout of their own;
@@ -155,6 +157,7 @@ class ServiceConfig(Settings):
     backups: tuple[Endpoint, ...] = ()
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     discovery: Optional[DiscoveryConfig] = None
+    affinity: Optional[AffinityConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -175,6 +178,9 @@ class ServiceConfig(Settings):
                 check_instance(getattr(self, key), key, kind)
         if self.timeout is not None:
             object.__setattr__(self, "timeout", parse_timeout(self.timeout, "timeout"))
+        if self.affinity is not None and self.hash_key not in (None, self.affinity.source):
+            raise ConfigError("affinity.key", "must be the same as hash_key when both are set "
+                                              f"({self.affinity.key} and {self.hash_key})")
 
     @classmethod
     def from_config(cls, value: Any) -> ServiceConfig:
@@ -291,7 +297,8 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
                        ("discovery", DiscoveryConfig.from_config),
                        ("health_check", HealthCheckConfig.from_config),
                        ("outlier_detection", OutlierConfig.from_config),
-                       ("circuit_breaker", BreakerConfig.from_config)):
+                       ("circuit_breaker", BreakerConfig.from_config),
+                       ("affinity", AffinityConfig.from_config)):
         if key in settings:
             try:
                 fields[key] = build(settings[key])

@@ -43,10 +43,11 @@ from tai_lb.discovery.etcd import EtcdRegistrar
 from tai_lb.failover import BreakerConfig, FailoverConfig
 from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.outlier import OutlierConfig
+from tai_lb.routing.affinity import AffinityConfig
 
 SETTINGS_CLASSES: list[type[Any]] = [
-    BreakerConfig, DiscoveryConfig, DnsConfig, EtcdConfig, FailoverConfig, FileConfig,
-    HealthCheckConfig, LoadBalancerConfig, MetricsConfig, OutlierConfig, PoolConfig,
+    AffinityConfig, BreakerConfig, DiscoveryConfig, DnsConfig, EtcdConfig, FailoverConfig,
+    FileConfig, HealthCheckConfig, LoadBalancerConfig, MetricsConfig, OutlierConfig, PoolConfig,
     RetryConfig, ServiceConfig, StaticConfig, StatsdConfig, WatchConfig]
 
 

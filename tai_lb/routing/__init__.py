@@ -9,8 +9,9 @@ no lock.  The chain, in order (:class:`ServiceRouting` wires it)::
       -> Unusable          failed health checks and ejections (health.py)
       -> PriorityFailover  the active priority group, failover and failback (priority.py)
       -> HealthyOrPanic    the usable endpoints, or all of the group in panic (health.py)
+      -> Affinity          when the service has ``affinity``: adds its selector (affinity.py)
       -> Prepare           the strategy's picker over what is left (prepare.py)
-    per request: route.selectors (none yet), then route.picker(key)
+    per request: route.selectors (affinity), then route.picker(key)
 
 Slow-start weights, locality and subsets are stages to come between ``HealthyOrPanic`` and
 ``Prepare``; affinity and subsets by header are selectors.  Each is a new module here and one

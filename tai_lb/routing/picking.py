@@ -20,7 +20,18 @@ if TYPE_CHECKING:
     from ..strategies import RoutingKey
     from .route import Route
 
-__all__ = ["admitted", "excluding"]
+__all__ = ["admitted", "excluding", "selected"]
+
+
+def selected(route: Route, key: Optional[RoutingKey],
+             exclude: Collection[str]) -> EndpointStats:
+    """The first choice of the route's selectors (affinity), else the strategy's picker's."""
+    for selector in route.selectors:
+        stats = selector.select(route, key, exclude)
+        if stats is not None:
+            return stats
+    assert route.picker is not None
+    return route.picker(key)
 
 
 def excluding(route: Route, key: Optional[RoutingKey], exclude: Collection[str],

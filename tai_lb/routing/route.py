@@ -63,9 +63,12 @@ class Selector(Protocol):
     """A per-request step: may choose an endpoint for a request before the strategy does.
 
     Affinity and subsets by header are selectors.  ``None`` leaves the choice to the picker.
+    A selector never returns an endpoint in ``exclude`` (the ones a retry already tried) while
+    another candidate remains.
     """
 
-    def select(self, route: Route, key: Optional[RoutingKey]) -> Optional[EndpointStats]:
+    def select(self, route: Route, key: Optional[RoutingKey],
+               exclude: Collection[str] = ()) -> Optional[EndpointStats]:
         """The endpoint for this request, or None."""
 
 

@@ -7,9 +7,11 @@ new module in this package and one line in :meth:`ServiceRouting.chain`.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Set
 from typing import TYPE_CHECKING, Callable, Optional
 
+from .affinity import Affinity
 from .health import HealthyOrPanic, Unusable
 from .members import Membership, StatsFactory
 from .prepare import Prepare
@@ -37,12 +39,13 @@ class ServiceRouting(Router):
     :param health: the active health checker (consulted when the service has checks).
     :param outliers: the outlier detector (consulted when the service has outlier detection).
     :param events: where failovers and failbacks are recorded.
+    :param clock: the balancer's monotonic clock (affinity's TTL runs on it).
     """
 
     def __init__(self, service: str, settings: ServiceConfig,
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
                  health: HealthChecker, outliers: OutlierDetector,
-                 events: FailoverEvents) -> None:
+                 events: FailoverEvents, clock: Callable[[], float] = time.monotonic) -> None:
         self.members = Membership(make_stats)
         self.failover = PriorityFailover(settings.failover,
                                          functools.partial(events.record, service))
@@ -56,6 +59,9 @@ class ServiceRouting(Router):
             unusable.append(functools.partial(outliers.ejected, service))
         self._unusable = Unusable(*unusable)
         self._panic = HealthyOrPanic(checks.panic_threshold if checks is not None else 0.5)
+        #: session affinity, when the service has ``affinity``
+        self.affinity = (Affinity(service, settings.affinity, clock)
+                         if settings.affinity is not None else None)
         super().__init__(service, self.chain(), snapshot, strategy)
 
     def chain(self) -> list[Stage]:
@@ -66,8 +72,14 @@ class ServiceRouting(Router):
             self.failover,   # the active priority group
             self._panic,     # its usable endpoints, or all of them in panic
             # slow start weights, locality and subsets go here
+            *([self.affinity] if self.affinity is not None else []),  # sticky keys (selector)
             self._prepare,   # the strategy's picker
         ]
+
+    def close(self) -> None:
+        """Stop what runs in the background (affinity's expiry thread)."""
+        if self.affinity is not None:
+            self.affinity.close()
 
     def reset_after_fork(self) -> None:
         """In a forked child: fresh locks in the figures, no picker of the parent's."""

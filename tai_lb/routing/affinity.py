@@ -1,0 +1,260 @@
+"""Session affinity: a key seen before goes to the same endpoint while that endpoint is usable.
+
+:class:`Affinity` is both a stage (each build records the route's candidates by address, and
+adds itself to the route's selectors) and the selector a pick consults first.  It owns its
+table, a ``cachetools`` TTL + LRU cache behind its own lock, and a daemon thread
+``tai-lb-affinity`` that expires entries.
+
+The rules:
+
+* a key whose endpoint is a candidate of the current route and whose breaker is not open goes
+  there (a hit); a live user never moves;
+* a new key goes where the strategy picks, and is pinned there (a miss);
+* a key whose endpoint is no longer a candidate (unhealthy, ejected, removed), whose breaker is
+  open, or that a retry excludes (the attempt on it failed) is picked again and re-pinned (a
+  repin) - at most ``max_moves_per_second`` keys a second move; a key over the rate gets a pick
+  without pinning and stays pinned to its old endpoint, so it moves on a later request (or
+  goes home when its endpoint comes back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import cachetools
+
+from .. import _forksafe
+from .._settings import Settings, check_int, check_number, key_text, shown
+from ..exceptions import ConfigError
+from .picking import excluding
+
+if TYPE_CHECKING:
+    from ..config import KeySource
+    from ..stats import EndpointStats
+    from ..strategies import RoutingKey
+    from .route import Route, RouteState
+
+__all__ = ["Affinity", "AffinityConfig"]
+
+log = logging.getLogger(__name__)
+
+_KEYS = ("key", "ttl", "max_entries", "max_moves_per_second")
+
+
+@dataclass(frozen=True)
+class AffinityConfig(Settings):
+    """Session affinity of a service (the service key ``affinity``).
+
+    :param key: where a request's affinity key comes from: ``"header:NAME"``,
+        ``"cookie:NAME"``, ``"source_ip"``, ``"user_id"`` or (from Python) a function of the
+        request; a :class:`~tai_lb.config.KeySource` once built.
+    :param ttl: seconds a key stays pinned after its last request (a hit restarts the TTL when
+        a tenth of it has passed: a key is forgotten 0.9 to 1 ``ttl`` after its last request).
+    :param max_entries: the most keys kept; past it the least recently used one is evicted.
+    :param max_moves_per_second: the most keys re-pinned a second (when an endpoint leaves,
+        its keys move at this rate, not all at once).
+    """
+
+    key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]]
+    ttl: float = 300.0
+    max_entries: int = 100_000
+    max_moves_per_second: float = 50.0
+
+    def __post_init__(self) -> None:
+        from ..config import KeySource  # noqa: PLC0415 - config imports this module
+
+        if not isinstance(self.key, KeySource):
+            object.__setattr__(self, "key", KeySource.parse(self.key, "key"))
+        object.__setattr__(self, "ttl", check_number(self.ttl, "ttl"))
+        check_int(self.max_entries, "max_entries", 1, 100_000_000)
+        object.__setattr__(self, "max_moves_per_second", check_number(
+            self.max_moves_per_second, "max_moves_per_second", 0.0, 1e9, low_open=False,
+            what="a number of keys"))
+
+    @property
+    def source(self) -> KeySource:
+        """``key`` as built: a :class:`~tai_lb.config.KeySource`."""
+        assert not isinstance(self.key, str) and not callable(self.key)
+        return self.key
+
+    @classmethod
+    def from_config(cls, value: Any) -> AffinityConfig:
+        """Build from ``{"key": ..., "ttl": ..., ...}`` (errors name the sub-key)."""
+        if not isinstance(value, Mapping):
+            raise ConfigError("", f"must be a mapping with a key, got {shown(value)}")
+        for key in value:
+            if key not in _KEYS:
+                raise ConfigError(key_text(key), f"unknown key; allowed: {', '.join(_KEYS)}")
+        if "key" not in value:
+            raise ConfigError("key", "is required: \"header:NAME\", \"cookie:NAME\", "
+                                     "\"source_ip\" or \"user_id\"")
+        return cls(**value)
+
+
+class _Table(cachetools.TTLCache):  # type: ignore[type-arg]
+    """The TTL + LRU table, counting the keys evicted for room."""
+
+    evictions = 0
+
+    def popitem(self) -> tuple[Any, Any]:
+        self.evictions += 1  # only called to make room: expiry does not come through here
+        return super().popitem()
+
+
+class Affinity:
+    """Stage and selector: the sticky endpoint of each key of one service.
+
+    :param service: the service's name (for the thread's name and logs).
+    :param config: its affinity settings.
+    :param clock: monotonic clock in seconds (the balancer's).
+    :param interval: seconds between two sweeps of expired entries.
+    """
+
+    def __init__(self, service: str, config: AffinityConfig, clock: Callable[[], float],
+                 interval: float = 1.0) -> None:
+        self.service = service
+        self.config = config
+        self.clock = clock
+        self.interval = interval
+        self._lock = threading.Lock()  # guards the table, the counters and the move budget
+        #: key -> (address, the tick its TTL last started in; a tick is a tenth of the TTL): a
+        #: hit in a later tick starts it again, so a key expires 0.9 to 1 TTL after its last use
+        self._table = _Table(config.max_entries, config.ttl, timer=clock)
+        self._refresh = config.ttl / 10
+        self._values: dict[str, tuple[str, int]] = {}
+        self._by_address: Mapping[str, EndpointStats] = {}
+        self.hits = self.misses = self.repins = self.deferred = 0
+        self._tokens = self._rate = config.max_moves_per_second
+        self._refilled = clock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        _forksafe.after_fork_in_child(self, Affinity._reset_after_fork)
+
+    # -- stage ------------------------------------------------------------------------------
+
+    def build(self, state: RouteState) -> None:
+        """Record the candidates by address; add this selector to the route."""
+        self._by_address = {s.endpoint.address: s for s in state.candidates}
+        state.selectors = (*state.selectors, self)
+
+    # -- selector ---------------------------------------------------------------------------
+
+    def select(self, route: Route, key: Optional[RoutingKey],
+               exclude: Collection[str] = ()) -> Optional[EndpointStats]:
+        """The key's sticky endpoint, or a new one pinned (None without a key: the picker's)."""
+        if key is None or route.picker is None:
+            return None
+        with self._lock:
+            try:
+                address, since = self._table[key]
+            except KeyError:
+                address = None
+            else:
+                stats = self._by_address.get(address)
+                if (stats is not None and address not in exclude
+                        and (stats.breaker is None or stats.breaker.state != "open")):
+                    self.hits += 1
+                    tick = int(self.clock() / self._refresh)
+                    if since != tick:  # the TTL runs from the last request, to a tenth of it
+                        self._table[key] = self._value(address, tick)
+                    return stats
+        stats = route.picker(key)  # outside the lock: a strategy may take its own
+        if exclude and stats.endpoint.address in exclude:
+            stats = excluding(route, key, exclude, stats)
+        with self._lock:
+            if address is None:
+                self.misses += 1
+            elif self._take_move():
+                self.repins += 1
+            else:
+                self.deferred += 1
+                return stats  # over the move rate: this pick is not pinned
+            self._table[key] = self._value(stats.endpoint.address,
+                                           int(self.clock() / self._refresh))
+            self._start()
+        return stats
+
+    def _value(self, address: str, tick: int) -> tuple[str, int]:
+        # One shared (address, tick) per endpoint and tick, not one per key: a million entries
+        # hold a million references, not a million tuples.  Called with the lock held.
+        value = self._values.get(address)
+        if value is None or value[1] != tick:
+            value = self._values[address] = (address, tick)
+        return value
+
+    def _take_move(self) -> bool:
+        # A token bucket holding at most one second of moves.  Called with the lock held.
+        now = self.clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def pinned(self, key: RoutingKey) -> Optional[str]:
+        """The address ``key`` is pinned to, or None (for inspection and tests)."""
+        with self._lock:
+            entry: Optional[tuple[str, int]] = self._table.get(key)
+            return entry[0] if entry is not None else None
+
+    # -- figures ----------------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        """entries, hits, misses, evictions, repins, deferred (moves over the rate)."""
+        with self._lock:
+            self._table.expire()
+            return {"entries": len(self._table), "hits": self.hits, "misses": self.misses,
+                    "evictions": self._table.evictions, "repins": self.repins,
+                    "deferred": self.deferred,
+                    "key": str(self.config.key), "ttl": self.config.ttl,
+                    "max_entries": self.config.max_entries,
+                    "max_moves_per_second": self.config.max_moves_per_second}
+
+    # -- the expiry thread ------------------------------------------------------------------
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        """The expiry thread, once a key has been pinned (None before, and after close)."""
+        return self._thread
+
+    def _start(self) -> None:
+        # Called with the lock held, on a pin: the thread starts with the first key.
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"tai-lb-affinity-{self.service}")
+            self._thread.start()
+
+    def _run(self) -> None:
+        stop = self._stop
+        while not stop.wait(self.interval):
+            try:
+                with self._lock:
+                    self._table.expire()
+            except Exception:  # never let a sweep end the thread
+                log.exception("tai-lb: expiring the affinity keys of %s failed", self.service)
+
+    def close(self) -> None:
+        """Stop the expiry thread (it ends within a second); safe to call twice."""
+        with self._lock:  # no pin starts a thread after this
+            self._closed = True
+            thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0)
+
+    def _reset_after_fork(self) -> None:
+        # The parent's thread does not exist here, and its lock may have been held at the fork:
+        # a fresh lock, and a new thread with the next pin (the table is kept).
+        _forksafe.inherited(self._lock, self._thread, self._stop)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if not self._closed and len(self._table):
+            with self._lock:
+                self._start()
