@@ -12,6 +12,8 @@ import pytest
 
 from tai_lb import ConfigError, LoadBalancer, load_config
 
+from .backends import Backend
+from .backends import status as backend_status
 from .conftest import FakeClock, in_forked_child, wait_for
 
 
@@ -140,3 +142,93 @@ def test_a_forked_child_sends_its_own_events(statsd: StatsdListener, clock: Fake
         assert "tai-lb-metrics" in report["threads"] and report["sent"]
         assert wait_for(lambda: statsd.counter("app.db.breaker.open") == 1)  # from the child
         assert wait_for(lambda: statsd.counter("app.db.parent.only") == 1)  # once, not twice
+
+
+def timer_count(statsd: StatsdListener, name: str) -> int:
+    """Requests the StatsD timer lines of ``name`` stand for (1 / sample rate each)."""
+    total = 0.0
+    for line in list(statsd.lines):
+        key, _, rest = line.partition(":")
+        parts = rest.split("|")
+        if key == name and len(parts) > 1 and parts[1] == "ms":
+            rate = float(parts[2][1:]) if len(parts) > 2 else 1.0
+            total += 1.0 / rate
+    return round(total)
+
+
+def test_request_metrics_reach_statsd(statsd: StatsdListener) -> None:
+    good, flaky = Backend("good"), Backend("flaky")
+    try:
+        with LoadBalancer.from_config({
+                "metrics": {"statsd": {"port": statsd.port, "prefix": "app"}},
+                "services": {"users": {"endpoints": [good.address, flaky.address],
+                                       "strategy": "round_robin"}}}) as lb:
+            session = lb.session()
+            for _ in range(60):
+                assert session.get("http://users/ok").status_code == 200
+            assert wait_for(lambda: statsd.counter("app.users.requests") == 60)
+            g = f"app.users.endpoint.127_0_0_1_{good.port}"
+            f = f"app.users.endpoint.127_0_0_1_{flaky.port}"
+            assert statsd.counter(f"{g}.requests") == statsd.counter(f"{f}.requests") == 30
+            assert wait_for(lambda: timer_count(statsd, "app.users.latency") == 60)
+            assert timer_count(statsd, f"{g}.latency") == 30
+            assert statsd.counter("app.users.errors") == 0
+
+            flaky.behaviour = backend_status(503)  # retried on the good one
+            for _ in range(10):
+                assert session.get("http://users/ok").status_code == 200
+
+            def failed() -> int:
+                return statsd.counter(f"{f}.errors.status_5xx")
+
+            # every attempt counts: 10 requests, plus one retry per 503
+            assert wait_for(lambda: failed() >= 1
+                            and statsd.counter("app.users.requests") == 70 + failed())
+            assert statsd.counter("app.users.retries") == statsd.counter(f"{f}.retries") == failed()
+            assert statsd.counter("app.users.errors.status_5xx") == failed()
+
+            assert any(line.startswith(f"{g}.in_flight:") and line.endswith("|g")
+                       for line in statsd.lines)
+        with socket.socket() as sock:  # a port nothing listens on: connections are refused
+            sock.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        with LoadBalancer.from_config({
+                "metrics": {"statsd": {"port": statsd.port, "prefix": "app"}},
+                "services": {"orders": {"endpoints": [good.address, dead],
+                                        "strategy": "round_robin"}}}) as lb:
+            session = lb.session()
+            for _ in range(10):
+                assert session.get("http://orders/ok").status_code == 200
+            d = f"app.orders.endpoint.127_0_0_1_{dead.rpartition(':')[2]}"
+            assert wait_for(lambda: statsd.counter(f"{d}.errors.connect") >= 1
+                            and statsd.counter("app.orders.errors")
+                            == statsd.counter(f"{d}.errors.connect")
+                            == statsd.counter("app.orders.retries"))
+            assert lb.status()["metrics"]["errors"] == 0
+    finally:
+        good.stop()
+        flaky.stop()
+
+
+def test_request_figures_in_status(clock: FakeClock) -> None:
+    with LoadBalancer.from_config({"services": {"db": {
+            "endpoints": ["10.0.0.1:5432"]}}}, clock=clock) as lb:
+        for i in range(100):
+            lease = lb.pick("db")
+            lease.done(latency=(i + 1) / 1000.0, success=i % 10 != 0,
+                       status=503 if i % 20 == 0 else None)
+        with pytest.raises(RuntimeError), lb.pick("db"):
+            raise RuntimeError("an exception in the with block")
+        service = lb.status()["services"]["db"]
+        endpoint = service["endpoints"]["10.0.0.1:5432"]
+        for figures in (service, endpoint):
+            assert figures["requests"] == 101
+            assert figures["errors"] == 11
+            assert figures["errors_by_kind"] == {"connect": 0, "timeout": 0, "status_5xx": 5,
+                                                 "status_4xx": 0, "other": 6}
+            # true percentiles of 1..100 ms (and one ~0 ms): within a bucket (19%)
+            assert 50 * 0.81 <= figures["p50_ms"] <= 50 * 1.19
+            assert 95 * 0.81 <= figures["p95_ms"] <= 95 * 1.19
+            assert 99 * 0.81 <= figures["p99_ms"] <= 99 * 1.19
+        with pytest.raises(ValueError, match="kind must be one of"):
+            lb.pick("db").done(success=False, kind="nonsense")
