@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from tai_lb import ConfigError, LoadBalancer, load_config
 
 from .backends import Backend
+from .backends import slow as backend_slow
 from .backends import status as backend_status
 from .conftest import FakeClock, in_forked_child, wait_for
 
@@ -232,3 +234,29 @@ def test_request_figures_in_status(clock: FakeClock) -> None:
             assert 99 * 0.81 <= figures["p99_ms"] <= 99 * 1.19
         with pytest.raises(ValueError, match="kind must be one of"):
             lb.pick("db").done(success=False, kind="nonsense")
+
+
+def test_timeouts_and_budget_refusals_are_counted() -> None:
+    slow, failing = Backend("slow"), Backend("failing")
+    slow.behaviour = backend_slow(2.0)
+    failing.behaviour = backend_status(503)
+    try:
+        with LoadBalancer.from_config({"services": {
+                "slow": {"endpoints": [slow.address], "timeout": 0.2,
+                         "retries": {"attempts": 1}},
+                "failing": {"endpoints": [failing.address],
+                            "retries": {"budget": {"percent": 0, "min_per_second": 0}}}}}
+                                      ) as lb:
+            session = lb.session()
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                session.get("http://slow/")
+            assert session.get("http://failing/").status_code == 503  # its retry refused
+            services = lb.status()["services"]
+            assert services["slow"]["errors_by_kind"]["timeout"] == 1
+            assert services["failing"]["errors_by_kind"]["status_5xx"] == 1
+            assert services["failing"]["refusals"] == 1
+            assert services["failing"]["endpoints"][failing.address]["refusals"] == 1
+            assert services["failing"]["retries"] == 0
+    finally:
+        slow.stop()
+        failing.stop()
