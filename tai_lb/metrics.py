@@ -32,7 +32,8 @@ per service (``<prefix>.<service>.<name>``) and per endpoint
 =================================  ==========================================================
 
 Counters are the increase since the last send; figures are read from the endpoints' own counts
-on the thread, so requests pay nothing for the export.
+on the thread, so requests pay nothing for the export.  A forked child (a gunicorn worker, say)
+sends the increases since the fork: what came before is the parent's to send.
 """
 
 from __future__ import annotations
@@ -232,7 +233,11 @@ class Metrics:
         _forksafe.inherited(self._lock, self._counts, self._stop, self._thread, self._client)
         self._lock = threading.Lock()
         self._counts = {}  # the parent sends its own
-        self._last = weakref.WeakKeyDictionary()  # counts start again in the child
+        # The parent sends what was counted before the fork: the child's baseline is the fork.
+        self._last = weakref.WeakKeyDictionary({
+            stats: {**stats.figures.counts(), "in_flight": len(stats.load)}
+            for members in self._followed.values() for stats in members
+            if stats.figures is not None})
         stopped = self._stop.is_set()
         self._stop = threading.Event()  # its lock may have been held by the parent's thread
         had = self._thread is not None

@@ -260,3 +260,26 @@ def test_timeouts_and_budget_refusals_are_counted() -> None:
     finally:
         slow.stop()
         failing.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_sends_only_its_own_requests(statsd: StatsdListener,
+                                                    clock: FakeClock) -> None:
+    with lb_with(statsd, clock) as lb:
+        for _ in range(5):
+            lb.pick("db").done()
+        assert wait_for(lambda: statsd.counter("app.db.requests") == 5)  # sent by the parent
+
+        def child() -> dict[str, Any]:
+            for _ in range(3):
+                lb.pick("db").done()
+            lb.close()  # sends what is left
+            return {}
+
+        in_forked_child(child)
+        assert wait_for(lambda: statsd.counter("app.db.requests") >= 8)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # queued after the child's
+            sock.sendto(b"marker:1|c", ("127.0.0.1", statsd.port))
+        assert wait_for(lambda: statsd.counter("marker") == 1)  # so all of them have been read
+        assert statsd.counter("app.db.requests") == 8  # the parent's 5 are not sent again
+        assert lb.status()["services"]["db"]["requests"] == 5  # the child's are its own
