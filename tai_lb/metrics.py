@@ -170,8 +170,9 @@ class Metrics:
             weakref.WeakKeyDictionary())
         #: sends that failed (each logged)
         self.errors = 0
-        #: counter increments sent
+        #: lines sent (counter increments, timers, gauges)
         self.sent = 0
+        self._flushing = threading.Lock()  # one flush at a time (close() and the thread)
         _forksafe.after_fork_in_child(self, Metrics._reset_after_fork)
 
     @property
@@ -230,8 +231,10 @@ class Metrics:
 
     def _reset_after_fork(self) -> None:
         # never freed in the child (the StatsD client's socket included)
-        _forksafe.inherited(self._lock, self._counts, self._stop, self._thread, self._client)
+        _forksafe.inherited(self._lock, self._counts, self._stop, self._thread, self._client,
+                            self._flushing)
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._counts = {}  # the parent sends its own
         # The parent sends what was counted before the fork: the child's baseline is the fork.
         self._last = weakref.WeakKeyDictionary({
@@ -252,6 +255,10 @@ class Metrics:
 
     def flush(self) -> None:
         """Send the counts gathered since the last send (outside the lock)."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, {}
             followed = [(service, list(members)) for service, members in self._followed.items()]

@@ -52,6 +52,8 @@ class EndpointStats:
         :meth:`started`, :meth:`finished` and :class:`~tai_lb.Lease` (which inlines
         :meth:`started`) change it.
     :ivar service_load: the ``service_load`` deque, changed along with :attr:`load`.
+    :ivar figures: the endpoint's request metrics
+        (:class:`~tai_lb.request_metrics.RequestFigures`), or None to record none.
     """
 
     __slots__ = (
