@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tai_lb import ConfigError, LoadBalancer, load_config
+from tai_lb.histogram import BOUNDS, LatencyHistogram
 
 from .backends import Backend
 from .backends import slow as backend_slow
@@ -283,3 +284,19 @@ def test_a_forked_child_sends_only_its_own_requests(statsd: StatsdListener,
         assert wait_for(lambda: statsd.counter("marker") == 1)  # so all of them have been read
         assert statsd.counter("app.db.requests") == 8  # the parent's 5 are not sent again
         assert lb.status()["services"]["db"]["requests"] == 5  # the child's are its own
+
+
+def test_the_latency_histogram_is_bounded_and_estimates_within_a_bucket() -> None:
+    histogram = LatencyHistogram()
+    assert histogram.percentile(0.5) is None
+    for i in range(1, 100_001):
+        histogram.record(i / 100_000)  # 10 us to 1 s, evenly
+    histogram.record(1e6)  # beyond the last bound: the open bucket
+    assert len(histogram.counts) == len(BOUNDS) + 1 == 82  # whatever the traffic
+    assert histogram.total == 100_001
+    for fraction in (0.5, 0.95, 0.99):
+        estimate = histogram.percentile(fraction)
+        assert estimate is not None and abs(estimate - fraction) <= 0.19 * fraction
+    assert histogram.percentile(1.0) == BOUNDS[-1]
+    merged = LatencyHistogram.merged([histogram.counts, histogram.counts])
+    assert merged.total == 200_002 and merged.percentile(0.5) == histogram.percentile(0.5)
