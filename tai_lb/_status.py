@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sized
 from typing import TYPE_CHECKING, Any, Optional
 
+from .request_metrics import summary
+
 if TYPE_CHECKING:
     from .discovery import DiscoveryWatcher
     from .health import HealthChecker
@@ -52,5 +54,6 @@ def balancer_status(route: Route, health: HealthChecker, outliers: OutlierDetect
         "panic": route.panic,
         "active_priority": active_priority,
         "in_flight": len(load),
+        **summary(s.figures.counts() for s in route.everyone if s.figures is not None),
         "endpoints": endpoints,
     }

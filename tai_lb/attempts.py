@@ -35,6 +35,7 @@ from .config import KeySource
 from .exceptions import NoEndpointAvailable
 from .lease import Lease
 from .pool import failed_while_connecting, on_release
+from .request_metrics import RequestFigures, error_kind
 from .retry import RetryConfig, classify
 from .strategies import RoutingKey
 from .trace import Attempt, DecisionTrace
@@ -249,6 +250,7 @@ class _BalancedSend:
         self.finished = False
         self.next_backoff = 0.0
         self.strategy_name = lb.strategy_name(service)
+        self.figures: Optional[RequestFigures] = None  # the current attempt's endpoint's
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -292,9 +294,10 @@ class _BalancedSend:
         if remaining is not None and remaining <= self.next_backoff + _MIN_ATTEMPT_TIME:
             return ("deadline passed" if remaining <= 0
                     else "too little time left before the deadline")
-        if not self.budget.try_retry():  # taken only for a retry that will run
-            return "retry budget exhausted"
-        return None
+        refused = not self.budget.try_retry()  # taken only for a retry that will run
+        if self.figures is not None:
+            self.figures.retried(refused)
+        return "retry budget exhausted" if refused else None
 
     def _attempt(self, number: int) -> requests.Response:
         excluded = len(self.tried)
@@ -320,6 +323,7 @@ class _BalancedSend:
         record = Attempt(lease.address, reason)
         self.trace.attempts.append(record)
         self.tried.append(lease.address)
+        self.figures = lease.stats.figures
         begun = self.clock()
         try:
             return self._exchange(number, lease, record)
@@ -361,7 +365,7 @@ class _BalancedSend:
                                retries=_NO_RETRIES, timeout=timeout, chunked=chunked,
                                pool_timeout=pool_wait)  # type: ignore[arg-type]
         except Exception as error:
-            lease.done(success=False)
+            lease.done(success=False, kind=error_kind(error))
             kind = "not_sent" if failed_while_connecting(error) else classify(error)
             translated = to_requests_error(error, self.request, self.service, lease.address,
                                            pool_wait)

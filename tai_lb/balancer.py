@@ -77,7 +77,7 @@ class LoadBalancer:
         self._pools = EndpointPools()
         self._budgets = RetryBudgets(clock)
         self.breaker_transitions = 0
-        #: the StatsD export of state changes (does nothing unless ``metrics`` is configured)
+        #: the StatsD export (does nothing unless ``metrics`` is configured)
         self.metrics = Metrics(self.config.metrics)
         self._failovers = FailoverEvents(self.metrics, clock)
         #: the active health checks of every service (threads only when one has ``health_check``)
@@ -91,9 +91,8 @@ class LoadBalancer:
         self.topology = TopologyFollower(self.registry, self.config, self.health_checker,
                                          self.outlier_detector, lambda: self._pools,
                                          self._members)
-        # Everything is built before anything starts (a provider is built without I/O), and a
-        # failure while starting closes what started: a construction that fails leaves no
-        # thread, socket or file open.
+        # Everything is built before anything starts (a provider is built without I/O); a failure
+        # while starting closes what started: no thread, socket or file is left open.
         self._watchers = discovery_watchers(self.config, self.registry, clock)
         self._subscription = self.registry.subscribe_batches(self._on_changes)
         _forksafe.after_fork_in_child(self, LoadBalancer._reset_after_fork)
@@ -175,7 +174,8 @@ class LoadBalancer:
                 routing = ServiceRouting(
                     service, settings, functools.partial(self.registry.get_snapshot, service),
                     figures_factory(service, settings, self.clock, self.outlier_detector,
-                                    functools.partial(self._breaker_changed, service)),
+                                    functools.partial(self._breaker_changed, service),
+                                    self.metrics.follow),
                     self.health_checker, self.outlier_detector, self._failovers, self.clock)
                 if not self._closed:  # close() empties the table under this lock
                     self._services[service] = routing

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Optional
 
 from .endpoint import Endpoint
+from .request_metrics import ERROR_KINDS
 from .stats import EndpointStats
 from .strategies import RoutingKey
 
@@ -47,6 +48,11 @@ class Lease:
         return self.endpoint.address
 
     @property
+    def stats(self) -> EndpointStats:
+        """The picked endpoint's live figures."""
+        return self._stats
+
+    @property
     def released(self) -> bool:
         """True once the lease has been released."""
         return self._released
@@ -56,7 +62,7 @@ class Lease:
         self._failed = True
 
     def done(self, success: Optional[bool] = None, latency: Optional[float] = None,
-             status: Optional[int] = None) -> None:
+             status: Optional[int] = None, kind: Optional[str] = None) -> None:
         """Release the lease; later calls do nothing.
 
         :param success: whether the use succeeded; by default, True unless :meth:`mark_failure`
@@ -64,7 +70,11 @@ class Lease:
         :param latency: the latency to record in seconds; by default, the time since the pick.
         :param status: for a failed HTTP request that got a response, its status (outlier
             detection tells 5xx and gateway failures from local-origin ones).
+        :param kind: for a failure, its kind in the request metrics (one of
+            :data:`~tai_lb.request_metrics.ERROR_KINDS`); by default told by ``status``.
         """
+        if kind is not None and kind not in ERROR_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(ERROR_KINDS)}, got {kind!r}")
         if self._released:
             return
         self._released = True
@@ -72,7 +82,7 @@ class Lease:
         now = stats.clock()
         ok = (not self._failed) if success is None else success
         stats.finished(now - self._start if latency is None else latency, ok, now, status,
-                       self._ticket)
+                       self._ticket, kind)
 
     def __enter__(self) -> Lease:
         return self

@@ -14,7 +14,26 @@ counters (``<prefix>.<service>.<event>``):
 
 Events are counted in memory (a dict under a lock, never any I/O on the caller's thread) and sent
 by a named daemon thread every half second, so they reach StatsD within a second of happening.
-Request counters and latency histograms are not exported yet.
+
+The same thread sends the request metrics (:mod:`tai_lb.request_metrics`) of every live endpoint,
+per service (``<prefix>.<service>.<name>``) and per endpoint
+(``<prefix>.<service>.endpoint.<address>.<name>``, the address with dots and colons as ``_``):
+
+=================================  ==========================================================
+``requests``                       counter: requests finished (each attempt counts)
+``errors``                         counter: failed requests, all kinds together
+``errors.<kind>``                  counter: failed requests of one kind: ``connect``,
+                                   ``timeout``, ``status_5xx``, ``status_4xx``, ``other``
+``retries``                        counter: failed attempts that were retried
+``refusals``                       counter: retries the retry budget refused
+``latency``                        timer (ms): one line per histogram bucket that changed,
+                                   at the bucket's middle, with sample rate ``1/count``
+``in_flight``                      gauge: requests in flight, sent when it changes
+=================================  ==========================================================
+
+Counters are the increase since the last send; figures are read from the endpoints' own counts
+on the thread, so requests pay nothing for the export.  A forked child (a gunicorn worker, say)
+sends the increases since the fork: what came before is the parent's to send.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,6 +49,9 @@ from typing import Any, Optional
 from . import _forksafe
 from ._settings import Settings, check_port, key_text, shown
 from .exceptions import ConfigError
+from .histogram import BOUNDS
+from .request_metrics import ERROR_KINDS
+from .stats import EndpointStats
 
 __all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "StatsdConfig"]
 
@@ -86,6 +109,48 @@ def _segment(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
+def _middle_ms(bucket: int) -> float:
+    """The middle (on a log scale) of a histogram bucket, in milliseconds."""
+    if bucket >= len(BOUNDS):
+        return BOUNDS[-1] * 1000.0
+    upper = BOUNDS[bucket]
+    if bucket == 0:
+        return upper * 500.0
+    return float((upper * BOUNDS[bucket - 1]) ** 0.5 * 1000.0)
+
+
+def _deltas(now: dict[str, Any], last: Optional[dict[str, Any]]
+            ) -> tuple[dict[str, int], dict[int, int]]:
+    """The increases from ``last`` to ``now`` (both from ``RequestFigures.counts()``): the
+    counters by StatsD name, and the histogram buckets that grew."""
+    old = last or {"requests": 0, "retries": 0, "refusals": 0,
+                   "errors": dict.fromkeys(ERROR_KINDS, 0), "latency": [0] * len(now["latency"])}
+    counters = {name: now[name] - old[name] for name in ("requests", "retries", "refusals")}
+    counters["errors"] = sum(now["errors"].values()) - sum(old["errors"].values())
+    for kind in ERROR_KINDS:
+        counters[f"errors.{kind}"] = now["errors"][kind] - old["errors"][kind]
+    buckets = {index: count - old["latency"][index]
+               for index, count in enumerate(now["latency"]) if count != old["latency"][index]}
+    return counters, buckets
+
+
+def _put(pipe: Any, prefix: str, counters: dict[str, int], buckets: dict[int, int]) -> int:
+    """Put counters that grew and latency timers into ``pipe``; how many lines."""
+    lines = 0
+    for name, value in counters.items():
+        if value:
+            pipe.incr(f"{prefix}.{name}", value)
+            lines += 1
+    for bucket, count in buckets.items():
+        # One line stands for ``count`` requests at the bucket's middle: StatsD's sample rate,
+        # written here (the client's own sample rate drops lines at random).
+        rate = f"|@{1 / count:.6g}" if count > 1 else ""
+        pipe._send_stat(f"{prefix}.latency",
+                        f"{_middle_ms(bucket):0.3f}|ms{rate}", 1)
+        lines += 1
+    return lines
+
+
 class Metrics:
     """Counts events and sends them to StatsD on a named daemon thread (``tai-lb-metrics``).
 
@@ -99,10 +164,15 @@ class Metrics:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._client: Any = None
+        # the live endpoints of each service, and what was last sent for each
+        self._followed: dict[str, weakref.WeakSet[EndpointStats]] = {}
+        self._last: weakref.WeakKeyDictionary[EndpointStats, dict[str, Any]] = (
+            weakref.WeakKeyDictionary())
         #: sends that failed (each logged)
         self.errors = 0
-        #: counter increments sent
+        #: lines sent (counter increments, timers, gauges)
         self.sent = 0
+        self._flushing = threading.Lock()  # one flush at a time (close() and the thread)
         _forksafe.after_fork_in_child(self, Metrics._reset_after_fork)
 
     @property
@@ -117,6 +187,13 @@ class Metrics:
         name = f"{_segment(service)}.{event}"
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + value
+
+    def follow(self, service: str, stats: EndpointStats) -> None:
+        """Export the request metrics of ``stats``, an endpoint of ``service``, while it lives."""
+        if self.config.statsd is None:
+            return
+        with self._lock:
+            self._followed.setdefault(service, weakref.WeakSet()).add(stats)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -154,9 +231,16 @@ class Metrics:
 
     def _reset_after_fork(self) -> None:
         # never freed in the child (the StatsD client's socket included)
-        _forksafe.inherited(self._lock, self._counts, self._stop, self._thread, self._client)
+        _forksafe.inherited(self._lock, self._counts, self._stop, self._thread, self._client,
+                            self._flushing)
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._counts = {}  # the parent sends its own
+        # The parent sends what was counted before the fork: the child's baseline is the fork.
+        self._last = weakref.WeakKeyDictionary({
+            stats: {**stats.figures.counts(), "in_flight": len(stats.load)}
+            for members in self._followed.values() for stats in members
+            if stats.figures is not None})
         stopped = self._stop.is_set()
         self._stop = threading.Event()  # its lock may have been held by the parent's thread
         had = self._thread is not None
@@ -171,19 +255,58 @@ class Metrics:
 
     def flush(self) -> None:
         """Send the counts gathered since the last send (outside the lock)."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, {}
+            followed = [(service, list(members)) for service, members in self._followed.items()]
         client = self._client
-        if not counts or client is None:
+        if client is None:
             return
         try:
             with client.pipeline() as pipe:  # as few datagrams as fit
                 for name, value in counts.items():
                     pipe.incr(name, value)
-            self.sent += len(counts)
+                sent = len(counts)
+                for service, members in followed:
+                    sent += self._send_requests(pipe, _segment(service), members)
+            self.sent += sent
         except Exception as error:  # an exporter must never break the balancer
             self.errors += 1
             log.warning("tai-lb: sending metrics to StatsD failed: %s", error)
+
+    def _send_requests(self, pipe: Any, service: str, members: list[EndpointStats]) -> int:
+        """Put the request metrics of one service's endpoints into ``pipe``; how many."""
+        sent = 0
+        service_counters: dict[str, int] = {}
+        service_buckets: dict[int, int] = {}
+        in_flight_changed = False
+        for stats in members:
+            figures = stats.figures
+            if figures is None:
+                continue
+            now = figures.counts()
+            now["in_flight"] = len(stats.load)
+            last = self._last.get(stats)
+            self._last[stats] = now
+            prefix = f"{service}.endpoint.{re.sub(r'[^A-Za-z0-9_-]', '_', stats.endpoint.address)}"
+            counters, buckets = _deltas(now, last)
+            for name, value in counters.items():
+                service_counters[name] = service_counters.get(name, 0) + value
+            for bucket, count in buckets.items():
+                service_buckets[bucket] = service_buckets.get(bucket, 0) + count
+            sent += _put(pipe, prefix, counters, buckets)
+            if last is None or last["in_flight"] != now["in_flight"]:
+                pipe.gauge(f"{prefix}.in_flight", now["in_flight"])
+                sent += 1
+                in_flight_changed = True
+        sent += _put(pipe, service, service_counters, service_buckets)
+        if in_flight_changed:
+            pipe.gauge(f"{service}.in_flight", sum(len(stats.load) for stats in members))
+            sent += 1
+        return sent
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable state of the export."""

@@ -9,12 +9,15 @@ racing an update sees either the old or the new figure, which is all an estimate
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .endpoint import Endpoint
+from .histogram import BOUNDS
+from .request_metrics import RequestFigures, summary
 
 if TYPE_CHECKING:
     from .failover import EndpointBreaker
@@ -32,6 +35,7 @@ FAILURE_PENALTY_CAP = 1.0
 
 Clock = Callable[[], float]
 _exp = math.exp
+_bisect = bisect.bisect_left
 
 
 class EndpointStats:
@@ -48,9 +52,12 @@ class EndpointStats:
         :meth:`started`, :meth:`finished` and :class:`~tai_lb.Lease` (which inlines
         :meth:`started`) change it.
     :ivar service_load: the ``service_load`` deque, changed along with :attr:`load`.
+    :ivar figures: the endpoint's request metrics
+        (:class:`~tai_lb.request_metrics.RequestFigures`), or None to record none.
     """
 
     __slots__ = (
+        "__weakref__",  # the StatsD export follows the figures of live endpoints only
         "_default_latency",
         "_ewma",
         "_lock",
@@ -64,6 +71,7 @@ class EndpointStats:
         "decay",
         "endpoint",
         "failures",
+        "figures",
         "last_latency",
         "last_success",
         "load",
@@ -99,6 +107,8 @@ class EndpointStats:
         self.consecutive_local = 0
         self.on_failure: Optional[Callable[[EndpointStats], None]] = None
         self.breaker: Optional[EndpointBreaker] = None  # set for services with breakers
+        #: request metrics (None: not recorded, as the overhead benchmark's "off" side)
+        self.figures: Optional[RequestFigures] = RequestFigures()
 
     @property
     def in_flight(self) -> int:
@@ -134,14 +144,16 @@ class EndpointStats:
         self.service_load.append(None)
 
     def finished(self, latency: float, success: bool, now: float,
-                 status: Optional[int] = None, ticket: int = 0) -> None:
+                 status: Optional[int] = None, ticket: int = 0,
+                 kind: Optional[str] = None) -> None:
         """Count a request as finished and fold its latency into the averages.
 
         ``status`` is the HTTP status of a failed request that got a response; a failure
         without one is a local-origin failure (refused, reset, timed out, an exception).  A
         failed status below 500 (a retried 429, say) is not the endpoint failing: it ends the
         runs of failures and counts as a success for the circuit breaker.  ``ticket`` is the
-        circuit breaker's, from its ``admit()``.
+        circuit breaker's, from its ``admit()``; ``kind``, a failure's kind for the request
+        metrics (:data:`~tai_lb.request_metrics.ERROR_KINDS`), by default told by ``status``.
 
         For the peak-EWMA cost, a failure counts as at least twice the current peak and at
         least the default latency (at most :data:`FAILURE_PENALTY_CAP`, unless the failure
@@ -154,8 +166,14 @@ class EndpointStats:
         if not 0.0 <= latency < math.inf:  # negative, infinite or NaN: a broken measurement
             latency = 0.0 if latency < 0.0 else FAILURE_PENALTY_CAP
         lock = self._lock
+        figures = self.figures
         lock.acquire()  # not `with`: the context manager protocol costs as much as the lock
         try:
+            if figures is not None:
+                figures.buckets[_bisect(BOUNDS, latency)] += 1
+                if not success:
+                    figures.errors[kind or ("other" if status is None else
+                                            "status_5xx" if status >= 500 else "status_4xx")] += 1
             cost = latency
             if success:
                 self.successes += 1
@@ -224,6 +242,8 @@ class EndpointStats:
 
         _forksafe.inherited(self._lock)
         self._lock = threading.Lock()
+        if self.figures is not None:
+            self.figures.reset_after_fork()
         if self.breaker is not None:
             self.breaker.reset_after_fork()
 
@@ -244,6 +264,7 @@ class EndpointStats:
             "failures": failures,
             "latency_ewma_ms": None if ewma is None else round(ewma * 1000.0, 3),
             "last_latency_ms": None if last is None else round(last * 1000.0, 3),
+            **({} if self.figures is None else summary([self.figures.counts()])),
         }
 
     def __repr__(self) -> str:

@@ -111,3 +111,18 @@ def test_affinity_benchmark_quick_mode_prints_its_table() -> None:
     for text in ("plain pick", "affinity hit", "vs plain pick", "1,000,000 entries"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+
+@pytest.mark.slow
+def test_metrics_overhead_benchmark_quick_mode_prints_its_table() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "metrics_overhead.py"),
+                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    for text in ("| off |", "| on |", "| on + StatsD |", "x off"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before

@@ -9,9 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from tai_lb import ConfigError, LoadBalancer, load_config
+from tai_lb.histogram import BOUNDS, LatencyHistogram
 
+from .backends import Backend
+from .backends import slow as backend_slow
+from .backends import status as backend_status
 from .conftest import FakeClock, in_forked_child, wait_for
 
 
@@ -140,3 +145,158 @@ def test_a_forked_child_sends_its_own_events(statsd: StatsdListener, clock: Fake
         assert "tai-lb-metrics" in report["threads"] and report["sent"]
         assert wait_for(lambda: statsd.counter("app.db.breaker.open") == 1)  # from the child
         assert wait_for(lambda: statsd.counter("app.db.parent.only") == 1)  # once, not twice
+
+
+def timer_count(statsd: StatsdListener, name: str) -> int:
+    """Requests the StatsD timer lines of ``name`` stand for (1 / sample rate each)."""
+    total = 0.0
+    for line in list(statsd.lines):
+        key, _, rest = line.partition(":")
+        parts = rest.split("|")
+        if key == name and len(parts) > 1 and parts[1] == "ms":
+            rate = float(parts[2][1:]) if len(parts) > 2 else 1.0
+            total += 1.0 / rate
+    return round(total)
+
+
+def test_request_metrics_reach_statsd(statsd: StatsdListener) -> None:
+    good, flaky = Backend("good"), Backend("flaky")
+    try:
+        with LoadBalancer.from_config({
+                "metrics": {"statsd": {"port": statsd.port, "prefix": "app"}},
+                "services": {"users": {"endpoints": [good.address, flaky.address],
+                                       "strategy": "round_robin"}}}) as lb:
+            session = lb.session()
+            for _ in range(60):
+                assert session.get("http://users/ok").status_code == 200
+            assert wait_for(lambda: statsd.counter("app.users.requests") == 60)
+            g = f"app.users.endpoint.127_0_0_1_{good.port}"
+            f = f"app.users.endpoint.127_0_0_1_{flaky.port}"
+            assert statsd.counter(f"{g}.requests") == statsd.counter(f"{f}.requests") == 30
+            assert wait_for(lambda: timer_count(statsd, "app.users.latency") == 60)
+            assert timer_count(statsd, f"{g}.latency") == 30
+            assert statsd.counter("app.users.errors") == 0
+
+            flaky.behaviour = backend_status(503)  # retried on the good one
+            for _ in range(10):
+                assert session.get("http://users/ok").status_code == 200
+
+            def failed() -> int:
+                return statsd.counter(f"{f}.errors.status_5xx")
+
+            # every attempt counts: 10 requests, plus one retry per 503
+            assert wait_for(lambda: failed() >= 1
+                            and statsd.counter("app.users.requests") == 70 + failed())
+            assert statsd.counter("app.users.retries") == statsd.counter(f"{f}.retries") == failed()
+            assert statsd.counter("app.users.errors.status_5xx") == failed()
+
+            assert any(line.startswith(f"{g}.in_flight:") and line.endswith("|g")
+                       for line in statsd.lines)
+        with socket.socket() as sock:  # a port nothing listens on: connections are refused
+            sock.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        with LoadBalancer.from_config({
+                "metrics": {"statsd": {"port": statsd.port, "prefix": "app"}},
+                "services": {"orders": {"endpoints": [good.address, dead],
+                                        "strategy": "round_robin"}}}) as lb:
+            session = lb.session()
+            for _ in range(10):
+                assert session.get("http://orders/ok").status_code == 200
+            d = f"app.orders.endpoint.127_0_0_1_{dead.rpartition(':')[2]}"
+            assert wait_for(lambda: statsd.counter(f"{d}.errors.connect") >= 1
+                            and statsd.counter("app.orders.errors")
+                            == statsd.counter(f"{d}.errors.connect")
+                            == statsd.counter("app.orders.retries"))
+            assert lb.status()["metrics"]["errors"] == 0
+    finally:
+        good.stop()
+        flaky.stop()
+
+
+def test_request_figures_in_status(clock: FakeClock) -> None:
+    with LoadBalancer.from_config({"services": {"db": {
+            "endpoints": ["10.0.0.1:5432"]}}}, clock=clock) as lb:
+        for i in range(100):
+            lease = lb.pick("db")
+            lease.done(latency=(i + 1) / 1000.0, success=i % 10 != 0,
+                       status=503 if i % 20 == 0 else None)
+        with pytest.raises(RuntimeError), lb.pick("db"):
+            raise RuntimeError("an exception in the with block")
+        service = lb.status()["services"]["db"]
+        endpoint = service["endpoints"]["10.0.0.1:5432"]
+        for figures in (service, endpoint):
+            assert figures["requests"] == 101
+            assert figures["errors"] == 11
+            assert figures["errors_by_kind"] == {"connect": 0, "timeout": 0, "status_5xx": 5,
+                                                 "status_4xx": 0, "other": 6}
+            # true percentiles of 1..100 ms (and one ~0 ms): within a bucket (19%)
+            assert 50 * 0.81 <= figures["p50_ms"] <= 50 * 1.19
+            assert 95 * 0.81 <= figures["p95_ms"] <= 95 * 1.19
+            assert 99 * 0.81 <= figures["p99_ms"] <= 99 * 1.19
+        with pytest.raises(ValueError, match="kind must be one of"):
+            lb.pick("db").done(success=False, kind="nonsense")
+
+
+def test_timeouts_and_budget_refusals_are_counted() -> None:
+    slow, failing = Backend("slow"), Backend("failing")
+    slow.behaviour = backend_slow(2.0)
+    failing.behaviour = backend_status(503)
+    try:
+        with LoadBalancer.from_config({"services": {
+                "slow": {"endpoints": [slow.address], "timeout": 0.2,
+                         "retries": {"attempts": 1}},
+                "failing": {"endpoints": [failing.address],
+                            "retries": {"budget": {"percent": 0, "min_per_second": 0}}}}}
+                                      ) as lb:
+            session = lb.session()
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                session.get("http://slow/")
+            assert session.get("http://failing/").status_code == 503  # its retry refused
+            services = lb.status()["services"]
+            assert services["slow"]["errors_by_kind"]["timeout"] == 1
+            assert services["failing"]["errors_by_kind"]["status_5xx"] == 1
+            assert services["failing"]["refusals"] == 1
+            assert services["failing"]["endpoints"][failing.address]["refusals"] == 1
+            assert services["failing"]["retries"] == 0
+    finally:
+        slow.stop()
+        failing.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_sends_only_its_own_requests(statsd: StatsdListener,
+                                                    clock: FakeClock) -> None:
+    with lb_with(statsd, clock) as lb:
+        for _ in range(5):
+            lb.pick("db").done()
+        assert wait_for(lambda: statsd.counter("app.db.requests") == 5)  # sent by the parent
+
+        def child() -> dict[str, Any]:
+            for _ in range(3):
+                lb.pick("db").done()
+            lb.close()  # sends what is left
+            return {}
+
+        in_forked_child(child)
+        assert wait_for(lambda: statsd.counter("app.db.requests") >= 8)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # queued after the child's
+            sock.sendto(b"marker:1|c", ("127.0.0.1", statsd.port))
+        assert wait_for(lambda: statsd.counter("marker") == 1)  # so all of them have been read
+        assert statsd.counter("app.db.requests") == 8  # the parent's 5 are not sent again
+        assert lb.status()["services"]["db"]["requests"] == 5  # the child's are its own
+
+
+def test_the_latency_histogram_is_bounded_and_estimates_within_a_bucket() -> None:
+    histogram = LatencyHistogram()
+    assert histogram.percentile(0.5) is None
+    for i in range(1, 100_001):
+        histogram.record(i / 100_000)  # 10 us to 1 s, evenly
+    histogram.record(1e6)  # beyond the last bound: the open bucket
+    assert len(histogram.counts) == len(BOUNDS) + 1 == 82  # whatever the traffic
+    assert histogram.total == 100_001
+    for fraction in (0.5, 0.95, 0.99):
+        estimate = histogram.percentile(fraction)
+        assert estimate is not None and abs(estimate - fraction) <= 0.19 * fraction
+    assert histogram.percentile(1.0) == BOUNDS[-1]
+    merged = LatencyHistogram.merged([histogram.counts, histogram.counts])
+    assert merged.total == 200_002 and merged.percentile(0.5) == histogram.percentile(0.5)

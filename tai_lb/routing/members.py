@@ -129,9 +129,11 @@ class Membership:
 
 def figures_factory(service: str, settings: ServiceConfig, clock: Callable[[], float],
                     outliers: OutlierDetector,
-                    breaker_changed: Callable[[str, str], None]) -> StatsFactory:
+                    breaker_changed: Callable[[str, str], None],
+                    follow: Optional[Callable[[str, EndpointStats], None]] = None) -> StatsFactory:
     """What makes the figures of an endpoint new to ``service``: the strategy's averages, a
-    circuit breaker when the service has one, and outlier reporting when it is configured."""
+    circuit breaker when the service has one, and outlier reporting when it is configured;
+    ``follow(service, stats)`` is told of each (the StatsD export of request metrics)."""
     strategy = settings.strategy
     decay = getattr(strategy, "decay", DEFAULT_DECAY)
     default_latency = getattr(strategy, "default_latency", DEFAULT_LATENCY)
@@ -145,6 +147,8 @@ def figures_factory(service: str, settings: ServiceConfig, clock: Callable[[], f
         if settings.outlier_detection is not None:
             stats.on_failure = functools.partial(outliers.report_failure, service,
                                                  config=settings.outlier_detection)
+        if follow is not None:
+            follow(service, stats)
         return stats
 
     return make
