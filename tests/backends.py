@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+import tai_lb
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -315,3 +317,14 @@ def redirect_with_broken_body(kind: str, location: str = "/target") -> Behaviour
             time.sleep(0.01)
             handler.reset()
     return behaviour
+
+
+Factory = Callable[..., Backend]
+"""What the ``backend_factory`` fixture gives: ``make(name="", **kwargs) -> Backend``."""
+
+
+def balancer(*backends_: Backend, **service: Any) -> tai_lb.LoadBalancer:
+    """A balancer whose one service, ``users``, has ``backends_`` as endpoints and ``service``
+    as its other settings."""
+    settings = {"endpoints": [b.address for b in backends_], **service}
+    return tai_lb.LoadBalancer.from_config({"services": {"users": settings}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
+
+from .backends import Backend, Factory
 
 THREAD_PREFIX = "tai-lb"
 
@@ -87,6 +90,23 @@ def in_forked_child(child: Callable[[], dict[str, Any]],
     report: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
     assert os.waitpid(pid, 0)[1] == 0, "the forked child failed"
     return report
+
+
+@pytest.fixture
+def backend_factory() -> Iterator[Factory]:
+    """Makes real HTTP backends on 127.0.0.1 (:class:`tests.backends.Backend`), stopped after
+    the test."""
+    made: list[Backend] = []
+
+    def make(name: str = "", **kwargs: Any) -> Backend:
+        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        with contextlib.suppress(OSError):
+            backend.stop()
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@ moves at a bounded rate when its endpoint leaves, and follows a successful retry
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
@@ -17,27 +15,11 @@ from tai_lb.context import routing_context
 from tai_lb.routing.affinity import Affinity
 
 from . import backends
-from .backends import Backend
+from .backends import Factory
 from .conftest import FakeClock, in_forked_child, wait_for
 
-Factory = Callable[..., Backend]
 ADDRESSES = [f"10.0.0.{i}:80" for i in range(1, 5)]
 KEYS = [f"user-{i}" for i in range(40)]
-
-
-@pytest.fixture
-def backend_factory() -> Iterator[Factory]:
-    made: list[Backend] = []
-
-    def make(name: str = "", **kwargs: Any) -> Backend:
-        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        with contextlib.suppress(OSError):
-            backend.stop()
 
 
 def affinity_of(lb: LoadBalancer, service: str = "svc") -> Affinity:

@@ -4,7 +4,6 @@ and ``--help``."""
 from __future__ import annotations
 
 import configparser
-import contextlib
 import importlib
 import json
 import re
@@ -12,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,21 +70,6 @@ def test_demo_routes_around_the_killed_backend_with_no_failures() -> None:
 
 
 # -- status ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def backend_factory() -> Iterator[Callable[..., Backend]]:
-    made: list[Backend] = []
-
-    def make(name: str = "", **kwargs: Any) -> Backend:
-        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        with contextlib.suppress(OSError):
-            backend.stop()
 
 
 def dead_address() -> str:

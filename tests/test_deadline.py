@@ -11,7 +11,6 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any, Callable
 
 import pytest
 import requests
@@ -19,32 +18,11 @@ import urllib3
 
 from tai_lb import LoadBalancer, trace_of
 
-from .backends import Backend, Trickle
+from .backends import Factory, Trickle, balancer
 from .conftest import wait_for
 
-Factory = Callable[..., Backend]
 TIMEOUT = (1, 2)  # each wait for data is at most 0.05 s: the read timeout never fires
 SLOW = 60  # bytes trickled 0.05 s apart: 3 s for the whole response
-
-
-@pytest.fixture
-def backend_factory() -> Iterator[Factory]:
-    made: list[Backend] = []
-
-    def make(name: str = "", **kwargs: Any) -> Backend:
-        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        with contextlib.suppress(OSError):
-            backend.stop()
-
-
-def balancer(*backends_: Backend, **service: Any) -> LoadBalancer:
-    settings = {"endpoints": [b.address for b in backends_], **service}
-    return LoadBalancer.from_config({"services": {"users": settings}})
 
 
 def assert_cut_at_the_deadline(trickle: Trickle, lb: LoadBalancer, *addresses: str) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,30 +18,8 @@ import tai_lb
 from tai_lb import HTTPPoolExhausted, LoadBalancer, NoEndpointAvailable, trace_of
 
 from . import backends
-from .backends import Backend
+from .backends import Backend, Factory, balancer
 from .conftest import wait_for
-
-Factory = Callable[..., Backend]
-
-
-@pytest.fixture
-def backend_factory() -> Iterator[Factory]:
-    made: list[Backend] = []
-
-    def make(name: str = "", **kwargs: Any) -> Backend:
-        backend = Backend(name or f"b{len(made) + 1}", **kwargs)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        with contextlib.suppress(OSError):
-            backend.stop()
-
-
-def balancer(*backends_: Backend, **service: Any) -> LoadBalancer:
-    settings = {"endpoints": [b.address for b in backends_], **service}
-    return LoadBalancer.from_config({"services": {"users": settings}})
 
 
 def free_port() -> int:
