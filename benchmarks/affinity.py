@@ -22,15 +22,20 @@ from __future__ import annotations
 import datetime
 import gc
 import platform
-import random
-import statistics
 import time
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from picks import benchmark_parser, markdown_table, publish, source_revision, verdict
+from picks import (
+    benchmark_parser,
+    interleaved_medians,
+    markdown_table,
+    publish,
+    source_revision,
+    verdict,
+)
 
 import tai_lb
 
@@ -81,21 +86,8 @@ def _case(affinity: bool) -> tuple[Callable[[int], float], Callable[[], None]]:
 
 def run(settings: Settings, seed: int) -> dict[str, float]:
     """Median microseconds per pick of each case, the cases interleaved over the rounds."""
-    rng = random.Random(seed)
-    cases = {"plain pick": _case(False), "affinity hit": _case(True)}
-    samples: dict[str, list[float]] = {name: [] for name in CASES}
-    try:
-        for timed, _close in cases.values():
-            timed(settings.batch // 10)  # warm up
-        for _ in range(settings.rounds):
-            order = list(CASES)
-            rng.shuffle(order)
-            for name in order:
-                samples[name].append(cases[name][0](settings.batch) / settings.batch * 1e6)
-    finally:
-        for _timed, close in cases.values():
-            close()
-    return {name: statistics.median(found) for name, found in samples.items()}
+    return interleaved_medians({"plain pick": _case(False), "affinity hit": _case(True)},
+                               settings.batch, settings.rounds, seed)
 
 
 def table_memory(entries: int) -> float:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import tai_lb
 from tai_lb.strategies import STRATEGIES, RoutingKey
@@ -514,6 +514,31 @@ def write_section(path: Path, body: str, heading: str = SECTION) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+TimedCase = tuple[Callable[[int], float], Callable[[], None]]
+"""A case of an interleaved benchmark: ``time(n)`` (seconds for n iterations) and ``close()``."""
+
+
+def interleaved_medians(cases: dict[str, TimedCase], batch: int, rounds: int,
+                        seed: int) -> dict[str, float]:
+    """Median microseconds per iteration of each case: every case warmed up, then the cases
+    taking turns in a shuffled order in each round (these machines are shared and noisy), and
+    closed at the end whatever happens."""
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        for timed, _close in cases.values():
+            timed(max(1, batch // 10))  # warm up
+        for _ in range(rounds):
+            order = list(cases)
+            rng.shuffle(order)
+            for name in order:
+                samples[name].append(cases[name][0](batch) / batch * 1e6)
+    finally:
+        for _timed, close in cases.values():
+            close()
+    return {name: statistics.median(found) for name, found in samples.items()}
 
 
 def benchmark_parser(doc: Optional[str], quick_help: str, seed_help: str,

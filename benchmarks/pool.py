@@ -21,15 +21,20 @@ from __future__ import annotations
 import datetime
 import platform
 import queue
-import random
 import socket
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from picks import benchmark_parser, markdown_table, publish, source_revision, verdict
+from picks import (
+    benchmark_parser,
+    interleaved_medians,
+    markdown_table,
+    publish,
+    source_revision,
+    verdict,
+)
 
 import tai_lb
 from tai_lb.endpoint import Endpoint
@@ -121,22 +126,10 @@ def _balancer_case() -> tuple[Callable[[int], float], Callable[[], None]]:
 
 def run(settings: Settings, seed: int) -> dict[str, float]:
     """Median microseconds per iteration of each case, the cases interleaved over the rounds."""
-    rng = random.Random(seed)
-    cases = {"queue.Queue get/put": _queue_case(), "ConnectionPool borrow/return": _pool_case(),
-             "lb.connection()": _balancer_case()}
-    samples: dict[str, list[float]] = {name: [] for name in CASES}
-    try:
-        for timed, _close in cases.values():
-            timed(settings.batch // 10)  # warm up
-        for _ in range(settings.rounds):
-            order = list(CASES)
-            rng.shuffle(order)
-            for name in order:
-                samples[name].append(cases[name][0](settings.batch) / settings.batch * 1e6)
-    finally:
-        for _timed, close in cases.values():
-            close()
-    return {name: statistics.median(found) for name, found in samples.items()}
+    return interleaved_medians({"queue.Queue get/put": _queue_case(),
+                                "ConnectionPool borrow/return": _pool_case(),
+                                "lb.connection()": _balancer_case()},
+                               settings.batch, settings.rounds, seed)
 
 
 def table(figures: dict[str, float]) -> tuple[list[str], list[list[str]]]:
