@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from ._settings import Settings, check_instance, check_number, key_text, shown
 from .discovery import DiscoveryConfig
+from .discovery.base import read_regular_file
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .failover import BreakerConfig, FailoverConfig
@@ -391,8 +392,7 @@ def read_config_file(path: str) -> Mapping[str, Any]:
         raise ConfigError("", f"{path}: a configuration file must end in .json, .toml, .yaml or "
                               f".yml, got {shown(extension or 'no extension')}")
     try:
-        with open(path, "rb") as file:
-            raw = file.read()
+        raw, _ = read_regular_file(path)  # never blocks: a FIFO or a directory is refused
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
         message = error.strerror if isinstance(error, OSError) else None
         raise ConfigError("", f"{path}: cannot read the configuration file: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -513,3 +514,16 @@ def test_etcd_answering_200_with_another_shape_is_a_failed_read(backend: Backend
         status = lb.status()["services"]["b"]
         assert "malformed answer" in json.dumps(status), status
     assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_or_a_directory_as_the_configuration_file_is_refused_never_waited_on(
+        tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)  # no writer: a plain open() would wait for one for ever
+    with pytest.raises(ConfigError, match="cannot read the configuration file: not a regular file"):
+        LoadBalancer.from_config(str(fifo))
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="cannot read the configuration file"):
+        load_config(folder)
