@@ -19,9 +19,7 @@ Targets (printed as PASS/FAIL, never asserted): a hit <= 2 x a plain pick; 1,000
 
 from __future__ import annotations
 
-import datetime
 import gc
-import platform
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -30,10 +28,10 @@ from typing import Callable, Optional
 
 from picks import (
     benchmark_parser,
+    environment_line,
     interleaved_medians,
     markdown_table,
     publish,
-    source_revision,
     verdict,
 )
 
@@ -134,10 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              verdict(ratio <= TARGET_RATIO) if name == "affinity hit" else "-"]
             for name in CASES]
     report = "\n".join([
-        f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-        f"({platform.python_implementation()}), {platform.machine()}; tai-lb "
-        f"{tai_lb.__version__} ({source_revision()}); {settings.rounds} rounds in "
-        f"{time.monotonic() - started:.0f} s.",
+        environment_line(f"{settings.rounds} rounds in {time.monotonic() - started:.0f} s"),
         "",
         f"One thread, no contention, 10 endpoints, round_robin; batches of {settings.batch:,} "
         "picks over 1,000 keys per case, the cases interleaved in a shuffled order per round; "

@@ -20,8 +20,6 @@ strategy measured.
 
 from __future__ import annotations
 
-import datetime
-import platform
 import random
 import sys
 import threading
@@ -30,7 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from picks import benchmark_parser, markdown_table, publish, source_revision, verdict
+from picks import (
+    benchmark_parser,
+    environment_line,
+    markdown_table,
+    publish,
+    verdict,
+)
 
 import tai_lb
 
@@ -184,10 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                for r in rows] + [f"target p99.9 <= {TARGET_MS:g} ms under churn: "
                                  f"{verdict(passed)}"]
     report = "\n".join([
-        f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-        f"({platform.python_implementation()}), {platform.machine()}; tai-lb "
-        f"{tai_lb.__version__} (commit {source_revision()}); {settings.rounds} rounds in "
-        f"{time.monotonic() - started:.0f} s.",
+        environment_line(f"{settings.rounds} rounds in {time.monotonic() - started:.0f} s"),
         "",
         f"{settings.endpoints:,} endpoints; {settings.threads} threads pick for "
         f"{settings.seconds:g} s per case, sleeping {settings.pause * 1000:g} ms after each pick; "

@@ -40,12 +40,10 @@ it.  Target: every change within TTL + 1 s.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import random
 import signal
 import socket
@@ -63,10 +61,10 @@ from typing import Any, Callable, Optional
 from picks import (
     benchmark_parser,
     ensure_programs,
+    environment_line,
     markdown_table,
     median,
     publish,
-    source_revision,
     verdict,
 )
 
@@ -109,13 +107,9 @@ class Section:
     run: Callable[[bool, Optional[int], int, bool], Report]
 
 
-def environment_line(rounds: int, seconds: float, unit: str = "rounds") -> str:
-    """Date, Python, machine, tai-lb revision, rounds and wall time, as in the other scripts."""
-    today = datetime.date.today().isoformat()
-    return (f"{today}; Python {platform.python_version()} "
-            f"({platform.python_implementation()}), {os.cpu_count()} cores "
-            f"({platform.machine()}, {platform.system()}); tai-lb {tai_lb.__version__} "
-            f"({source_revision()}); {rounds} {unit} in {seconds:.0f} s.")
+def run_line(rounds: int, seconds: float, unit: str = "rounds") -> str:
+    """The section's environment line (picks.environment_line) for rounds and wall time."""
+    return environment_line(f"{rounds} {unit} in {seconds:.0f} s")
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -411,7 +405,7 @@ def run_updates(quick: bool, rounds: Optional[int], seed: int, progress: bool) -
     return Report(
         title=(f"set_endpoints/register/deregister on {count:,} endpoints with a LoadBalancer "
                "subscribed, and the first pick after each (medians over rounds)"),
-        environment=environment_line(settings.rounds, results.seconds),
+        environment=run_line(settings.rounds, results.seconds),
         method=update_method(results),
         summary=update_summary(results),
         tables=[update_rows(results), rebuild_rows(results)],
@@ -626,7 +620,7 @@ def run_etcd(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> R
               "max ms", f"p99 <= {ms(TARGET_ETCD_P99_S)} ms"]
     return Report(
         title="etcd: from a put or delete until the change is in the snapshot picks use",
-        environment=environment_line(settings.changes, time.perf_counter() - started,
+        environment=run_line(settings.changes, time.perf_counter() - started,
                                      "changes"),
         method=(
             "A one-member etcd (Debian's etcd-server) on loopback; a LoadBalancer with etcd "
@@ -707,7 +701,7 @@ def run_dns(quick: bool, rounds: Optional[int], seed: int, progress: bool) -> Re
              ms(percentile(visible, 0.90)), ms(worst), verdict(ok)]]
     return Report(
         title="DNS: from a changed A record until the change is in the snapshot picks use",
-        environment=environment_line(settings.changes, time.perf_counter() - started,
+        environment=run_line(settings.changes, time.perf_counter() - started,
                                      "changes"),
         method=(
             f"dnsmasq (Debian's dnsmasq-base) on loopback serving A records of {DNS_NAME} "

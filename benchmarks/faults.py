@@ -53,14 +53,11 @@ a trickling response with a 1 s deadline ends within 2 s (median).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import http.server
 import logging
 import math
 import multiprocessing
-import os
-import platform
 import random
 import re
 import signal
@@ -82,9 +79,9 @@ from http_overhead import sigterm_raises
 from picks import (
     benchmark_parser,
     ensure_programs,
+    environment_line,
     markdown_table,
     publish,
-    source_revision,
     verdict,
 )
 
@@ -1210,12 +1207,8 @@ def method_text(results: Results) -> str:
 
 def markdown_report(results: Results) -> str:
     """The Markdown section for RESULTS.md (without its heading)."""
-    today = datetime.date.today().isoformat()
-    environment = (f"{today}; Python {platform.python_version()} "
-                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
-                   f"({platform.machine()}, {platform.system()}); requests "
-                   f"{requests.__version__}; {results.haproxy}; tai-lb {tai_lb.__version__} "
-                   f"({source_revision()}); one run of each case in {results.seconds:.0f} s.")
+    environment = environment_line(f"one run of each case in {results.seconds:.0f} s",
+                                   f"requests {requests.__version__}", results.haproxy)
     return "\n".join([
         environment,
         "",
@@ -1430,11 +1423,7 @@ def trickle_summary(runs: Sequence[TrickleRun]) -> list[str]:
 def trickle_report(runs: Sequence[TrickleRun], settings: TrickleSettings,
                    seconds: float) -> str:
     """The Markdown section of (d) for RESULTS.md (without its heading)."""
-    environment = (f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
-                   f"({platform.machine()}, {platform.system()}); requests "
-                   f"{requests.__version__}; tai-lb {tai_lb.__version__} "
-                   f"({source_revision()}); {seconds:.0f} s in all.")
+    environment = environment_line(f"{seconds:.0f} s in all", f"requests {requests.__version__}")
     method = (
         "One raw HTTP backend on 127.0.0.1 (a thread per connection, TCP_NODELAY, "
         f"`Connection: close`) trickles a {TRICKLE_BYTES}-byte response a byte at a time, "

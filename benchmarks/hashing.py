@@ -25,10 +25,8 @@ Zipf(1.1) with load_bound 1.25: max/mean in flight <= 1.25 against >= 2 unbounde
 from __future__ import annotations
 
 import collections
-import datetime
 import gc
 import itertools
-import platform
 import random
 import statistics
 import sys
@@ -38,7 +36,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from picks import benchmark_parser, markdown_table, publish, source_revision, verdict
+from picks import (
+    benchmark_parser,
+    environment_line,
+    markdown_table,
+    publish,
+    verdict,
+)
 
 import tai_lb
 from tai_lb.stats import EndpointStats
@@ -213,9 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                f"load_bound {BOUND:g}, {r.at_home:.1%} at home (at most {r.best_home:.1%})"
                for r in rows]
     report = "\n".join([
-        f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-        f"({platform.python_implementation()}), {platform.machine()}; tai-lb "
-        f"{tai_lb.__version__} ({source_revision()}); {time.monotonic() - started:.0f} s.",
+        environment_line(f"{time.monotonic() - started:.0f} s"),
         "",
         f"{len(ENDPOINTS)} endpoints of weight 1, default settings (consistent_hash: 1,000 "
         "points per endpoint; maglev: 65,537 slots); "

@@ -26,10 +26,7 @@ through the local HAProxy; on 16 threads tai-lb's throughput is at least 0.97 x 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
-import os
-import platform
 import random
 import re
 import signal
@@ -50,10 +47,10 @@ import requests
 from picks import (
     benchmark_parser,
     ensure_programs,
+    environment_line,
     markdown_table,
     median,
     publish,
-    source_revision,
     verdict,
 )
 
@@ -589,12 +586,8 @@ def method_text(results: Results) -> str:
 def markdown_report(results: Results) -> str:
     """The Markdown section for RESULTS.md (without its heading)."""
     s = results.settings
-    today = datetime.date.today().isoformat()
-    environment = (f"{today}; Python {platform.python_version()} "
-                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
-                   f"({platform.machine()}, {platform.system()}); requests "
-                   f"{requests.__version__}; tai-lb {tai_lb.__version__} "
-                   f"({source_revision()}); {s.rounds} rounds in {results.seconds:.0f} s.")
+    environment = environment_line(f"{s.rounds} rounds in {results.seconds:.0f} s",
+                                   f"requests {requests.__version__}")
     return "\n".join([
         environment,
         "",

@@ -19,9 +19,6 @@ Target (printed as PASS/FAIL, never asserted): ``on`` costs at most 1.05 x ``off
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import random
 import socket
 import statistics
@@ -30,7 +27,13 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from picks import benchmark_parser, markdown_table, publish, source_revision, verdict
+from picks import (
+    benchmark_parser,
+    environment_line,
+    markdown_table,
+    publish,
+    verdict,
+)
 
 import tai_lb
 
@@ -111,11 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     began = time.monotonic()
     per_round = run(rounds, batches, cycles, args.seed)
     table = rows(per_round)
-    environment = (f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
-                   f"({platform.machine()}, {platform.system()}); tai-lb {tai_lb.__version__} "
-                   f"({source_revision()}); {rounds} rounds in "
-                   f"{time.monotonic() - began:.0f} s.")
+    environment = environment_line(f"{rounds} rounds in {time.monotonic() - began:.0f} s")
     method = (f"`with lb.pick(...)` cycles on one thread over 10 endpoints (`round_robin`), in "
               f"{rounds} rounds of {batches} shuffled batches of {cycles:,} cycles per case; "
               "ns/cycle is the median over rounds of each round's median batch, `x off` the "

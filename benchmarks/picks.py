@@ -473,17 +473,22 @@ def source_revision() -> str:
     return f"commit {commit}" + (" + uncommitted changes to tai_lb/" if dirty.strip() else "")
 
 
+def environment_line(run: str, *versions: str) -> str:
+    """The first line of every RESULTS.md section: the date, Python, this machine, the other
+    ``versions`` that matter (``"requests 2.34.2"``), the measured tai-lb's commit, then ``run``
+    (what ran, and for how long)."""
+    return "; ".join([
+        f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
+        f"({platform.python_implementation()}), {os.cpu_count()} cores "
+        f"({platform.machine()}, {platform.system()})",
+        *versions, f"tai-lb {tai_lb.__version__} ({source_revision()})", run]) + "."
+
+
 def markdown_report(results: Results) -> str:
     """The Markdown section for RESULTS.md (without its heading)."""
     s = results.settings
-    today = datetime.date.today().isoformat()
-    environment = (f"{today}; Python {platform.python_version()} "
-                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
-                   f"({platform.machine()}, {platform.system()}); tai-lb {tai_lb.__version__} "
-                   f"({source_revision()}); "
-                   f"{s.rounds} rounds in {results.seconds:.0f} s.")
     parts = [
-        environment,
+        environment_line(f"{s.rounds} rounds in {results.seconds:.0f} s"),
         "",
         method_text(results),
         "",

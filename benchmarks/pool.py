@@ -18,8 +18,6 @@ Target (printed as PASS/FAIL, never asserted): a ConnectionPool borrow and retur
 
 from __future__ import annotations
 
-import datetime
-import platform
 import queue
 import socket
 import time
@@ -29,10 +27,10 @@ from typing import Callable, Optional
 
 from picks import (
     benchmark_parser,
+    environment_line,
     interleaved_medians,
     markdown_table,
     publish,
-    source_revision,
     verdict,
 )
 
@@ -157,10 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{verdict(pool_us <= TARGET_US)}"]
     header, rows = table(figures)
     report = "\n".join([
-        f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-        f"({platform.python_implementation()}), {platform.machine()}; tai-lb "
-        f"{tai_lb.__version__} ({source_revision()}); {settings.rounds} rounds in "
-        f"{time.monotonic() - started:.0f} s.",
+        environment_line(f"{settings.rounds} rounds in {time.monotonic() - started:.0f} s"),
         "",
         f"One thread, no contention; batches of {settings.batch:,} iterations per case, the "
         "cases interleaved in a shuffled order per round; the median batch's time per "

@@ -19,11 +19,8 @@ unlucky threads' tail to everyone's median.
 
 from __future__ import annotations
 
-import datetime
 import http.server
 import multiprocessing
-import os
-import platform
 import queue
 import random
 import socket
@@ -35,9 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from picks import benchmark_parser, markdown_table, publish, source_revision, verdict
+from picks import (
+    benchmark_parser,
+    environment_line,
+    markdown_table,
+    publish,
+    verdict,
+)
 
-import tai_lb
 from tai_lb.pool import TaiHTTPConnectionPool
 
 SECTION = "## pool_fairness.py"
@@ -278,10 +280,7 @@ def method_text(results: Results) -> str:
 def markdown_report(results: Results) -> str:
     """The Markdown section for RESULTS.md (without its heading)."""
     s = results.settings
-    environment = (f"{datetime.date.today().isoformat()}; Python {platform.python_version()} "
-                   f"({platform.python_implementation()}), {os.cpu_count()} cores "
-                   f"({platform.machine()}, {platform.system()}); tai-lb {tai_lb.__version__} "
-                   f"({source_revision()}); {s.rounds} rounds in {results.seconds:.0f} s.")
+    environment = environment_line(f"{s.rounds} rounds in {results.seconds:.0f} s")
     return "\n".join([
         environment, "", method_text(results), "",
         *(f"- {line}" for line in summary_lines(results)), "",
