@@ -14,6 +14,8 @@ use the last route and refuse endpoints the registry removed (never one after de
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import os
 import threading
 import time
@@ -200,12 +202,10 @@ class LoadBalancer:
     # -- changes --------------------------------------------------------------------------------
 
     def _on_changes(self, changes: Sequence[TopologyChange]) -> None:
-        # A write's changes, applied per service; each route is built here, off the request path.
-        by_service: dict[str, list[TopologyChange]] = {}
-        for change in changes:
-            by_service.setdefault(change.service, []).append(change)
-        for name, group in by_service.items():
-            self.topology.apply(name, group)
+        # A write's changes (usually one service's), applied per run of one service, in order, in
+        # C (10,000 changes a list); each route is built here, off the request path.
+        for name, group in itertools.groupby(changes, key=operator.attrgetter("service")):
+            self.topology.apply(name, list(group))
             routing = self._services.get(name)
             if routing is not None:
                 routing.update()

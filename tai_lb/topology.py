@@ -123,8 +123,8 @@ class TopologyFollower:
     def _remove(self, service: str, going: list[Endpoint], gone: list[str],
                 table: dict[str, EndpointStats], load: Sequence[None]) -> None:
         self._outliers.forget_many(service, gone)
-        others = [snapshot.by_address for name in self._registry.services() if name != service
-                  for snapshot in (self._registry.get_snapshot(name),) if snapshot is not None]
+        others = [snapshot.by_address for name, snapshot in self._registry.snapshots.items()
+                  if name != service]
         if others:  # another service still sends to these addresses: their pools stay
             going = [e for e in going if not any(e.address in other for other in others)]
         if load:  # requests in flight somewhere in the service
