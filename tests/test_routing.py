@@ -78,6 +78,30 @@ def test_picks_go_on_with_the_last_route_while_a_new_one_is_built() -> None:
     lb.close()
 
 
+def test_a_change_during_the_first_pick_s_build_reaches_the_route() -> None:
+    # The first pick builds on its own thread; a change that lands meanwhile finds the lock
+    # taken and leaves it to the builder, which must build again (CI once lost an etcd add so).
+    strategy = GatedRoundRobin()
+    strategy.armed = True
+    reg = ServiceRegistry()
+    reg.register("users", "10.0.0.1:80")
+    lb = LoadBalancer(reg, strategy=strategy)
+    first = threading.Thread(target=lambda: lb.pick("users").done(), name="first-pick")
+    first.start()
+    try:
+        assert strategy.entered.wait(10)  # the first build has read the old snapshot
+        strategy.armed = False
+        writer = threading.Thread(target=reg.register, args=("users", "10.0.0.2:80"))
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive()  # the change did not wait for the build
+    finally:
+        strategy.gate.set()
+        first.join(10)
+    assert {lb.pick("users").address for _ in range(4)} == {"10.0.0.1:80", "10.0.0.2:80"}
+    lb.close()
+
+
 def test_a_pick_after_deregister_never_gets_the_removed_endpoint_while_a_build_runs() -> None:
     strategy = GatedRoundRobin()
     lb = make(strategy, "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80")

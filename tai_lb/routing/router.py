@@ -72,6 +72,12 @@ class Router:
         in which case that thread builds again when it is done.  Never raises: a failed build
         is logged and counted, and the last route stays."""
         self._dirty = True
+        self._build_while_dirty()
+
+    def _build_while_dirty(self) -> None:
+        # A change sets the flag, then tries the lock; a holder checks the flag again after it
+        # lets go.  So a change that found the lock taken is built for by the holder, whether
+        # the holder is update() or a first pick.
         while self._dirty and self._lock.acquire(blocking=False):
             try:
                 while self._dirty:
@@ -83,12 +89,10 @@ class Router:
                               self.service)
             finally:
                 self._lock.release()
-            # A change marked after the last check above, while the lock was still held, found
-            # it taken: the loop builds for it.
 
     def current(self) -> Route:
-        """The published route, built here and now if there is none yet (a first pick) or if
-        the last build failed and the registry has moved on."""
+        """The published route, built here and now if there is none yet (a service's first
+        pick, or the first after a fork)."""
         route = self.route
         if route is not None:
             return route
@@ -96,7 +100,8 @@ class Router:
             if self.route is None:
                 self._dirty = False
                 self._publish()
-            route = self.route
+        self._build_while_dirty()  # a change that came during the build found the lock taken
+        route = self.route
         assert route is not None
         return route
 
@@ -109,7 +114,8 @@ class Router:
         with self._lock:
             self._dirty = False
             self._publish()
-            route = self.route
+        self._build_while_dirty()
+        route = self.route
         assert route is not None
         return route
 
