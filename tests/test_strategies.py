@@ -7,9 +7,12 @@ seeded, so each run checks the same sample and a failure is a real bias, not bad
 
 from __future__ import annotations
 
+import bisect
 import collections
+import hashlib
 import json
 import random
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -536,7 +539,7 @@ def test_a_ring_updated_endpoint_by_endpoint_keeps_a_bounded_cache() -> None:
     hashes, owners = build_ring(items, 100, strategy.max_ring_size)
     ring = ring_of(picker)
     assert ring is not None
-    assert (ring.hashes, ring.owners) == (hashes, owners)
+    assert (list(ring.hashes), ring.owners) == (hashes, owners)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -580,8 +583,8 @@ def test_a_ring_updated_change_by_change_equals_a_ring_built_from_scratch(seed: 
         ring = ring_of(picker)
         assert ring is not None
         hashes, owners = build_ring(items, vnodes, max_ring_size)
-        assert (ring.hashes, ring.owners) == (hashes, owners)
-        assert (ring.shift, ring.starts) == bucket_index(hashes)
+        assert (list(ring.hashes), ring.owners) == (hashes, owners)
+        assert (ring.shift, list(ring.starts)) == bucket_index(hashes)
         fresh = strategy.prepare(items)
         assert [picker(f"k{i}") for i in range(50)] == [fresh(f"k{i}") for i in range(50)]
 
@@ -604,3 +607,18 @@ def test_a_consistent_hash_subclass_that_prepares_its_own_way_keeps_doing_so() -
         assert zones == {"a"}, step
         reg.register("users", Endpoint("10.0.0.2", 80 + step, zone="ab"[step % 2]))
     lb.close()
+
+
+@pytest.mark.parametrize("key", ["user-1", "", "clé-ключ", b"\x00\xff\x10", 42, 2**70])
+def test_a_key_s_place_on_the_ring_is_its_md5_as_libketama_computes_it(key: RoutingKey) -> None:
+    # Whichever MD5 computes it (CPython's own or OpenSSL's), a key lands where libketama and
+    # earlier versions put it: changing this would move every sticky key.
+    data = key if isinstance(key, bytes) else str(key).encode()
+    expected = struct.unpack_from("<I", hashlib.md5(data).digest())[0]
+    assert key_hash(key) == expected
+    items = ring_members([f"10.0.0.{i}:80" for i in range(1, 8)])
+    picker = ConsistentHash().prepare(items)
+    ring = ring_of(picker)
+    assert ring is not None
+    index = bisect.bisect_right(list(ring.hashes), expected)
+    assert picker(key) is ring.owners[index % len(ring.owners)]
