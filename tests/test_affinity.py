@@ -115,6 +115,37 @@ def test_a_key_expires_ttl_seconds_after_its_last_request(clock: FakeClock) -> N
     assert (figures["misses"], figures["hits"], figures["entries"]) == (2, 1, 1)
 
 
+def test_an_expired_key_not_swept_yet_is_a_miss_not_a_hit(clock: FakeClock) -> None:
+    with pick_balancer(clock, ttl=10) as lb:
+        affinity = affinity_of(lb)
+        affinity.interval = 3600.0  # the thread never sweeps in this test
+        picked(lb, "alice")
+        clock.advance(10)
+        assert len(affinity._table) == 1  # still in the table
+        assert affinity.pinned("alice") is None
+        picked(lb, "alice")
+        figures = affinity.figures()
+    assert (figures["hits"], figures["misses"], figures["repins"]) == (0, 2, 0)
+
+
+def test_a_sweep_drops_every_expired_key_in_batches_and_no_live_one(clock: FakeClock) -> None:
+    with pick_balancer(clock, ttl=10, max_entries=10_000) as lb:
+        affinity = affinity_of(lb)
+        affinity.interval = 3600.0
+        old = [f"old-{i}" for i in range(2500)]  # more than one batch of the sweep
+        for key in old:
+            picked(lb, key)
+        clock.advance(2)
+        picked(lb, "old-0")  # refreshed two ticks later: it now sorts after the others
+        young = [f"young-{i}" for i in range(5)]
+        for key in young:
+            picked(lb, key)
+        clock.advance(8.5)  # the old keys' TTL has passed; old-0's and the young ones' has not
+        affinity.expire()
+        assert sorted(affinity._table) == sorted(["old-0", *young])
+        assert all(affinity.pinned(key) is not None for key in ["old-0", *young])
+
+
 def test_the_least_recently_used_key_is_evicted_at_max_entries() -> None:
     with pick_balancer(max_entries=3) as lb:
         affinity = affinity_of(lb)

@@ -2,8 +2,8 @@
 
 :class:`Affinity` is both a stage (each build records the route's candidates by address, and
 adds itself to the route's selectors) and the selector a pick consults first.  It owns its
-table, a ``cachetools`` TTL + LRU cache behind its own lock, and a daemon thread
-``tai-lb-affinity`` that expires entries.
+table, a ``cachetools`` LRU cache whose entries carry their TTL, behind its own lock, and a
+daemon thread ``tai-lb-affinity`` that expires entries.
 
 The rules:
 
@@ -19,6 +19,7 @@ The rules:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Collection, Mapping
@@ -95,14 +96,49 @@ class AffinityConfig(Settings):
         return cls(**value)
 
 
-class _Table(cachetools.TTLCache):  # type: ignore[type-arg]
-    """The TTL + LRU table, counting the keys evicted for room."""
+#: the TTL is counted in ticks of a tenth of it: an entry is kept this many ticks
+_TICKS_PER_TTL = 10
+
+
+class _Table(cachetools.LRUCache):  # type: ignore[type-arg]
+    """The TTL + LRU table: key -> (address, tick of its last refresh), counting evictions.
+
+    An LRU cache, with the TTL carried by each entry's tick rather than by cachetools'
+    ``TTLCache``, whose per-key link objects and second ordered dict cost about 90 bytes a key
+    more: a million keys fit in under 200 MB.  An entry whose tick changes is put in again, so
+    the table's iteration (insertion) order is the order of the ticks and :meth:`expire`
+    reads the expired entries from the front, as many as there are, never the whole table.
+    """
 
     evictions = 0
 
     def popitem(self) -> tuple[Any, Any]:
         self.evictions += 1  # only called to make room: expiry does not come through here
         return super().popitem()
+
+    def peek(self, key: RoutingKey) -> Optional[tuple[str, int]]:
+        """The entry of ``key`` without making it recently used, or None."""
+        try:
+            entry: tuple[str, int] = cachetools.Cache.__getitem__(self, key)
+        except KeyError:
+            return None
+        return entry
+
+    def put(self, key: RoutingKey, entry: tuple[str, int]) -> None:
+        """Set ``key``'s entry at the end of the iteration order (the newest tick)."""
+        if cachetools.Cache.__contains__(self, key):
+            del self[key]
+        self[key] = entry
+
+    def expire(self, tick: int, limit: int = 1024) -> bool:
+        """Drop up to ``limit`` entries expired at ``tick``; True when more may be left."""
+        oldest = list(itertools.islice(cachetools.Cache.__iter__(self), limit))
+        for key in oldest:
+            entry = self.peek(key)
+            if entry is not None and tick - entry[1] < _TICKS_PER_TTL:
+                return False  # the first one still alive: every later one was refreshed later
+            del self[key]
+        return len(oldest) == limit
 
 
 class Affinity:
@@ -123,8 +159,8 @@ class Affinity:
         self._lock = threading.Lock()  # guards the table, the counters and the move budget
         #: key -> (address, the tick its TTL last started in; a tick is a tenth of the TTL): a
         #: hit in a later tick starts it again, so a key expires 0.9 to 1 TTL after its last use
-        self._table = _Table(config.max_entries, config.ttl, timer=clock)
-        self._refresh = config.ttl / 10
+        self._table = _Table(config.max_entries)
+        self._refresh = config.ttl / _TICKS_PER_TTL
         self._values: dict[str, tuple[str, int]] = {}
         self._by_address: Mapping[str, EndpointStats] = {}
         self.hits = self.misses = self.repins = self.deferred = 0
@@ -149,20 +185,25 @@ class Affinity:
         """The key's sticky endpoint, or a new one pinned (None without a key: the picker's)."""
         if key is None or route.picker is None:
             return None
+        table = self._table
         with self._lock:
+            tick = int(self.clock() / self._refresh)
             try:
-                address, since = self._table[key]
+                address, since = table[key]
             except KeyError:
                 address = None
             else:
-                stats = self._by_address.get(address)
-                if (stats is not None and address not in exclude
-                        and (stats.breaker is None or stats.breaker.state != "open")):
-                    self.hits += 1
-                    tick = int(self.clock() / self._refresh)
-                    if since != tick:  # the TTL runs from the last request, to a tenth of it
-                        self._table[key] = self._value(address, tick)
-                    return stats
+                if tick - since >= _TICKS_PER_TTL:  # expired, not swept yet: a new key
+                    del table[key]
+                    address = None
+                else:
+                    stats = self._by_address.get(address)
+                    if (stats is not None and address not in exclude
+                            and (stats.breaker is None or stats.breaker.state != "open")):
+                        self.hits += 1
+                        if since != tick:  # the TTL runs from the last request, to a tenth
+                            table.put(key, self._value(address, tick))
+                        return stats
         stats = route.picker(key)  # outside the lock: a strategy may take its own
         if exclude and stats.endpoint.address in exclude:
             stats = excluding(route, key, exclude, stats)
@@ -174,8 +215,8 @@ class Affinity:
             else:
                 self.deferred += 1
                 return stats  # over the move rate: this pick is not pinned
-            self._table[key] = self._value(stats.endpoint.address,
-                                           int(self.clock() / self._refresh))
+            table.put(key, self._value(stats.endpoint.address,
+                                       int(self.clock() / self._refresh)))
             self._start()
         return stats
 
@@ -200,15 +241,27 @@ class Affinity:
     def pinned(self, key: RoutingKey) -> Optional[str]:
         """The address ``key`` is pinned to, or None (for inspection and tests)."""
         with self._lock:
-            entry: Optional[tuple[str, int]] = self._table.get(key)
-            return entry[0] if entry is not None else None
+            entry = self._table.peek(key)
+            if entry is None or self._tick() - entry[1] >= _TICKS_PER_TTL:
+                return None
+            return entry[0]
+
+    def _tick(self) -> int:
+        return int(self.clock() / self._refresh)
+
+    def expire(self) -> None:
+        """Drop the expired entries, a batch at a time: picks may take the lock in between."""
+        more = True
+        while more:
+            with self._lock:
+                more = self._table.expire(self._tick())
 
     # -- figures ----------------------------------------------------------------------------
 
     def figures(self) -> dict[str, Any]:
         """entries, hits, misses, evictions, repins, deferred (moves over the rate)."""
+        self.expire()
         with self._lock:
-            self._table.expire()
             return {"entries": len(self._table), "hits": self.hits, "misses": self.misses,
                     "evictions": self._table.evictions, "repins": self.repins,
                     "deferred": self.deferred,
@@ -234,8 +287,7 @@ class Affinity:
         stop = self._stop
         while not stop.wait(self.interval):
             try:
-                with self._lock:
-                    self._table.expire()
+                self.expire()
             except Exception:  # never let a sweep end the thread
                 log.exception("tai-lb: expiring the affinity keys of %s failed", self.service)
 
