@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Any
+from typing import Any, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +20,8 @@ ECHO = "/demo.Echo/Echo"
 class GrpcServer:
     """One gRPC server on 127.0.0.1, started by the constructor; stop() it when done."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tls: Optional[tuple[bytes, bytes]] = None) -> None:
+        """``tls``: (private key, certificate chain) in PEM, to serve over TLS."""
         self.name = name
         self.failing = False
         self.calls = 0
@@ -33,9 +34,14 @@ class GrpcServer:
             (grpc.method_handlers_generic_handler("demo.Echo", {"Echo": echo}),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self._server.add_secure_port(
+                "127.0.0.1:0", grpc.ssl_server_credentials([tls]))
         self.address = f"127.0.0.1:{self.port}"
         self._server.start()
+        self._stopped = False
 
     def _echo(self, request: bytes, context: Any) -> bytes:
         with self._lock:
@@ -52,5 +58,8 @@ class GrpcServer:
 
     def stop(self) -> None:
         """Stop serving at once and end the server's threads; calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._server.stop(None).wait(5)
         self._executor.shutdown(wait=True)

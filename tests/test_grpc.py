@@ -4,16 +4,24 @@ the ``grpc`` health check (the standard ``grpc.health.v1`` protocol) against rea
 from __future__ import annotations
 
 import collections
+import json
+import re
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import trustme
 
 from tai_lb import ConfigError, LoadBalancer
+from tai_lb.__main__ import main
 from tai_lb.endpoint import Endpoint
 from tai_lb.health import HealthCheckConfig
+from tai_lb.health.probes import HealthTarget, probe
 
 from .conftest import wait_for
 from .grpcserver import ECHO, GrpcServer
@@ -88,6 +96,54 @@ def test_a_grpc_check_over_https_cannot_skip_verification(servers: list[GrpcServ
         assert "cannot skip certificate verification" in last_detail(lb, servers[0].address)
 
 
+def test_a_grpc_check_over_https_checks_the_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    certificate = ca.issue_cert("echo.internal")
+    server = GrpcServer("tls", tls=(certificate.private_key_pem.bytes(),
+                                    certificate.cert_chain_pems[0].bytes()))
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    try:
+        good = Endpoint.parse(server.address, tls_name="echo.internal")
+        wrong = Endpoint.parse(server.address, tls_name="other.internal")
+        config = HealthCheckConfig(type="grpc", verify=str(bundle), timeout=2.0)
+        assert probe(HealthTarget("echo", good, config, "https", 0.0)) == (True, "SERVING")
+        ok, detail = probe(HealthTarget("echo", wrong, config, "https", 0.0))
+        assert not ok and detail.startswith("gRPC UNAVAILABLE")  # the name does not match
+        untrusted = config.new(verify=True)  # the system's roots do not know this CA
+        ok, detail = probe(HealthTarget("echo", good, untrusted, "https", 0.0))
+        assert not ok and detail.startswith("gRPC UNAVAILABLE")
+        ok, detail = probe(HealthTarget("echo", good, config, "http", 0.0))  # plaintext to TLS
+        assert not ok and detail.startswith("gRPC UNAVAILABLE")
+    finally:
+        server.stop()
+
+
+def test_a_grpc_check_without_grpcio_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules is how Python marks a module that cannot be imported.
+    monkeypatch.setitem(sys.modules, "grpc_health", None)
+    with pytest.raises(ConfigError, match=r"pip install 'tai-lb\[grpc\]'") as caught:
+        LoadBalancer.from_config({"services": {"echo": {
+            "endpoints": ["127.0.0.1:1"], "health_check": {"type": "grpc"}}}})
+    assert caught.value.path == "services.echo.health_check.type"
+    HealthCheckConfig(type="tcp")  # the other kinds do not need it
+
+
+def test_the_status_command_runs_a_grpc_check(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path,
+                                              servers: list[GrpcServer]) -> None:
+    servers[1].set_serving(False)
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"services": {"echo": {
+        "endpoints": [servers[0].address, servers[1].address],
+        "health_check": {"type": "grpc"}}}}))
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"{servers[0].address}\s+-\s+healthy\s+SERVING", out), out
+    assert re.search(rf"{servers[1].address}\s+-\s+unhealthy\s+NOT_SERVING", out), out
+    assert "echo: 1 of 2 endpoints healthy (grpc health check of the server)" in out
+
+
 def test_grpc_check_settings() -> None:
     config = HealthCheckConfig.from_config({"type": "grpc"})
     assert config.service == "" and config.path is None  # no path needed
@@ -120,32 +176,36 @@ def echo(lb: LoadBalancer, channels: Channels, request: bytes = b"hi") -> bytes:
         return answer
 
 
-# peak_ewma itself steers away from an endpoint after one fast failure (its cost jumps), so it may
-# never pick it fail_max times: with peak_ewma the breaker opens at the first failure; round robin
-# keeps picking the endpoint, so there the breaker is what stops it after fail_max failures.
-@pytest.mark.parametrize(("strategy", "fail_max"), [("peak_ewma", 1), ("round_robin", 3)])
+# peak_ewma steers away from an endpoint after one fast failure (its cost jumps), and comes back
+# to it as that cost decays: with a short decay it comes back within a fraction of a second, so
+# the failing server is picked again until its breaker opens after fail_max failures.
+@pytest.mark.parametrize("strategy", [{"name": "peak_ewma", "decay": 0.05}, "round_robin"],
+                         ids=["peak_ewma", "round_robin"])
 def test_channels_move_off_a_failing_server_when_its_breaker_opens(
-        servers: list[GrpcServer], strategy: str, fail_max: int) -> None:
+        servers: list[GrpcServer], strategy: Any) -> None:
     channels = Channels()
+    fail_max = 3
     lb = LoadBalancer.from_config({"services": {"echo": {
         "endpoints": [s.address for s in servers], "strategy": strategy,
         "circuit_breaker": {"fail_max": fail_max, "reset_timeout": 60}}}})
     with lb:
-        answered = collections.Counter(echo(lb, channels).split(b":")[0] for _ in range(30))
-        assert set(answered) == {b"a", b"b", b"c"}
+        for _ in range(30):
+            echo(lb, channels)
+        breaker = lb.stats("echo")[servers[0].address].breaker
+        assert breaker is not None and breaker.state == "closed"
         servers[0].failing = True
         failures = 0
-        for _ in range(60):
+        deadline = time.monotonic() + 10
+        while breaker.state != "open" and time.monotonic() < deadline:
             try:
                 echo(lb, channels)
             except grpc.RpcError as error:  # raised inside the with block: the lease fails
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
                 failures += 1
-        breaker = lb.stats("echo")[servers[0].address].breaker
-        assert breaker is not None and breaker.state == "open"
-        assert failures == fail_max  # then no more picks of the failing server
+        assert breaker.state == "open"
+        assert failures == fail_max
         calls_before = servers[0].calls
-        answered = collections.Counter(echo(lb, channels).split(b":")[0] for _ in range(60))
+        answered = collections.Counter(echo(lb, channels).split(b":")[0] for _ in range(100))
         assert set(answered) == {b"b", b"c"} and servers[0].calls == calls_before
         # each failed block closed its channel instead of giving it back
         assert lb.topology.connection_pools.pools()[servers[0].address][0].stats()[
