@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -127,6 +129,19 @@ def test_a_grpc_check_without_grpcio_is_a_config_error(monkeypatch: pytest.Monke
             "endpoints": ["127.0.0.1:1"], "health_check": {"type": "grpc"}}}})
     assert caught.value.path == "services.echo.health_check.type"
     HealthCheckConfig(type="tcp")  # the other kinds do not need it
+
+
+def test_the_core_does_not_import_grpc() -> None:
+    code = ("import sys, tai_lb\n"
+            "lb = tai_lb.LoadBalancer.from_config({'services': {'e': {\n"
+            "    'endpoints': ['127.0.0.1:1'], 'health_check': {'type': 'tcp'}}}})\n"
+            "lb.pick('e').done()\n"
+            "lb.close()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_health')))")
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_the_status_command_runs_a_grpc_check(capsys: pytest.CaptureFixture[str],

@@ -81,7 +81,7 @@ class HealthCheckConfig(Settings):
     :param panic_threshold: when the healthy share of a service falls strictly below this, balance
         over all its endpoints (Envoy's panic mode); 0 never does, failing closed instead.
     :param verify: for ``https`` services: verify the certificate (True), not (False), or
-        against this CA bundle path.
+        against this CA bundle path.  gRPC checks always verify (False fails them).
     :param function: for ``"function"`` checks: called with the endpoint; True passes.
     """
 
