@@ -2,9 +2,8 @@
 
 :func:`probe` runs one check (an HTTP GET, with SNI and certificate checks for the endpoint's
 TLS name over https, a TCP connect, a ``grpc.health.v1`` call (:mod:`tai_lb.health.grpc_probe`),
-or a function) and never raises; :class:`EndpointHealth`
-is the record of an endpoint's checks, kept on the checker's
-:class:`HealthTarget` of each endpoint.
+or a function) and never raises; :class:`EndpointHealth` is the record of an endpoint's checks,
+kept on the checker's :class:`HealthTarget` of each endpoint.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The ``health_check`` settings of a service: :class:`HealthCheckConfig`.
 
 What to probe (an HTTP path and the statuses that pass, a TCP connect, a gRPC health service or
-a Python function),
-how often and how long a probe may take, the thresholds that flip an endpoint's health, the
-grace of new endpoints, traffic-proven health and the panic threshold; every value is checked
-when the settings are built, and a bad one is a :class:`~tai_lb.ConfigError` naming its key.
+a Python function), how often and how long a probe may take, the thresholds that flip an
+endpoint's health, the grace of new endpoints, traffic-proven health and the panic threshold;
+every value is checked when the settings are built, and a bad one is a
+:class:`~tai_lb.ConfigError` naming its key.
 """
 
 from __future__ import annotations
