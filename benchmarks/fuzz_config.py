@@ -103,6 +103,9 @@ def valid_configs() -> list[dict[str, Any]]:
                                          "interval": 5},
                            "health_check": {"type": "tcp", "interval": 2},
                            "strategy": "weighted_round_robin"},
+                "echo": {"endpoints": ["127.0.0.1:8301"], "strategy": "peak_ewma",
+                         "health_check": {"type": "grpc", "service": "demo.Echo",
+                                          "interval": 2, "timeout": 0.5}},
             },
         },
     ]

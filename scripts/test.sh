@@ -7,12 +7,13 @@ cd "$(dirname "$0")/.."
 
 # The discovery tests run a real etcd and a real DNS server (dnsmasq); they fail without them.
 # The status page test drives a real headless Chromium (Debian's, with its chromedriver).
-apt_install etcd-server dnsmasq-base chromium chromium-driver
+# The Redis example and its tests run real redis-server processes.
+apt_install etcd-server dnsmasq-base chromium chromium-driver redis-server
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv -e '.[test,lint,docs,all]'
 
-echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks scripts docs/conf.py
-echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb benchmarks scripts
+echo "== ruff"; .venv/bin/ruff check tai_lb tests benchmarks scripts examples docs/conf.py
+echo "== mypy --strict"; .venv/bin/mypy --strict tai_lb benchmarks scripts examples
 echo "== docs"; .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 echo "== pytest"; .venv/bin/python -m pytest -p no:cacheprovider "$@"
 

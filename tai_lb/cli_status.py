@@ -88,6 +88,8 @@ def _check_of(service: ServiceConfig, timeout: float) -> tuple[HealthCheckConfig
         return HealthCheckConfig(type="tcp", timeout=timeout), "tcp connect, no health_check"
     if config.type == "tcp":
         return config, "tcp connect"
+    if config.type == "grpc":
+        return config, f"grpc health check of {config.service or 'the server'}"
     return config, f"{service.scheme} GET {config.path}"
 
 

@@ -216,7 +216,9 @@ def test_close_stops_the_health_threads(servers: list[Backend]) -> None:
 @pytest.mark.parametrize(("checks", "path", "fragment"), [
     ({"path": "healthz"}, "path", "starting with '/'"),
     ({}, "path", "needs a path"),
-    ({"type": "udp"}, "type", "http, tcp or function"),
+    ({"type": "udp"}, "type", "http, tcp, grpc or function"),
+    ({"type": "grpc", "service": 7}, "service", "a gRPC service name"),
+    ({"type": "grpc", "service": "x" * 1001}, "service", "at most 1000"),
     ({"type": "function"}, "type", "set from Python"),
     ({"path": "/h", "interval": 0}, "interval", "from 0.001"),
     ({"path": "/h", "jitter": 2}, "jitter", "from 0 to 1"),

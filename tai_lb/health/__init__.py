@@ -1,10 +1,10 @@
 """Active health checks: probes on a small, fixed set of named daemon threads.
 
 One scheduler thread keeps every endpoint's next check time; a bounded pool of worker threads
-runs the probes (HTTP GET of a path, TCP connect, or a function).  A probe that hangs ties up one
-worker and never delays the others, and an endpoint is never probed twice at once.  An endpoint
-turns unhealthy after ``unhealthy_threshold`` failed checks in a row and healthy again after
-``healthy_threshold`` passed ones (HAProxy's fall and rise).
+runs the probes (HTTP GET of a path, TCP connect, a ``grpc.health.v1`` call, or a function).  A
+probe that hangs ties up one worker and never delays the others, and an endpoint is never probed
+twice at once.  An endpoint turns unhealthy after ``unhealthy_threshold`` failed checks in a row
+and healthy again after ``healthy_threshold`` passed ones (HAProxy's fall and rise).
 
 A new endpoint is healthy until proven otherwise and is probed at once.  A client-side balancer
 usually learns of an endpoint from configuration or discovery, both of which list instances that

@@ -1,9 +1,9 @@
 """Probes: one check of one endpoint, and what the checks know about it.
 
 :func:`probe` runs one check (an HTTP GET, with SNI and certificate checks for the endpoint's
-TLS name over https, a TCP connect, or a function) and never raises; :class:`EndpointHealth`
-is the record of an endpoint's checks, kept on the checker's
-:class:`HealthTarget` of each endpoint.
+TLS name over https, a TCP connect, a ``grpc.health.v1`` call (:mod:`tai_lb.health.grpc_probe`),
+or a function) and never raises; :class:`EndpointHealth` is the record of an endpoint's checks,
+kept on the checker's :class:`HealthTarget` of each endpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..endpoint import Endpoint
+from .grpc_probe import grpc_probe
 from .settings import HealthCheckConfig
 
 __all__ = ["NO_HISTORY", "EndpointHealth", "HealthTarget", "probe"]
@@ -108,6 +109,8 @@ def probe(target: HealthTarget) -> tuple[bool, str]:
         if config.type == "tcp":
             with socket.create_connection((endpoint.host, endpoint.port), config.timeout):
                 return True, "connected"
+        if config.type == "grpc":
+            return grpc_probe(target)
         name = endpoint.tls_name or target.service
         connection: http.client.HTTPConnection
         if target.scheme == "https":

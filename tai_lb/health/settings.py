@@ -1,13 +1,15 @@
 """The ``health_check`` settings of a service: :class:`HealthCheckConfig`.
 
-What to probe (an HTTP path and the statuses that pass, a TCP connect, or a Python function),
-how often and how long a probe may take, the thresholds that flip an endpoint's health, the
-grace of new endpoints, traffic-proven health and the panic threshold; every value is checked
-when the settings are built, and a bad one is a :class:`~tai_lb.ConfigError` naming its key.
+What to probe (an HTTP path and the statuses that pass, a TCP connect, a gRPC health service or
+a Python function), how often and how long a probe may take, the thresholds that flip an
+endpoint's health, the grace of new endpoints, traffic-proven health and the panic threshold;
+every value is checked when the settings are built, and a bad one is a
+:class:`~tai_lb.ConfigError` naming its key.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,13 +51,20 @@ def _statuses(value: Any, path: str) -> frozenset[int]:
     return frozenset(result)
 
 
+def _grpc_installed() -> bool:
+    """True if grpcio and grpcio-health-checking can be imported (neither is imported here)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("grpc", "grpc_health"))
+
 
 @dataclass(frozen=True)
 class HealthCheckConfig(Settings):
     """The ``health_check`` settings of a service.
 
-    :param type: ``"http"`` (GET ``path``), ``"tcp"`` (connect) or ``"function"`` (Python only).
+    :param type: ``"http"`` (GET ``path``), ``"tcp"`` (connect), ``"grpc"`` (the standard
+        ``grpc.health.v1`` Health/Check call; needs the ``grpc`` extra) or ``"function"``
+        (Python only).
     :param path: the path an HTTP check requests; required for ``"http"``.
+    :param service: the name a gRPC check asks about (``""``, the default: the whole server).
     :param expected_statuses: statuses that pass an HTTP check (default 200-399, as HAProxy).
     :param interval: seconds between checks of one endpoint.
     :param jitter: each wait is ``interval`` times a random factor in ``1 +- jitter``.
@@ -72,12 +81,13 @@ class HealthCheckConfig(Settings):
     :param panic_threshold: when the healthy share of a service falls strictly below this, balance
         over all its endpoints (Envoy's panic mode); 0 never does, failing closed instead.
     :param verify: for ``https`` services: verify the certificate (True), not (False), or
-        against this CA bundle path.
+        against this CA bundle path.  gRPC checks always verify (False fails them).
     :param function: for ``"function"`` checks: called with the endpoint; True passes.
     """
 
-    type: Literal["http", "tcp", "function"] = "http"
+    type: Literal["http", "tcp", "grpc", "function"] = "http"
     path: Optional[str] = None
+    service: str = ""
     expected_statuses: frozenset[int] = frozenset(range(200, 400))
     interval: float = 1.0
     jitter: float = 0.1
@@ -93,8 +103,15 @@ class HealthCheckConfig(Settings):
     function: Optional[ProbeFunction] = None
 
     def __post_init__(self) -> None:
-        if self.type not in ("http", "tcp", "function"):
-            raise ConfigError("type", f"must be http, tcp or function, got {shown(self.type)}")
+        if self.type not in ("http", "tcp", "grpc", "function"):
+            raise ConfigError("type", f"must be http, tcp, grpc or function, got "
+                                      f"{shown(self.type)}")
+        if not isinstance(self.service, str) or len(self.service) > 1000:
+            raise ConfigError("service", f"must be a gRPC service name (a string of at most 1000 "
+                                         f"characters), got {shown(self.service)}")
+        if self.type == "grpc" and not _grpc_installed():
+            raise ConfigError("type", "a grpc check needs grpcio and grpcio-health-checking: "
+                                      "pip install 'tai-lb[grpc]'")
         if self.type == "http" and (not isinstance(self.path, str)
                                     or not self.path.startswith("/")):
             raise ConfigError("path", f"an http check needs a path starting with '/', got "
