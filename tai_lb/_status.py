@@ -42,9 +42,11 @@ def balancer_status(route: Route, health: HealthChecker, outliers: OutlierDetect
         endpoints[endpoint.address] = entry
     if active_priority is None:
         active_priority = min((s.endpoint.priority for s in route.everyone), default=0)
-    affinity = [s.figures() for s in route.selectors if hasattr(s, "figures")]
+    figures = {type(s).__name__: s.figures() for s in route.selectors if hasattr(s, "figures")}
     return {
-        "affinity": affinity[0] if affinity else None,
+        "affinity": figures.get("Affinity"),
+        "locality": route.locality.to_dict() if route.locality is not None else None,
+        "subset": figures.get("SubsetSelector"),
         "discovery": watcher.snapshot() if watcher is not None else None,
         "retry_budget": budget.snapshot() if budget is not None else None,
         "strategy": route.strategy.name,
