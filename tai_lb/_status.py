@@ -6,6 +6,7 @@ from collections.abc import Sized
 from typing import TYPE_CHECKING, Any, Optional
 
 from .request_metrics import summary
+from .routing.subsets import subsets_of
 
 if TYPE_CHECKING:
     from .discovery import DiscoveryWatcher
@@ -46,7 +47,7 @@ def balancer_status(route: Route, health: HealthChecker, outliers: OutlierDetect
     return {
         "affinity": figures.get("Affinity"),
         "locality": route.locality.to_dict() if route.locality is not None else None,
-        "subset": figures.get("SubsetSelector"),
+        "subset": subsets.figures() if (subsets := subsets_of(route)) is not None else None,
         "discovery": watcher.snapshot() if watcher is not None else None,
         "retry_budget": budget.snapshot() if budget is not None else None,
         "strategy": route.strategy.name,

@@ -235,3 +235,15 @@ def test_a_subset_by_label_from_a_config_file_routes() -> None:
         "subset": {"key": "cookie:pool", "by": "label:pool", "fallback": "fail"}}}}
     with LoadBalancer.from_config(config) as lb, routing_context(subset="y"):
         assert {lb.pick("svc").address for _ in range(20)} == {"10.0.0.2:80"}
+
+
+@pytest.mark.parametrize("affinity", [False, True])
+def test_a_retry_stays_within_the_subset(affinity: bool) -> None:
+    extra: dict[str, Any] = {"affinity": AffinityConfig(key="user_id")} if affinity else {}
+    version_2 = ["10.0.1.0:80", "10.0.1.1:80"]
+    with _balancer(**extra) as lb, routing_context(subset="2"):
+        for n in range(30):
+            assert lb.pick("svc", f"user-{n}", exclude=version_2[:1]).address == version_2[1]
+        # every endpoint of the subset tried: a retry goes to one of them again
+        assert {lb.pick("svc", f"user-{n}", exclude=version_2).address
+                for n in range(30)} <= set(version_2)

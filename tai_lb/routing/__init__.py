@@ -11,10 +11,10 @@ no lock.  The chain, in order (:class:`ServiceRouting` wires it)::
       -> HealthyOrPanic    the usable endpoints, or all of the group in panic (health.py)
       -> Locality          when the service has ``locality``: a picker per zone (locality.py)
       -> Affinity          when the service has ``affinity``: adds its selector (affinity.py)
-      -> Subsets           when the service has ``subset``: a table per value, and its
-                           selector before every other (subsets.py)
       -> Prepare           the strategy's picker over what is left, unless locality set one
                            (prepare.py)
+      -> Subsets           when the service has ``subset``: a table per value; wraps the
+                           picker, and its selector goes before affinity's (subsets.py)
     per request: route.selectors (subsets, then affinity), then route.picker(key)
 
 Slow-start weights are a stage to come between ``HealthyOrPanic`` and ``Locality``; affinity and

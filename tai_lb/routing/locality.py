@@ -240,6 +240,40 @@ class ZonePicker:
         pickers = self._pickers
         return pickers[min(bisect.bisect_right(self._bounds, draw), len(pickers) - 1)](key)
 
+    def picker(self) -> Picker:
+        """The route's picker: a function doing what calling this object does, with the locals
+        it needs bound (a call of it costs less than a call of an object), carrying
+        ``excluding`` and ``split``."""
+        keep, local, bounds, pickers, draw = (self._keep, self._local, self._bounds,
+                                              self._pickers, self._draw)
+        last = len(pickers) - 1
+        right = bisect.bisect_right
+        pick: Picker
+        if self._hashed:
+            pick = self.__call__
+        elif not pickers:  # all local: no draw needed
+            assert local is not None
+
+            def pick(key: Optional[RoutingKey]) -> EndpointStats:
+                return local(key)
+        elif len(pickers) == 1:
+            other = pickers[0]
+
+            def pick(key: Optional[RoutingKey]) -> EndpointStats:
+                return local(key) if draw() < keep else other(key)  # type: ignore[misc]
+        else:
+            def pick(key: Optional[RoutingKey]) -> EndpointStats:
+                value = draw()
+                if value < keep:
+                    return local(key)  # type: ignore[misc]
+                return pickers[min(right(bounds, value), last)](key)
+
+        if self._hashed:
+            return pick  # a bound method: excluding and split are found on the object
+        setattr(pick, EXCLUDING, self.excluding)
+        pick.split = self.split  # type: ignore[attr-defined]
+        return pick
+
     def excluding(self, key: Optional[RoutingKey],
                   exclude: Collection[str]) -> Optional[EndpointStats]:
         """A pick avoiding ``exclude``: a fresh draw first, then zone by zone (None if all are
@@ -288,8 +322,9 @@ class Locality:
 
     def prepare(self, group: Sequence[EndpointStats], healthy: Sequence[EndpointStats],
                 panic: bool, strategy: Strategy, part: Any = None,
-                ) -> tuple[ZoneSplit, Optional[ZonePicker]]:
-        """The split of ``group`` and its picker over ``healthy`` (None when locality is off).
+                ) -> tuple[ZoneSplit, Optional[Picker]]:
+        """The split of ``group`` and its picker over ``healthy`` (None when locality is off):
+        a :class:`ZonePicker`'s :meth:`~ZonePicker.picker`.
 
         :param part: what the pickers are cached under (a subset's value; None: the route).
         """
@@ -308,7 +343,7 @@ class Locality:
         for gone in [k for k in self._last if k[0] == part and k[1] not in members]:
             del self._last[gone]
         return split, ZonePicker(split, pickers, members, strategy.rng.random,
-                                 isinstance(strategy, (ConsistentHash, Maglev)))
+                                 isinstance(strategy, (ConsistentHash, Maglev))).picker()
 
     def keep_parts(self, parts: Collection[Any]) -> None:
         """Forget the pickers of subsets no longer there (the route's own are kept)."""

@@ -84,8 +84,8 @@ class ServiceRouting(Router):
             # slow start weights, locality and subsets go here
             *([self.locality] if self.locality is not None else []),  # a picker per zone
             *([self.affinity] if self.affinity is not None else []),  # sticky keys (selector)
-            *([self.subsets] if self.subsets is not None else []),  # selector, before affinity
             self._prepare,   # the strategy's picker
+            *([self.subsets] if self.subsets is not None else []),  # selector, before affinity
         ]
 
     def close(self) -> None:

@@ -20,7 +20,8 @@ routing context (:func:`tai_lb.context.routing_context`: its ``subset``, or its 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import random
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -28,9 +29,11 @@ from .. import context
 from .._settings import Settings, key_text, shown
 from ..endpoint import _LABEL_KEY_MATCH
 from ..exceptions import ConfigError, NoEndpointAvailable
+from ..strategies import EXCLUDING
 from .picking import excluding, selected
 from .route import Route
 
+_current_context = context._current.get  # context.current() minus a call: on every pick
 if TYPE_CHECKING:
     from ..config import KeySource
     from ..endpoint import Endpoint
@@ -39,7 +42,8 @@ if TYPE_CHECKING:
     from .locality import Locality, ZoneSplit
     from .route import RouteState, Selector
 
-__all__ = ["SubsetConfig", "SubsetRoute", "SubsetSelector", "Subsets", "pick_reason"]
+__all__ = ["SubsetConfig", "SubsetRoute", "SubsetSelector", "Subsets", "pick_reason",
+           "subsets_of"]
 
 _KEYS = ("key", "by", "fallback")
 
@@ -147,24 +151,82 @@ class SubsetSelector:
             value = getattr(current, self._from_context)
         return value
 
+    def subset(self) -> Optional[SubsetRoute]:
+        """The current request's subset; None for the whole route (no value, or no match with
+        fallback ``any``).
+
+        :raises NoEndpointAvailable: a value no candidate has, with fallback ``fail``.
+        """
+        current = _current_context()  # value(), inline
+        value = current.subset
+        if value is None:
+            if self._from_context is None:
+                return None
+            value = getattr(current, self._from_context)
+            if value is None:
+                return None
+        subset = self.table.get(value)
+        if subset is None and self.config.fallback == "fail":
+            self._refuse(value)
+        return subset
+
+    def _refuse(self, value: str) -> None:
+        raise NoEndpointAvailable(self.service, f"no endpoint in subset {self.config.by}="
+                                                f"{value!r} (key {self.config.key})")
+
     def select(self, route: Route, key: Optional[RoutingKey],
                exclude: Collection[str] = ()) -> Optional[EndpointStats]:
-        """A pick within the request's subset; None for the whole route (no value, or no
-        match with fallback ``any``)."""
-        value = self.value()
-        if value is None:
-            return None
-        subset = self.table.get(value)
+        """A pick within the request's subset (through the selectors after this one: affinity);
+        None for the whole route."""
+        subset = self.subset()
         if subset is None:
-            if self.config.fallback == "fail":
-                raise NoEndpointAvailable(self.service, f"no endpoint in subset {self.config.by}"
-                                                        f"={value!r} (key {self.config.key})")
             return None
-        stats = (subset.picker(key) if not subset.selectors  # type: ignore[misc]
-                 else selected(subset, key, exclude))
+        stats = selected(subset, key, exclude)
         if exclude and stats.endpoint.address in exclude:
             stats = excluding(subset, key, exclude, stats)
         return stats
+
+    def wrap(self, whole: Picker, candidates: Sequence[EndpointStats]) -> Picker:
+        """The route's picker: this selector and the whole route's picker in one function (a
+        pick costs two calls less than through the selectors), carrying ``excluding`` (a
+        retry stays in the subset) and ``subsets`` (this selector)."""
+        table, current, attribute = self.table, _current_context, self._from_context
+        refuse = self._refuse if self.config.fallback == "fail" else None
+
+        def pick(key: Optional[RoutingKey]) -> EndpointStats:
+            found = current()
+            value = found.subset
+            if value is None and attribute is not None:
+                value = getattr(found, attribute)
+            if value is not None:
+                subset = table.get(value)
+                if subset is not None:
+                    return subset.picker(key)  # type: ignore[misc]  # a subset has one
+                if refuse is not None:
+                    refuse(value)
+            return whole(key)
+
+        def avoiding(key: Optional[RoutingKey],
+                     exclude: Collection[str]) -> Optional[EndpointStats]:
+            subset = self.subset()
+            if subset is not None:
+                return excluding(subset, key, exclude, subset.picker(key))  # type: ignore[misc]
+            own = getattr(whole, EXCLUDING, None)
+            if own is not None:
+                chosen: Optional[EndpointStats] = own(key, exclude)
+                return chosen
+            for _ in range(3):
+                stats = whole(key)
+                if stats.endpoint.address not in exclude:
+                    return stats
+            remaining = [c for c in candidates if c.endpoint.address not in exclude]
+            if not remaining:
+                return None
+            return random.choices(remaining, weights=[c.endpoint.weight for c in remaining])[0]
+
+        setattr(pick, EXCLUDING, avoiding)
+        pick.subsets = self  # type: ignore[attr-defined]
+        return pick
 
     def figures(self) -> dict[str, Any]:
         """The settings and, per value, the subset's candidates (for status())."""
@@ -176,8 +238,10 @@ class SubsetSelector:
 class Subsets:
     """Stage: the subset table of the route; its selector goes before every other.
 
-    It runs after the affinity stage (so the subsets' routes carry affinity's selector) and
-    before :class:`~tai_lb.routing.Prepare`.
+    It runs last, after :class:`~tai_lb.routing.Prepare` and the affinity stage (so the
+    subsets' routes carry affinity's selector).  It wraps the route's picker
+    (:meth:`SubsetSelector.wrap`), so picks and retries keep to the subset at the cost of one
+    call; only when other selectors exist (affinity) does it put its selector before them.
 
     :param service: the service's name.
     :param config: its subset settings.
@@ -225,8 +289,12 @@ class Subsets:
             del self._last[gone]
         if self.locality is not None:
             self.locality.keep_parts(groups)
-        selector: Selector = SubsetSelector(self.service, self.config, table)
-        state.selectors = (selector, *state.selectors)
+        selector = SubsetSelector(self.service, self.config, table)
+        if state.picker is not None:  # picks and retries (excluding) keep to the subset
+            state.picker = selector.wrap(state.picker, state.candidates)
+        if state.selectors:  # affinity: the subset goes first, affinity within it
+            first: Selector = selector
+            state.selectors = (first, *state.selectors)
 
     def reset_after_fork(self) -> None:
         """Forget the last pickers: one may hold a lock a parent's thread held at the fork."""
@@ -237,15 +305,13 @@ def pick_reason(route: Route, endpoint: Endpoint) -> str:
     """Why ``endpoint`` was picked, as far as subsets and zones tell (for the decision trace):
     the request's subset (read from the routing context, as the pick did) and the zone."""
     parts = []
-    for selector in route.selectors:
-        if not isinstance(selector, SubsetSelector):
-            continue
+    selector = subsets_of(route)
+    if selector is not None:
         value = selector.value()
+        subset = selector.table.get(value) if value is not None else None
         if value is None:
             parts.append(f"no {selector.config.key} value: any subset")
-            continue
-        subset = selector.table.get(value)
-        if subset is not None and endpoint.address in subset.addresses:
+        elif subset is not None and endpoint.address in subset.addresses:
             parts.append(f"subset {selector.config.by}={value!r}")
             route = subset
         else:
@@ -253,3 +319,14 @@ def pick_reason(route: Route, endpoint: Endpoint) -> str:
     if route.locality is not None:
         parts.append(route.locality.explain(endpoint.zone))
     return ", ".join(parts)
+
+
+def subsets_of(route: Route) -> Optional[SubsetSelector]:
+    """The route's subset selector (among its selectors, or carried by its picker), or None."""
+    found = getattr(route.picker, "subsets", None)
+    if isinstance(found, SubsetSelector):
+        return found
+    for selector in route.selectors:
+        if isinstance(selector, SubsetSelector):
+            return selector
+    return None
