@@ -238,13 +238,14 @@ def test_the_zone_comes_from_tai_lb_zone_unless_the_config_sets_it(
         assert lb.status()["services"]["svc"]["locality"]["local_zone"] is None
 
 
+@pytest.mark.parametrize("strategy", ["round_robin", "consistent_hash"])
 def test_a_retry_leaves_the_local_zone_once_every_local_endpoint_was_tried(
-        health: Health) -> None:
-    with _balancer(health) as lb:
+        health: Health, strategy: str) -> None:
+    with _balancer(health, strategy=resolve_strategy(strategy)) as lb:
         local = [e["address"] for e in _endpoints(ZONES) if e["zone"] == "a"]
-        for _ in range(50):
-            assert lb.pick("svc", exclude=local[:2]).address == local[2]
-            assert lb.pick("svc", exclude=local).endpoint.zone in ("b", "c")
+        for n in range(50):
+            assert lb.pick("svc", f"user-{n}", exclude=local[:2]).address == local[2]
+            assert lb.pick("svc", f"user-{n}", exclude=local).endpoint.zone in ("b", "c")
 
 
 # -- through a session, to real backends ------------------------------------------------------

@@ -250,7 +250,11 @@ class ZonePicker:
         right = bisect.bisect_right
         pick: Picker
         if self._hashed:
-            pick = self.__call__
+            def pick(key: Optional[RoutingKey]) -> EndpointStats:
+                value = _key_draw(key) if key is not None else draw()
+                if value < keep:
+                    return local(key)  # type: ignore[misc]
+                return pickers[min(right(bounds, value), last)](key)
         elif not pickers:  # all local: no draw needed
             assert local is not None
 
@@ -268,8 +272,6 @@ class ZonePicker:
                     return local(key)  # type: ignore[misc]
                 return pickers[min(right(bounds, value), last)](key)
 
-        if self._hashed:
-            return pick  # a bound method: excluding and split are found on the object
         setattr(pick, EXCLUDING, self.excluding)
         pick.split = self.split  # type: ignore[attr-defined]
         return pick
