@@ -9,6 +9,7 @@ calls from several threads, and one test goes through ``lb.session()`` to real b
 from __future__ import annotations
 
 import collections
+import pickle
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
@@ -21,7 +22,7 @@ from tai_lb.routing.locality import LocalityConfig, zone_split
 from tai_lb.strategies import resolve_strategy
 from tai_lb.trace import trace_of
 
-from .conftest import wait_for
+from .conftest import in_forked_child, wait_for
 
 ZONES = {"a": 3, "b": 5, "c": 4}
 
@@ -317,3 +318,28 @@ def test_bad_locality_settings_name_their_key(config: dict[str, Any], path: str)
     with pytest.raises(ConfigError) as raised:
         tai_lb.config.parse_config(config)
     assert raised.value.path == path
+
+
+def test_a_pickled_balancer_keeps_its_zone_and_locality_settings() -> None:
+    config = {"zone": "a", "services": {"svc": {
+        "endpoints": _endpoints(ZONES),
+        "locality": {"caller_distribution": {"a": 2, "b": 1, "c": 1}}}}}
+    with LoadBalancer.from_config(config) as lb, pickle.loads(pickle.dumps(lb)) as copy:
+        assert copy.config.local_zone == "a"
+        assert copy.status()["services"]["svc"]["locality"] == lb.status()["services"]["svc"][
+            "locality"]
+        assert copy.status()["services"]["svc"]["locality"]["mode"] == "spill"
+
+
+def test_a_forked_child_routes_by_zone_with_routes_of_its_own(health: Health) -> None:
+    with _balancer(health) as lb:
+        health.down = {"10.1.0.0:80", "10.1.0.1:80"}
+        _wait_mode(lb, "spill", down=2)
+
+        def child() -> dict[str, Any]:
+            shares = _zone_shares(lb, picks=4000)
+            return {"a": shares.get("a", 0.0), "mode": _mode(lb)}
+
+        report = in_forked_child(child, timeout=60)
+        assert report["mode"] == "spill"
+        assert report["a"] == pytest.approx(0.4, abs=0.05)

@@ -90,6 +90,12 @@ class LocalityConfig(Settings):
         object.__setattr__(self, "caller_distribution",
                            MappingProxyType({z: s / total for z, s in shares.items()}))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mapping proxy cannot be pickled (a pickled balanced session carries its config).
+        given = self.caller_distribution
+        return (LocalityConfig, (self.enabled, self.min_cluster_size,
+                                 dict(given) if given is not None else None))
+
 
 @dataclass(frozen=True)
 class ZoneSplit:
