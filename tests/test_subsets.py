@@ -247,3 +247,20 @@ def test_a_retry_stays_within_the_subset(affinity: bool) -> None:
         # every endpoint of the subset tried: a retry goes to one of them again
         assert {lb.pick("svc", f"user-{n}", exclude=version_2).address
                 for n in range(30)} <= set(version_2)
+
+
+def test_a_function_of_the_request_gives_the_value(backend_factory: Any) -> None:
+    backends = {v: [backend_factory(f"v{v}-{i}") for i in range(n)] for v, n in VERSIONS.items()}
+    endpoints = [tai_lb.Endpoint.from_value({"address": b.address, "version": v})
+                 for v, items in backends.items() for b in items]
+
+    def canary(request: requests.PreparedRequest) -> Optional[str]:
+        return "2" if "/beta/" in (request.path_url or "") else None
+
+    with _balancer(endpoints, subset=SubsetConfig(key=canary)) as lb:
+        session = lb.session()
+        for _ in range(10):
+            assert session.get("http://svc/beta/x").status_code == 200
+        assert sum(b.requests_count() for b in backends["2"]) == 10
+        assert sum(b.requests_count() for b in backends["1"]) == 0
+        session.close()
