@@ -108,6 +108,22 @@ def valid_configs() -> list[dict[str, Any]]:
                                           "interval": 2, "timeout": 0.5}},
             },
         },
+        {
+            "zone": "eu-1a",
+            "services": {
+                "users": {
+                    "endpoints": [{"address": "127.0.0.1:8301", "zone": "eu-1a", "version": "2"},
+                                  {"address": "127.0.0.1:8302", "zone": "eu-1b",
+                                   "labels": {"track": "canary"}}],
+                    "locality": {"enabled": True, "min_cluster_size": 6,
+                                 "caller_distribution": {"eu-1a": 2, "eu-1b": 1}},
+                    "subset": {"key": "header:X-Version", "by": "version", "fallback": "fail"},
+                },
+                "orders": {"endpoints": ["127.0.0.1:8303"], "locality": {},
+                           "subset": {"key": "cookie:track", "by": "label:track",
+                                      "fallback": "any"}},
+            },
+        },
     ]
 
 

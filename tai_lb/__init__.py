@@ -31,6 +31,8 @@ from .pool import PoolConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
 from .retry import RetryBudget, RetryConfig, RetryPolicy
 from .routing.affinity import AffinityConfig
+from .routing.locality import LocalityConfig
+from .routing.subsets import SubsetConfig
 from .stats import EndpointStats
 from .strategies import Strategy
 from .trace import Attempt, DecisionTrace, trace_of
@@ -55,6 +57,7 @@ __all__ = [
     "LoadBalancer",
     "LoadBalancerConfig",
     "LoadBalancerError",
+    "LocalityConfig",
     "NoEndpointAvailable",
     "PoolConfig",
     "PoolExhausted",
@@ -66,6 +69,7 @@ __all__ = [
     "ServiceSnapshot",
     "Strategy",
     "Subscription",
+    "SubsetConfig",
     "TopologyChange",
     "UnknownService",
     "__version__",

@@ -6,6 +6,7 @@ from collections.abc import Sized
 from typing import TYPE_CHECKING, Any, Optional
 
 from .request_metrics import summary
+from .routing.subsets import subsets_of
 
 if TYPE_CHECKING:
     from .discovery import DiscoveryWatcher
@@ -42,9 +43,11 @@ def balancer_status(route: Route, health: HealthChecker, outliers: OutlierDetect
         endpoints[endpoint.address] = entry
     if active_priority is None:
         active_priority = min((s.endpoint.priority for s in route.everyone), default=0)
-    affinity = [s.figures() for s in route.selectors if hasattr(s, "figures")]
+    figures = {type(s).__name__: s.figures() for s in route.selectors if hasattr(s, "figures")}
     return {
-        "affinity": affinity[0] if affinity else None,
+        "affinity": figures.get("Affinity"),
+        "locality": route.locality.to_dict() if route.locality is not None else None,
+        "subset": subsets.figures() if (subsets := subsets_of(route)) is not None else None,
         "discovery": watcher.snapshot() if watcher is not None else None,
         "retry_budget": budget.snapshot() if budget is not None else None,
         "strategy": route.strategy.name,

@@ -13,6 +13,7 @@ exception is raised with the decision trace attached as ``error.lb_trace``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -30,6 +31,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, extract_zipped_paths
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
+from . import context
 from ._deadline import DEADLINE
 from .config import KeySource
 from .exceptions import NoEndpointAvailable
@@ -37,12 +39,14 @@ from .lease import Lease
 from .pool import failed_while_connecting, on_release
 from .request_metrics import RequestFigures, error_kind
 from .retry import RetryConfig, classify
+from .routing.subsets import pick_reason
 from .strategies import RoutingKey
 from .trace import Attempt, DecisionTrace
 from .translate import to_requests_error
 
 if TYPE_CHECKING:
     from .adapter import LoadBalancedAdapter
+    from .balancer import LoadBalancer
 
 __all__ = ["CertArg", "KeyOf", "TimeoutArg", "balanced_send"]
 
@@ -66,6 +70,15 @@ class _RetryAttempt(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _explained(lb: LoadBalancer, service: str, lease: Lease) -> str:
+    # Which subset and zone the pick was in, for the trace: never an error with a lease open.
+    try:
+        return pick_reason(lb.route(service), lease.endpoint)
+    except Exception:  # the route changed under us: the trace goes without
+        log.debug("tai-lb: explaining a pick of %s failed", service, exc_info=True)
+        return ""
 
 
 def _resolve_timeout(timeout: TimeoutArg) -> Timeout:
@@ -250,6 +263,12 @@ class _BalancedSend:
         self.finished = False
         self.next_backoff = 0.0
         self.strategy_name = lb.strategy_name(service)
+        subset = self.settings.subset  # its value is read from the routing context by picks
+        value = key_of(subset.source, request) if subset is not None else None
+        self.subset_value = (value.decode("utf-8", "replace") if isinstance(value, bytes)
+                             else None if value is None else str(value))
+        #: the trace says which subset and zone when the service routes by them
+        self.explained = subset is not None or self.settings.locality is not None
         self.figures: Optional[RequestFigures] = None  # the current attempt's endpoint's
 
     # -- the loop -----------------------------------------------------------------------------
@@ -307,17 +326,22 @@ class _BalancedSend:
             self.trace.attempts[-1].decision = "stop: deadline passed"
             raise self._with_trace(self.last_error or ReadTimeout(
                 f"deadline of {self.policy.deadline:g} s passed", request=self.request)) from None
+        where = ""
         try:
             if self.lb.closed:
                 raise NoEndpointAvailable(self.service, "the load balancer is closed")
-            lease = self.lb.pick(self.service, self.key, exclude=self.tried)
+            with (context.subset_value(self.subset_value) if self.subset_value is not None
+                  else contextlib.nullcontext()):
+                lease = self.lb.pick(self.service, self.key, exclude=self.tried)
+                if self.explained:
+                    where = _explained(self.lb, self.service, lease)
         except NoEndpointAvailable as error:
             self.trace.attempts.append(Attempt(None, "no endpoint", "no_endpoint",
                                                error=str(error), decision="stop"))
             error.request = self.request
             raise self._with_trace(self.last_error or error) from None
         reason = f"picked by {self.strategy_name}" + (
-            f", excluding {excluded} tried" if excluded else "")
+            f", excluding {excluded} tried" if excluded else "") + (f", {where}" if where else "")
         if lease.address in self.tried:
             reason += ", every endpoint tried already"
         record = Attempt(lease.address, reason)

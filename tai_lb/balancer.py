@@ -178,7 +178,8 @@ class LoadBalancer:
                     figures_factory(service, settings, self.clock, self.outlier_detector,
                                     functools.partial(self._breaker_changed, service),
                                     self.metrics.follow),
-                    self.health_checker, self.outlier_detector, self._failovers, self.clock)
+                    self.health_checker, self.outlier_detector, self._failovers, self.clock,
+                    self.config.local_zone)
                 if not self._closed:  # close() empties the table under this lock
                     self._services[service] = routing
         return routing
@@ -323,8 +324,7 @@ class LoadBalancer:
         return self._closed
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Locks, threads and sockets cannot cross processes: the recipe pickles (configuration,
-        # endpoints, default strategy), so a pickled balanced requests.Session keeps balancing.
+        # The recipe (configuration, endpoints, default strategy): a pickled session balances.
         endpoints = {name: self.registry.endpoints(name) for name in self.registry.services()}
         return (_restore, (self.config, endpoints, self._default_strategy))
 

@@ -33,6 +33,8 @@ from .pool import PoolConfig
 from .registry import check_service_name
 from .retry import RetryConfig
 from .routing.affinity import AffinityConfig
+from .routing.locality import LocalityConfig, check_zone
+from .routing.subsets import SubsetConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
@@ -47,10 +49,10 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "health_check",
                 "outlier_detection", "circuit_breaker", "retries", "affinity", "backups",
-                "slow_start", "pool", "timeout")
+                "slow_start", "pool", "timeout", "locality", "subset")
 """Every key a service may have (some not supported yet, see :data:`NOT_SUPPORTED_YET`)."""
 
-TOP_LEVEL_KEYS = ("services", "defaults", "metrics")
+TOP_LEVEL_KEYS = ("services", "defaults", "metrics", "zone")
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
     "slow_start": "slow start is not built yet",
@@ -118,7 +120,8 @@ class KeySource:
 _OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
     ("hash_key", KeySource), ("health_check", HealthCheckConfig),
     ("outlier_detection", OutlierConfig), ("circuit_breaker", BreakerConfig),
-    ("discovery", DiscoveryConfig), ("affinity", AffinityConfig))
+    ("discovery", DiscoveryConfig), ("affinity", AffinityConfig), ("locality", LocalityConfig),
+    ("subset", SubsetConfig))
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class ServiceConfig(Settings):
     :param pool: the HTTP connections kept per endpoint.
     :param timeout: (connect, read) seconds for HTTP requests that set no timeout of their own;
         None waits as long as plain requests does.
+    :param locality: zone-aware routing, or None.
+    :param subset: routing by endpoint metadata, or None.
     """
 
     endpoints: tuple[Endpoint, ...] = ()
@@ -159,6 +164,8 @@ class ServiceConfig(Settings):
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     discovery: Optional[DiscoveryConfig] = None
     affinity: Optional[AffinityConfig] = None
+    locality: Optional[LocalityConfig] = None
+    subset: Optional[SubsetConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -193,19 +200,28 @@ class ServiceConfig(Settings):
 
 @dataclass(frozen=True)
 class LoadBalancerConfig(Settings):
-    """A whole balancer's settings: the services by name, and where metrics go."""
+    """A whole balancer's settings: the services by name, where metrics go, and its own zone
+    (``zone``; when None, the environment variable ``TAI_LB_ZONE`` gives it: see
+    :attr:`local_zone`)."""
 
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    zone: Optional[str] = None
+
+    @property
+    def local_zone(self) -> Optional[str]:
+        """The balancer's zone: ``zone`` if set, else ``TAI_LB_ZONE`` if set and not empty."""
+        return self.zone if self.zone is not None else (os.environ.get("TAI_LB_ZONE") or None)
 
     def __post_init__(self) -> None:
+        check_zone(self.zone, "zone")
         for name, service in self.services.items():
             check_service_name(name, f"services.{key_text(name)}")
             check_instance(service, f"services.{key_text(name)}", ServiceConfig)
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (LoadBalancerConfig, (dict(self.services), self.metrics))
+        return (LoadBalancerConfig, (dict(self.services), self.metrics, self.zone))
 
     @classmethod
     def from_config(cls, value: Any) -> LoadBalancerConfig:
@@ -255,7 +271,8 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
             raise ConfigError(path, "needs endpoints (a list of \"host:port\" or mappings) "
                                     "or discovery")
         built[name] = ServiceConfig(**_parse_service_fields(_merge(defaults, settings), path))
-    return LoadBalancerConfig(MappingProxyType(built), metrics)
+    zone = check_zone(data.get("zone"), "zone")
+    return LoadBalancerConfig(MappingProxyType(built), metrics, zone)
 
 
 def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
@@ -299,7 +316,9 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
                        ("health_check", HealthCheckConfig.from_config),
                        ("outlier_detection", OutlierConfig.from_config),
                        ("circuit_breaker", BreakerConfig.from_config),
-                       ("affinity", AffinityConfig.from_config)):
+                       ("affinity", AffinityConfig.from_config),
+                       ("locality", LocalityConfig.from_config),
+                       ("subset", SubsetConfig.from_config)):
         if key in settings:
             try:
                 fields[key] = build(settings[key])

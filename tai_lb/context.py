@@ -6,25 +6,34 @@ request; balanced requests made meanwhile use them as their routing key when the
 
     with tai_lb.context.routing_context(user_id="42", source_ip="203.0.113.7"):
         session.get("http://users/api/profile")
+
+It may also carry a subset value: picks of a service with a ``subset`` rule made inside the
+block go to the endpoints whose attribute equals it (``lb.pick()`` has no request to read a
+header from; an HTTP request's own header or cookie sets it for that request)::
+
+    with tai_lb.context.routing_context(subset="2"):
+        lb.pick("users")
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["RoutingContext", "current", "routing_context"]
+__all__ = ["RoutingContext", "current", "routing_context", "subset_value"]
 
 
 @dataclass(frozen=True)
 class RoutingContext:
-    """Who the current incoming request is for."""
+    """Who the current incoming request is for, and the subset it asks for."""
 
     user_id: Optional[str] = None
     source_ip: Optional[str] = None
+    subset: Optional[str] = None
 
 
 _EMPTY = RoutingContext()
@@ -38,10 +47,22 @@ def current() -> RoutingContext:
 
 
 @contextlib.contextmanager
-def routing_context(user_id: Optional[str] = None,
-                    source_ip: Optional[str] = None) -> Iterator[RoutingContext]:
-    """Set the user id and source IP used as routing keys inside the ``with`` block."""
-    token = _current.set(RoutingContext(user_id, source_ip))
+def routing_context(user_id: Optional[str] = None, source_ip: Optional[str] = None,
+                    subset: Optional[str] = None) -> Iterator[RoutingContext]:
+    """Set the user id and source IP used as routing keys, and the subset value, inside the
+    ``with`` block."""
+    token = _current.set(RoutingContext(user_id, source_ip, subset))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def subset_value(value: Optional[str]) -> Iterator[RoutingContext]:
+    """The current context with its subset value set to ``value``, inside the ``with`` block
+    (the HTTP path sets a request's own value this way)."""
+    token = _current.set(dataclasses.replace(_current.get(), subset=value))
     try:
         yield _current.get()
     finally:

@@ -23,7 +23,9 @@ class Attempt:
     """One attempt of a request: where it went, why, and how it ended.
 
     :ivar endpoint: the address tried.
-    :ivar reason: why this endpoint: the strategy, and how many tried endpoints were excluded.
+    :ivar reason: why this endpoint: the strategy, how many tried endpoints were excluded, and,
+        for a service with ``subset`` or ``locality``, the request's subset and the zone with
+        why it was chosen (``zone b (spill-over: local keeps 40%, this zone gets 33%)``).
     :ivar outcome: ``"response"``, ``"error"`` or ``"no_endpoint"``.
     :ivar status: the response status, if a response came back.
     :ivar error: the error's type and message, if it failed.

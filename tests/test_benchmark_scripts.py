@@ -115,6 +115,20 @@ def test_affinity_benchmark_quick_mode_prints_its_table() -> None:
 
 
 @pytest.mark.slow
+def test_locality_benchmark_quick_mode_prints_its_tables() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "locality.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    for text in ("ideal local %", "measured local %", "plain pick", "zone aware + subset",
+                 "vs plain pick", "local share vs ideal"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
 def test_metrics_overhead_benchmark_quick_mode_prints_its_table() -> None:
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_text() if results.exists() else None

@@ -10,7 +10,8 @@ The rules:
 * a key whose endpoint is a candidate of the current route and whose breaker is not open goes
   there (a hit); a live user never moves;
 * a new key goes where the strategy picks, and is pinned there (a miss);
-* a key whose endpoint is no longer a candidate (unhealthy, ejected, removed), whose breaker is
+* a key whose endpoint is no longer a candidate (unhealthy, ejected, removed), is outside the
+  request's subset (a :class:`~tai_lb.routing.subsets.SubsetRoute`), whose breaker is
   open, or that a retry excludes (the attempt on it failed) is picked again and re-pinned (a
   repin) - at most ``max_moves_per_second`` keys a second move; a key over the rate gets a pick
   without pinning and stays pinned to its old endpoint, so it moves on a later request (or
@@ -198,7 +199,9 @@ class Affinity:
                     address = None
                 else:
                     stats = self._by_address.get(address)
+                    within = getattr(route, "addresses", None)  # a subset's route: stay within
                     if (stats is not None and address not in exclude
+                            and (within is None or address in within)
                             and (stats.breaker is None or stats.breaker.state != "open")):
                         self.hits += 1
                         if since != tick:  # the TTL runs from the last request, to a tenth

@@ -24,7 +24,9 @@ class Prepare:
         self._last: Optional[Picker] = None
 
     def build(self, state: RouteState) -> None:
-        """Prepare the picker (none when there is no candidate)."""
+        """Prepare the picker (none when there is no candidate; locality's when it set one)."""
+        if state.picker is not None:
+            return  # zone-aware routing prepared one picker per zone
         if not state.candidates:
             state.picker = None
             return

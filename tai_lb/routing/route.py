@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..registry import ServiceSnapshot
     from ..stats import EndpointStats
     from ..strategies import Picker, RoutingKey, Strategy
+    from .locality import ZoneSplit
 
 __all__ = ["Route", "RouteState", "Selector", "Stage"]
 
@@ -27,11 +28,13 @@ class RouteState:
     :ivar priority: the one priority all endpoints share, or None when there are several.
     :ivar panic: True when too few candidates are healthy and all of them are used.
     :ivar refusal: why nothing can be picked, when ``candidates`` is empty.
-    :ivar picker: the strategy's picker over the candidates (set by the last stage).
+    :ivar picker: the strategy's picker over the candidates (set by the last stage, or by
+        locality: one picker per zone).
+    :ivar locality: the zone split, when the service has ``locality``.
     """
 
-    __slots__ = ("candidates", "everyone", "panic", "picker", "priority", "refusal",
-                 "selectors", "service", "snapshot", "strategy", "unusable")
+    __slots__ = ("candidates", "everyone", "locality", "panic", "picker", "priority",
+                 "refusal", "selectors", "service", "snapshot", "strategy", "unusable")
 
     def __init__(self, service: str, snapshot: ServiceSnapshot, strategy: Strategy) -> None:
         self.service = service
@@ -45,6 +48,7 @@ class RouteState:
         self.refusal = "no endpoints registered"
         self.picker: Optional[Picker] = None
         self.selectors: tuple[Selector, ...] = ()
+        self.locality: Optional[ZoneSplit] = None
 
 
 class Stage(Protocol):
@@ -82,10 +86,11 @@ class Route:
     :ivar picker: the strategy's picker over ``candidates``; None when nothing can be picked,
         and then ``refusal`` says why.
     :ivar selectors: per-request steps tried before the picker.
+    :ivar locality: the zone split (None when the service has no ``locality``).
     """
 
-    __slots__ = ("candidates", "everyone", "panic", "picker", "refusal", "selectors",
-                 "snapshot", "strategy")
+    __slots__ = ("candidates", "everyone", "locality", "panic", "picker", "refusal",
+                 "selectors", "snapshot", "strategy")
 
     def __init__(self, state: RouteState) -> None:
         self.snapshot = state.snapshot
@@ -96,6 +101,7 @@ class Route:
         self.panic = state.panic
         self.refusal = state.refusal
         self.selectors = state.selectors
+        self.locality = state.locality
 
     def __repr__(self) -> str:
         return (f"<Route {self.snapshot.service!r} {len(self.candidates)} of "

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .affinity import Affinity
 from .health import HealthyOrPanic, Unusable
+from .locality import Locality
 from .members import Membership, StatsFactory
 from .prepare import Prepare
 from .priority import PriorityFailover
 from .route import Stage
 from .router import Router
+from .subsets import Subsets
 
 if TYPE_CHECKING:
     from ..config import ServiceConfig
@@ -40,12 +42,14 @@ class ServiceRouting(Router):
     :param outliers: the outlier detector (consulted when the service has outlier detection).
     :param events: where failovers and failbacks are recorded.
     :param clock: the balancer's monotonic clock (affinity's TTL runs on it).
+    :param zone: the balancer's own zone (zone-aware routing needs one).
     """
 
     def __init__(self, service: str, settings: ServiceConfig,
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
                  health: HealthChecker, outliers: OutlierDetector,
-                 events: FailoverEvents, clock: Callable[[], float] = time.monotonic) -> None:
+                 events: FailoverEvents, clock: Callable[[], float] = time.monotonic,
+                 zone: Optional[str] = None) -> None:
         self.members = Membership(make_stats)
         self.failover = PriorityFailover(settings.failover,
                                          functools.partial(events.record, service))
@@ -62,18 +66,26 @@ class ServiceRouting(Router):
         #: session affinity, when the service has ``affinity``
         self.affinity = (Affinity(service, settings.affinity, clock)
                          if settings.affinity is not None else None)
+        #: zone-aware routing, when the service has ``locality``
+        self.locality = (Locality(settings.locality, zone)
+                         if settings.locality is not None else None)
+        #: routing by endpoint metadata, when the service has ``subset``
+        self.subsets = (Subsets(service, settings.subset, self.locality)
+                        if settings.subset is not None else None)
         super().__init__(service, self.chain(), snapshot, strategy)
 
     def chain(self) -> list[Stage]:
-        """The stages, in order: priority, then (to come) locality, then the host's picker."""
+        """The stages, in order: priority, then locality, then the host's picker."""
         return [
             self.members,    # figures per address
             self._unusable,  # failed checks and ejections
             self.failover,   # the active priority group
             self._panic,     # its usable endpoints, or all of them in panic
             # slow start weights, locality and subsets go here
+            *([self.locality] if self.locality is not None else []),  # a picker per zone
             *([self.affinity] if self.affinity is not None else []),  # sticky keys (selector)
             self._prepare,   # the strategy's picker
+            *([self.subsets] if self.subsets is not None else []),  # selector, before affinity
         ]
 
     def close(self) -> None:
@@ -85,3 +97,6 @@ class ServiceRouting(Router):
         """In a forked child: fresh locks in the figures, no picker of the parent's."""
         self.members.reset_after_fork()
         self._prepare.reset_after_fork()
+        for stage in (self.locality, self.subsets):
+            if stage is not None:
+                stage.reset_after_fork()
