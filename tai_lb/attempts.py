@@ -75,7 +75,7 @@ class _RetryAttempt(Exception):
 def _explained(lb: LoadBalancer, service: str, lease: Lease) -> str:
     # Which subset and zone the pick was in, for the trace: never an error with a lease open.
     try:
-        return pick_reason(lb.route(service), lease.endpoint)
+        return pick_reason(lb.route(service, wait=False), lease.endpoint)
     except Exception:  # the route changed under us: the trace goes without
         log.debug("tai-lb: explaining a pick of %s failed", service, exc_info=True)
         return ""

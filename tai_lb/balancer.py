@@ -184,10 +184,11 @@ class LoadBalancer:
                     self._services[service] = routing
         return routing
 
-    def route(self, service: str) -> Route:
-        """The route of ``service`` for the registry's current endpoints (for inspection: it
-        waits for a build in progress, which a pick never does)."""
-        return self._routing(service, picking=False).fresh()
+    def route(self, service: str, *, wait: bool = True) -> Route:
+        """The route of ``service`` for the registry's current endpoints, waiting for a build
+        in progress (for inspection); with ``wait=False``, the route picks use now."""
+        routing = self._routing(service, picking=False)
+        return routing.fresh() if wait else routing.current()
 
     def service_config(self, service: str) -> ServiceConfig:
         """The settings of ``service`` (defaults if it was registered from Python)."""
@@ -278,11 +279,10 @@ class LoadBalancer:
         services = {}
         for name in self.registry.services():
             routing = self._routing(name, picking=False)
-            route = routing.fresh()
-            active = routing.failover.active
             services[name] = balancer_status(
-                route, self.health_checker, self.outlier_detector, self._budgets.find(name),
-                self._watchers.get(name), active, routing.members.load)
+                routing.fresh(), self.health_checker, self.outlier_detector,
+                self._budgets.find(name), self._watchers.get(name), routing.failover.active,
+                routing.members.load)
         return {"closed": self._closed, "failover_events": list(self._failovers.events),
                 "metrics": self.metrics.snapshot(),
                 "health_checker": self.health_checker.snapshot(),
