@@ -28,9 +28,11 @@ from .exceptions import (
 from .health import HealthCheckConfig
 from .lease import Lease
 from .pool import PoolConfig
+from .rebalance import RebalanceConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
 from .retry import RetryBudget, RetryConfig, RetryPolicy
 from .routing.affinity import AffinityConfig
+from .routing.slow_start import SlowStartConfig
 from .stats import EndpointStats
 from .strategies import Strategy
 from .trace import Attempt, DecisionTrace, trace_of
@@ -58,12 +60,14 @@ __all__ = [
     "NoEndpointAvailable",
     "PoolConfig",
     "PoolExhausted",
+    "RebalanceConfig",
     "RetryBudget",
     "RetryConfig",
     "RetryPolicy",
     "ServiceConfig",
     "ServiceRegistry",
     "ServiceSnapshot",
+    "SlowStartConfig",
     "Strategy",
     "Subscription",
     "TopologyChange",

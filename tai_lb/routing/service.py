@@ -16,8 +16,10 @@ from .health import HealthyOrPanic, Unusable
 from .members import Membership, StatsFactory
 from .prepare import Prepare
 from .priority import PriorityFailover
+from .rebalancing import RebalanceConfig, ServiceRebalance
 from .route import Stage
 from .router import Router
+from .slow_start import SlowStart
 
 if TYPE_CHECKING:
     from ..config import ServiceConfig
@@ -39,13 +41,16 @@ class ServiceRouting(Router):
     :param health: the active health checker (consulted when the service has checks).
     :param outliers: the outlier detector (consulted when the service has outlier detection).
     :param events: where failovers and failbacks are recorded.
-    :param clock: the balancer's monotonic clock (affinity's TTL runs on it).
+    :param clock: the balancer's monotonic clock (affinity's TTL and slow start run on it).
+    :param rebalancing: the service's rebalancing (its slow starts; in manual mode, routes are
+        built from the snapshot it last applied rather than the registry's).
     """
 
     def __init__(self, service: str, settings: ServiceConfig,
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
                  health: HealthChecker, outliers: OutlierDetector,
-                 events: FailoverEvents, clock: Callable[[], float] = time.monotonic) -> None:
+                 events: FailoverEvents, clock: Callable[[], float] = time.monotonic,
+                 rebalancing: Optional[ServiceRebalance] = None) -> None:
         self.members = Membership(make_stats)
         self.failover = PriorityFailover(settings.failover,
                                          functools.partial(events.record, service))
@@ -62,6 +67,12 @@ class ServiceRouting(Router):
         #: session affinity, when the service has ``affinity``
         self.affinity = (Affinity(service, settings.affinity, clock)
                          if settings.affinity is not None else None)
+        #: the service's rebalancing (picks read its ``applied`` snapshot in manual mode)
+        self.rebalancing = (rebalancing if rebalancing is not None
+                            else ServiceRebalance(service, RebalanceConfig(), None))
+        ramps = self.rebalancing.ramps
+        self._slow_start = SlowStart(ramps, clock) if ramps is not None else None
+        snapshot = functools.partial(self.rebalancing.snapshot, snapshot)
         super().__init__(service, self.chain(), snapshot, strategy)
 
     def chain(self) -> list[Stage]:
@@ -71,7 +82,8 @@ class ServiceRouting(Router):
             self._unusable,  # failed checks and ejections
             self.failover,   # the active priority group
             self._panic,     # its usable endpoints, or all of them in panic
-            # slow start weights, locality and subsets go here
+            *([self._slow_start] if self._slow_start is not None else []),  # new endpoints'
+            # ramps (slow start); locality and subsets go here
             *([self.affinity] if self.affinity is not None else []),  # sticky keys (selector)
             self._prepare,   # the strategy's picker
         ]
