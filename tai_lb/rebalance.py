@@ -19,7 +19,7 @@ clock, seconds since the epoch), ``kind`` and its figures.  The last 100 per ser
 
 :class:`Rebalancer` owns the per-service state and the ``tai-lb-rebalance`` daemon thread, which
 runs only while an endpoint ramps or a drain has a deadline: it rebuilds the routes of ramping
-services every ``window / 20`` seconds (one second at most) and ends drains past their timeout.
+services every ``window / 40`` seconds (one second at most) and ends drains past their timeout.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Rebalancer:
 
     def _work(self) -> Optional[float]:
         # The seconds to the next round, or None when nothing ramps nor drains.  Lock held.
-        intervals = [min(1.0, max(0.01, s.ramps.config.window / 20))
+        intervals = [min(1.0, max(0.01, s.ramps.config.window / 40))
                      for s in self._services.values() if s.ramps is not None and s.ramps.started]
         if self._drains:
             intervals.append(0.25)

@@ -54,7 +54,7 @@ def kinds(lb: LoadBalancer, service: str = "svc") -> list[str]:
 
 
 @pytest.mark.parametrize("strategy", ["round_robin", "weighted", "least_connections",
-                                      "peak_ewma"])
+                                      "peak_ewma", "consistent_hash", "maglev"])
 def test_a_new_endpoints_share_ramps_over_the_window(strategy: str) -> None:
     clock = FakeClock()
     with ramp_balancer(clock, strategy) as lb:
@@ -72,6 +72,29 @@ def test_a_new_endpoints_share_ramps_over_the_window(strategy: str) -> None:
         # the others share what the newcomer does not take, evenly
         final = shares(lb)
         assert all(abs(final[a] - steady) < 0.03 for a in OLD), final
+
+
+@pytest.mark.parametrize("strategy", ["least_connections", "peak_ewma"])
+def test_a_load_aware_strategy_cannot_undo_the_ramp(strategy: str) -> None:
+    # An endpoint that gets few requests looks idle to these strategies: without slow start
+    # it would take every pick until its load caught up with the others'.
+    clock = FakeClock()
+    with ramp_balancer(clock, strategy) as lb:
+        held = [lb.pick("svc") for _ in range(400)]  # 100 in flight on each old endpoint
+        lb.registry.register("svc", NEW)
+        held += [lb.pick("svc") for _ in range(500)]
+        on_new = sum(lease.address == NEW for lease in held)
+        assert on_new < 30  # 0.1 x its fifth of 500 is 10
+        for lease in held:
+            lease.done()
+    with LoadBalancer.from_config({"services": {"svc": {"endpoints": OLD,
+                                                        "strategy": strategy}}}) as lb:
+        held = [lb.pick("svc") for _ in range(400)]
+        lb.registry.register("svc", NEW)
+        held += [lb.pick("svc") for _ in range(500)]
+        assert sum(lease.address == NEW for lease in held) > 90  # what the ramp holds back
+        for lease in held:
+            lease.done()
 
 
 def test_the_ramp_follows_the_formula() -> None:

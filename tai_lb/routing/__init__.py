@@ -9,13 +9,16 @@ no lock.  The chain, in order (:class:`ServiceRouting` wires it)::
       -> Unusable          failed health checks and ejections (health.py)
       -> PriorityFailover  the active priority group, failover and failback (priority.py)
       -> HealthyOrPanic    the usable endpoints, or all of the group in panic (health.py)
+      -> SlowStart         when endpoints ramp up: the factor of each (slow_start.py)
       -> Affinity          when the service has ``affinity``: adds its selector (affinity.py)
-      -> Prepare           the strategy's picker over what is left (prepare.py)
+      -> Prepare           the strategy's picker over what is left, shared with the ramping
+                           endpoints while some ramp (prepare.py)
     per request: route.selectors (affinity), then route.picker(key)
 
-Slow-start weights, locality and subsets are stages to come between ``HealthyOrPanic`` and
-``Prepare``; affinity and subsets by header are selectors.  Each is a new module here and one
-line in the chain.
+Locality and subsets are stages to come between ``HealthyOrPanic`` and ``Prepare``; affinity
+and subsets by header are selectors.  Each is a new module here and one line in the chain.
+A service's rebalancing state (its mode, ramps, events, the snapshot manual mode applied) is
+in rebalancing.py.
 """
 
 from __future__ import annotations

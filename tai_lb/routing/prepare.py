@@ -3,14 +3,15 @@
 Preparation (a hash ring, cumulative weights, a round-robin order) runs once per change, here,
 never per pick.  The strategy may update what its last picker prepared rather than start over
 (``consistent_hash`` moves a few points of its ring for a small change).  While endpoints ramp up
-(slow start sets ``state.ramp``), the picker is thinned towards a second one over the others.
+(slow start sets ``state.ramp``), picks are shared between them and a second picker over the
+others (see ``slow_start.py``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from .slow_start import thinned
+from .slow_start import ramped
 
 if TYPE_CHECKING:
     from ..strategies import Picker, Strategy
@@ -41,7 +42,8 @@ class Prepare:
             last = self._steady
             self._steady = (self.strategy.prepare_next(steady, last) if last is not None
                             else self.strategy.prepare(steady))
-            state.picker = thinned(state.picker, self._steady, state.ramp)
+            state.picker = ramped(self.strategy, state.picker, self._steady, state.candidates,
+                                  state.ramp)
         else:
             self._steady = None  # holds the figures of endpoints that may have gone
 

@@ -76,7 +76,8 @@ class ServiceRouting(Router):
         super().__init__(service, self.chain(), snapshot, strategy)
 
     def chain(self) -> list[Stage]:
-        """The stages, in order: priority, then (to come) locality, then the host's picker."""
+        """The stages, in order: priority, slow start, then (to come) locality, then the
+        host's picker."""
         return [
             self.members,    # figures per address
             self._unusable,  # failed checks and ejections

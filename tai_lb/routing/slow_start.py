@@ -6,16 +6,22 @@ seconds after it was added on the balancer's clock, the factor (Envoy's slow sta
 
     max(min_weight_percent / 100, (t / window) ** (1 / aggression))
 
-and receives that factor of the picks the strategy gives it: :class:`SlowStart` sets
-``state.ramp`` (address -> factor) and :class:`~tai_lb.routing.Prepare` wraps the strategy's
-picker with :func:`thinned`: a pick that lands on a ramping endpoint stays there with
-probability ``factor``, and otherwise goes to the strategy's picker over the endpoints that do
-not ramp.  Thinning rather than scaling weights, because ``round_robin`` and
-``least_connections`` over equal weights never read a weight: this way every strategy ramps, and
-the endpoint's share is ``factor`` x the share it will have at full weight.
+and receives that factor of its share at full weight: :class:`SlowStart` sets ``state.ramp``
+(address -> factor) and :class:`~tai_lb.routing.Prepare` builds the picker around the
+strategy's, one of two ways:
+
+* :func:`split` (every strategy but the hashing ones): a pick goes to a ramping endpoint with
+  probability ``factor x weight / total weight`` of the candidates, and otherwise to the
+  strategy's picker over the endpoints that do not ramp.  The share is set before the strategy
+  chooses, so a load-aware strategy (``least_connections``, ``peak_ewma``), which would send
+  more to an endpoint that looks idle because it gets little, cannot undo the ramp; and
+  ``round_robin``, which reads no weight, ramps too.
+* :func:`thinned` (``consistent_hash``, ``maglev``): a pick that lands on a ramping endpoint
+  stays there with probability ``factor``, else goes to the strategy's picker over the others,
+  so only the keys the new endpoint takes over move, gradually.
 
 The factor is read when a route is built, so routes are rebuilt while an endpoint ramps (every
-``window / 20`` seconds, at most one second apart, by the ``tai-lb-rebalance`` thread); a pick
+``window / 40`` seconds, at most one second apart, by the ``tai-lb-rebalance`` thread); a pick
 reads the published route and takes no lock.  Endpoints present when the balancer was built
 start at full weight.  When every candidate ramps, there is nothing to thin towards: they share
 the picks as the strategy gives them.
@@ -23,19 +29,25 @@ the picks as the strategy gives them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._forksafe import ForkRandom
 from .._settings import MAX_SECONDS, Settings, check_number
+from ..strategies.base import weight_of
 
 if TYPE_CHECKING:
     from ..stats import EndpointStats
-    from ..strategies import Picker, RoutingKey
+    from ..strategies import Picker, RoutingKey, Strategy
     from .route import RouteState
 
-__all__ = ["SlowStart", "SlowStartConfig", "thinned"]
+__all__ = ["KEYED", "SlowStart", "SlowStartConfig", "split", "thinned"]
+
+KEYED = frozenset({"consistent_hash", "maglev"})
+"""The strategies whose ramp thins picks by key (:func:`thinned`) rather than :func:`split`."""
 
 _rng = ForkRandom()  # reseeded in every forked child: workers do not thin in step
 
@@ -141,6 +153,37 @@ def thinned(picker: Picker, steady: Picker, ramp: Mapping[str, float]) -> Picker
 
     pick.ramp = ramp  # type: ignore[attr-defined]  # for inspection: status() shows it
     return pick
+
+
+def split(steady: Picker, ramping: Sequence[tuple[EndpointStats, float]],
+          ramp: Mapping[str, float]) -> Picker:
+    """A picker that sends each ramping endpoint its probability's share of the picks (pairs of
+    endpoint and probability), and the rest to ``steady``."""
+    bounds = list(itertools.accumulate(p for _s, p in ramping))
+    chosen = [s for s, _p in ramping]
+    last = bounds[-1]
+    draw = _rng.random
+
+    def pick(key: Optional[RoutingKey]) -> EndpointStats:
+        u = draw()
+        if u >= last:
+            return steady(key)
+        return chosen[bisect.bisect_right(bounds, u)]
+
+    pick.ramp = ramp  # type: ignore[attr-defined]  # for inspection: status() shows it
+    return pick
+
+
+def ramped(strategy: Strategy, picker: Picker, steady: Picker,
+           candidates: Sequence[EndpointStats], ramp: Mapping[str, float]) -> Picker:
+    """The picker over ``candidates`` while the endpoints in ``ramp`` ramp up: :func:`split`
+    or, for hashing strategies, :func:`thinned`."""
+    if strategy.name in KEYED:
+        return thinned(picker, steady, ramp)
+    total = sum(map(weight_of, candidates))
+    ramping = [(s, ramp[s.endpoint.address] * s.endpoint.weight / total) for s in candidates
+               if s.endpoint.address in ramp]
+    return split(steady, ramping, ramp)
 
 
 def ramp_of(picker: Optional[Picker]) -> Mapping[str, Any]:
