@@ -20,9 +20,11 @@ from tai_lb import (
     SlowStartConfig,
     TopologyChange,
 )
+from tai_lb.config import LoadBalancerConfig, ServiceConfig
+from tai_lb.rebalance import Rebalancer
 
 from .backends import Backend, Factory
-from .conftest import FakeClock, wait_for
+from .conftest import FakeClock, in_forked_child, wait_for
 
 OLD = [f"10.0.0.{i}:80" for i in range(1, 5)]
 NEW = "10.0.0.9:80"
@@ -151,6 +153,46 @@ def test_an_endpoint_removed_while_ramping_stops_ramping() -> None:
         lb.registry.deregister("svc", NEW)
         assert lb.status()["services"]["svc"]["rebalance"]["ramping"] == 0
         assert wait_for(lambda: lb.topology.rebalancer.thread is None)
+
+
+def test_the_rebalance_thread_survives_a_failing_round_and_stops_on_close() -> None:
+    clock = FakeClock()
+    config = LoadBalancerConfig({"svc": ServiceConfig(
+        slow_start=SlowStartConfig(window=0.4))})  # a round every 10 ms
+    rounds: list[str] = []
+
+    def rebuild(service: str) -> None:
+        rounds.append(service)
+        if len(rounds) == 1:
+            raise RuntimeError("a broken round")
+
+    rebalancer = Rebalancer(config, clock, rebuild)
+    rebalancer.mark_built(lambda name: None)
+    rebalancer.ramp("svc", [NEW])
+    try:
+        assert wait_for(lambda: len(rounds) >= 3)  # the round after the failure came
+        thread = rebalancer.thread
+        assert thread is not None and thread.is_alive()
+    finally:
+        rebalancer.close()
+    thread.join(1.0)
+    assert not thread.is_alive() and rebalancer.thread is None
+    rebalancer.ramp("svc", ["10.0.0.10:80"])  # closed: no thread starts again
+    assert rebalancer.thread is None
+
+
+def test_the_ramp_and_its_thread_go_on_in_a_forked_child() -> None:
+    clock = FakeClock()
+    with ramp_balancer(clock) as lb:
+        lb.registry.register("svc", NEW)
+
+        def child() -> dict[str, Any]:
+            thread = lb.topology.rebalancer.thread
+            return {"thread": thread.name if thread is not None and thread.is_alive() else None,
+                    "share": round(shares(lb, 5000)[NEW] / 0.2, 1)}
+
+        report = in_forked_child(child, timeout=60)
+    assert report == {"thread": "tai-lb-rebalance", "share": 0.1}
 
 
 # -- drain --------------------------------------------------------------------------------------
