@@ -220,6 +220,9 @@ class TopologyFollower:
         the drains past their timeout."""
         state = self.rebalancer.service(service)
         changes: list[TopologyChange] = []
+        # The lock serialises rebalance() calls so that their changes apply in order.  No pick,
+        # registry write or other reader takes it: closing the idle pools of removed endpoints
+        # under it can only make another rebalance() of the service wait.
         with state.lock:
             applied = state.applied
             current = self._registry.get_snapshot(service)
