@@ -8,7 +8,8 @@ the thread that changed it, and published whole; the pick path takes no lock::
                        -> breaker admission -> Lease (counts in flight until released)
 
 A pick never waits for a build but a service's first; while a newer snapshot is being built, picks
-use the last route and refuse endpoints the registry removed (never one after deregister()).
+use the last route and refuse endpoints the registry removed (never one after deregister(); in
+manual rebalancing mode, never one after the rebalance() that applies the removal).
 """
 
 from __future__ import annotations
@@ -217,9 +218,7 @@ class LoadBalancer:
         :class:`~tai_lb.TopologyChange` (``sequence`` 0; none in the other modes).  Also ends
         drains past their timeout and rebuilds the route (slow-start ramps as of now)."""
         self.service_config(service)  # UnknownService for a name never seen
-        changes = self.topology.rebalance(service)
-        self._health_changed(service)  # build the route on the applied endpoints, here
-        return changes
+        return self.topology.rebalance(service)  # which builds the route, on this thread
 
     def _health_changed(self, service: str, source: Optional[str] = None) -> None:
         # Called by the checker or the outlier detector, outside their locks: build the route

@@ -71,7 +71,8 @@ class Rebalancer:
                  rebuild: Callable[[str], None]) -> None:
         self._config = config
         self.clock = clock
-        self._rebuild = rebuild
+        #: rebuilds the route of a service
+        self.rebuild = rebuild
         self._services: dict[str, ServiceRebalance] = {}
         self._drains: list[_Drain] = []
         self._lock = threading.Lock()  # guards the tables and the thread's start and end
@@ -178,7 +179,7 @@ class Rebalancer:
                 self.end_overdue()
                 for name, state in list(self._services.items()):
                     if state.ramps is not None and state.ramps.started:
-                        self._rebuild(name)
+                        self.rebuild(name)
             except Exception:  # never let a round end the thread
                 log.exception("tai-lb: a round of rebalancing failed")
 

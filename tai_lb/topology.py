@@ -217,7 +217,7 @@ class TopologyFollower:
     def rebalance(self, service: str) -> list[TopologyChange]:
         """Manual mode: apply what the registry holds for ``service`` now, and return the
         changes from what picks used until now (none in the other modes).  In every mode, end
-        the drains past their timeout."""
+        the drains past their timeout and build the service's route here and now."""
         state = self.rebalancer.service(service)
         changes: list[TopologyChange] = []
         # The lock serialises rebalance() calls so that their changes apply in order.  No pick,
@@ -234,6 +234,7 @@ class TopologyFollower:
                     self.apply(service, changes, hold=False)
                 state.record("applied", **_counts(list(map(_kind_of, changes))), held=held)
         self.rebalancer.end_overdue(service)
+        self.rebalancer.rebuild(service)
         return changes
 
 
