@@ -195,6 +195,46 @@ def test_the_ramp_and_its_thread_go_on_in_a_forked_child() -> None:
     assert report == {"thread": "tai-lb-rebalance", "share": 0.1}
 
 
+def test_picks_under_churn_while_endpoints_ramp_and_drain() -> None:
+    config = {"services": {"svc": {"endpoints": OLD, "strategy": "least_connections",
+                                   "rebalance": {"mode": "gradual", "drain_timeout": 0.05},
+                                   "slow_start": {"window": 0.1}}}}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with LoadBalancer.from_config(config) as lb:
+
+        def picker() -> None:
+            try:
+                while not stop.is_set():
+                    held = [lb.pick("svc") for _ in range(3)]
+                    for lease in held:
+                        lease.done()
+            except BaseException as error:  # reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=picker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            for i in range(30):
+                address = f"10.3.0.{i}:80"
+                lb.registry.register("svc", address)
+                if i % 2:
+                    lb.registry.deregister("svc", address)
+                    for _ in range(20):
+                        with lb.pick("svc") as lease:
+                            assert lease.address != address  # never after deregister()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        assert errors == []
+        figures = lb.stats("svc")
+        assert sum(s.in_flight for s in figures.values()) == 0  # no count lost
+        assert len(figures) == 4 + 15
+        assert wait_for(lambda: lb.topology.rebalancer.thread is None)  # every ramp ended
+
+
 # -- drain --------------------------------------------------------------------------------------
 
 
