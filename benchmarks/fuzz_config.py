@@ -71,6 +71,8 @@ def valid_configs() -> list[dict[str, Any]]:
                     "pool": {"maxsize": 8, "block": True, "timeout": 1, "idle_timeout": 1.5},
                     "backups": {"endpoints": ["127.0.0.1:9001"], "failover_below": 0.5,
                                 "failback_at": 0.7},
+                    "rebalance": {"mode": "gradual", "drain_timeout": 10},
+                    "slow_start": {"window": 60, "aggression": 1.5, "min_weight_percent": 5},
                 },
                 "billing": {
                     "endpoints": ["127.0.0.1:8101"],
@@ -102,7 +104,8 @@ def valid_configs() -> list[dict[str, Any]]:
                                          "path": "/nonexistent/tai-lb-fuzz/orders.json",
                                          "interval": 5},
                            "health_check": {"type": "tcp", "interval": 2},
-                           "strategy": "weighted_round_robin"},
+                           "strategy": "weighted_round_robin",
+                           "rebalance": {"mode": "manual", "drain_timeout": 0}},
                 "echo": {"endpoints": ["127.0.0.1:8301"], "strategy": "peak_ewma",
                          "health_check": {"type": "grpc", "service": "demo.Echo",
                                           "interval": 2, "timeout": 0.5}},

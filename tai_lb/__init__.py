@@ -28,10 +28,12 @@ from .exceptions import (
 from .health import HealthCheckConfig
 from .lease import Lease
 from .pool import PoolConfig
+from .rebalance import RebalanceConfig
 from .registry import ServiceRegistry, ServiceSnapshot, Subscription, TopologyChange
 from .retry import RetryBudget, RetryConfig, RetryPolicy
 from .routing.affinity import AffinityConfig
 from .routing.locality import LocalityConfig
+from .routing.slow_start import SlowStartConfig
 from .routing.subsets import SubsetConfig
 from .stats import EndpointStats
 from .strategies import Strategy
@@ -61,12 +63,14 @@ __all__ = [
     "NoEndpointAvailable",
     "PoolConfig",
     "PoolExhausted",
+    "RebalanceConfig",
     "RetryBudget",
     "RetryConfig",
     "RetryPolicy",
     "ServiceConfig",
     "ServiceRegistry",
     "ServiceSnapshot",
+    "SlowStartConfig",
     "Strategy",
     "Subscription",
     "SubsetConfig",

@@ -8,7 +8,8 @@ the thread that changed it, and published whole; the pick path takes no lock::
                        -> breaker admission -> Lease (counts in flight until released)
 
 A pick never waits for a build but a service's first; while a newer snapshot is being built, picks
-use the last route and refuse endpoints the registry removed (never one after deregister()).
+use the last route and refuse endpoints the registry removed (never one after deregister(); in
+manual rebalancing mode, never one after the rebalance() that applies the removal).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import requests
 
 from . import _forksafe
-from ._status import balancer_status
+from ._status import balancer_status_all
 from .config import LoadBalancerConfig, ServiceConfig, load_config
 from .connpool import balanced_connection
 from .discovery.backups import discovery_watchers
@@ -92,7 +93,7 @@ class LoadBalancer:
             lambda name: len(self.registry.get_snapshot(name) or ()), clock=clock)
         self.topology = TopologyFollower(self.registry, self.config, self.health_checker,
                                          self.outlier_detector, lambda: self._pools,
-                                         self._members)
+                                         self._members, self._health_changed, clock)
         # Everything is built before anything starts (a provider is built without I/O); a failure
         # while starting closes what started: no thread, socket or file is left open.
         self._watchers = discovery_watchers(self.config, self.registry, clock)
@@ -109,6 +110,7 @@ class LoadBalancer:
                 watcher.start()
             if any(s.health_check is not None for s in self.config.services.values()):
                 self.health_checker.start()
+            self.topology.rebalancer.mark_built(self.registry.get_snapshot)  # ramps from now
         except BaseException:
             self.close()
             raise
@@ -140,7 +142,7 @@ class LoadBalancer:
         if routing is None:
             routing = self._routing(service)
         route = routing.route or routing.current()
-        snapshot = self.registry.snapshots.get(service)
+        snapshot = (routing.rebalancing.applied or self.registry.snapshots).get(service)
         # A newer set may be being built into a route: this one may still hold endpoints the
         # registry has removed (checked below).  Build now only when it has nothing to offer.
         stale = route.snapshot is not snapshot
@@ -179,7 +181,7 @@ class LoadBalancer:
                                     functools.partial(self._breaker_changed, service),
                                     self.metrics.follow),
                     self.health_checker, self.outlier_detector, self._failovers, self.clock,
-                    self.config.local_zone)
+                    self.config.local_zone, self.topology.rebalancer.service(service))
                 if not self._closed:  # close() empties the table under this lock
                     self._services[service] = routing
         return routing
@@ -211,6 +213,13 @@ class LoadBalancer:
             routing = self._services.get(name)
             if routing is not None:
                 routing.update()
+
+    def rebalance(self, service: str) -> list[TopologyChange]:
+        """Apply the changes manual mode held back; return them as
+        :class:`~tai_lb.TopologyChange` (``sequence`` 0; none in the other modes).  Also ends
+        drains past their timeout and rebuilds the route (slow-start ramps as of now)."""
+        self.service_config(service)  # UnknownService for a name never seen
+        return self.topology.rebalance(service)  # which builds the route, on this thread
 
     def _health_changed(self, service: str, source: Optional[str] = None) -> None:
         # Called by the checker or the outlier detector, outside their locks: build the route
@@ -276,18 +285,8 @@ class LoadBalancer:
 
     def status(self) -> dict[str, Any]:
         """Every service's endpoints with their figures, as a JSON-serialisable dict."""
-        services = {}
-        for name in self.registry.services():
-            routing = self._routing(name, picking=False)
-            services[name] = balancer_status(
-                routing.fresh(), self.health_checker, self.outlier_detector,
-                self._budgets.find(name), self._watchers.get(name), routing.failover.active,
-                routing.members.load)
-        return {"closed": self._closed, "failover_events": list(self._failovers.events),
-                "metrics": self.metrics.snapshot(),
-                "health_checker": self.health_checker.snapshot(),
-                "outlier_detection": self.outlier_detector.snapshot(),
-                "services": services}
+        return balancer_status_all(self, functools.partial(self._routing, picking=False),
+                                   self._budgets.find, self._failovers.events)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -310,6 +309,7 @@ class LoadBalancer:
             for routing in routings.values():
                 routing.close()
             self._subscription.unsubscribe()
+            self.topology.rebalancer.close()
             for watcher in self._watchers.values():
                 watcher.stop()
             self.health_checker.stop()

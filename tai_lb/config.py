@@ -34,6 +34,8 @@ from .registry import check_service_name
 from .retry import RetryConfig
 from .routing.affinity import AffinityConfig
 from .routing.locality import LocalityConfig, check_zone
+from .routing.rebalancing import RebalanceConfig
+from .routing.slow_start import SlowStartConfig
 from .routing.subsets import SubsetConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
@@ -49,14 +51,12 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "health_check",
                 "outlier_detection", "circuit_breaker", "retries", "affinity", "backups",
-                "slow_start", "pool", "timeout", "locality", "subset")
+                "rebalance", "slow_start", "pool", "timeout", "locality", "subset")
 """Every key a service may have (some not supported yet, see :data:`NOT_SUPPORTED_YET`)."""
 
 TOP_LEVEL_KEYS = ("services", "defaults", "metrics", "zone")
 
-NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({
-    "slow_start": "slow start is not built yet",
-})
+NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({})
 """Keys of the specification that this version rejects, with the reason shown to the user."""
 
 
@@ -121,7 +121,7 @@ _OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
     ("hash_key", KeySource), ("health_check", HealthCheckConfig),
     ("outlier_detection", OutlierConfig), ("circuit_breaker", BreakerConfig),
     ("discovery", DiscoveryConfig), ("affinity", AffinityConfig), ("locality", LocalityConfig),
-    ("subset", SubsetConfig))
+    ("subset", SubsetConfig), ("rebalance", RebalanceConfig), ("slow_start", SlowStartConfig))
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,9 @@ class ServiceConfig(Settings):
     :param hash_key: where the routing key of an HTTP request comes from.
     :param affinity: session affinity (sticky keys), or None; its ``key`` is then the routing
         key of HTTP requests, and ``hash_key``, if set too, must be the same.
+    :param rebalance: how changes of the endpoints are taken (immediate when None).
+    :param slow_start: how a new endpoint's share ramps up, or None (the defaults then in
+        gradual mode; not allowed with ``rebalance`` mode immediate).
     :param retries: when and how often a failed HTTP request is retried on another endpoint.
     :param pool: the HTTP connections kept per endpoint.
     :param timeout: (connect, read) seconds for HTTP requests that set no timeout of their own;
@@ -166,6 +169,8 @@ class ServiceConfig(Settings):
     affinity: Optional[AffinityConfig] = None
     locality: Optional[LocalityConfig] = None
     subset: Optional[SubsetConfig] = None
+    rebalance: Optional[RebalanceConfig] = None
+    slow_start: Optional[SlowStartConfig] = None
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -189,6 +194,10 @@ class ServiceConfig(Settings):
         if self.affinity is not None and self.hash_key not in (None, self.affinity.source):
             raise ConfigError("affinity.key", "must be the same as hash_key when both are set "
                                               f"({self.affinity.key} and {self.hash_key})")
+        if (self.slow_start is not None and self.rebalance is not None
+                and self.rebalance.mode == "immediate"):
+            raise ConfigError("slow_start", "has no effect with rebalance mode \"immediate\": "
+                                            "use \"gradual\" or \"manual\", or no rebalance")
 
     @classmethod
     def from_config(cls, value: Any) -> ServiceConfig:
@@ -318,7 +327,9 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
                        ("circuit_breaker", BreakerConfig.from_config),
                        ("affinity", AffinityConfig.from_config),
                        ("locality", LocalityConfig.from_config),
-                       ("subset", SubsetConfig.from_config)):
+                       ("subset", SubsetConfig.from_config),
+                       ("rebalance", RebalanceConfig.from_config),
+                       ("slow_start", SlowStartConfig.from_config)):
         if key in settings:
             try:
                 fields[key] = build(settings[key])

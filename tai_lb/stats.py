@@ -229,6 +229,11 @@ class EndpointStats:
         if not self.load:
             self._drained()
 
+    def drained_now(self) -> None:
+        """Run the :meth:`when_drained` callback now, whatever is in flight (a drain's timeout
+        ended it); nothing when none is waiting."""
+        self._drained()
+
     def _drained(self) -> None:
         with self._lock:  # the last lease and when_drained() may both get here: one runs it
             drained, self.on_drained = self.on_drained, None

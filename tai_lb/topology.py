@@ -7,6 +7,10 @@ one ends (the endpoint drains: it gets no new picks, its requests finish, then i
 An endpoint removed and added back before it drained keeps its pools.  A removed address that
 another service still uses keeps its pools too.
 
+It also rebalances (:mod:`tai_lb.rebalance`): records every change as an event of the service,
+begins the slow start of added endpoints, bounds drains by ``drain_timeout`` in gradual and
+manual modes, and in manual mode holds changes back until :meth:`TopologyFollower.rebalance`.
+
 Whole lists are handled at a time, in C where it can (a full update of 10,000 endpoints is one
 list of as many changes); one change at a time, in order, only when an address went and came back
 within the list.
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .connpool import EndpointConnectionPools
 from .endpoint import Endpoint
+from .rebalance import ADDRESSES_SHOWN, Rebalancer, ServiceRebalance
+from .registry import TopologyChange
 from .stats import EndpointStats
 
 if TYPE_CHECKING:
@@ -28,7 +34,7 @@ if TYPE_CHECKING:
     from .health import HealthCheckConfig, HealthChecker
     from .outlier import OutlierDetector
     from .pool import EndpointPools
-    from .registry import ServiceRegistry, TopologyChange
+    from .registry import ServiceRegistry, ServiceSnapshot
     from .routing.members import Membership
 
 __all__ = ["TopologyFollower"]
@@ -50,12 +56,15 @@ class TopologyFollower:
     :param outliers: the outlier detector.
     :param pools: returns the balancer's current HTTP pools (a forked child gets new ones).
     :param members: a service's figures (its membership stage), or None before its first route.
+    :param rebuild: rebuilds a service's route (while its endpoints ramp up).
+    :param clock: the balancer's monotonic clock.
     """
 
     def __init__(self, registry: ServiceRegistry, config: LoadBalancerConfig,
                  health: HealthChecker, outliers: OutlierDetector,
                  pools: Callable[[], EndpointPools],
-                 members: Callable[[str], Optional[Membership]]) -> None:
+                 members: Callable[[str], Optional[Membership]],
+                 rebuild: Callable[[str], None], clock: Callable[[], float]) -> None:
         self._registry = registry
         self._config = config
         self._health = health
@@ -66,6 +75,9 @@ class TopologyFollower:
         self.connection_pools = EndpointConnectionPools()
         #: figures of removed endpoints whose pools close once their last lease is released
         self.draining: set[EndpointStats] = set()
+        #: each service's rebalancing: events, slow starts, drain deadlines, held changes
+        self.rebalancer = Rebalancer(config, clock, rebuild)
+        self._clock = clock
 
     def checks(self, service: str) -> Optional[tuple[HealthCheckConfig, str]]:
         """The health-check settings and scheme of ``service``, or None when unchecked."""
@@ -92,14 +104,22 @@ class TopologyFollower:
                 return
             snapshot = current
 
-    def apply(self, service: str, changes: Sequence[TopologyChange]) -> None:
-        """Health targets, outlier state, pools and draining for changes to one service."""
+    def apply(self, service: str, changes: Sequence[TopologyChange], *,
+              hold: bool = True) -> None:
+        """Health targets, outlier state, pools, draining, slow start and events for changes to
+        one service; in manual mode (unless ``hold`` is False) only the event: they are held."""
+        kinds = list(map(_kind_of, changes))
+        state = self.rebalancer.service(service)
+        if hold and state.applied is not None:  # manual mode: held until rebalance()
+            state.held += len(changes)
+            state.record("held", **_counts(kinds), held=state.held)
+            return
+        self._record(state, changes, kinds)
         checks = self.checks(service)
         if checks is not None:
             self._health.apply_changes(service, changes, *checks)
         members = self._members(service)
         table, load = (members.figures, members.load) if members is not None else ({}, ())
-        kinds = list(map(_kind_of, changes))
         # An addition matters only to an endpoint that drains, or may start to drain here
         # (one with requests in flight): its pools stay.  Usually neither is the case.
         in_flight = bool(load)
@@ -133,7 +153,9 @@ class TopologyFollower:
                 if stats is not None and stats.in_flight:
                     # Drain: requests in flight finish, then the pools close (at once if the
                     # last one ended meanwhile).
-                    stats.when_drained(self._closer(endpoint, stats))
+                    closer = self._closer(service, endpoint, stats)
+                    stats.when_drained(closer)
+                    self.rebalancer.drain_deadline(service, stats, closer)
                     draining.add(endpoint.address)
             if draining:
                 going = [e for e in going if e.address not in draining]
@@ -151,10 +173,20 @@ class TopologyFollower:
                 if stats is not None:
                     self._keep_pools(stats)
 
-    def _closer(self, endpoint: Endpoint, stats: EndpointStats) -> Callable[[], None]:
-        """What closes a removed endpoint's pools once its last lease is released."""
+    def _closer(self, service: str, endpoint: Endpoint,
+                stats: EndpointStats) -> Callable[[], None]:
+        """What closes a removed endpoint's pools once its last lease is released (or its
+        drain's timeout passed)."""
+        state = self.rebalancer.service(service)
+        began = self._clock()
+        state.record("drain_began", address=endpoint.address, in_flight=stats.in_flight,
+                     timeout=state.config.drain_timeout if state.bounded_drains else None)
+
         def close_pools() -> None:
             self.draining.discard(stats)
+            left = stats.in_flight
+            state.record("drain_ended", address=endpoint.address, in_flight=left,
+                         timed_out=left > 0, seconds=round(self._clock() - began, 3))
             self._pools().close_endpoint(endpoint.host, endpoint.port)
             self.connection_pools.close_endpoints(((endpoint.host, endpoint.port),))
 
@@ -164,3 +196,63 @@ class TopologyFollower:
     def _keep_pools(self, stats: EndpointStats) -> None:
         stats.on_drained = None
         self.draining.discard(stats)
+
+    def _record(self, state: ServiceRebalance, changes: Sequence[TopologyChange],
+                kinds: list[str]) -> None:
+        # One event per kind of change in the list (a full update of 10,000 endpoints is one
+        # list), and the slow start of the added endpoints.
+        for kind in ("added", "removed", "changed"):
+            if kind not in kinds:
+                continue
+            addresses = list(map(_address_of, itertools.compress(
+                changes, map(operator.eq, kinds, itertools.repeat(kind)))))
+            state.record(kind, addresses=addresses[:ADDRESSES_SHOWN], count=len(addresses))
+            if state.ramps is not None:
+                if kind == "added":
+                    self.rebalancer.ramp(state.service, addresses)
+                elif kind == "removed" and state.ramps.started:
+                    for address in addresses:
+                        state.ramps.started.pop(address, None)
+
+    def rebalance(self, service: str) -> list[TopologyChange]:
+        """Manual mode: apply what the registry holds for ``service`` now, and return the
+        changes from what picks used until now (none in the other modes).  In every mode, end
+        the drains past their timeout and build the service's route here and now."""
+        state = self.rebalancer.service(service)
+        changes: list[TopologyChange] = []
+        # The lock serialises rebalance() calls so that their changes apply in order.  No pick,
+        # registry write or other reader takes it: closing the idle pools of removed endpoints
+        # under it can only make another rebalance() of the service wait.
+        with state.lock:
+            applied = state.applied
+            current = self._registry.get_snapshot(service)
+            if applied is not None and current is not None:
+                changes = _difference(service, applied[service], current)
+                held = state.held
+                state.apply(current)
+                if changes:
+                    self.apply(service, changes, hold=False)
+                state.record("applied", **_counts(list(map(_kind_of, changes))), held=held)
+        self.rebalancer.end_overdue(service)
+        self.rebalancer.rebuild(service)
+        return changes
+
+
+def _counts(kinds: list[str]) -> dict[str, int]:
+    return {kind: kinds.count(kind) for kind in ("added", "removed", "changed")}
+
+
+def _difference(service: str, old: ServiceSnapshot,
+                new: ServiceSnapshot) -> list[TopologyChange]:
+    """The changes from ``old`` to ``new``, as the registry would have delivered them
+    (``sequence`` 0: the registry did not deliver these)."""
+    before, after = old.by_address, new.by_address
+    changes = [TopologyChange("removed", service, e, None, 0)
+               for e in old.endpoints if e.address not in after]
+    for endpoint in new.endpoints:
+        previous = before.get(endpoint.address)
+        if previous is None:
+            changes.append(TopologyChange("added", service, endpoint, None, 0))
+        elif previous != endpoint:
+            changes.append(TopologyChange("changed", service, endpoint, previous, 0))
+    return changes

@@ -3,7 +3,8 @@
 :func:`status_app` returns a WSGI callable with no framework behind it, in the spirit of
 HAProxy's stats page: one table per service (strategy, panic, active priority, retry budget,
 discovery) with a row per endpoint (address, zone, weight, priority, health, ejection, breaker,
-in flight, EWMA latency, requests, successes, failures), then the recent failovers.  The page
+in flight, EWMA latency, requests, successes, failures) and its recent rebalancing events,
+then the recent failovers.  The page
 reloads itself every ``refresh`` seconds (a ``<meta http-equiv="refresh">``: no script), its
 CSS is inline and it loads nothing else.  Every value is escaped: endpoint labels and discovery
 details are user data.
@@ -111,9 +112,28 @@ def _service(name: str, service: Mapping[str, Any]) -> str:
     header = "".join(f"<th>{_text(column)}</th>" for column in _COLUMNS)
     rows = "".join(_endpoint_row(address, entry)
                    for address, entry in (service.get("endpoints") or {}).items())
+    rebalance = service.get("rebalance") or {}
+    if rebalance:
+        summary += (f" &middot; rebalance <b>{_text(rebalance.get('mode'))}</b>"
+                    f" (ramping {_text(rebalance.get('ramping'))},"
+                    f" held {_text(rebalance.get('held'))})")
     return (f'<section class="service" id="service-{_text(name)}">'
             f"<h2>{_text(name)}</h2><p class=\"summary\">{summary}</p>"
-            f"<table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>")
+            f"<table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>"
+            f"{_changes(list(service.get('events') or []))}</section>")
+
+
+def _changes(events: list[Mapping[str, Any]]) -> str:
+    # A service's rebalancing events, newest first: the kind, then the other figures.
+    if not events:
+        return ""
+    rows = "".join(
+        "<tr>" + _cell(time.strftime("%H:%M:%S", time.localtime(e.get("at") or 0)))
+        + _cell(e.get("kind"))
+        + _cell({k: v for k, v in e.items() if k not in ("at", "kind")}) + "</tr>"
+        for e in reversed(events[-_EVENTS_SHOWN:]))
+    return ('<table class="changes"><thead><tr><th>at</th><th>change</th><th>figures</th>'
+            f"</tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _events(events: list[Mapping[str, Any]]) -> str:

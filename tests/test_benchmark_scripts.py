@@ -140,3 +140,20 @@ def test_metrics_overhead_benchmark_quick_mode_prints_its_table() -> None:
     for text in ("| off |", "| on |", "| on + StatsD |", "x off"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_slow_start_benchmark_quick_mode_prints_its_table() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slow_start.py"),
+                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    for strategy in ("round_robin", "weighted", "least_connections", "peak_ewma"):
+        assert strategy in done.stdout
+    for text in ("first 10% x steady", "last 5% x steady", "steady share"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
+

@@ -44,11 +44,16 @@ from tai_lb.failover import BreakerConfig, FailoverConfig
 from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.outlier import OutlierConfig
 from tai_lb.routing.affinity import AffinityConfig
+from tai_lb.routing.locality import LocalityConfig
+from tai_lb.routing.rebalancing import RebalanceConfig
+from tai_lb.routing.slow_start import SlowStartConfig
+from tai_lb.routing.subsets import SubsetConfig
 
 SETTINGS_CLASSES: list[type[Any]] = [
     AffinityConfig, BreakerConfig, DiscoveryConfig, DnsConfig, EtcdConfig, FailoverConfig,
-    FileConfig, HealthCheckConfig, LoadBalancerConfig, MetricsConfig, OutlierConfig, PoolConfig,
-    RetryConfig, ServiceConfig, StaticConfig, StatsdConfig, WatchConfig]
+    FileConfig, HealthCheckConfig, LoadBalancerConfig, LocalityConfig, MetricsConfig,
+    OutlierConfig, PoolConfig, RebalanceConfig, RetryConfig, ServiceConfig, SlowStartConfig,
+    StaticConfig, StatsdConfig, SubsetConfig, WatchConfig]
 
 
 def message(call: Any, *args: Any, **kwargs: Any) -> str:

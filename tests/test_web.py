@@ -178,6 +178,20 @@ def test_failover_events_newest_first_and_escaped() -> None:
     assert "<td>0 -&gt; 1</td>" in table and HOSTILE not in page
 
 
+def test_rebalancing_events_are_listed_under_their_service_newest_first() -> None:
+    clock_events = [{"at": 1.0, "kind": "added", "addresses": ["10.0.0.9:80"], "count": 1},
+                    {"at": 2.0, "kind": "drain_began", "address": HOSTILE, "in_flight": 2,
+                     "timeout": 30.0}]
+    page = render_html({"services": {"users": {
+        "endpoints": {}, "events": clock_events,
+        "rebalance": {"mode": "gradual", "ramping": 1, "held": 0}}}})
+    section = page.split('<section class="service" id="service-users">', 1)[1]
+    table = section.split('<table class="changes">', 1)[1]
+    assert table.index("drain_began") < table.index("added")
+    assert "in_flight=2" in table and "count=1" in table and HOSTILE not in page
+    assert "rebalance <b>gradual</b> (ramping 1, held 0)" in section
+
+
 def test_mounts_in_a_wsgi_dispatcher(
         balancer: tuple[tai_lb.LoadBalancer, list[Backend]]) -> None:
     dispatcher = pytest.importorskip("werkzeug.middleware.dispatcher")

@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from .._settings import Settings, check_bool, check_int, check_number, key_text, shown
 from ..exceptions import ConfigError
 from ..strategies import EXCLUDING, ConsistentHash, Maglev
+from .slow_start import ramped
+
+_NO_RAMP: Mapping[str, float] = MappingProxyType({})
 
 if TYPE_CHECKING:
     from ..stats import EndpointStats
@@ -323,18 +326,21 @@ class Locality:
         """Set ``state.locality`` and, when zones matter, ``state.picker``."""
         candidates = state.candidates
         group = _group(state.everyone, candidates)
-        split, picker = self.prepare(group, candidates, state.panic, state.strategy)
+        split, picker = self.prepare(group, candidates, state.panic, state.strategy,
+                                     ramp=state.ramp)
         state.locality = split
         if picker is not None:
             state.picker = picker
 
     def prepare(self, group: Sequence[EndpointStats], healthy: Sequence[EndpointStats],
                 panic: bool, strategy: Strategy, part: Any = None,
-                ) -> tuple[ZoneSplit, Optional[Picker]]:
+                ramp: Mapping[str, float] = _NO_RAMP) -> tuple[ZoneSplit, Optional[Picker]]:
         """The split of ``group`` and its picker over ``healthy`` (None when locality is off):
         a :class:`ZonePicker`'s :meth:`~ZonePicker.picker`.
 
         :param part: what the pickers are cached under (a subset's value; None: the route).
+        :param ramp: the slow-start factor of each endpoint ramping up: within its zone, it
+            gets that share of its full share of picks, as without zones.
         """
         split = zone_split(self.zone, self.config, group, healthy, panic)
         if split.mode == "off":
@@ -347,7 +353,11 @@ class Locality:
             last = self._last.get((part, zone))
             picker = (strategy.prepare_next(items, last) if last is not None
                       else strategy.prepare(items))
-            pickers[zone] = self._last[(part, zone)] = picker
+            self._last[(part, zone)] = picker
+            steady = [s for s in items if s.endpoint.address not in ramp] if ramp else items
+            if 0 < len(steady) < len(items):  # some ramp here (when all do, none is favoured)
+                picker = ramped(strategy, picker, strategy.prepare(steady), items, ramp)
+            pickers[zone] = picker
         for gone in [k for k in self._last if k[0] == part and k[1] not in members]:
             del self._last[gone]
         return split, ZonePicker(split, pickers, members, strategy.rng.random,

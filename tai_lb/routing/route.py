@@ -7,7 +7,7 @@ published whole, and read by every pick with no lock until the next one replaces
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Optional, Protocol
 
 if TYPE_CHECKING:
@@ -28,12 +28,13 @@ class RouteState:
     :ivar priority: the one priority all endpoints share, or None when there are several.
     :ivar panic: True when too few candidates are healthy and all of them are used.
     :ivar refusal: why nothing can be picked, when ``candidates`` is empty.
+    :ivar ramp: the slow-start factor of each candidate that ramps (see ``slow_start.py``).
     :ivar picker: the strategy's picker over the candidates (set by the last stage, or by
         locality: one picker per zone).
     :ivar locality: the zone split, when the service has ``locality``.
     """
 
-    __slots__ = ("candidates", "everyone", "locality", "panic", "picker", "priority",
+    __slots__ = ("candidates", "everyone", "locality", "panic", "picker", "priority", "ramp",
                  "refusal", "selectors", "service", "snapshot", "strategy", "unusable")
 
     def __init__(self, service: str, snapshot: ServiceSnapshot, strategy: Strategy) -> None:
@@ -46,6 +47,7 @@ class RouteState:
         self.priority: Optional[int] = None
         self.panic = False
         self.refusal = "no endpoints registered"
+        self.ramp: Mapping[str, float] = {}
         self.picker: Optional[Picker] = None
         self.selectors: tuple[Selector, ...] = ()
         self.locality: Optional[ZoneSplit] = None

@@ -17,8 +17,10 @@ from .locality import Locality
 from .members import Membership, StatsFactory
 from .prepare import Prepare
 from .priority import PriorityFailover
+from .rebalancing import RebalanceConfig, ServiceRebalance
 from .route import Stage
 from .router import Router
+from .slow_start import SlowStart
 from .subsets import Subsets
 
 if TYPE_CHECKING:
@@ -41,15 +43,18 @@ class ServiceRouting(Router):
     :param health: the active health checker (consulted when the service has checks).
     :param outliers: the outlier detector (consulted when the service has outlier detection).
     :param events: where failovers and failbacks are recorded.
-    :param clock: the balancer's monotonic clock (affinity's TTL runs on it).
+    :param clock: the balancer's monotonic clock (affinity's TTL and slow start run on it).
     :param zone: the balancer's own zone (zone-aware routing needs one).
+    :param rebalancing: the service's rebalancing (its slow starts; in manual mode, routes are
+        built from the snapshot it last applied rather than the registry's).
     """
 
     def __init__(self, service: str, settings: ServiceConfig,
                  snapshot: Callable[[], Optional[ServiceSnapshot]], make_stats: StatsFactory,
                  health: HealthChecker, outliers: OutlierDetector,
                  events: FailoverEvents, clock: Callable[[], float] = time.monotonic,
-                 zone: Optional[str] = None) -> None:
+                 zone: Optional[str] = None,
+                 rebalancing: Optional[ServiceRebalance] = None) -> None:
         self.members = Membership(make_stats)
         self.failover = PriorityFailover(settings.failover,
                                          functools.partial(events.record, service))
@@ -72,16 +77,22 @@ class ServiceRouting(Router):
         #: routing by endpoint metadata, when the service has ``subset``
         self.subsets = (Subsets(service, settings.subset, self.locality)
                         if settings.subset is not None else None)
+        #: the service's rebalancing (picks read its ``applied`` snapshot in manual mode)
+        self.rebalancing = (rebalancing if rebalancing is not None
+                            else ServiceRebalance(service, RebalanceConfig(), None))
+        ramps = self.rebalancing.ramps
+        self._slow_start = SlowStart(ramps, clock) if ramps is not None else None
+        snapshot = functools.partial(self.rebalancing.snapshot, snapshot)
         super().__init__(service, self.chain(), snapshot, strategy)
 
     def chain(self) -> list[Stage]:
-        """The stages, in order: priority, then locality, then the host's picker."""
+        """The stages, in order: priority, slow start, locality, then the host's picker."""
         return [
             self.members,    # figures per address
             self._unusable,  # failed checks and ejections
             self.failover,   # the active priority group
             self._panic,     # its usable endpoints, or all of them in panic
-            # slow start weights, locality and subsets go here
+            *([self._slow_start] if self._slow_start is not None else []),  # new ones ramp
             *([self.locality] if self.locality is not None else []),  # a picker per zone
             *([self.affinity] if self.affinity is not None else []),  # sticky keys (selector)
             self._prepare,   # the strategy's picker
