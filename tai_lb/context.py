@@ -1,30 +1,73 @@
-"""Request context: the caller's user id and source IP, for ``user_id`` and ``source_ip`` keys.
+"""Request context: who the incoming request is for, for ``hash_key`` and affinity keys.
 
-Your middleware (or, later, a web integration) sets them for the duration of an incoming
-request; balanced requests made meanwhile use them as their routing key when the service's
-``hash_key`` is ``"user_id"`` or ``"source_ip"``::
+A web integration (:mod:`tai_lb.integrations.flask`, :mod:`tai_lb.integrations.django`) or your
+own middleware sets it for the duration of an incoming request; balanced requests made meanwhile
+read their routing key from it::
 
-    with tai_lb.context.routing_context(user_id="42", source_ip="203.0.113.7"):
+    with tai_lb.context.routing_context(user_id="42", source_ip="203.0.113.7",
+                                        cookies={"session": "abc"}):
         session.get("http://users/api/profile")
+
+The rule, for a service whose key is
+
+* ``source_ip`` or ``user_id``: the context's value (an outgoing request has neither);
+* ``header:NAME`` or ``cookie:NAME``: the outgoing request's own header or cookie when it has
+  one, else the incoming request's (the context's ``headers`` and ``cookies``).
+
+The context is only read for routing keys: nothing in it is ever sent to a backend.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Optional
+
+from requests.structures import CaseInsensitiveDict
 
 __all__ = ["RoutingContext", "current", "routing_context"]
+
+_NOTHING: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
 class RoutingContext:
-    """Who the current incoming request is for."""
+    """Who the current incoming request is for.
+
+    :param user_id: the user's id, or None.
+    :param source_ip: the client's address, or None.
+    :param cookies: the incoming request's cookies, by name.
+    :param headers: the incoming request's headers (looked up with any case of the name).
+    :param user_id_of: called the first time a ``user_id`` key is needed while ``user_id`` is
+        None, so a user that costs a session lookup is only looked up when a key needs it.
+    """
 
     user_id: Optional[str] = None
     source_ip: Optional[str] = None
+    cookies: Mapping[str, str] = field(default_factory=lambda: _NOTHING, repr=False,
+                                       compare=False)
+    headers: Mapping[str, str] = field(default_factory=lambda: _NOTHING, repr=False,
+                                       compare=False)
+    user_id_of: Optional[Callable[[], Optional[Any]]] = field(default=None, repr=False,
+                                                              compare=False)
+
+    def user(self) -> Optional[str]:
+        """The user id: ``user_id``, else what ``user_id_of()`` returns (as a string)."""
+        if self.user_id is not None or self.user_id_of is None:
+            return self.user_id
+        value = self.user_id_of()
+        return None if value is None or value == "" else str(value)
+
+    def header(self, name: str) -> Optional[str]:
+        """The incoming request's header ``name`` (any case), or None."""
+        return self.headers.get(name) or None
+
+    def cookie(self, name: str) -> Optional[str]:
+        """The incoming request's cookie ``name``, or None."""
+        return self.cookies.get(name) or None
 
 
 _EMPTY = RoutingContext()
@@ -38,10 +81,21 @@ def current() -> RoutingContext:
 
 
 @contextlib.contextmanager
-def routing_context(user_id: Optional[str] = None,
-                    source_ip: Optional[str] = None) -> Iterator[RoutingContext]:
-    """Set the user id and source IP used as routing keys inside the ``with`` block."""
-    token = _current.set(RoutingContext(user_id, source_ip))
+def routing_context(user_id: Optional[str] = None, source_ip: Optional[str] = None, *,
+                    cookies: Optional[Mapping[str, str]] = None,
+                    headers: Optional[Mapping[str, str]] = None,
+                    user_id_of: Optional[Callable[[], Optional[Any]]] = None,
+                    ) -> Iterator[RoutingContext]:
+    """Set the routing context of the incoming request inside the ``with`` block.
+
+    The values are copied: changing ``cookies`` or ``headers`` afterwards changes nothing.
+    See :class:`RoutingContext` for the parameters.
+    """
+    token = _current.set(RoutingContext(
+        user_id, source_ip,
+        MappingProxyType(dict(cookies)) if cookies else _NOTHING,
+        CaseInsensitiveDict(headers) if headers else _NOTHING,
+        user_id_of))
     try:
         yield _current.get()
     finally:
