@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from requests.structures import CaseInsensitiveDict
 
@@ -83,12 +83,14 @@ def current() -> RoutingContext:
 @contextlib.contextmanager
 def routing_context(user_id: Optional[str] = None, source_ip: Optional[str] = None, *,
                     cookies: Optional[Mapping[str, str]] = None,
-                    headers: Optional[Mapping[str, str]] = None,
+                    headers: Optional[Union[Mapping[str, str],
+                                            Iterable[tuple[str, str]]]] = None,
                     user_id_of: Optional[Callable[[], Optional[Any]]] = None,
                     ) -> Iterator[RoutingContext]:
     """Set the routing context of the incoming request inside the ``with`` block.
 
     The values are copied: changing ``cookies`` or ``headers`` afterwards changes nothing.
+    ``headers`` may be a mapping or ``(name, value)`` pairs (a repeated name keeps its last).
     See :class:`RoutingContext` for the parameters.
     """
     token = _current.set(RoutingContext(
