@@ -101,7 +101,7 @@ def routing_key(source: Optional[KeySource], request: requests.PreparedRequest,
         assert source.function is not None
         return source.function(request)
     current = context.current()
-    return current.source_ip if source.kind == "source_ip" else current.user()
+    return current.source() if source.kind == "source_ip" else current.user()
 
 
 def _cookie(request: requests.PreparedRequest, name: str) -> Optional[str]:

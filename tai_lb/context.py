@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Union
 
 from requests.structures import CaseInsensitiveDict
 
-__all__ = ["RoutingContext", "current", "routing_context"]
+__all__ = ["RoutingContext", "current", "routing_context", "using"]
 
 _NOTHING: Mapping[str, str] = MappingProxyType({})
 
@@ -41,8 +41,9 @@ class RoutingContext:
     :param source_ip: the client's address, or None.
     :param cookies: the incoming request's cookies, by name.
     :param headers: the incoming request's headers (looked up with any case of the name).
-    :param user_id_of: called the first time a ``user_id`` key is needed while ``user_id`` is
-        None, so a user that costs a session lookup is only looked up when a key needs it.
+    :param user_id_of: called when a ``user_id`` key is needed while ``user_id`` is None, so
+        a user that costs a session lookup is only looked up when a key needs it.
+    :param source_ip_of: called when a ``source_ip`` key is needed while ``source_ip`` is None.
     """
 
     user_id: Optional[str] = None
@@ -53,6 +54,8 @@ class RoutingContext:
                                        compare=False)
     user_id_of: Optional[Callable[[], Optional[Any]]] = field(default=None, repr=False,
                                                               compare=False)
+    source_ip_of: Optional[Callable[[], Optional[str]]] = field(default=None, repr=False,
+                                                                compare=False)
 
     def user(self) -> Optional[str]:
         """The user id: ``user_id``, else what ``user_id_of()`` returns (as a string)."""
@@ -60,6 +63,12 @@ class RoutingContext:
             return self.user_id
         value = self.user_id_of()
         return None if value is None or value == "" else str(value)
+
+    def source(self) -> Optional[str]:
+        """The source IP: ``source_ip``, else what ``source_ip_of()`` returns."""
+        if self.source_ip is not None or self.source_ip_of is None:
+            return self.source_ip
+        return self.source_ip_of() or None
 
     def header(self, name: str) -> Optional[str]:
         """The incoming request's header ``name`` (any case), or None."""
@@ -93,12 +102,24 @@ def routing_context(user_id: Optional[str] = None, source_ip: Optional[str] = No
     ``headers`` may be a mapping or ``(name, value)`` pairs (a repeated name keeps its last).
     See :class:`RoutingContext` for the parameters.
     """
-    token = _current.set(RoutingContext(
-        user_id, source_ip,
-        MappingProxyType(dict(cookies)) if cookies else _NOTHING,
-        CaseInsensitiveDict(headers) if headers else _NOTHING,
-        user_id_of))
+    with using(RoutingContext(
+            user_id, source_ip,
+            MappingProxyType(dict(cookies)) if cookies else _NOTHING,
+            CaseInsensitiveDict(headers) if headers else _NOTHING,
+            user_id_of)) as installed:
+        yield installed
+
+
+@contextlib.contextmanager
+def using(routing: RoutingContext) -> Iterator[RoutingContext]:
+    """Make ``routing`` the routing context inside the ``with`` block, as it is.
+
+    For integrations: nothing is copied, so the request's own mappings (whose ``get`` must
+    ignore the case of header names) and lookups serve, and a request whose outgoing calls need
+    no key pays for none of them.  They must stay valid until the block ends.
+    """
+    token = _current.set(routing)
     try:
-        yield _current.get()
+        yield routing
     finally:
         _current.reset(token)

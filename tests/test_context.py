@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import pytest
 
-from tai_lb.context import current, routing_context
+from tai_lb.context import RoutingContext, current, routing_context, using
 
 from .backends import Factory, balancer
 
@@ -92,3 +92,25 @@ def test_the_context_copies_what_it_is_given_and_looks_headers_up_in_any_case() 
         assert ctx.header("x-forwarded-for") == "203.0.113.9"
         assert ctx.user() is None
     assert current().source_ip is None and current().header("x-forwarded-for") is None
+
+
+def test_using_installs_a_context_as_it_is_with_lazy_lookups(backend_factory: Factory) -> None:
+    pool = [backend_factory(f"h{i}") for i in range(4)]
+    asked: list[str] = []
+
+    def source() -> str:
+        asked.append("ip")
+        return "203.0.113.50"
+
+    headers = {"x-user": "u1"}  # used as it is: no copy
+    with balancer(*pool, strategy="consistent_hash", hash_key="source_ip") as lb:
+        s = lb.session()
+        with using(RoutingContext(source_ip_of=source, headers=headers)) as ctx:
+            assert current() is ctx and ctx.headers is headers
+            homes = {_home(s) for _ in range(4)}
+        with routing_context(source_ip="203.0.113.50"):
+            assert {_home(s) for _ in range(2)} == homes
+    assert len(homes) == 1 and asked == ["ip"] * 4
+    assert RoutingContext(source_ip="198.51.100.2", source_ip_of=source).source() == (
+        "198.51.100.2")  # a value given wins: no lookup
+    assert len(asked) == 4

@@ -11,7 +11,6 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import pytest
 import requests
 
 from tai_lb import ConfigError, LoadBalancerError
+from tai_lb.context import current
 from tai_lb.integrations import WebSettings
 
 from .backends import Backend
@@ -283,28 +283,38 @@ def test_the_balancer_is_made_on_first_use_and_a_forked_child_makes_its_own() ->
         ext.balancer  # noqa: B018 - the property raises
 
 
-def test_the_flask_context_lives_for_the_request_and_reads_the_user_lazily() -> None:
-    app = _app(TAI_LB={"services": {}}, TAI_LB_USER_ID=lambda request: request.args.get("u"))
+def test_the_flask_context_lives_for_the_request_and_reads_it_only_when_asked() -> None:
+    looked_up: list[str] = []
+
+    def user_id(request: Any) -> Optional[str]:
+        looked_up.append(request.path)
+        return request.args.get("u")  # type: ignore[no-any-return]
+
+    app = _app(TAI_LB={"services": {}}, TAI_LB_USER_ID=user_id,
+               TAI_LB_TRUSTED_PROXY_HEADER="X-Forwarded-For")
     ext = TaiLB(app)
     seen: list[Any] = []
-    threads: set[int] = set()
 
-    @app.get("/")
-    def index() -> str:
-        from tai_lb.context import current
+    @app.get("/keys")
+    def keys() -> str:
         ctx = current()
-        seen.append((ctx.source_ip, ctx.cookie("session"), ctx.header("x-test"), ctx.user()))
-        threads.add(threading.get_ident())
+        seen.append((ctx.source(), ctx.cookie("session"), ctx.header("x-test"), ctx.user()))
+        return "ok"
+
+    @app.get("/none")
+    def none() -> str:
         return "ok"
 
     try:
         with app.test_client() as client:
             client.set_cookie("session", "abc")
-            client.get("/?u=42", headers={"X-Test": "yes"},
+            client.get("/none?u=1")
+            client.get("/keys?u=42", headers={"X-Test": "yes", "X-Forwarded-For": "203.0.113.8"},
                        environ_base={"REMOTE_ADDR": "198.51.100.4"})
-        from tai_lb.context import current
-        assert seen == [("198.51.100.4", "abc", "yes", "42")]
-        assert current().source_ip is None  # reset after the request
+            client.get("/keys", environ_base={"REMOTE_ADDR": "198.51.100.4"})
+        assert seen == [("203.0.113.8", "abc", "yes", "42"), ("198.51.100.4", "abc", None, None)]
+        assert looked_up == ["/keys", "/keys"]  # never for the request that needed no key
+        assert current().source() is None  # reset after the request
     finally:
         ext.close()
 

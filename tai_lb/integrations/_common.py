@@ -8,9 +8,9 @@ import ipaddress
 import logging
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 from .. import _forksafe
 from .._settings import check_int, check_number, shown
@@ -86,6 +86,31 @@ class WebSettings:
                 except ValueError:
                     pass  # not an address: a client's forgery, or a proxy we do not know
         return remote_addr or None
+
+
+class Deferred(Mapping[str, str]):
+    """A mapping read from ``make()`` on its first use: a request's cookies or headers, parsed
+    only when a routing key needs them."""
+
+    __slots__ = ("_made", "_make")
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._made: Optional[Mapping[str, str]] = None
+
+    def _mapping(self) -> Mapping[str, str]:
+        if self._made is None:
+            self._made = cast(Mapping[str, str], self._make())
+        return self._made
+
+    def __getitem__(self, key: str) -> str:
+        return self._mapping()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
 
 
 class ProcessBalancer:

@@ -32,9 +32,16 @@ from django.urls import path
 
 from ..balancer import LoadBalancer
 from ..config import LoadBalancerConfig
-from ..context import routing_context
+from ..context import RoutingContext, using
 from ..web import DEFAULT_REFRESH
-from ._common import SETTING, LazyStatusPage, ProcessBalancer, WebSettings, balancer_config
+from ._common import (
+    SETTING,
+    Deferred,
+    LazyStatusPage,
+    ProcessBalancer,
+    WebSettings,
+    balancer_config,
+)
 
 __all__ = ["RoutingContextMiddleware", "balancer", "session", "status_urls", "status_view"]
 
@@ -99,11 +106,13 @@ class RoutingContextMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         """Run the view inside the request's routing context."""
         _process.drop_inherited()
-        with routing_context(
-                source_ip=self.settings.client_ip(request.META.get("REMOTE_ADDR"),
-                                                  request.headers.get),
-                cookies=request.COOKIES, headers=request.headers,
-                user_id_of=functools.partial(self.user_id, request)):
+        # Nothing is read from the request until an outgoing request needs a key.
+        headers = Deferred(lambda: request.headers)
+        with using(RoutingContext(
+                cookies=Deferred(lambda: request.COOKIES), headers=headers,
+                user_id_of=functools.partial(self.user_id, request),
+                source_ip_of=functools.partial(self.settings.client_ip,
+                                               request.META.get("REMOTE_ADDR"), headers.get))):
             return self.get_response(request)
 
 

@@ -27,9 +27,16 @@ import flask
 import requests
 
 from ..balancer import LoadBalancer
-from ..context import routing_context
+from ..context import RoutingContext, using
 from ..web import DEFAULT_REFRESH
-from ._common import SETTING, LazyStatusPage, ProcessBalancer, WebSettings, balancer_config
+from ._common import (
+    SETTING,
+    Deferred,
+    LazyStatusPage,
+    ProcessBalancer,
+    WebSettings,
+    balancer_config,
+)
 
 __all__ = ["TaiLB"]
 
@@ -128,12 +135,15 @@ class TaiLB:
     def _enter(self, app: flask.Flask) -> None:
         state = self._states[app]
         state.process.drop_inherited()
-        request = flask.request
+        # Nothing is read from the request until an outgoing request needs a key.
+        request: flask.Request = flask.request._get_current_object()  # type: ignore[attr-defined]
+        headers = Deferred(lambda: request.headers)
         stack = contextlib.ExitStack()
-        stack.enter_context(routing_context(
-            source_ip=state.settings.client_ip(request.remote_addr, request.headers.get),
-            cookies=request.cookies, headers=request.headers.items(),
-            user_id_of=functools.partial(state.user_id, request._get_current_object())))  # type: ignore[attr-defined]
+        stack.enter_context(using(RoutingContext(
+            cookies=Deferred(lambda: request.cookies), headers=headers,
+            user_id_of=functools.partial(state.user_id, request),
+            source_ip_of=functools.partial(state.settings.client_ip, request.remote_addr,
+                                           headers.get))))
         setattr(flask.g, _CONTEXT, stack)
 
     @staticmethod
