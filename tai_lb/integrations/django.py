@@ -30,9 +30,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
+from .. import context
 from ..balancer import LoadBalancer
 from ..config import LoadBalancerConfig
-from ..context import RoutingContext, using
+from ..context import RoutingContext
 from ..web import DEFAULT_REFRESH
 from ._common import (
     SETTING,
@@ -108,12 +109,15 @@ class RoutingContextMiddleware:
         _process.drop_inherited()
         # Nothing is read from the request until an outgoing request needs a key.
         headers = Deferred(lambda: request.headers)
-        with using(RoutingContext(
-                cookies=Deferred(lambda: request.COOKIES), headers=headers,
-                user_id_of=functools.partial(self.user_id, request),
-                source_ip_of=functools.partial(self.settings.client_ip,
-                                               request.META.get("REMOTE_ADDR"), headers.get))):
+        token = context._current.set(RoutingContext(
+            cookies=Deferred(lambda: request.COOKIES), headers=headers,
+            user_id_of=functools.partial(self.user_id, request),
+            source_ip_of=functools.partial(self.settings.client_ip,
+                                           request.META.get("REMOTE_ADDR"), headers.get)))
+        try:
             return self.get_response(request)
+        finally:
+            context._current.reset(token)
 
 
 def status_view(request: HttpRequest, refresh: float = DEFAULT_REFRESH) -> HttpResponse:

@@ -17,7 +17,7 @@ Settings read from ``app.config`` by :meth:`TaiLB.init_app`: ``TAI_LB`` (require
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import functools
 import threading
 import weakref
@@ -26,8 +26,9 @@ from typing import Any, Optional
 import flask
 import requests
 
+from .. import context
 from ..balancer import LoadBalancer
-from ..context import RoutingContext, using
+from ..context import RoutingContext
 from ..web import DEFAULT_REFRESH
 from ._common import (
     SETTING,
@@ -82,9 +83,9 @@ class TaiLB:
 
         :raises ConfigError: a setting is wrong; the message names it (``TAI_LB.services...``).
         """
-        self._states[app] = _AppState(app)
+        state = self._states[app] = _AppState(app)
         app.extensions["tai_lb"] = self
-        app.before_request(functools.partial(self._enter, app))
+        app.before_request(functools.partial(self._enter, state))
         app.teardown_request(self._leave)
 
     def _state(self, app: Optional[flask.Flask] = None) -> _AppState:
@@ -132,22 +133,23 @@ class TaiLB:
         target.add_url_rule(path, "tai_lb_status", status_page, methods=["GET", "HEAD"])
         return "tai_lb_status"
 
-    def _enter(self, app: flask.Flask) -> None:
-        state = self._states[app]
+    @staticmethod
+    def _enter(state: _AppState) -> None:
         state.process.drop_inherited()
-        # Nothing is read from the request until an outgoing request needs a key.
+        # Nothing is read from the request until an outgoing request needs a key; the hooks
+        # set and reset the context variable themselves (no context manager): this is per
+        # request.
         request: flask.Request = flask.request._get_current_object()  # type: ignore[attr-defined]
         headers = Deferred(lambda: request.headers)
-        stack = contextlib.ExitStack()
-        stack.enter_context(using(RoutingContext(
+        token = context._current.set(RoutingContext(
             cookies=Deferred(lambda: request.cookies), headers=headers,
             user_id_of=functools.partial(state.user_id, request),
             source_ip_of=functools.partial(state.settings.client_ip, request.remote_addr,
-                                           headers.get))))
-        setattr(flask.g, _CONTEXT, stack)
+                                           headers.get)))
+        setattr(flask.g, _CONTEXT, token)
 
     @staticmethod
     def _leave(error: Optional[BaseException]) -> None:
-        stack: Optional[contextlib.ExitStack] = flask.g.pop(_CONTEXT, None)
-        if stack is not None:
-            stack.close()
+        token: Optional[contextvars.Token[RoutingContext]] = flask.g.pop(_CONTEXT, None)
+        if token is not None:
+            context._current.reset(token)
