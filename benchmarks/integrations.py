@@ -4,6 +4,8 @@ Each framework's request, through its own test client (in process, no socket), w
 the integration, in interleaved, shuffled batches over several rounds:
 
 - ``plain``: the app alone;
+- ``empty hooks``: the app with a ``before_request`` and a ``teardown_request`` function (Flask)
+  or a middleware (Django) that do nothing: what any per-request hook costs in that framework;
 - ``integration``: Flask's ``TaiLB(app)`` or Django's ``RoutingContextMiddleware``, with a
   view that reads nothing from the context (most requests: no keyed outgoing call);
 - ``integration, keys read``: the view reads the routing keys once (source IP through
@@ -69,19 +71,23 @@ def flask_cases() -> dict[str, TimedCase]:
 
     from tai_lb.integrations.flask import TaiLB
 
-    def app(with_extension: bool) -> Callable[[str], Any]:
-        made = flask.Flask(f"bench-{with_extension}")
+    def app(hooks: str) -> Callable[[str], Any]:
+        made = flask.Flask(f"bench-{hooks}")
         made.config.update(TAI_LB=CONFIG, TAI_LB_TRUSTED_PROXY_HEADER="X-Forwarded-For",
                            TAI_LB_USER_ID=lambda request: "42")
-        if with_extension:
+        if hooks == "integration":
             TaiLB(made)
+        elif hooks == "empty":
+            made.before_request(lambda: None)
+            made.teardown_request(lambda error: None)
         made.add_url_rule("/", "none", lambda: "ok")
         made.add_url_rule("/keys", "keys", read_keys)
         client = made.test_client()
         return lambda path: client.get(path, headers=HEADERS)
 
-    plain, integrated = app(False), app(True)
+    plain, empty, integrated = app("none"), app("empty"), app("integration")
     return {"Flask, plain": (timed(plain, "/"), lambda: None),
+            "Flask, empty hooks": (timed(empty, "/"), lambda: None),
             "Flask, integration": (timed(integrated, "/"), lambda: None),
             "Flask, integration, keys read": (timed(integrated, "/keys"), lambda: None)}
 
@@ -104,22 +110,27 @@ def django_cases() -> dict[str, TimedCase]:
                       path("keys", lambda request: HttpResponse(read_keys()))]
     headers = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in HEADERS.items()}
 
-    def client(with_middleware: bool) -> Callable[[str], Any]:
+    def client(chain: list[str]) -> Callable[[str], Any]:
         made = Client()
+        settings.MIDDLEWARE = chain
         made.handler.load_middleware()  # the chain as the settings say now
-        if with_middleware:
-            settings.MIDDLEWARE = [middleware]
-            made.handler.load_middleware()
-            settings.MIDDLEWARE = []
+        settings.MIDDLEWARE = []
         return lambda url: made.get(url, **headers)
 
-    plain, integrated = client(False), client(True)
+    plain, empty = client([]), client([f"{__name__}.empty_middleware"])
+    integrated = client([middleware])
     return {"Django, plain": (timed(plain, "/"), lambda: None),
+            "Django, empty hooks": (timed(empty, "/"), lambda: None),
             "Django, integration": (timed(integrated, "/"), lambda: None),
             "Django, integration, keys read": (timed(integrated, "/keys"), lambda: None)}
 
 
 urlpatterns: list[Any] = []  # Django's ROOT_URLCONF is this module
+
+
+def empty_middleware(get_response: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A Django middleware that does nothing (the ``empty hooks`` case)."""
+    return get_response
 
 
 def run(rounds: int, batch: int, seed: int) -> dict[str, list[float]]:
