@@ -89,7 +89,10 @@ def _config(users: list[Backend], keyed: list[Backend]) -> dict[str, Any]:
                   "hash_key": "source_ip"},
         "by_user": {"endpoints": keyed_endpoints, "strategy": "consistent_hash",
                     "hash_key": "user_id"},
+        "by_header": {"endpoints": keyed_endpoints, "strategy": "consistent_hash",
+                      "hash_key": "header:X-User"},
         "pinned": {"endpoints": keyed_endpoints, "affinity": {"key": "cookie:session"}},
+        "pinned_ip": {"endpoints": keyed_endpoints, "affinity": {"key": "source_ip"}},
     }}
 
 
@@ -172,6 +175,7 @@ def test_2000_requests_then_every_worker_routes_around_a_backend_failing_its_che
 @pytest.mark.parametrize(("service", "header"), [
     ("by_cookie", lambda key: {"Cookie": f"session={key}"}),
     ("by_user", lambda key: {"X-Test-User": key}),
+    ("by_header", lambda key: {"X-User": key}),
     # the client's own X-Forwarded-For part (left) is forged; the proxy's hop (right) counts
     ("by_ip", lambda key: {"X-Forwarded-For": f"10.{random.randrange(256)}.0.1, "
                                               f"198.51.100.{key[1:]}"}),
@@ -188,9 +192,14 @@ def test_a_key_from_the_incoming_request_routes_with_no_plumbing(
     assert len({a["pid"] for a in answers}) > 1
 
 
-def test_affinity_by_an_incoming_cookie_pins_each_key_in_each_worker(served: Served) -> None:
+@pytest.mark.parametrize(("service", "header"), [
+    ("pinned", lambda key: {"Cookie": f"session={key}"}),
+    ("pinned_ip", lambda key: {"X-Forwarded-For": f"198.51.100.{key[1:]}"}),
+])
+def test_affinity_by_an_incoming_cookie_or_address_pins_each_key_in_each_worker(
+        served: Served, service: str, header: Any) -> None:
     keys = [f"s{i}" for i in range(1, 13)] * 10
-    answers = served.calls("pinned", [{"Cookie": f"session={k}"} for k in keys])
+    answers = served.calls(service, [header(k) for k in keys])
     pinned: dict[tuple[int, str], list[str]] = {}
     for key, answer in zip(keys, answers):
         pinned.setdefault((answer["pid"], key), []).append(answer["backend"])
@@ -204,7 +213,8 @@ def test_the_status_page_shows_the_answering_workers_balancer(served: Served) ->
     assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
     assert "users" in page.text
     figures = requests.get(f"{served.url}/lb-status/?format=json", timeout=10).json()
-    assert set(figures["services"]) == {"users", "by_cookie", "by_ip", "by_user", "pinned"}
+    assert set(figures["services"]) == {"users", "by_cookie", "by_ip", "by_user", "by_header",
+                                        "pinned", "pinned_ip"}
 
 
 # -- in this process ----------------------------------------------------------------------------
