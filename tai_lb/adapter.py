@@ -85,25 +85,34 @@ class LoadBalancedAdapter(HTTPAdapter):
 
 def routing_key(source: Optional[KeySource], request: requests.PreparedRequest,
                 ) -> Optional[RoutingKey]:
-    """The routing key of ``request`` according to a service's ``hash_key`` setting."""
+    """The routing key of ``request`` according to a service's ``hash_key`` setting.
+
+    A header or cookie the outgoing request lacks is taken from the incoming request's, in the
+    routing context (:mod:`tai_lb.context`); ``source_ip`` and ``user_id`` come from there only.
+    """
     if source is None:
         return None
     if source.kind == "header":
         value = request.headers.get(source.name or "")
-        return value if value else None
+        return value if value else context.current().header(source.name or "")
     if source.kind == "cookie":
-        header = request.headers.get("Cookie")
-        if not header:
-            return None
-        jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
-        try:
-            jar.load(header)
-        except http.cookies.CookieError:
-            return None
-        morsel = jar.get(source.name or "")
-        return morsel.value if morsel is not None and morsel.value else None
+        return _cookie(request, source.name or "") or context.current().cookie(source.name or "")
     if source.kind == "function":
         assert source.function is not None
         return source.function(request)
     current = context.current()
-    return current.source_ip if source.kind == "source_ip" else current.user_id
+    return current.source() if source.kind == "source_ip" else current.user()
+
+
+def _cookie(request: requests.PreparedRequest, name: str) -> Optional[str]:
+    """The cookie ``name`` of the outgoing request's ``Cookie`` header, or None."""
+    header = request.headers.get("Cookie")
+    if not header:
+        return None
+    jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+    try:
+        jar.load(header)
+    except http.cookies.CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None and morsel.value else None

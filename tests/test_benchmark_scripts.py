@@ -157,3 +157,18 @@ def test_slow_start_benchmark_quick_mode_prints_its_table() -> None:
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
 
+
+
+def test_integrations_benchmark_quick_mode_prints_its_table() -> None:
+    pytest.importorskip("flask")  # the pyenv 3.9/3.13 venvs have only .[test,dns]
+    pytest.importorskip("django")
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integrations.py"),
+                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    for text in ("| Flask | integration |", "| Django | integration, keys read |", "x plain"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before

@@ -1,0 +1,1 @@
+"""Tiny Flask and Django apps that the integration tests serve with gunicorn."""
