@@ -126,3 +126,17 @@ def test_metrics_overhead_benchmark_quick_mode_prints_its_table() -> None:
     for text in ("| off |", "| on |", "| on + StatsD |", "x off"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_prober_sharing_benchmark_quick_mode_prints_its_tables() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prober_sharing.py"),
+                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's tai_lb
+    assert done.returncode == 0, done.stderr
+    for text in ("1 worker", "8 workers, alone", "8 workers, shared", "x one worker",
+                 "sees a failure within"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before

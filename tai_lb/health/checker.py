@@ -163,6 +163,8 @@ class HealthChecker:
             for endpoint in wanted.values():
                 self._upsert(service, endpoint, config, scheme, now)
             self._wake.notify_all()
+        if config.share is not False:
+            self._share_wake.set()  # new endpoints are claimed at once
 
     def apply_changes(self, service: str, changes: Sequence[TopologyChange],
                       config: HealthCheckConfig, scheme: str) -> None:
@@ -176,6 +178,8 @@ class HealthChecker:
         addresses = list(map(_address_of, endpoints))
         with self._lock:
             self._checks[service] = (config, scheme)
+            if config.share is not False:
+                self._share_wake.set()  # it takes the lock: new endpoints are claimed after us
             targets = self._targets.setdefault(service, {})
             if len(set(addresses)) < len(addresses):  # an address changed twice: in order
                 for change in changes:
@@ -421,7 +425,8 @@ class HealthChecker:
             for target, ok, detail in mine:
                 self._record(target, ok, detail)
             return 1.0
-        self.checks += len(mine)
+        with self._lock:
+            self.checks += len(mine)
         self._adopt(service, current, records)
         for target in current:
             if target.share_key in claimed:
@@ -438,8 +443,9 @@ class HealthChecker:
         with self._lock:
             for target in current:
                 record = records.get(target.share_key)
-                seq = record.get("seq") if record else None
-                if (not isinstance(seq, int) or seq == target.shared_seq
+                # (seq, at): a file rewritten from scratch numbers its results from 1 again
+                seq = (record.get("seq"), record.get("at")) if record else None
+                if (seq is None or not isinstance(seq[0], int) or seq == target.shared_seq
                         or self.target(service, target.address) is not target):
                     continue
                 assert record is not None

@@ -10,17 +10,19 @@ during a probe.
 A record says who claimed the endpoint's current check (the *lease*: owner, and until when),
 when that check started, and the last result with the shared rise and fall counts::
 
-    {"lease": ["4242:9f0c1a2b", 812.5], "started": 811.9, "seq": 17, "at": 811.93, "by": 4242,
+    {"lease": ["4242:9f0c1a2b", 813.5], "started": 812.0, "seq": 17, "at": 811.03, "by": 4243,
      "ok": false, "detail": "HTTP 503", "healthy": true, "passes": 0, "failures": 1}
 
-Every process looks at the file every quarter interval (at most 0.25 s apart) and when the
-next check falls due.  A process claims an endpoint when its last check started an interval ago or more
-and no live lease is on it, probes it, and writes the result: the counts go on from the
+(process 4242 probes now; 4243 made the last check, the first failure after passes).
+
+Every process looks at the file every quarter interval (at most 0.25 s apart) and when the next
+check falls due.  A process claims an endpoint when its last check started an interval ago or
+more and no live lease is on it, probes it, and writes the result: the counts go on from the
 record's, so the chain of results is the one a single process probing alone would see, whoever
-probed.  Every process then adopts the record's health as its own.  A lease whose owner has
-died (its pid is gone) or that has outlived the check's timeout by a second is taken over.  A
-chain broken for more than two intervals starts over as a new endpoint does: healthy until
-proven otherwise.
+probed.  Every process then adopts the record's health as its own.  A lease whose owner has died
+(its pid is gone) or that has outlived the check's timeout by a second is taken over.  A chain
+broken for more than two intervals starts over as a new endpoint does: healthy until proven
+otherwise.
 
 Times are ``time.monotonic()``, the same clock for every process of a host (Linux's
 ``CLOCK_MONOTONIC``, macOS's ``mach_absolute_time``).  Any ``OSError`` (a directory that cannot
