@@ -22,7 +22,7 @@ from tai_lb.health import HealthCheckConfig
 from tai_lb.health.sharing import AVAILABLE, share_file_name
 
 from .backends import Backend
-from .conftest import wait_for
+from .conftest import in_forked_child, wait_for
 from .test_health import flag_health, health_paths
 
 pytestmark = [pytest.mark.skipif(not (hasattr(os, "fork") and AVAILABLE),
@@ -308,3 +308,29 @@ def _open_fds() -> Optional[int]:
         if os.path.isdir(where):
             return len(os.listdir(where))
     return None
+
+
+def test_a_worker_forked_from_a_preloaded_balancer_shares_with_its_parent(
+        backends: list[Backend], tmp_path: Path) -> None:
+    a = backends[0]
+    with LoadBalancer.from_config(config_for([a], str(tmp_path))) as lb:
+        assert wait_for(lambda: lb.status()["health_checker"]["sharing"]["adopted"] >= 1)
+        parent = os.getpid()
+
+        def child() -> dict[str, Any]:
+            probers: set[Any] = set()
+
+            def adopted_enough() -> bool:
+                probers.add(share_records(tmp_path).get(a.address, {}).get("by"))
+                return lb.status()["health_checker"]["sharing"]["adopted"] >= 5
+
+            done = wait_for(adopted_enough, timeout=20)
+            return {"done": done, "pid": os.getpid(), "probers": sorted(probers - {None}),
+                    "sharing": lb.status()["health_checker"]["sharing"],
+                    "threads": sorted(t.name for t in lb.health_checker.threads)}
+
+        report = in_forked_child(child, timeout=40)
+    assert report["done"] and report["sharing"]["services"] == ["users"]
+    assert report["sharing"]["errors"] == 0
+    assert set(report["probers"]) <= {parent, report["pid"]}  # the two share one chain
+    assert "tai-lb-health-share" in report["threads"]  # restarted in the child
