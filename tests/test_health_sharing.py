@@ -19,10 +19,10 @@ import pytest
 
 from tai_lb import LoadBalancer
 from tai_lb.health import HealthCheckConfig
-from tai_lb.health.sharing import AVAILABLE, share_file_name
+from tai_lb.health.sharing import AVAILABLE, ProbeSharing, share_file_name
 
 from .backends import Backend
-from .conftest import in_forked_child, wait_for
+from .conftest import FakeClock, in_forked_child, wait_for
 from .test_health import flag_health, health_paths
 
 pytestmark = [pytest.mark.skipif(not (hasattr(os, "fork") and AVAILABLE),
@@ -334,3 +334,52 @@ def test_a_worker_forked_from_a_preloaded_balancer_shares_with_its_parent(
     assert report["sharing"]["errors"] == 0
     assert set(report["probers"]) <= {parent, report["pid"]}  # the two share one chain
     assert "tai-lb-health-share" in report["threads"]  # restarted in the child
+
+
+def test_leases_claims_and_the_shared_chain(tmp_path: Path, clock: FakeClock) -> None:
+    # Two sharers of one process (as two balancers): a clock the test moves, no threads.
+    config = HealthCheckConfig(**CHECKS, share=str(tmp_path))  # interval 0.2, timeout 0.5
+    one, two = ProbeSharing(clock), ProbeSharing(clock)
+    key = "10.0.0.1:80"
+
+    def exchange(sharer: ProbeSharing, result: Optional[bool] = None,
+                 claim: bool = True) -> tuple[dict[str, Any], bool]:
+        results = [] if result is None else [(key, result, "HTTP 200" if result else "HTTP 503")]
+        records, claimed = sharer.exchange("users", config, "http", results,
+                                           [key] if claim else [])
+        return records.get(key, {}), key in claimed
+
+    assert exchange(one)[1]  # a new endpoint: claimed at once
+    assert not exchange(two)[1]  # a live lease: the other waits
+    clock.advance(0.5 + 1.0)  # the lease outlives timeout + 1 s: the check hung
+    assert exchange(two)[1]
+    record, _ = exchange(two, result=False, claim=False)
+    assert (record["failures"], record["healthy"], "lease" in record) == (1, True, False)
+    clock.advance(0.1)
+    assert not exchange(one)[1]  # checked less than an interval ago
+    clock.advance(0.1)
+    assert exchange(one)[1]  # an interval since the last check started
+    record, _ = exchange(one, result=False, claim=False)
+    assert (record["failures"], record["healthy"]) == (2, False)  # two processes, one chain
+    clock.advance(0.2)
+    assert exchange(two)[1]
+    record, _ = exchange(two, result=True, claim=False)
+    assert (record["passes"], record["healthy"]) == (1, False)  # rise needs two passes
+    clock.advance(2 * 0.2 + 0.5 + 0.01)  # nobody checked for over two intervals
+    assert exchange(one)[1]
+    record, _ = exchange(one, result=False, claim=False)
+    assert (record["failures"], record["healthy"]) == (1, True)  # a new chain: healthy first
+    assert one.published + two.published == 4 and one.errors == two.errors == 0
+
+
+def test_a_lease_of_a_dead_process_is_taken_over_at_once(tmp_path: Path,
+                                                         clock: FakeClock) -> None:
+    config = HealthCheckConfig(**CHECKS, share=str(tmp_path))
+    dead = os.fork()
+    if dead == 0:  # pragma: no cover - exits at once
+        os._exit(0)
+    os.waitpid(dead, 0)
+    prober, other = ProbeSharing(clock), ProbeSharing(clock)
+    prober.owner = f"{dead}:gone"  # as if the dead process had claimed it
+    assert "10.0.0.1:80" in prober.exchange("users", config, "http", [], ["10.0.0.1:80"])[1]
+    assert "10.0.0.1:80" in other.exchange("users", config, "http", [], ["10.0.0.1:80"])[1]

@@ -24,7 +24,7 @@ from .. import _forksafe
 from ..endpoint import Endpoint
 from .probes import NO_HISTORY, EndpointHealth, HealthTarget, probe
 from .settings import HealthCheckConfig
-from .sharing import ProbeSharing
+from .sharing import ProbeSharing, adopt
 
 if TYPE_CHECKING:
     from ..registry import TopologyChange
@@ -443,32 +443,14 @@ class HealthChecker:
         with self._lock:
             for target in current:
                 record = records.get(target.share_key)
-                # (seq, at): a file rewritten from scratch numbers its results from 1 again
-                seq = (record.get("seq"), record.get("at")) if record else None
-                if (seq is None or not isinstance(seq[0], int) or seq == target.shared_seq
-                        or self.target(service, target.address) is not target):
+                if record is None or self.target(service, target.address) is not target:
                     continue
-                assert record is not None
-                target.shared_seq = seq
-                self._sharing.adopted += 1
-                health = target.state()
-                health.checked = True
-                health.last_check = now
-                if health.history is NO_HISTORY:
-                    health.history = collections.deque(maxlen=target.config.history)
-                detail = str(record.get("detail", ""))[:200]
-                health.history.append((now, record.get("ok") is True, detail))
-                passes, failures = record.get("passes"), record.get("failures")
-                health.passes_in_row = passes if isinstance(passes, int) else 0
-                health.failures_in_row = failures if isinstance(failures, int) else 0
-                # Failed checks during the grace of an endpoint new to this process do not
-                # take it out here.
-                healthy = (record.get("healthy") is not False
-                           or now - health.added_at < target.config.grace)
-                if healthy != health.healthy:
-                    health.healthy = healthy
-                    self._set_unhealthy(service, target.address, not healthy)
-                    flipped.append((target, detail))
+                detail = adopt(target, record, now)
+                if detail is not None:
+                    self._sharing.adopted += 1
+                    if target.healthy != (target.address not in self.unhealthy(service)):
+                        self._set_unhealthy(service, target.address, not target.healthy)
+                        flipped.append((target, detail))
         for target, detail in flipped:
             self.flips += 1
             log.info("tai-lb: %s endpoint %s is now %s (%s, shared check)", service,

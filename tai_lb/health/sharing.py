@@ -33,6 +33,7 @@ sharing is off.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -45,6 +46,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Callable, Optional
 
+from .probes import NO_HISTORY, HealthTarget
 from .settings import HealthCheckConfig
 
 try:
@@ -52,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AVAILABLE", "ProbeSharing", "default_directory", "share_file_name"]
+__all__ = ["AVAILABLE", "ProbeSharing", "adopt", "default_directory", "share_file_name"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,34 @@ def _number(value: Any) -> Optional[float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def adopt(target: HealthTarget, record: Mapping[str, Any], now: float) -> Optional[str]:
+    """Make a shared ``record`` the health of ``target`` (under the checker's lock), unless
+    it was adopted already; returns the result's detail, or None when there was nothing new.
+
+    The health, passes and failures in a row are the record's; the history grows by its
+    result.  During the ``grace`` of an endpoint new to this process, a shared failure does not
+    take it out.
+    """
+    # (seq, at): a file rewritten from scratch numbers its results from 1 again
+    seq = (record.get("seq"), record.get("at"))
+    if not isinstance(seq[0], int) or seq == target.shared_seq:
+        return None
+    target.shared_seq = seq
+    health = target.state()
+    health.checked = True
+    health.last_check = now
+    if health.history is NO_HISTORY:
+        health.history = collections.deque(maxlen=target.config.history)
+    detail = str(record.get("detail", ""))[:200]
+    health.history.append((now, record.get("ok") is True, detail))
+    passes, failures = record.get("passes"), record.get("failures")
+    health.passes_in_row = passes if isinstance(passes, int) else 0
+    health.failures_in_row = failures if isinstance(failures, int) else 0
+    health.healthy = (record.get("healthy") is not False
+                      or now - health.added_at < target.config.grace)
+    return detail
 
 
 class ProbeSharing:
