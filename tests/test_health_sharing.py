@@ -383,3 +383,16 @@ def test_a_lease_of_a_dead_process_is_taken_over_at_once(tmp_path: Path,
     prober.owner = f"{dead}:gone"  # as if the dead process had claimed it
     assert "10.0.0.1:80" in prober.exchange("users", config, "http", [], ["10.0.0.1:80"])[1]
     assert "10.0.0.1:80" in other.exchange("users", config, "http", [], ["10.0.0.1:80"])[1]
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"endpoints": []}', b'"x"',
+                                     b'{"endpoints": {"10.0.0.1:80": {"lease": ["x", "y"], '
+                                     b'"started": "z", "seq": null, "healthy": 3}}}'])
+def test_any_file_content_is_survived(tmp_path: Path, clock: FakeClock, content: bytes) -> None:
+    config = HealthCheckConfig(**CHECKS, share=str(tmp_path))
+    sharer = ProbeSharing(clock)
+    (tmp_path / share_file_name("users", config, "http")).write_bytes(content)
+    records, claimed = sharer.exchange("users", config, "http", [("10.0.0.1:80", False, "x")],
+                                       ["10.0.0.1:80"])
+    assert claimed == {"10.0.0.1:80"}
+    assert records["10.0.0.1:80"]["failures"] == 1

@@ -265,7 +265,7 @@ class ProbeSharing:
             records = data["endpoints"]
             if not isinstance(records, dict):
                 raise TypeError("endpoints is not a mapping")
-        except (ValueError, TypeError, KeyError):  # cut short by a crash mid-write, say
+        except (ValueError, TypeError, KeyError, RecursionError):  # cut short mid-write, say
             self.corrupt += 1
             return {}
         return {key: record for key, record in records.items()
