@@ -42,6 +42,7 @@ Container = Union[dict[Any, Any], list[Any]]
 
 #: a StatsD host that fails in IDNA encoding (a label over 63 characters), before any DNS query
 UNRESOLVABLE_HOST = "x" * 64 + ".invalid"
+NO_SHARE_DIRECTORY = "/nonexistent/tai-lb-fuzz/share"
 
 
 def valid_configs() -> list[dict[str, Any]]:
@@ -82,7 +83,7 @@ def valid_configs() -> list[dict[str, Any]]:
                                      "jitter": 0.1, "timeout": 0.5, "healthy_threshold": 2,
                                      "unhealthy_threshold": 2, "grace": 0, "history": 10,
                                      "skip_if_traffic": True, "panic_threshold": 0.5,
-                                     "verify": True},
+                                     "verify": True, "share": False},
                     "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 5,
                                           "consecutive_local_origin_failure": 5,
                                           "base_ejection_time": 30, "max_ejection_time": 300,
@@ -225,6 +226,7 @@ def mutate(config: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         else:
             target[rng.randrange(len(target))] = rng.choice(REPLACEMENTS)(rng)
     _keep_statsd_offline(config)
+    _keep_shares_off_disk(config)
     return config
 
 
@@ -237,6 +239,16 @@ def _keep_statsd_offline(config: Any) -> None:
         statsd["host"] = UNRESOLVABLE_HOST
 
 
+def _keep_shares_off_disk(config: Any) -> None:
+    # Shared health checks write a file in their directory: a mutation to True or "/" must
+    # not litter this machine, so every share that is on names a directory that is not there.
+    services = config.get("services") if isinstance(config, dict) else None
+    for service in services.values() if isinstance(services, dict) else ():
+        checks = service.get("health_check") if isinstance(service, dict) else None
+        if isinstance(checks, dict) and checks.get("share", False) is not False:
+            checks["share"] = NO_SHARE_DIRECTORY
+
+
 def fuzzed_config(rng: random.Random) -> Any:
     """A mutated valid configuration (most often) or a random structure."""
     draw = rng.random()
@@ -245,9 +257,11 @@ def fuzzed_config(rng: random.Random) -> Any:
     if draw < 0.95:  # random services under a valid top level
         config = {"services": random_structure(rng)}
         _keep_statsd_offline(config)
+        _keep_shares_off_disk(config)
         return config
     config = random_structure(rng)
     _keep_statsd_offline(config)
+    _keep_shares_off_disk(config)
     return config
 
 

@@ -159,6 +159,7 @@ def test_slow_start_benchmark_quick_mode_prints_its_table() -> None:
 
 
 
+@pytest.mark.slow
 def test_integrations_benchmark_quick_mode_prints_its_table() -> None:
     pytest.importorskip("flask")  # the pyenv 3.9/3.13 venvs have only .[test,dns]
     pytest.importorskip("django")
@@ -170,5 +171,19 @@ def test_integrations_benchmark_quick_mode_prints_its_table() -> None:
                           env=env)
     assert done.returncode == 0, done.stderr
     for text in ("| Flask | integration |", "| Django | integration, keys read |", "x plain"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_prober_sharing_benchmark_quick_mode_prints_its_tables() -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prober_sharing.py"),
+                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's tai_lb
+    assert done.returncode == 0, done.stderr
+    for text in ("1 worker", "8 workers, alone", "8 workers, shared", "x one worker",
+                 "sees a failure within"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before

@@ -234,6 +234,9 @@ def test_close_stops_the_health_threads(servers: list[Backend]) -> None:
     ({"path": "/h", "max_skips": -1}, "max_skips", "0 to 1000"),
     ({"path": "/h", "max_skips": True}, "max_skips", "0 to 1000"),
     ({"path": "/h", "verify": 3}, "verify", "CA bundle"),
+    ({"path": "/h", "share": "relative/dir"}, "share", "absolute directory path"),
+    ({"path": "/h", "share": 1}, "share", "absolute directory path"),
+    ({"path": "/h", "share": "/dir\x00"}, "share", "absolute directory path"),
     ({"path": "/h", "rise": 2}, "rise", "unknown key"),
 ])
 def test_health_check_config_errors_name_the_key(checks: dict[str, Any], path: str,

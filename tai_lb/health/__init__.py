@@ -18,6 +18,10 @@ interval may skip its probe (the success counts as a passed check), but only ``m
 in a row, and never while it has failed probes in a row: operators drain an instance by failing
 its health endpoint while it still serves, so a failing probe always counts and a busy endpoint
 that fails its health endpoint is out within ``interval x (max_skips + unhealthy_threshold)``.
+
+One prober per host: with ``share``, the processes of a host share each endpoint's checks
+through a file (:mod:`tai_lb.health.sharing`): one of them probes per interval, every one adopts
+the result.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .. import _forksafe
 from ..endpoint import Endpoint
 from .probes import NO_HISTORY, EndpointHealth, HealthTarget, probe
 from .settings import HealthCheckConfig
+from .sharing import ProbeSharing, adopt
 
 if TYPE_CHECKING:
     from ..registry import TopologyChange
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["HealthChecker"]
 
 log = logging.getLogger(__name__)
+
+_SHARE_THREAD = "tai-lb-health-share"  # runs only while a service shares its checks
 
 _endpoint_of = operator.attrgetter("endpoint")
 _address_of = operator.attrgetter("address")
@@ -71,6 +74,13 @@ class HealthChecker:
         self._queue: queue.Queue[Optional[HealthTarget]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Shared checks (health.sharing): the settings of each checked service, the results of
+        # probes run for the other processes, and the share thread's wake-up.
+        self._checks: dict[str, tuple[HealthCheckConfig, str]] = {}
+        self._sharing = ProbeSharing()
+        self._share_results: collections.deque[tuple[HealthTarget, bool, str]] = (
+            collections.deque())
+        self._share_wake = threading.Event()
         self.errors = 0
         self.checks = 0
         self.skipped = 0
@@ -90,8 +100,19 @@ class HealthChecker:
             threads += [threading.Thread(target=self._work, name=f"tai-lb-health-{i}",
                                          daemon=True) for i in range(self._workers_wanted)]
             self._threads = threads
-        for thread in threads:
-            thread.start()
+            for thread in threads:
+                thread.start()
+            self._start_share_thread()
+
+    def _start_share_thread(self) -> None:
+        # Called with the lock held: a running checker gets its share thread once a service
+        # shares its checks (one that shares nothing runs none).
+        if (not self._threads or any(t.name == _SHARE_THREAD for t in self._threads)
+                or all(config.share is False for config, _ in self._checks.values())):
+            return
+        thread = threading.Thread(target=self._share, name=_SHARE_THREAD, daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop every thread (within ``timeout`` seconds); calling it again does nothing.
@@ -103,6 +124,7 @@ class HealthChecker:
             threads, self._threads = self._threads, []
             self._stop.set()
             self._wake.notify_all()
+        self._share_wake.set()
         for _ in threads:
             self._queue.put(None)
         deadline = time.monotonic() + timeout
@@ -111,15 +133,19 @@ class HealthChecker:
 
     def _reset_after_fork(self) -> None:
         # never freed in the child
-        _forksafe.inherited(self._lock, self._wake, self._queue, self._threads)
+        _forksafe.inherited(self._lock, self._wake, self._queue, self._threads,
+                            self._share_results, self._share_wake)
         was_running = bool(self._threads)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue = queue.Queue()
         self._threads = []
+        self._share_results = collections.deque()
+        self._share_wake = threading.Event()
+        self._sharing.reset_after_fork()
         for targets in self._targets.values():
             for target in targets.values():
-                target.running = False
+                target.running = target.claimed = False
         if was_running and not self._stop.is_set():
             self.start()
 
@@ -141,12 +167,17 @@ class HealthChecker:
         now = self._clock()
         wanted = {e.address: e for e in endpoints}
         with self._lock:
+            self._checks[service] = (config, scheme)
             targets = self._targets.setdefault(service, {})
             for address in [a for a in targets if a not in wanted]:
                 self._drop(service, address)
             for endpoint in wanted.values():
                 self._upsert(service, endpoint, config, scheme, now)
             self._wake.notify_all()
+            if config.share is not False:
+                self._start_share_thread()
+        if config.share is not False:
+            self._share_wake.set()  # new endpoints are claimed at once
 
     def apply_changes(self, service: str, changes: Sequence[TopologyChange],
                       config: HealthCheckConfig, scheme: str) -> None:
@@ -159,6 +190,10 @@ class HealthChecker:
         endpoints = list(map(_endpoint_of, changes))
         addresses = list(map(_address_of, endpoints))
         with self._lock:
+            self._checks[service] = (config, scheme)
+            if config.share is not False:
+                self._start_share_thread()
+                self._share_wake.set()  # it takes the lock: new endpoints are claimed after us
             targets = self._targets.setdefault(service, {})
             if len(set(addresses)) < len(addresses):  # an address changed twice: in order
                 for change in changes:
@@ -278,6 +313,8 @@ class HealthChecker:
         self._push(target, now + config.interval * spread)
         if target.running:
             return  # the previous check still runs: never two at once
+        if self._sharing.active(target.service, config):
+            return  # the share thread claims its checks
         if self._may_skip(target, now):
             # Real traffic succeeded within the interval: that is a pass, though it does not
             # wipe out failed probes (a failing health endpoint drains a serving instance).
@@ -306,7 +343,12 @@ class HealthChecker:
                 return
             try:
                 ok, detail = probe(target)
-                self._record(target, ok, detail)
+                if target.claimed:  # for every process sharing its checks: the share thread
+                    target.claimed = False  # publishes it
+                    self._share_results.append((target, ok, detail))
+                    self._share_wake.set()
+                else:
+                    self._record(target, ok, detail)
             except Exception:
                 self.errors += 1
                 log.exception("tai-lb: health check of %s failed unexpectedly", target.address)
@@ -348,8 +390,97 @@ class HealthChecker:
                 self.errors += 1
                 log.exception("tai-lb: health change listener failed")
 
+    # -- shared checks (health.sharing) ----------------------------------------------------------
+
+    def _share(self) -> None:
+        while not self._stop.is_set():
+            self._share_wake.clear()
+            try:
+                wait = self._share_round()
+            except Exception:  # the share thread must outlive any bug
+                self.errors += 1
+                log.exception("tai-lb: health check share thread error")
+                wait = 0.1
+            self._share_wake.wait(wait)
+
+    def _share_round(self) -> float:
+        """Publish this process's shared results, claim due checks and adopt every shared
+        result, service by service; returns the seconds until the next round."""
+        results: dict[str, list[tuple[HealthTarget, bool, str]]] = {}
+        while self._share_results:
+            target, ok, detail = self._share_results.popleft()
+            results.setdefault(target.service, []).append((target, ok, detail))
+        with self._lock:
+            checks = list(self._checks.items())
+        wait = 1.0
+        for service, (config, scheme) in checks:
+            mine = results.pop(service, [])
+            if self._sharing.active(service, config):
+                wait = min(wait, config.interval / 4, 0.25,
+                           self._share_service(service, config, scheme, mine))
+            else:
+                for target, ok, detail in mine:
+                    self._record(target, ok, detail)
+        return wait
+
+    def _share_service(self, service: str, config: HealthCheckConfig, scheme: str,
+                       mine: list[tuple[HealthTarget, bool, str]]) -> float:
+        # On the share thread, with no lock held during the file's I/O; returns the seconds
+        # until the next check of the service is due (or a lease runs out).
+        with self._lock:
+            current = list(self._targets.get(service, {}).values())
+        candidates = [target.share_key for target in current if not target.running]
+        try:
+            records, claimed = self._sharing.exchange(
+                service, config, scheme, [(t.share_key, ok, detail) for t, ok, detail in mine],
+                candidates)
+        except (OSError, ValueError) as error:  # ValueError: a path the OS cannot encode
+            self._sharing.fail(service, error)
+            for target, ok, detail in mine:
+                self._record(target, ok, detail)
+            return 1.0
+        with self._lock:
+            self.checks += len(mine)
+        self._adopt(service, current, records)
+        for target in current:
+            if target.share_key in claimed:
+                target.claimed = target.running = True
+                self._queue.put(target)
+        due = self._sharing.next_due(records, [t.share_key for t in current], config)
+        return max(due - self._sharing.clock(), 0.01)
+
+    def _adopt(self, service: str, current: list[HealthTarget],
+               records: dict[str, Any]) -> None:
+        """Make each shared result not seen yet this process's health of its endpoint."""
+        now = self._clock()
+        flipped: list[tuple[HealthTarget, str]] = []
+        with self._lock:
+            for target in current:
+                record = records.get(target.share_key)
+                if record is None or self.target(service, target.address) is not target:
+                    continue
+                detail = adopt(target, record, now)
+                if detail is not None:
+                    self._sharing.adopted += 1
+                    if target.healthy != (target.address not in self.unhealthy(service)):
+                        self._set_unhealthy(service, target.address, not target.healthy)
+                        flipped.append((target, detail))
+        for target, detail in flipped:
+            self.flips += 1
+            log.info("tai-lb: %s endpoint %s is now %s (%s, shared check)", service,
+                     target.address, "healthy" if target.healthy else "unhealthy", detail)
+        if flipped:
+            try:
+                self._on_change(service)
+            except Exception:
+                self.errors += 1
+                log.exception("tai-lb: health change listener failed")
+
     def snapshot(self) -> dict[str, Any]:
         """Counters of the checker, JSON-serialisable."""
+        shared = [service for service, (config, _) in list(self._checks.items())
+                  if self._sharing.active(service, config)]
         return {"running": self.running, "checks": self.checks, "skipped_for_traffic":
                 self.skipped, "flips": self.flips, "errors": self.errors,
-                "targets": sum(map(len, list(self._targets.values())))}
+                "targets": sum(map(len, list(self._targets.values()))),
+                "sharing": self._sharing.snapshot(shared)}

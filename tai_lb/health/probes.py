@@ -54,8 +54,8 @@ class HealthTarget:
     The checker owns its targets and changes them under its lock; read them, never change them.
     """
 
-    __slots__ = ("_health", "added_at", "address", "config", "due", "endpoint", "running",
-                 "scheme", "service", "skips_in_row")
+    __slots__ = ("_health", "added_at", "address", "claimed", "config", "due", "endpoint",
+                 "running", "scheme", "service", "shared_seq", "skips_in_row")
 
     def __init__(self, service: str, endpoint: Endpoint, config: HealthCheckConfig, scheme: str,
                  now: float) -> None:
@@ -67,6 +67,8 @@ class HealthTarget:
         self.due = now
         self.running = False
         self.skips_in_row = 0  # probes replaced by real traffic since the last one that ran
+        self.claimed = False  # probed for the processes sharing its checks (health.sharing)
+        self.shared_seq: object = None  # the shared result last adopted
         self.added_at = now
         # Made at the first check (by state()): a discovery update that brings 10,000 endpoints
         # should not build 10,000 records, with their history, while it is being applied.
@@ -89,6 +91,12 @@ class HealthTarget:
     def failing(self) -> bool:
         """True while its last counted probe failed."""
         return self._health is not None and self._health.failures_in_row > 0
+
+    @property
+    def share_key(self) -> str:
+        """The endpoint's key in a shared file: its address, and its TLS name if any."""
+        name = self.endpoint.tls_name
+        return self.address if not name else f"{self.address}|{name}"
 
     def state(self) -> EndpointHealth:
         """The record to update, made at the first call; only under the checker's lock."""

@@ -10,6 +10,7 @@ every value is checked when the settings are built, and a bad one is a
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ class HealthCheckConfig(Settings):
     :param verify: for ``https`` services: verify the certificate (True), not (False), or
         against this CA bundle path.  gRPC checks always verify (False fails them).
     :param function: for ``"function"`` checks: called with the endpoint; True passes.
+    :param share: share the checks with the other processes of this host
+        (:mod:`tai_lb.health.sharing`): False (the default) probes alone, True shares through
+        files in ``/dev/shm/tai-lb-<uid>/``, an absolute path through files in that (existing)
+        directory.
     """
 
     type: Literal["http", "tcp", "grpc", "function"] = "http"
@@ -101,6 +106,7 @@ class HealthCheckConfig(Settings):
     panic_threshold: float = 0.5
     verify: Union[bool, str] = True
     function: Optional[ProbeFunction] = None
+    share: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         if self.type not in ("http", "tcp", "grpc", "function"):
@@ -134,6 +140,19 @@ class HealthCheckConfig(Settings):
         if not isinstance(self.verify, (bool, str)):
             raise ConfigError("verify", f"must be true, false or a CA bundle path, got "
                                         f"{shown(self.verify)}")
+        self._check_share()
+
+    def _check_share(self) -> None:
+        share: Any = self.share
+        if isinstance(share, os.PathLike):
+            share = os.fspath(share)
+            object.__setattr__(self, "share", share)
+        if isinstance(share, bool):
+            return
+        if (not isinstance(share, str) or not os.path.isabs(share) or "\0" in share
+                or len(share) > 4096):
+            raise ConfigError("share", f"must be true, false or an absolute directory path, "
+                                       f"got {shown(share)}")
 
     python_only = ("function",)
 
