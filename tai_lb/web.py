@@ -2,8 +2,9 @@
 
 :func:`status_app` returns a WSGI callable with no framework behind it, in the spirit of
 HAProxy's stats page: one table per service (strategy, panic, active priority, retry budget,
-discovery) with a row per endpoint (address, zone, weight, priority, health, ejection, breaker,
-in flight, EWMA latency, requests, successes, failures), then the recent failovers.  The page
+discovery, requests, errors and p99 latency) with a row per endpoint (address, zone, weight,
+priority, health, ejection, breaker, in flight, EWMA latency, p99 latency, requests, successes,
+failures), then the recent failovers.  The page
 reloads itself every ``refresh`` seconds (a ``<meta http-equiv="refresh">``: no script), its
 CSS is inline and it loads nothing else.  Every value is escaped: endpoint labels and discovery
 details are user data.
@@ -36,7 +37,7 @@ StartResponse = Callable[..., Any]
 
 _EVENTS_SHOWN = 20
 _COLUMNS = ("address", "zone", "weight", "priority", "health", "ejection", "breaker",
-            "in flight", "EWMA ms", "requests", "successes", "failures")
+            "in flight", "EWMA ms", "p99 ms", "requests", "successes", "failures")
 
 _CSS = """
 body{font:13px/1.4 system-ui,sans-serif;margin:1em;color:#222;background:#fafafa}
@@ -88,6 +89,7 @@ def _endpoint_row(address: str, entry: Mapping[str, Any]) -> str:
         _cell(breaker, "bad" if breaker not in (None, "closed") else ""),
         _cell(entry.get("in_flight"), "num"),
         _cell(entry.get("latency_ewma_ms"), "num"),
+        _cell(entry.get("p99_ms"), "num"),
         _cell(entry.get("requests"), "num"),
         _cell(entry.get("successes"), "num"),
         _cell(entry.get("failures"), "num"),
@@ -106,6 +108,9 @@ def _service(name: str, service: Mapping[str, Any]) -> str:
         f" &middot; pickable <b>{_text(service.get('endpoints_pickable'))}"
         f"/{_text(service.get('endpoints_total'))}</b>"
         f" &middot; in flight <b>{_text(service.get('in_flight'))}</b>"
+        f" &middot; requests <b>{_text(service.get('requests'))}</b>"
+        f" &middot; errors <b>{_text(service.get('errors'))}</b>"
+        f" &middot; p99 <b>{_text(service.get('p99_ms'))} ms</b>"
         f" &middot; retry budget <b>{_text(budget_text)}</b>"
         f" &middot; discovery <b>{_text(service.get('discovery'))}</b>")
     header = "".join(f"<th>{_text(column)}</th>" for column in _COLUMNS)
