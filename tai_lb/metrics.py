@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from .balancer import LoadBalancer
     from .prometheus import MultiprocessWriter
 
-__all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "PrometheusConfig", "StatsdConfig"]
+__all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "StatsdConfig"]
 
 log = logging.getLogger(__name__)
 
