@@ -269,8 +269,9 @@ class Metrics:
     def start(self) -> None:
         """Start exporting (does nothing with no export configured).
 
-        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``), or the
-            Prometheus names clash with metrics already registered; nothing is left open then.
+        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``),
+            prometheus_client is not installed (``metrics.prometheus``) or the Prometheus names
+            clash with metrics already registered; nothing is left open then.
         """
         statsd_config, prometheus_config = self.config.statsd, self.config.prometheus
         if self._thread is not None:
@@ -288,6 +289,11 @@ class Metrics:
         if prometheus_config is not None:
             from . import prometheus  # noqa: PLC0415 - prometheus_client only when used
 
+            try:
+                import prometheus_client  # noqa: F401, PLC0415 - an optional extra
+            except ImportError:
+                raise ConfigError("metrics.prometheus", "Prometheus export needs "
+                                  "prometheus_client: pip install 'tai-lb[prometheus]'") from None
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 self._writer = prometheus.MultiprocessWriter(prometheus_config.namespace)
             elif not self._attached:

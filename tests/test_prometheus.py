@@ -232,3 +232,22 @@ def test_gunicorn_multiprocess_mode_sums_the_workers(backends: tuple[Backend, Ba
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_without_prometheus_client_the_key_is_a_config_error() -> None:
+    script = """
+import sys
+sys.modules["prometheus_client"] = None  # an import of it raises ImportError
+import threading
+import tai_lb
+try:
+    tai_lb.LoadBalancer.from_config({"metrics": {"prometheus": {}}, "services": {}})
+except tai_lb.ConfigError as error:
+    print(error.path, "|", error.reason)
+assert not any(t.name.startswith("tai-lb-") for t in threading.enumerate())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("metrics.prometheus | Prometheus export needs "
+                                   "prometheus_client: pip install 'tai-lb[prometheus]'")
