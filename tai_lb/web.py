@@ -62,6 +62,11 @@ def _text(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _ms(value: Any) -> str:
+    """A latency in milliseconds as escaped text with its unit; ``-`` for None."""
+    return "-" if value is None else f"{_text(value)} ms"
+
+
 def _cell(value: Any, cls: str = "") -> str:
     attr = f' class="{cls}"' if cls else ""
     return f"<td{attr}>{_text(value)}</td>"
@@ -110,7 +115,7 @@ def _service(name: str, service: Mapping[str, Any]) -> str:
         f" &middot; in flight <b>{_text(service.get('in_flight'))}</b>"
         f" &middot; requests <b>{_text(service.get('requests'))}</b>"
         f" &middot; errors <b>{_text(service.get('errors'))}</b>"
-        f" &middot; p99 <b>{_text(service.get('p99_ms'))} ms</b>"
+        f" &middot; p99 <b>{_ms(service.get('p99_ms'))}</b>"
         f" &middot; retry budget <b>{_text(budget_text)}</b>"
         f" &middot; discovery <b>{_text(service.get('discovery'))}</b>")
     header = "".join(f"<th>{_text(column)}</th>" for column in _COLUMNS)

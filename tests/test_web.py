@@ -126,7 +126,9 @@ def test_html_has_every_endpoint_row_and_state(
         i for i, cell in enumerate(cells) if cell.endswith(f'<td class="num">{p99}'))
     service = lb.status()["services"]["users"]
     assert f"requests <b>{service['requests']}</b>" in page
-    assert f"errors <b>{service['errors']}</b>" in page and "p99 <b>" in page
+    assert f"errors <b>{service['errors']}</b>" in page
+    assert f"p99 <b>{service['p99_ms']} ms</b>" in page  # health checks are not requests
+    assert "p99 <b>-</b>" in render_html({"services": {"idle": {"endpoints": {}}}})
     assert "strategy <b>peak_ewma</b>" in page and "panic <b>no</b>" in page
     assert "active priority <b>0</b>" in page and "No failover yet." in page
     assert "<script" not in page and "<link" in page  # no script at all, the icon is inline
