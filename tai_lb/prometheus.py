@@ -62,8 +62,9 @@ __all__ = ["DURATION_BUCKETS", "BalancerCollector", "EndpointRow", "Multiprocess
            "PrometheusConfig", "attach", "detach"]
 
 _STEP = 4
-DURATION_BUCKETS: tuple[float, ...] = BOUNDS[::_STEP]
-"""The upper bounds (seconds) of ``request_duration_seconds``: 0.1 ms doubling up to 105 s."""
+DURATION_BUCKETS: tuple[float, ...] = tuple(float(f"{bound:.6g}") for bound in BOUNDS[::_STEP])
+"""The upper bounds (seconds) of ``request_duration_seconds``: 0.1 ms doubling up to 105 s
+(every fourth bound of :data:`~tai_lb.histogram.BOUNDS`, to 6 significant digits)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _cumulative(latency: Sequence[int]) -> list[tuple[str, float]]:
     for index, count in enumerate(latency):
         seen += count
         if index % _STEP == 0 and index < len(BOUNDS):
-            buckets.append((repr(BOUNDS[index]), float(seen)))
+            buckets.append((repr(DURATION_BUCKETS[index // _STEP]), float(seen)))
     buckets.append(("+Inf", float(seen)))
     return buckets
 

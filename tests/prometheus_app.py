@@ -4,7 +4,9 @@ Each worker makes its own balancer on its first request (the configuration is th
 ``TAI_LB_TEST_CONFIG`` environment variable) with ``metrics.prometheus`` on;
 ``PROMETHEUS_MULTIPROC_DIR`` is set, so the figures go to the shared files.  ``/call`` sends one
 request through the balancer to the ``users`` service and answers the worker's pid;
-``/metrics`` is the scrape of every worker's files through a ``MultiProcessCollector``.
+``/metrics`` is the scrape of every worker's files through a ``MultiProcessCollector``.  With
+``TAI_LB_TEST_PRELOAD`` set (and gunicorn's ``--preload``), the balancer is made in the master
+at import, which sends :data:`PRELOADED` requests before forking the workers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import tai_lb
 
 _lock = threading.Lock()
 _balancer: Optional[tai_lb.LoadBalancer] = None
+
+
+PRELOADED = 5
+"""Requests the preloaded balancer makes in gunicorn's master, before the fork."""
 
 
 def balancer() -> tai_lb.LoadBalancer:
@@ -55,3 +61,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
 def child_exit(server: Any, worker: Any) -> None:
     """gunicorn's hook (``--config python:tests.prometheus_app``): a dead worker's gauges go."""
     multiprocess.mark_process_dead(worker.pid)
+
+
+if os.environ.get("TAI_LB_TEST_PRELOAD"):  # gunicorn --preload: made in the master, then forked
+    for _ in range(PRELOADED):
+        balancer().session().get("http://users/ok", timeout=5)

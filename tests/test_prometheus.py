@@ -23,6 +23,7 @@ from tai_lb.prometheus import DURATION_BUCKETS
 from .backends import Backend
 from .backends import status as backend_status
 from .conftest import wait_for
+from .prometheus_app import PRELOADED
 
 NAMES = ("requests", "retries", "retry_refusals", "request_duration_seconds",
          "endpoint_healthy", "endpoint_in_flight", "breaker_open")
@@ -91,6 +92,9 @@ def test_every_name_is_scraped_from_the_default_registry(
                    if name == "tlb_one_request_duration_seconds_bucket"]
         assert len(buckets) == len(DURATION_BUCKETS) + 1 and max(buckets) == total
         assert buckets == sorted(buckets)  # parsed in le order: cumulative, never decreasing
+        assert [dict(labels)["le"] for (name, labels) in samples
+                if name == "tlb_one_request_duration_seconds_bucket"] == [
+            *(repr(bound) for bound in DURATION_BUCKETS), "+Inf"]
         assert value(samples, "tlb_one_request_duration_seconds_bucket", service="users",
                      le="+Inf") == total
         latency_sum = value(samples, "tlb_one_request_duration_seconds_sum", service="users")
@@ -153,8 +157,11 @@ def test_a_namespace_clashing_with_registered_metrics_is_a_config_error() -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preload", [False, True], ids=["lazy", "preload"])
 def test_gunicorn_multiprocess_mode_sums_the_workers(backends: tuple[Backend, Backend],
-                                                     tmp_path: Path) -> None:
+                                                     tmp_path: Path, preload: bool) -> None:
+    """4 workers, each with its balancer (made in the worker, or made in the master before the
+    fork with --preload: then the master's requests are counted once, by the master)."""
     good, other = backends
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
@@ -166,8 +173,12 @@ def test_gunicorn_multiprocess_mode_sums_the_workers(backends: tuple[Backend, Ba
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
            "TAI_LB_TEST_CONFIG": json.dumps(config)}
+    if preload:
+        env["TAI_LB_TEST_PRELOAD"] = "1"
+    preloaded = PRELOADED if preload else 0
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"fd://{listener.fileno()}",
+         *(["--preload"] if preload else []),
          "--config", "python:tests.prometheus_app", "--log-level", "warning",
          "tests.prometheus_app:app"],
         env=env, cwd=Path(__file__).resolve().parent.parent, pass_fds=[listener.fileno()])
@@ -211,20 +222,27 @@ def test_gunicorn_multiprocess_mode_sums_the_workers(backends: tuple[Backend, Ba
                     figures["in_flight"] += number
             return figures
 
-        assert wait_for(lambda: summed().get("requests") == calls, timeout=15)
+        total = calls + preloaded
+        assert wait_for(lambda: summed().get("requests") == total, timeout=15)
         figures = summed()
-        assert figures["count"] == calls and figures["in_flight"] == 0
+        assert figures["count"] == total and figures["in_flight"] == 0
         samples = scrape(requests.get(url + "/metrics", timeout=5).text)
         per_endpoint = {dict(labels)["endpoint"]: number for (name, labels), number
                         in samples.items() if name == "tai_lb_requests_total"
                         and dict(labels)["outcome"] == "success"}
         assert per_endpoint.keys() == {good.address, other.address}
-        assert sum(per_endpoint.values()) == calls
+        assert sum(per_endpoint.values()) == total
+        assert good.requests_count() + other.requests_count() == total  # none counted twice
+        le = {dict(labels)["le"] for (name, labels) in samples
+              if name == "tai_lb_request_duration_seconds_bucket"}
+        assert le == {*(repr(bound) for bound in DURATION_BUCKETS), "+Inf"}
         healthy = [number for (name, _), number in samples.items()
                    if name == "tai_lb_endpoint_healthy"]
         assert healthy == [1.0, 1.0]
-        # each worker wrote its own files: more than one worker's counters are in the sum
-        assert len(list(multiproc.glob("counter_*.db"))) == len(set(pids))
+        # each worker wrote its own files (and the master, with --preload): more than one
+        # worker's counters are in the sum
+        assert len(list(multiproc.glob("counter_*.db"))) == len(set(pids)) + (1 if preload
+                                                                               else 0)
     finally:
         server.terminate()
         try:
