@@ -95,6 +95,12 @@ class StatsdConfig(Settings):
             raise ConfigError("prefix", f"must be letters, digits, '_', '-' and '.', got "
                                         f"{shown(self.prefix)}")
         tags = self.tags
+        if isinstance(tags, tuple):  # as stored (from new()): checked again as a mapping
+            try:
+                tags = dict(tags)
+            except (TypeError, ValueError):
+                raise ConfigError("tags", f"must be true, false or a mapping of constant tags, "
+                                          f"got {shown(self.tags)}") from None
         if isinstance(tags, Mapping):
             for key, value in tags.items():
                 for text in (key, value):
@@ -103,7 +109,7 @@ class StatsdConfig(Settings):
                                           "letters, digits, '_', '.', ':', '/' and '-', got "
                                           f"{shown(text)}")
             object.__setattr__(self, "tags", tuple(tags.items()))  # frozen and hashable
-        elif not isinstance(tags, (bool, tuple)):
+        elif not isinstance(tags, bool):
             raise ConfigError("tags", f"must be true, false or a mapping of constant tags, got "
                                       f"{shown(tags)}")
 
