@@ -265,12 +265,17 @@ class MultiprocessWriter:
 
     def __init__(self, namespace: str) -> None:
         self.metrics = _metric_objects(namespace)
+        self._gauged: set[tuple[str, str]] = set()  # the endpoints whose gauges were set
 
     def write(self, rows: Iterable[tuple[EndpointRow, dict[str, int], dict[int, int]]]) -> None:
-        """Add each row's counter increases and latency bucket increases; set its gauges."""
+        """Add each row's counter increases and latency bucket increases; set its gauges.  An
+        endpoint gone since the last pass gets ``in_flight`` 0 (a value written to the shared
+        files stays there: its other gauges keep their last value until the worker exits)."""
         m = self.metrics
+        gauged = set()
         for row, counters, buckets in rows:
             labels = (row.service, row.address)
+            gauged.add(labels)
             success = counters["requests"] - counters["errors"]
             if success:
                 m["requests"].labels(*labels, "success").inc(success)
@@ -291,3 +296,6 @@ class MultiprocessWriter:
             m["healthy"].labels(*labels).set(int(row.healthy))
             m["in_flight"].labels(*labels).set(row.counts["in_flight"])
             m["breaker"].labels(*labels).set(int(row.breaker_open))
+        for labels in self._gauged - gauged:
+            m["in_flight"].labels(*labels).set(0)
+        self._gauged = gauged

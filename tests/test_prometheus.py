@@ -18,7 +18,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tai_lb import ConfigError, LoadBalancer
-from tai_lb.prometheus import DURATION_BUCKETS
+from tai_lb.histogram import BOUNDS
+from tai_lb.prometheus import DURATION_BUCKETS, EndpointRow, MultiprocessWriter
+from tai_lb.request_metrics import ERROR_KINDS
 
 from .backends import Backend
 from .backends import status as backend_status
@@ -269,3 +271,42 @@ assert not any(t.name.startswith("tai-lb-") for t in threading.enumerate())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("metrics.prometheus | Prometheus export needs "
                                    "prometheus_client: pip install 'tai-lb[prometheus]'")
+
+
+def test_the_multiprocess_writer_adds_increases_and_zeroes_a_removed_endpoint() -> None:
+    """The writer's objects (in memory here: PROMETHEUS_MULTIPROC_DIR is not set in this
+    process) get each pass's increases; an endpoint gone since the last pass has in_flight 0."""
+    writer = MultiprocessWriter("tlb_four")
+
+    def row(in_flight: int, healthy: bool = True) -> EndpointRow:
+        return EndpointRow("users", "10.0.0.1:80", {"in_flight": in_flight}, healthy, False)
+
+    counters = {"requests": 5, "errors": 2, "retries": 1, "refusals": 0,
+                **{f"errors.{kind}": 0 for kind in ERROR_KINDS}}
+    counters["errors.timeout"] = 2
+    writer.write([(row(3), counters, {0: 1, 40: 4, len(BOUNDS): 0})])
+    writer.write([(row(2, healthy=False), {**counters, "requests": 1, "errors": 0,
+                                           "errors.timeout": 0, "retries": 0}, {40: 1})])
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for metric in writer.metrics.values() for family in metric.collect()
+                for sample in family.samples}
+
+    found = samples()
+    endpoint = {"service": "users", "endpoint": "10.0.0.1:80"}
+    assert value(found, "tlb_four_requests_total", outcome="success", **endpoint) == 4
+    assert value(found, "tlb_four_requests_total", outcome="timeout", **endpoint) == 2
+    assert value(found, "tlb_four_retries_total", **endpoint) == 1
+    assert value(found, "tlb_four_request_duration_seconds_count", service="users") == 6
+    # bucket 40 (86 to 102 ms) is inside le=0.1024, not 0.0512; bucket 0 inside le=0.0001
+    assert value(found, "tlb_four_request_duration_seconds_bucket", service="users",
+                 le="0.0001") == 1
+    assert value(found, "tlb_four_request_duration_seconds_bucket", service="users",
+                 le="0.0512") == 1
+    assert value(found, "tlb_four_request_duration_seconds_bucket", service="users",
+                 le="0.1024") == 6
+    assert value(found, "tlb_four_endpoint_in_flight", **endpoint) == 2
+    assert value(found, "tlb_four_endpoint_healthy", **endpoint) == 0
+    writer.write([])  # the endpoint was removed
+    assert value(samples(), "tlb_four_endpoint_in_flight", **endpoint) == 0
