@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_every_name_is_scraped_from_the_default_registry(
         flaky.behaviour = backend_status(503)  # each failure is retried on the good one
         for _ in range(6):
             assert session.get("http://users/ok").status_code == 200
+        assert lb.status()["metrics"]["prometheus"] == {"namespace": "tlb_one",
+                                                         "multiprocess": False}
+        assert not any(t.name == "tai-lb-metrics" for t in threading.enumerate())  # no thread
         status = lb.status()["services"]["users"]
         samples = scrape(prometheus_client.generate_latest().decode())
         for name in NAMES:  # each family is there, with its HELP line
