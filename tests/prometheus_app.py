@@ -43,8 +43,10 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     """``/call`` and ``/metrics``; 404 for anything else."""
     path = environ.get("PATH_INFO", "")
     if path == "/call":
-        response = balancer().session().get("http://users/ok", timeout=5)
-        body = json.dumps({"pid": os.getpid(), "status": response.status_code}).encode()
+        lb = balancer()
+        response = lb.session().get("http://users/ok", timeout=5)
+        body = json.dumps({"pid": os.getpid(), "status": response.status_code,
+                           "export": lb.metrics.snapshot()["prometheus"]}).encode()
         content_type = "application/json"
     elif path == "/metrics":
         registry = CollectorRegistry()

@@ -205,6 +205,7 @@ def test_gunicorn_multiprocess_mode_sums_the_workers(backends: tuple[Backend, Ba
             with requests.Session() as session:
                 answer = session.get(url + "/call", timeout=10).json()
             assert answer["status"] == 200
+            assert answer["export"] == {"namespace": "tai_lb", "multiprocess": True}
             return int(answer["pid"])
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
