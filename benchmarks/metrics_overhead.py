@@ -14,7 +14,8 @@ interleaved, shuffled batches over several rounds:
 A second table measures OpenTelemetry on the HTTP path (the attempt loop is where each attempt's
 span is opened), with balanced GETs to a loopback server: ``OTel absent`` (the tracer None, as
 when opentelemetry is not importable: one ``is None`` check per attempt), ``OTel API, no SDK``
-(non-recording spans) and ``OTel SDK, recording`` (a tracer provider with no exporter).
+(no span is made: no recording span is current) and ``OTel SDK, recording`` (a span per attempt
+under a recording request span; a tracer provider with no exporter).
 
 The claim is the median over rounds of each round's ratio ``on / off``::
 
@@ -26,6 +27,7 @@ Target (printed as PASS/FAIL, never asserted): ``on`` costs at most 1.05 x ``off
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import statistics
@@ -106,74 +108,94 @@ def run(rounds: int, batches: int, cycles: int, seed: int) -> dict[str, list[flo
     return per_round
 
 
-def otel_cases(port: int) -> dict[str, TimedCase]:
-    """The OpenTelemetry cases: balanced GETs to 127.0.0.1:``port`` with the attempt loop's
-    tracer None, the API's (non-recording without a provider) or an SDK tracer's; empty when
+Parent = Callable[[], contextlib.AbstractContextManager[object]]
+"""What opens the span a timed batch runs in (nothing, or a recording span)."""
+
+
+def _tracings() -> dict[str, tuple[object, Parent]]:
+    """Per OpenTelemetry case, the attempt loop's tracer and the span each timed batch runs in
+    (the SDK case inside a recording span: outside one, attempts make no span); empty when
     opentelemetry is not installed."""
     original = tai_lb.otel.TRACER
     if original is None:
         return {}
     from opentelemetry.sdk.trace import TracerProvider  # only for this case
 
-    tracers = {"OTel absent": None, "OTel API, no SDK": original,
-               "OTel SDK, recording": TracerProvider().get_tracer("tai_lb")}
+    sdk = TracerProvider().get_tracer("tai_lb")
+    return {"OTel absent": (None, contextlib.nullcontext),
+            "OTel API, no SDK": (original, contextlib.nullcontext),
+            "OTel SDK, recording": (sdk, lambda: sdk.start_as_current_span("request"))}
+
+
+def _use(tracer: object) -> None:
+    # attempts.py imported the name: both modules' globals are set
+    vars(tai_lb.attempts)["TRACER"] = tai_lb.otel.TRACER = tracer
+
+
+def otel_cases(port: int) -> dict[str, TimedCase]:
+    """The OpenTelemetry cases: balanced GETs to 127.0.0.1:``port`` with the attempt loop's
+    tracer None, the API's (no SDK) or an SDK tracer's inside a recording span."""
+    tracings = _tracings()
+    if not tracings:
+        return {}
+    original = tai_lb.otel.TRACER
     lb = tai_lb.LoadBalancer.from_config({"services": {SERVICE: {
         "endpoints": [f"127.0.0.1:{port}"]}}})
     session = lb.session()
 
-    def timed(tracer: object) -> Callable[[int], float]:
+    def timed(tracer: object, parent: Parent
+              ) -> Callable[[int], float]:
         def run(count: int) -> float:
-            # attempts.py imported the name: both modules' globals are set
-            vars(tai_lb.attempts)["TRACER"] = tai_lb.otel.TRACER = tracer
+            _use(tracer)
             get = session.get
-            start = time.perf_counter()
-            for _ in range(count):
-                get(f"http://{SERVICE}/")
-            return time.perf_counter() - start
+            with parent():
+                start = time.perf_counter()
+                for _ in range(count):
+                    get(f"http://{SERVICE}/")
+                return time.perf_counter() - start
         return run
 
     def close() -> None:
-        vars(tai_lb.attempts)["TRACER"] = tai_lb.otel.TRACER = original
+        _use(original)
         lb.close()
 
     # one close() for all: interleaved_medians calls each case's, and closing twice is safe
-    return {case: (timed(tracer), close) for case, tracer in tracers.items()}
+    return {case: (timed(*tracing), close) for case, tracing in tracings.items()}
 
 
 def hook_cases() -> dict[str, TimedCase]:
     """The OpenTelemetry cases again, timing the attempt loop's hooks alone: the ``TRACER is
     None`` check and, when there is a tracer, opening and ending one attempt's span."""
-    original = tai_lb.otel.TRACER
-    if original is None:
+    tracings = _tracings()
+    if not tracings:
         return {}
-    from opentelemetry.sdk.trace import TracerProvider  # only for this case
-
     from tai_lb.trace import Attempt
 
+    original = tai_lb.otel.TRACER
     lb = tai_lb.LoadBalancer.from_config({"services": {SERVICE: {"endpoints": ["10.0.0.1:80"]}}})
     lease = lb.pick(SERVICE)
     record = Attempt(lease.address, "picked by round_robin", "response", 200, None, "done")
-    tracers = {"OTel absent": None, "OTel API, no SDK": original,
-               "OTel SDK, recording": TracerProvider().get_tracer("tai_lb")}
     start, end = tai_lb.otel.start_attempt, tai_lb.otel.end_attempt
 
-    def timed(tracer: object) -> Callable[[int], float]:
+    def timed(tracer: object, parent: Parent
+              ) -> Callable[[int], float]:
         def run(count: int) -> float:
-            tai_lb.otel.TRACER = tracer
-            began = time.perf_counter()
-            for _ in range(count):  # what _attempt() does around each exchange
-                span = None if tracer is None else start("GET", SERVICE, 1, lease)
-                if span is not None:
-                    end(span, record)
-            return time.perf_counter() - began
+            _use(tracer)
+            with parent():
+                began = time.perf_counter()
+                for _ in range(count):  # what _attempt() does around each exchange
+                    span = None if tracer is None else start("GET", SERVICE, 1, lease)
+                    if span is not None:
+                        end(span, record)
+                return time.perf_counter() - began
         return run
 
     def close() -> None:
-        tai_lb.otel.TRACER = original
+        _use(original)
         lease.done(success=True)
         lb.close()
 
-    return {case: (timed(tracer), close) for case, tracer in tracers.items()}
+    return {case: (timed(*tracing), close) for case, tracing in tracings.items()}
 
 
 def otel_rows(gets: dict[str, float],
@@ -230,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    f"connection), {get_rounds} rounds of {gets:,} GETs per case in shuffled "
                    "order; us/GET is the median over rounds. `OTel absent` is the attempt loop "
                    "with its tracer None (opentelemetry not importable); `OTel API, no SDK` "
-                   "opens non-recording spans; `OTel SDK, recording` records a span per attempt "
+                   "(opentelemetry-api installed, no SDK: no span is made); `OTel SDK, "
+                   "recording` records a span per attempt inside a recording request span "
                    "(a TracerProvider with no exporter). `hooks ns/attempt` times what the "
                    f"attempt loop adds alone ({gets * 10:,} iterations per round, same order): "
                    "the `TRACER is None` check, and opening and ending the attempt's span; on "

@@ -8,7 +8,9 @@ event per attempt on the current span, is what OpenTelemetry's HTTP semantic con
 a client that resends a request itself: each physical request is its own client span, a resend
 carries ``http.request.resend_count``, so a trace shows how long each attempt took and where it
 went, and what an instrumented transport records under it nests inside the right attempt.
-Without an SDK (a tracer provider), the API hands out non-recording spans: no attribute is set.
+Attempts are recorded only inside a recording span (a trace being sampled): with no span
+current, or without an SDK (a tracer provider), the attempt loop makes no span at all, so an
+untraced request pays one ``get_current_span()`` per attempt.
 
 Attributes of each attempt's span:
 
@@ -35,7 +37,7 @@ and nothing else: no cost.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from .lease import Lease
@@ -54,10 +56,14 @@ TRACER: Any = None if _trace is None else _trace.get_tracer("tai_lb")
 None when ``opentelemetry-api`` is not importable."""
 
 
-def start_attempt(method: str, service: str, number: int, lease: Lease) -> tuple[Any, Any]:
+def start_attempt(method: str, service: str, number: int,
+                  lease: Lease) -> Optional[tuple[Any, Any]]:
     """Open the span of attempt ``number`` (from 1) of a ``method`` request to ``lease``'s
     endpoint, a child of the current span, and make it current; :func:`end_attempt` ends it.
-    Returns the span and the token that restores the context before it."""
+    Returns the span and the token that restores the context before it, or None when no
+    recording span is current (no trace to record the attempt in)."""
+    if not _trace.get_current_span().is_recording():
+        return None
     endpoint = lease.endpoint
     attributes: dict[str, Any] = {
         "tai_lb.service": service, "tai_lb.endpoint": endpoint.address,

@@ -120,6 +120,20 @@ def test_connection_errors_are_recorded_with_their_type(spans: InMemorySpanExpor
     assert last.status.status_code == trace.StatusCode.ERROR
 
 
+def test_no_span_is_made_outside_a_recording_span(spans: InMemorySpanExporter) -> None:
+    backend = Backend("one")
+    try:
+        with LoadBalancer.from_config({"services": {"users": {
+                "endpoints": [backend.address]}}}) as lb:
+            assert lb.session().get("http://users/x").status_code == 200  # no span current
+            assert spans.get_finished_spans() == ()
+            with trace.get_tracer("test").start_as_current_span("handle"):
+                assert lb.session().get("http://users/x").status_code == 200
+            assert [span.name for span in spans.get_finished_spans()] == ["GET", "handle"]
+    finally:
+        backend.stop()
+
+
 def test_without_opentelemetry_nothing_is_recorded() -> None:
     """With opentelemetry not importable, the tracer is None and requests work as before."""
     script = """
