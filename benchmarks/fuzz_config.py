@@ -94,7 +94,9 @@ def valid_configs() -> list[dict[str, Any]]:
                     "backups": ["127.0.0.1:9101"],
                 },
             },
-            "metrics": {"statsd": {"host": "127.0.0.1", "port": 8125, "prefix": "fuzz"}},
+            "metrics": {"statsd": {"host": "127.0.0.1", "port": 8125, "prefix": "fuzz",
+                                   "tags": {"env": "fuzz", "team": "lb"}},
+                        "prometheus": {"namespace": "fuzz"}},
         },
         {
             "services": {

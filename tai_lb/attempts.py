@@ -36,6 +36,7 @@ from ._deadline import DEADLINE
 from .config import KeySource
 from .exceptions import NoEndpointAvailable
 from .lease import Lease
+from .otel import TRACER, end_attempt, start_attempt
 from .pool import failed_while_connecting, on_release
 from .request_metrics import RequestFigures, error_kind
 from .retry import RetryConfig, classify
@@ -348,6 +349,7 @@ class _BalancedSend:
         self.trace.attempts.append(record)
         self.tried.append(lease.address)
         self.figures = lease.stats.figures
+        span = None if TRACER is None else start_attempt(self.method, self.service, number, lease)
         begun = self.clock()
         try:
             return self._exchange(number, lease, record)
@@ -358,6 +360,8 @@ class _BalancedSend:
             raise
         finally:
             record.elapsed = self.clock() - begun
+            if span is not None:  # OpenTelemetry is installed (tai_lb/otel.py)
+                end_attempt(span, record)
 
     def _exchange(self, number: int, lease: Lease, record: Attempt) -> requests.Response:
         endpoint = lease.endpoint

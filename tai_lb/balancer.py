@@ -81,7 +81,7 @@ class LoadBalancer:
         self._budgets = RetryBudgets(clock)
         self.breaker_transitions = 0
         #: the StatsD export (does nothing unless ``metrics`` is configured)
-        self.metrics = Metrics(self.config.metrics)
+        self.metrics = Metrics(self.config.metrics, self)
         self._failovers = FailoverEvents(self.metrics, clock)
         #: the active health checks of every service (threads only when one has ``health_check``)
         self.health_checker = HealthChecker(

@@ -17,7 +17,7 @@ import bisect
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
-__all__ = ["BOUNDS", "LatencyHistogram", "percentile"]
+__all__ = ["BOUNDS", "LatencyHistogram", "bucket_middle", "percentile"]
 
 _FACTOR = 2.0 ** 0.25
 BOUNDS: tuple[float, ...] = tuple(0.0001 * _FACTOR ** i for i in range(81))
@@ -60,6 +60,17 @@ class LatencyHistogram:
             for i, count in enumerate(other):
                 counts[i] += count
         return merged
+
+
+def bucket_middle(bucket: int) -> float:
+    """The middle (on a log scale) of bucket number ``bucket``, in seconds: what one latency
+    counted there stands for; ``BOUNDS[-1]`` for the open bucket."""
+    if bucket >= len(BOUNDS):
+        return BOUNDS[-1]
+    upper = BOUNDS[bucket]
+    if bucket == 0:
+        return upper / 2
+    return float((upper * BOUNDS[bucket - 1]) ** 0.5)
 
 
 def percentile(counts: Sequence[int], fraction: float) -> Optional[float]:

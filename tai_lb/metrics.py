@@ -1,4 +1,4 @@
-"""Metrics export to StatsD: the balancer's state changes as counters.
+"""Metrics export to StatsD (and, through :mod:`tai_lb.prometheus`, to Prometheus).
 
 This version exports the events that change where traffic goes, per service, as StatsD
 counters (``<prefix>.<service>.<event>``):
@@ -31,6 +31,12 @@ per service (``<prefix>.<service>.<name>``) and per endpoint
 ``in_flight``                      gauge: requests in flight, sent when it changes
 =================================  ==========================================================
 
+With ``metrics.statsd.tags`` on (``true``, or a mapping of constant tags), the names lose the
+service and the endpoint, which become DogStatsD-style tags instead:
+``<prefix>.requests:3|c|#service:users,endpoint:10.0.0.1_80`` for an endpoint's request metrics
+(only per endpoint: a backend such as Datadog's agent sums them per service by tag),
+``<prefix>.breaker.open:1|c|#service:users`` for a state change; the constant tags follow.
+
 Counters are the increase since the last send; figures are read from the endpoints' own counts
 on the thread, so requests pay nothing for the export.  A forked child (a gunicorn worker, say)
 sends the increases since the fork: what came before is the parent's to send.
@@ -39,19 +45,25 @@ sends the increases since the fork: what came before is the parent's to send.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import _forksafe
 from ._settings import Settings, check_port, key_text, shown
 from .exceptions import ConfigError
-from .histogram import BOUNDS
+from .histogram import bucket_middle
+from .prometheus import EndpointRow, PrometheusConfig
 from .request_metrics import ERROR_KINDS
 from .stats import EndpointStats
+
+if TYPE_CHECKING:
+    from .balancer import LoadBalancer
+    from .prometheus import MultiprocessWriter
 
 __all__ = ["FLUSH_INTERVAL", "Metrics", "MetricsConfig", "StatsdConfig"]
 
@@ -60,14 +72,20 @@ log = logging.getLogger(__name__)
 #: seconds between two sends to StatsD
 FLUSH_INTERVAL = 0.5
 
+_TAG = re.compile(r"[A-Za-z0-9_.:/-]+")
+Tags = Union[bool, Mapping[str, str], tuple[tuple[str, str], ...]]
+
 
 @dataclass(frozen=True)
 class StatsdConfig(Settings):
-    """``metrics.statsd``: where StatsD listens (UDP) and the prefix of every name."""
+    """``metrics.statsd``: where StatsD listens (UDP), the prefix of every name, and whether
+    the service and endpoint are sent as DogStatsD-style tags (``tags``: false, true, or a
+    mapping of constant tags sent with every line, which turns tags on)."""
 
     host: str = "127.0.0.1"
     port: int = 8125
     prefix: str = "tai_lb"
+    tags: Tags = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -76,6 +94,32 @@ class StatsdConfig(Settings):
         if not isinstance(self.prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]*", self.prefix):
             raise ConfigError("prefix", f"must be letters, digits, '_', '-' and '.', got "
                                         f"{shown(self.prefix)}")
+        tags = self.tags
+        if isinstance(tags, tuple):  # as stored (from new()): checked again as a mapping
+            try:
+                tags = dict(tags)
+            except (TypeError, ValueError):
+                raise ConfigError("tags", f"must be true, false or a mapping of constant tags, "
+                                          f"got {shown(self.tags)}") from None
+        if isinstance(tags, Mapping):
+            for key, value in tags.items():
+                for text in (key, value):
+                    if not isinstance(text, str) or not _TAG.fullmatch(text):
+                        raise ConfigError(f"tags.{key_text(key)}", "names and values must be "
+                                          "letters, digits, '_', '.', ':', '/' and '-', got "
+                                          f"{shown(text)}")
+            object.__setattr__(self, "tags", tuple(tags.items()))  # frozen and hashable
+        elif not isinstance(tags, bool):
+            raise ConfigError("tags", f"must be true, false or a mapping of constant tags, got "
+                                      f"{shown(tags)}")
+
+    @property
+    def tag_suffix(self) -> Optional[str]:
+        """The constant tags as ``,name:value,...`` (empty for none); None when tags are off."""
+        if self.tags is False:
+            return None
+        pairs = self.tags if isinstance(self.tags, tuple) else ()
+        return "".join(f",{name}:{value}" for name, value in pairs)
 
 
 @dataclass(frozen=True)
@@ -83,6 +127,7 @@ class MetricsConfig(Settings):
     """The top-level ``metrics`` setting."""
 
     statsd: Optional[StatsdConfig] = None
+    prometheus: Optional[PrometheusConfig] = None
 
     @classmethod
     def from_config(cls, value: Any) -> MetricsConfig:
@@ -90,18 +135,17 @@ class MetricsConfig(Settings):
         if not isinstance(value, Mapping):
             raise ConfigError("", f"must be a mapping, got {shown(value)}")
         for key in value:
-            if key == "prometheus":
-                raise ConfigError(key, "not supported yet: Prometheus export is not built yet")
-            if key != "statsd":
-                raise ConfigError(key_text(key), "unknown key; allowed: statsd")
-        statsd = value.get("statsd")
-        if statsd is None:
-            return cls()
-        try:
-            return cls(StatsdConfig.from_config(statsd))
-        except ConfigError as error:
-            raise ConfigError(f"statsd.{error.path}" if error.path else "statsd",
-                              error.reason) from None
+            if key not in ("statsd", "prometheus"):
+                raise ConfigError(key_text(key), "unknown key; allowed: statsd, prometheus")
+        built: dict[str, Any] = {}
+        for key, kind in (("statsd", StatsdConfig), ("prometheus", PrometheusConfig)):
+            if value.get(key) is not None:
+                try:
+                    built[key] = kind.from_config(value[key])
+                except ConfigError as error:
+                    raise ConfigError(f"{key}.{error.path}" if error.path else key,
+                                      error.reason) from None
+        return cls(**built)
 
 
 def _segment(name: str) -> str:
@@ -111,12 +155,7 @@ def _segment(name: str) -> str:
 
 def _middle_ms(bucket: int) -> float:
     """The middle (on a log scale) of a histogram bucket, in milliseconds."""
-    if bucket >= len(BOUNDS):
-        return BOUNDS[-1] * 1000.0
-    upper = BOUNDS[bucket]
-    if bucket == 0:
-        return upper * 500.0
-    return float((upper * BOUNDS[bucket - 1]) ** 0.5 * 1000.0)
+    return bucket_middle(bucket) * 1000.0
 
 
 def _deltas(now: dict[str, Any], last: Optional[dict[str, Any]]
@@ -134,36 +173,48 @@ def _deltas(now: dict[str, Any], last: Optional[dict[str, Any]]
     return counters, buckets
 
 
-def _put(pipe: Any, prefix: str, counters: dict[str, int], buckets: dict[int, int]) -> int:
-    """Put counters that grew and latency timers into ``pipe``; how many lines."""
+def _put(pipe: Any, prefix: str, counters: dict[str, int], buckets: dict[int, int],
+         tags: str = "") -> int:
+    """Put counters that grew and latency timers into ``pipe``; how many lines.  ``tags`` is
+    ``|#...`` for DogStatsD-style tags, or empty."""
     lines = 0
     for name, value in counters.items():
         if value:
-            pipe.incr(f"{prefix}.{name}", value)
+            # The statsd package has no tags and no public way to send a line as it is given:
+            # _send_stat(name, "value|type...", rate) is what its own incr() and timing() call.
+            pipe._send_stat(f"{prefix}{name}", f"{value}|c{tags}", 1)
             lines += 1
     for bucket, count in buckets.items():
         # One line stands for ``count`` requests at the bucket's middle: StatsD's sample rate,
         # written here (the client's own sample rate drops lines at random).
         rate = f"|@{1 / count:.6g}" if count > 1 else ""
-        pipe._send_stat(f"{prefix}.latency",
-                        f"{_middle_ms(bucket):0.3f}|ms{rate}", 1)
+        pipe._send_stat(f"{prefix}latency", f"{_middle_ms(bucket):0.3f}|ms{rate}{tags}", 1)
         lines += 1
     return lines
 
 
 class Metrics:
-    """Counts events and sends them to StatsD on a named daemon thread (``tai-lb-metrics``).
+    """Counts events and sends them to StatsD on a named daemon thread (``tai-lb-metrics``);
+    exports the request metrics to Prometheus (:mod:`tai_lb.prometheus`) when configured.
 
-    With no StatsD configured, :meth:`count` does nothing.
+    With neither configured, :meth:`count` and :meth:`follow` do nothing.
+
+    :param config: the ``metrics`` settings.
+    :param balancer: the balancer whose endpoints' health and breakers the Prometheus export
+        shows (held weakly).
     """
 
-    def __init__(self, config: Optional[MetricsConfig] = None) -> None:
+    def __init__(self, config: Optional[MetricsConfig] = None,
+                 balancer: Optional[LoadBalancer] = None) -> None:
         self.config = config or MetricsConfig()
+        self._balancer = None if balancer is None else weakref.ref(balancer)
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._counts: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._client: Any = None
+        self._writer: Optional[MultiprocessWriter] = None
+        self._attached = False
         # the live endpoints of each service, and what was last sent for each
         self._followed: dict[str, weakref.WeakSet[EndpointStats]] = {}
         self._last: weakref.WeakKeyDictionary[EndpointStats, dict[str, Any]] = (
@@ -177,43 +228,85 @@ class Metrics:
 
     @property
     def enabled(self) -> bool:
-        """Whether events are exported at all."""
-        return self.config.statsd is not None
+        """Whether anything is exported at all."""
+        return self.config.statsd is not None or self.config.prometheus is not None
 
     def count(self, service: str, event: str, value: int = 1) -> None:
         """Count ``value`` occurrences of ``event`` for ``service``; no I/O here."""
         if self.config.statsd is None:
             return
-        name = f"{_segment(service)}.{event}"
+        key = (service, event)
         with self._lock:
-            self._counts[name] = self._counts.get(name, 0) + value
+            self._counts[key] = self._counts.get(key, 0) + value
 
     def follow(self, service: str, stats: EndpointStats) -> None:
         """Export the request metrics of ``stats``, an endpoint of ``service``, while it lives."""
-        if self.config.statsd is None:
+        if not self.enabled:
             return
         with self._lock:
             self._followed.setdefault(service, weakref.WeakSet()).add(stats)
 
+    def rows(self) -> list[EndpointRow]:
+        """The figures of every followed endpoint now (read without their locks)."""
+        return [row for _, row in self._rows()]
+
+    def _rows(self) -> list[tuple[EndpointStats, EndpointRow]]:
+        with self._lock:
+            followed = [(service, list(members)) for service, members in self._followed.items()]
+        lb = None if self._balancer is None else self._balancer()
+        rows = []
+        for service, members in followed:
+            for stats in members:
+                if stats.figures is None:
+                    continue
+                counts = stats.figures.counts()
+                counts["in_flight"] = len(stats.load)
+                address = stats.endpoint.address
+                healthy = lb is None or (
+                    lb.health_checker.is_healthy(service, address)
+                    and not (lb.outlier_detector.state(service, address) or {}).get("ejected"))
+                rows.append((stats, EndpointRow(service, address, counts, healthy,
+                                                stats.breaker is not None
+                                                and stats.breaker.state == "open")))
+        return rows
+
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start sending (does nothing without StatsD settings).
+        """Start exporting (does nothing with no export configured).
 
-        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``); no
-            thread or socket is left open then.
+        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``),
+            prometheus_client is not installed (``metrics.prometheus``) or the Prometheus names
+            clash with metrics already registered; nothing is left open then.
         """
-        statsd_config = self.config.statsd
-        if statsd_config is None or self._thread is not None:
+        statsd_config, prometheus_config = self.config.statsd, self.config.prometheus
+        if self._thread is not None:
             return
-        import statsd  # noqa: PLC0415 - a dependency, imported only when used
+        if statsd_config is not None and self._client is None:
+            import statsd  # noqa: PLC0415 - a dependency, imported only when used
 
-        try:  # the client resolves the host once, here (an IPv4 address, as statsd does)
-            self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
-                                              prefix=statsd_config.prefix or None)
-        except (OSError, UnicodeError, ValueError) as error:  # gaierror; a bad IDNA label
-            raise ConfigError("metrics.statsd.host", f"cannot resolve {shown(statsd_config.host)}"
-                                                     f" to an IPv4 address: {error}") from None
+            try:  # the client resolves the host once, here (an IPv4 address, as statsd does)
+                self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
+                                                  prefix=statsd_config.prefix or None)
+            except (OSError, UnicodeError, ValueError) as error:  # gaierror; bad IDNA label
+                raise ConfigError("metrics.statsd.host", f"cannot resolve "
+                                  f"{shown(statsd_config.host)} to an IPv4 address: "
+                                  f"{error}") from None
+        if prometheus_config is not None:
+            from . import prometheus  # noqa: PLC0415 - prometheus_client only when used
+
+            try:
+                import prometheus_client  # noqa: F401, PLC0415 - an optional extra
+            except ImportError:
+                raise ConfigError("metrics.prometheus", "Prometheus export needs "
+                                  "prometheus_client: pip install 'tai-lb[prometheus]'") from None
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                self._writer = prometheus.MultiprocessWriter(prometheus_config.namespace)
+            elif not self._attached:
+                prometheus.attach(self, prometheus_config.namespace)
+                self._attached = True
+        if self._client is None and self._writer is None:
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tai-lb-metrics")
         self._thread.start()
@@ -228,6 +321,11 @@ class Metrics:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+        if self._attached and self.config.prometheus is not None:
+            from . import prometheus  # noqa: PLC0415 - prometheus_client only when used
+
+            prometheus.detach(self, self.config.prometheus.namespace)
+            self._attached = False
 
     def _reset_after_fork(self) -> None:
         # never freed in the child (the StatsD client's socket included)
@@ -261,56 +359,90 @@ class Metrics:
     def _flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, {}
-            followed = [(service, list(members)) for service, members in self._followed.items()]
-        client = self._client
-        if client is None:
+        client, writer = self._client, self._writer
+        if client is None and writer is None:
             return
+        changes = []
+        for stats, row in self._rows():  # what grew since the last pass, once for both
+            last = self._last.get(stats)
+            self._last[stats] = row.counts
+            changes.append((row, last, *_deltas(row.counts, last)))
+        if client is not None:
+            self._send_statsd(client, counts, changes)
+        if writer is not None:
+            try:
+                writer.write((row, counters, buckets) for row, _, counters, buckets in changes)
+            except Exception as error:  # an exporter must never break the balancer
+                self.errors += 1
+                log.warning("tai-lb: writing Prometheus metrics failed: %s", error)
+
+    def _send_statsd(self, client: Any, counts: dict[tuple[str, str], int],
+                     changes: list[Any]) -> None:
+        statsd_config = self.config.statsd
+        suffix = None if statsd_config is None else statsd_config.tag_suffix
         try:
             with client.pipeline() as pipe:  # as few datagrams as fit
-                for name, value in counts.items():
-                    pipe.incr(name, value)
+                for (service, event), value in counts.items():
+                    if suffix is None:
+                        pipe.incr(f"{_segment(service)}.{event}", value)
+                    else:
+                        pipe._send_stat(event, f"{value}|c|#service:{_tag(service)}{suffix}", 1)
                 sent = len(counts)
-                for service, members in followed:
-                    sent += self._send_requests(pipe, _segment(service), members)
+                by_service: dict[str, list[Any]] = {}
+                for change in changes:
+                    by_service.setdefault(change[0].service, []).append(change)
+                for service, items in by_service.items():
+                    sent += _send_service(pipe, service, items, suffix)
             self.sent += sent
         except Exception as error:  # an exporter must never break the balancer
             self.errors += 1
             log.warning("tai-lb: sending metrics to StatsD failed: %s", error)
 
-    def _send_requests(self, pipe: Any, service: str, members: list[EndpointStats]) -> int:
-        """Put the request metrics of one service's endpoints into ``pipe``; how many."""
-        sent = 0
-        service_counters: dict[str, int] = {}
-        service_buckets: dict[int, int] = {}
-        in_flight_changed = False
-        for stats in members:
-            figures = stats.figures
-            if figures is None:
-                continue
-            now = figures.counts()
-            now["in_flight"] = len(stats.load)
-            last = self._last.get(stats)
-            self._last[stats] = now
-            prefix = f"{service}.endpoint.{re.sub(r'[^A-Za-z0-9_-]', '_', stats.endpoint.address)}"
-            counters, buckets = _deltas(now, last)
-            for name, value in counters.items():
-                service_counters[name] = service_counters.get(name, 0) + value
-            for bucket, count in buckets.items():
-                service_buckets[bucket] = service_buckets.get(bucket, 0) + count
-            sent += _put(pipe, prefix, counters, buckets)
-            if last is None or last["in_flight"] != now["in_flight"]:
-                pipe.gauge(f"{prefix}.in_flight", now["in_flight"])
-                sent += 1
-                in_flight_changed = True
-        sent += _put(pipe, service, service_counters, service_buckets)
-        if in_flight_changed:
-            pipe.gauge(f"{service}.in_flight", sum(len(stats.load) for stats in members))
-            sent += 1
-        return sent
-
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable state of the export."""
-        statsd_config = self.config.statsd
+        statsd_config, prometheus_config = self.config.statsd, self.config.prometheus
         return {"statsd": None if statsd_config is None else
                 f"{statsd_config.host}:{statsd_config.port}",
+                "prometheus": None if prometheus_config is None else {
+                    "namespace": prometheus_config.namespace,
+                    "multiprocess": self._writer is not None},
                 "sent": self.sent, "errors": self.errors}
+
+
+def _tag(text: str) -> str:
+    """A DogStatsD tag value: no ',', '|', '#' or ':' (an address's port follows a '_')."""
+    return re.sub(r"[^A-Za-z0-9_./-]", "_", text)
+
+
+def _send_service(pipe: Any, service: str, changes: list[Any], suffix: Optional[str]) -> int:
+    """Put the request metrics of one service's endpoints into ``pipe``; how many lines.
+
+    ``changes`` holds ``(row, last counts, counters, buckets)`` per endpoint; ``suffix`` the
+    constant tags, or None for names with the service and endpoint in them."""
+    sent = 0
+    segment = _segment(service)
+    service_counters: dict[str, int] = {}
+    service_buckets: dict[int, int] = {}
+    in_flight_changed = False
+    for row, last, counters, buckets in changes:
+        in_flight = row.counts["in_flight"]
+        if suffix is None:
+            prefix, tags = f"{segment}.endpoint.{_segment(row.address)}.", ""
+        else:
+            prefix, tags = "", f"|#service:{_tag(service)},endpoint:{_tag(row.address)}{suffix}"
+        for name, value in counters.items():
+            service_counters[name] = service_counters.get(name, 0) + value
+        for bucket, count in buckets.items():
+            service_buckets[bucket] = service_buckets.get(bucket, 0) + count
+        sent += _put(pipe, prefix, counters, buckets, tags)
+        if last is None or last["in_flight"] != in_flight:
+            pipe._send_stat(f"{prefix}in_flight", f"{in_flight}|g{tags}", 1)
+            sent += 1
+            in_flight_changed = True
+    if suffix is None:  # tagged lines are per endpoint only: tags sum them per service
+        sent += _put(pipe, f"{segment}.", service_counters, service_buckets)
+        if in_flight_changed:
+            pipe.gauge(f"{segment}.in_flight", sum(row.counts["in_flight"]
+                                                   for row, *_ in changes))
+            sent += 1
+    return sent

@@ -2,9 +2,9 @@
 
 :func:`status_app` returns a WSGI callable with no framework behind it, in the spirit of
 HAProxy's stats page: one table per service (strategy, panic, active priority, retry budget,
-discovery) with a row per endpoint (address, zone, weight, priority, health, ejection, breaker,
-in flight, EWMA latency, requests, successes, failures) and its recent rebalancing events,
-then the recent failovers.  The page
+discovery, requests, errors and p99 latency) with a row per endpoint (address, zone, weight,
+priority, health, ejection, breaker, in flight, EWMA latency, p99 latency, requests, successes,
+failures) and its recent rebalancing events, then the recent failovers.  The page
 reloads itself every ``refresh`` seconds (a ``<meta http-equiv="refresh">``: no script), its
 CSS is inline and it loads nothing else.  Every value is escaped: endpoint labels and discovery
 details are user data.
@@ -37,7 +37,7 @@ StartResponse = Callable[..., Any]
 
 _EVENTS_SHOWN = 20
 _COLUMNS = ("address", "zone", "weight", "priority", "health", "ejection", "breaker",
-            "in flight", "EWMA ms", "requests", "successes", "failures")
+            "in flight", "EWMA ms", "p99 ms", "requests", "successes", "failures")
 
 _CSS = """
 body{font:13px/1.4 system-ui,sans-serif;margin:1em;color:#222;background:#fafafa}
@@ -60,6 +60,11 @@ def _text(value: Any) -> str:
     if isinstance(value, Mapping):
         value = ", ".join(f"{k}={v}" for k, v in value.items())
     return html.escape(str(value), quote=True)
+
+
+def _ms(value: Any) -> str:
+    """A latency in milliseconds as escaped text with its unit; ``-`` for None."""
+    return "-" if value is None else f"{_text(value)} ms"
 
 
 def _cell(value: Any, cls: str = "") -> str:
@@ -89,6 +94,7 @@ def _endpoint_row(address: str, entry: Mapping[str, Any]) -> str:
         _cell(breaker, "bad" if breaker not in (None, "closed") else ""),
         _cell(entry.get("in_flight"), "num"),
         _cell(entry.get("latency_ewma_ms"), "num"),
+        _cell(entry.get("p99_ms"), "num"),
         _cell(entry.get("requests"), "num"),
         _cell(entry.get("successes"), "num"),
         _cell(entry.get("failures"), "num"),
@@ -107,6 +113,9 @@ def _service(name: str, service: Mapping[str, Any]) -> str:
         f" &middot; pickable <b>{_text(service.get('endpoints_pickable'))}"
         f"/{_text(service.get('endpoints_total'))}</b>"
         f" &middot; in flight <b>{_text(service.get('in_flight'))}</b>"
+        f" &middot; requests <b>{_text(service.get('requests'))}</b>"
+        f" &middot; errors <b>{_text(service.get('errors'))}</b>"
+        f" &middot; p99 <b>{_ms(service.get('p99_ms'))}</b>"
         f" &middot; retry budget <b>{_text(budget_text)}</b>"
         f" &middot; discovery <b>{_text(service.get('discovery'))}</b>")
     header = "".join(f"<th>{_text(column)}</th>" for column in _COLUMNS)

@@ -137,7 +137,8 @@ def test_metrics_overhead_benchmark_quick_mode_prints_its_table() -> None:
                            "--quick"], capture_output=True, text=True, timeout=120, check=False,
                           env=env)
     assert done.returncode == 0, done.stderr
-    for text in ("| off |", "| on |", "| on + StatsD |", "x off"):
+    for text in ("| off |", "| on |", "| on + StatsD |", "| on + Prometheus |", "x off",
+                 "| OTel absent |", "| OTel API, no SDK |", "| OTel SDK, recording |"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
 

@@ -142,8 +142,8 @@ BAD += [(users(**{key: {}}), f"services.users.{key}", "not supported yet")
         for key in NOT_SUPPORTED_YET if key != "metrics"]
 BAD += [({"defaults": {key: {}}, "services": {}}, f"defaults.{key}", "not supported yet")
         for key in NOT_SUPPORTED_YET if key not in ("metrics", "discovery")]
-BAD += [({"metrics": {"prometheus": {}}, "services": {}}, "metrics.prometheus",
-         "not supported yet")]
+BAD += [({"metrics": {"prometheus": {"namespace": ""}}, "services": {}},
+         "metrics.prometheus.namespace", "Prometheus name")]
 
 
 @pytest.mark.parametrize(("config", "path", "fragment"), BAD,

@@ -110,7 +110,8 @@ def test_without_statsd_nothing_is_sent_and_no_thread_runs(clock: FakeClock) -> 
                                   clock=clock) as lb:
         assert not lb.metrics.enabled
         assert not any(t.name == "tai-lb-metrics" for t in threading.enumerate())
-        assert lb.status()["metrics"] == {"statsd": None, "sent": 0, "errors": 0}
+        assert lb.status()["metrics"] == {"statsd": None, "prometheus": None, "sent": 0,
+                                          "errors": 0}
 
 
 @pytest.mark.parametrize(("metrics", "path", "fragment"), [
@@ -118,7 +119,13 @@ def test_without_statsd_nothing_is_sent_and_no_thread_runs(clock: FakeClock) -> 
     ({"statsd": {"host": ""}}, "metrics.statsd.host", "host name"),
     ({"statsd": {"prefix": "a b"}}, "metrics.statsd.prefix", "letters"),
     ({"statsd": {"colour": 1}}, "metrics.statsd.colour", "unknown key"),
-    ({"prometheus": {}}, "metrics.prometheus", "not supported yet"),
+    ({"statsd": {"tags": "yes"}}, "metrics.statsd.tags", "true, false or a mapping"),
+    ({"statsd": {"tags": {"env": "a,b"}}}, "metrics.statsd.tags.env", "letters"),
+    ({"statsd": {"tags": {"a b": "x"}}}, "metrics.statsd.tags.a b", "letters"),
+    ({"statsd": {"tags": {"env": 1}}}, "metrics.statsd.tags.env", "got 1"),
+    ({"prometheus": {"namespace": "9x"}}, "metrics.prometheus.namespace", "Prometheus name"),
+    ({"prometheus": {"namespace": "a-b"}}, "metrics.prometheus.namespace", "Prometheus name"),
+    ({"prometheus": {"prefix": "x"}}, "metrics.prometheus.prefix", "unknown key"),
     ({"graphite": {}}, "metrics.graphite", "unknown key"),
     ([], "metrics", "must be a mapping"),
 ])
@@ -300,3 +307,50 @@ def test_the_latency_histogram_is_bounded_and_estimates_within_a_bucket() -> Non
     assert histogram.percentile(1.0) == BOUNDS[-1]
     merged = LatencyHistogram.merged([histogram.counts, histogram.counts])
     assert merged.total == 200_002 and merged.percentile(0.5) == histogram.percentile(0.5)
+
+
+def tagged_counters(statsd: StatsdListener, name: str) -> dict[str, int]:
+    """The counter lines of ``name`` summed per tag list (the text after ``|#``)."""
+    totals: dict[str, int] = {}
+    for line in list(statsd.lines):
+        key, _, rest = line.partition(":")
+        parts = rest.split("|")
+        if key == name and len(parts) == 3 and parts[1] == "c" and parts[2].startswith("#"):
+            totals[parts[2][1:]] = totals.get(parts[2][1:], 0) + int(parts[0])
+    return totals
+
+
+def test_dogstatsd_tags_carry_the_service_and_endpoint(statsd: StatsdListener,
+                                                       clock: FakeClock) -> None:
+    one, two = Backend("one"), Backend("two")
+    try:
+        with LoadBalancer.from_config({
+                "metrics": {"statsd": {"port": statsd.port, "prefix": "app",
+                                       "tags": {"env": "test", "region": "eu-1"}}},
+                "services": {"users": {"endpoints": [one.address, two.address]}}}) as lb:
+            session = lb.session()
+            for _ in range(20):
+                assert session.get("http://users/ok").status_code == 200
+            tags = {backend: f"service:users,endpoint:127.0.0.1_{backend.port},env:test,"
+                             "region:eu-1" for backend in (one, two)}
+            assert wait_for(lambda: tagged_counters(statsd, "app.requests")
+                            == {tags[one]: 10, tags[two]: 10})
+            lines = list(statsd.lines)
+            timers = [line for line in lines if line.startswith("app.latency:")]
+            assert timers and all(line.split("|")[1] == "ms"
+                                  and line.split("|")[-1][1:] in tags.values() for line in timers)
+            assert any(line == f"app.in_flight:0|g|#{tags[one]}" for line in lines)
+            # no name carries the service or the endpoint any more, and nothing is untagged
+            assert not any(line.startswith("app.users") for line in lines)
+            assert all("|#service:users," in line for line in lines)
+            assert statsd.counter("app.requests") == 20
+        with LoadBalancer.from_config({
+                "metrics": {"statsd": {"port": statsd.port, "prefix": "app", "tags": True}},
+                "services": {"db": {"endpoints": ["10.0.0.1:5432", "10.0.0.2:5432"],
+                                    "circuit_breaker": {"fail_max": 2}}}}, clock=clock) as lb:
+            fail_first(lb, 2)
+            assert wait_for(lambda: tagged_counters(statsd, "app.breaker.open")
+                            == {"service:db": 1})
+    finally:
+        one.stop()
+        two.stop()

@@ -43,6 +43,7 @@ from tai_lb.discovery.etcd import EtcdRegistrar
 from tai_lb.failover import BreakerConfig, FailoverConfig
 from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.outlier import OutlierConfig
+from tai_lb.prometheus import PrometheusConfig
 from tai_lb.routing.affinity import AffinityConfig
 from tai_lb.routing.locality import LocalityConfig
 from tai_lb.routing.rebalancing import RebalanceConfig
@@ -52,8 +53,8 @@ from tai_lb.routing.subsets import SubsetConfig
 SETTINGS_CLASSES: list[type[Any]] = [
     AffinityConfig, BreakerConfig, DiscoveryConfig, DnsConfig, EtcdConfig, FailoverConfig,
     FileConfig, HealthCheckConfig, LoadBalancerConfig, LocalityConfig, MetricsConfig,
-    OutlierConfig, PoolConfig, RebalanceConfig, RetryConfig, ServiceConfig, SlowStartConfig,
-    StaticConfig, StatsdConfig, SubsetConfig, WatchConfig]
+    OutlierConfig, PoolConfig, PrometheusConfig, RebalanceConfig, RetryConfig, ServiceConfig,
+    SlowStartConfig, StaticConfig, StatsdConfig, SubsetConfig, WatchConfig]
 
 
 def message(call: Any, *args: Any, **kwargs: Any) -> str:
@@ -158,6 +159,15 @@ def test_new_returns_a_checked_copy() -> None:
     with pytest.raises(ConfigError, match=r"^scheme: "):
         config.new(scheme="ftp")
     assert MetricsConfig().new(statsd=StatsdConfig()).statsd == StatsdConfig()
+    tagged = StatsdConfig(tags={"env": "prod"})
+    assert tagged.new(port=9125).tags == tagged.tags == (("env", "prod"),)
+    assert hash(tagged) == hash(StatsdConfig(tags={"env": "prod"}))
+    assert tagged.tag_suffix == ",env:prod" and StatsdConfig(tags=True).tag_suffix == ""
+    assert StatsdConfig().tag_suffix is None
+    with pytest.raises(ConfigError, match=r"^tags: must be true, false or a mapping"):
+        StatsdConfig(tags=("env",))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^tags\.env: "):
+        tagged.new(tags=(("env", "a|b"),))
     assert FailoverConfig().new(failback_at=0.9) == FailoverConfig(0.5, 0.9)
 
 

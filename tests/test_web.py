@@ -117,6 +117,18 @@ def test_html_has_every_endpoint_row_and_state(
     live_row = page.split(f">{live.address}</td>", 1)[1].split("</tr>", 1)[0]
     requests_served = lb.status()["services"]["users"]["endpoints"][live.address]["requests"]
     assert f'<td class="num">{requests_served}</td>' in live_row and requests_served > 0
+    p99 = lb.status()["services"]["users"]["endpoints"][live.address]["p99_ms"]
+    assert p99 is not None and p99 > 0
+    # the p99 figure sits in the column the header names
+    cells = live_row.split("</td>")
+    header = page.split("<thead><tr>", 1)[1].split("</tr>", 1)[0].split("</th>")
+    assert header.index("<th>p99 ms") - 1 == next(  # live_row starts after the address
+        i for i, cell in enumerate(cells) if cell.endswith(f'<td class="num">{p99}'))
+    service = lb.status()["services"]["users"]
+    assert f"requests <b>{service['requests']}</b>" in page
+    assert f"errors <b>{service['errors']}</b>" in page
+    assert f"p99 <b>{service['p99_ms']} ms</b>" in page  # health checks are not requests
+    assert "p99 <b>-</b>" in render_html({"services": {"idle": {"endpoints": {}}}})
     assert "strategy <b>peak_ewma</b>" in page and "panic <b>no</b>" in page
     assert "active priority <b>0</b>" in page and "No failover yet." in page
     assert "<script" not in page and "<link" in page  # no script at all, the icon is inline
