@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
 from .exceptions import ConfigError
@@ -111,6 +111,21 @@ def check_instance(value: object, key: str, kind: type[Any]) -> None:
         name = kind.__name__
         article = "an" if name[:1] in "AEIOU" else "a"
         raise ConfigError(key, f"must be {article} {name}, got {shown(value)}")
+
+
+def keyed_settings(value: object, keys: Sequence[str]) -> Mapping[str, Any]:
+    """``value`` if it is the mapping of a setting that routes by a request's ``key`` (affinity,
+    subsets): only ``keys``, ``key`` among them required; else a :class:`ConfigError` naming
+    the sub-key."""
+    if not isinstance(value, Mapping):
+        raise ConfigError("", f"must be a mapping with a key, got {shown(value)}")
+    for key in value:
+        if key not in keys:
+            raise ConfigError(key_text(key), f"unknown key; allowed: {', '.join(keys)}")
+    if "key" not in value:
+        raise ConfigError("key", "is required: \"header:NAME\", \"cookie:NAME\", "
+                                 "\"source_ip\" or \"user_id\"")
+    return value
 
 
 def check_number(value: object, key: str, low: float = 0.0, high: float = MAX_SECONDS, *,

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import cachetools
 
 from .. import _forksafe
-from .._settings import Settings, check_int, check_number, key_text, shown
-from ..exceptions import ConfigError
+from .._settings import Settings, check_int, check_number, keyed_settings
 from .picking import excluding
 
 if TYPE_CHECKING:
@@ -86,15 +85,7 @@ class AffinityConfig(Settings):
     @classmethod
     def from_config(cls, value: Any) -> AffinityConfig:
         """Build from ``{"key": ..., "ttl": ..., ...}`` (errors name the sub-key)."""
-        if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping with a key, got {shown(value)}")
-        for key in value:
-            if key not in _KEYS:
-                raise ConfigError(key_text(key), f"unknown key; allowed: {', '.join(_KEYS)}")
-        if "key" not in value:
-            raise ConfigError("key", "is required: \"header:NAME\", \"cookie:NAME\", "
-                                     "\"source_ip\" or \"user_id\"")
-        return cls(**value)
+        return cls(**keyed_settings(value, _KEYS))
 
 
 #: the TTL is counted in ticks of a tenth of it: an entry is kept this many ticks

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .. import context
-from .._settings import Settings, key_text, shown
+from .._settings import Settings, keyed_settings, shown
 from ..endpoint import _LABEL_KEY_MATCH
 from ..exceptions import ConfigError, NoEndpointAvailable
 from ..strategies import EXCLUDING
@@ -96,15 +96,7 @@ class SubsetConfig(Settings):
     @classmethod
     def from_config(cls, value: Any) -> SubsetConfig:
         """Build from ``{"key": ..., "by": ..., "fallback": ...}`` (errors name the sub-key)."""
-        if not isinstance(value, Mapping):
-            raise ConfigError("", f"must be a mapping with a key, got {shown(value)}")
-        for key in value:
-            if key not in _KEYS:
-                raise ConfigError(key_text(key), f"unknown key; allowed: {', '.join(_KEYS)}")
-        if "key" not in value:
-            raise ConfigError("key", "is required: \"header:NAME\", \"cookie:NAME\", "
-                                     "\"source_ip\" or \"user_id\"")
-        return cls(**value)
+        return cls(**keyed_settings(value, _KEYS))
 
 
 class SubsetRoute(Route):
