@@ -132,7 +132,7 @@ class LoadBalancer:
              exclude: Collection[str] = ()) -> Lease:
         """Pick an endpoint of ``service`` and return its open :class:`~tai_lb.Lease`.
 
-        :param key: the request's routing key (used by ``consistent_hash``).
+        :param key: the routing key (``consistent_hash``, ``maglev`` and affinity use it).
         :param exclude: addresses not to pick while any other endpoint remains (retries use it
             to go to a different endpoint).
         :raises UnknownService: the service was never configured nor registered.

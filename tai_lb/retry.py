@@ -53,8 +53,9 @@ class RetryConfig(Settings):
     :param attempts: attempts in all, the first included (1 disables retries).
     :param statuses: response statuses retried for idempotent requests.
     :param methods: methods retried after a failure that may have reached a server.
-    :param backoff_base: first backoff in seconds; each retry waits a random time up to
-        ``backoff_base * 2**retry``, capped at ``backoff_max`` (full jitter).
+    :param backoff_base: first backoff in seconds; retry ``n`` (1 for the second attempt) waits
+        a random time up to ``backoff_base * 2**(n - 1)``, capped at ``backoff_max`` (full
+        jitter).
     :param backoff_max: the longest backoff in seconds.
     :param deadline: seconds for all attempts together (None: attempts alone bound them).
     :param budget_percent: retries allowed as a share of requests in the budget window.

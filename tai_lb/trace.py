@@ -4,7 +4,7 @@ Every response of a balanced request carries one as ``response.lb_trace``; when 
 fails, the exception raised carries it as ``error.lb_trace``.  :func:`trace_of` finds it on
 either.  ``str(trace)`` gives one line per attempt, for logs::
 
-    users GET /api/users/42: 2 attempts, 0.013 s, budget 100 retries left
+    users GET /api/users/42: 2 attempts, 0.013 s, budget 99 retries left
       1. 127.0.0.1:8001 (picked by peak_ewma) -> ConnectionError: <urllib3's message, which
          names the refused connection>; retry: not sent
       2. 127.0.0.1:8002 (picked by peak_ewma, excluding 1 tried) -> 200 in 0.004 s

@@ -23,6 +23,8 @@ from ..exceptions import ConfigError
 __all__ = ["HealthCheckConfig", "ProbeFunction"]
 
 ProbeFunction = Callable[[Endpoint], bool]
+"""A ``function`` check: called with the endpoint, it returns whether the endpoint passes
+(raising counts as a failure)."""
 
 _STATUS_RANGE = re.compile(r"\s*([0-9]{3})\s*-\s*([0-9]{3})\s*")  # ASCII digits only
 

@@ -3,7 +3,7 @@
 :class:`Affinity` is both a stage (each build records the route's candidates by address, and
 adds itself to the route's selectors) and the selector a pick consults first.  It owns its
 table, a ``cachetools`` LRU cache whose entries carry their TTL, behind its own lock, and a
-daemon thread ``tai-lb-affinity`` that expires entries.
+daemon thread ``tai-lb-affinity-<service>`` that expires entries.
 
 The rules:
 

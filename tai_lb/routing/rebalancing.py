@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["ADDRESSES_SHOWN", "EVENTS_KEPT", "MODES", "RebalanceConfig", "ServiceRebalance"]
 
 MODES = ("immediate", "gradual", "manual")
+"""The values of ``rebalance.mode``; ``immediate`` is the default."""
 
 EVENTS_KEPT = 100
 """The events kept per service (the oldest go first)."""

@@ -31,6 +31,7 @@ __all__ = ["RECONNECT_CAP", "RECONNECT_FIRST", "Backoff", "EtcdClient", "decode_
 
 #: delays between reconnection attempts: from the first to the cap, doubling, with jitter
 RECONNECT_FIRST = 0.05
+#: the longest delay between reconnection attempts (see :data:`RECONNECT_FIRST`)
 RECONNECT_CAP = 5.0
 #: TCP keep-alive on etcd connections: first probe after 30 s idle, then every 10 s, 3 probes
 _KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
