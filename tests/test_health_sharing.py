@@ -174,6 +174,7 @@ def share_records(directory: Path) -> dict[str, Any]:
     return records
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 def test_eight_workers_probe_about_as_often_as_one(backends: list[Backend],
                                                   tmp_path: Path) -> None:
     with workers(1, config_for(backends, False)) as alone:
@@ -195,6 +196,7 @@ def test_eight_workers_probe_about_as_often_as_one(backends: list[Backend],
         "users", HealthCheckConfig(**CHECKS, share=str(tmp_path)), "http")]
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 def test_a_failing_backend_is_seen_unhealthy_by_every_worker(backends: list[Backend],
                                                             tmp_path: Path) -> None:
     a = backends[0]
@@ -216,6 +218,7 @@ def test_a_failing_backend_is_seen_unhealthy_by_every_worker(backends: list[Back
     assert views == [False] * 8 and other == [True] * 8
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 def test_killing_the_prober_lets_another_worker_take_over(backends: list[Backend],
                                                           tmp_path: Path) -> None:
     a = backends[0]

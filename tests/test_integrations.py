@@ -146,6 +146,7 @@ def _echo_count(backend: Backend) -> int:
         return sum(1 for r in backend.received if r["path"] == "/echo")
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 def test_2000_requests_then_every_worker_routes_around_a_backend_failing_its_checks(
         served: Served) -> None:
     answers = served.calls("users", [{}] * 2000)  # each asserts a 200
@@ -172,6 +173,7 @@ def test_2000_requests_then_every_worker_routes_around_a_backend_failing_its_che
     draining.failing = False  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 @pytest.mark.parametrize(("service", "header"), [
     ("by_cookie", lambda key: {"Cookie": f"session={key}"}),
     ("by_user", lambda key: {"X-Test-User": key}),
@@ -192,6 +194,7 @@ def test_a_key_from_the_incoming_request_routes_with_no_plumbing(
     assert len({a["pid"] for a in answers}) > 1
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 @pytest.mark.parametrize(("service", "header"), [
     ("pinned", lambda key: {"Cookie": f"session={key}"}),
     ("pinned_ip", lambda key: {"X-Forwarded-For": f"198.51.100.{key[1:]}"}),
@@ -208,6 +211,7 @@ def test_affinity_by_an_incoming_cookie_or_address_pins_each_key_in_each_worker(
     assert len({v[0] for v in pinned.values()}) > 1  # round robin spread the first visits
 
 
+@pytest.mark.slow  # gunicorn or forked workers: the main run only
 def test_the_status_page_shows_the_answering_workers_balancer(served: Served) -> None:
     page = requests.get(f"{served.url}/lb-status/", timeout=10)
     assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
