@@ -148,3 +148,49 @@ def test_redis_clients_route_around_a_stopped_server_by_its_breaker(
         # keys of live servers are found where they were; the stopped server's are missed
         assert found.count(True) == sum(port != stopped.port for port in home.values())
     assert clients.opened == clients.closed  # close() closed every pooled client
+
+
+def test_the_requests_session_example_retries_then_routes_around_a_killed_backend() -> None:
+    output = run_example("requests_session.py")
+    assert "every request answered; routed around bravo: yes" in output
+    after = re.search(r"^after: +alpha (\d+), bravo (\d+), charlie (\d+)$", output, re.MULTILINE)
+    assert after is not None, output
+    assert int(after[2]) == 0 and int(after[1]) + int(after[3]) == 90
+    # the decision trace of a request that met bravo: refused there, answered by another
+    trace = output.split("from its decision trace:\n", 1)[1]
+    assert re.match(r"  users GET /api/users/\d+: 2 attempts", trace), trace
+    assert "Connection refused" in trace and "excluding 1 tried) -> 200" in trace
+    # the status() summary: bravo failed its checks, once refused a request, and no other did
+    assert re.search(r"^  bravo .* health=unhealthy .* failures=1 ", output, re.MULTILINE)
+    assert len(re.findall(r" health=healthy .* failures=0 ", output)) == 2
+    assert re.search(r"^users: 2 of 3 endpoints pickable, \d+ attempts, 1 errors, 1 retries",
+                     output, re.MULTILINE), output
+
+
+def test_the_non_http_example_keeps_keys_pools_sockets_and_breaks_a_stopped_server() -> None:
+    output = run_example("non_http_pick.py")
+    assert "as described: yes" in output
+    homes = re.findall(r"^   (user-\d+) +-> (\w+)$", output, re.MULTILINE)
+    assert len(homes) == 12 and len({server for _, server in homes}) > 1  # one home per key
+    pooled = re.search(r"300 calls: alpha (\d+), bravo (\d+), gamma (\d+); 300 borrows, "
+                       r"3 sockets opened", output)
+    assert pooled is not None and sum(int(n) for n in pooled.groups()) == 300, output
+    stopped = re.search(r"120 calls: 2 failed, then alpha (\d+), bravo (\d+); gamma's breaker: "
+                        r"open", output)
+    assert stopped is not None and int(stopped[1]) + int(stopped[2]) == 118, output
+
+
+def test_the_discovery_example_follows_the_file_and_no_pick_fails() -> None:
+    output = run_example("discovery_file.py")
+    assert "as described: yes" in output
+    picks = re.findall(r"^   picks: (.*)$", output, re.MULTILINE)
+    assert len(picks) == 5, output
+    assert picks[0] == "127.0.0.1:9001 1000, 127.0.0.1:9002 1000"
+    three = re.fullmatch(r"127\.0\.0\.1:9001 (\d+), 127\.0\.0\.1:9002 (\d+), "
+                         r"127\.0\.0\.1:9003 (\d+)", picks[1])
+    assert three is not None and sorted(int(n) for n in three.groups()) == [666, 667, 667]
+    # the removal applied at once; the broken file kept it; the big removal applied at last
+    assert picks[2] == picks[3] == "127.0.0.1:9001 1000, 127.0.0.1:9003 1000"
+    assert picks[4] == "127.0.0.1:9003 2000"
+    assert "reads that held the removal back: 2" in output
+    assert re.search(r"errors=1 held_back=2; failed picks: 0$", output, re.MULTILINE), output
