@@ -6,6 +6,7 @@ routes around a stopped redis-server."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -314,3 +315,13 @@ def test_the_web_example_runs_with_python_over_its_demo_backends(example: str) -
         errors = process.communicate(timeout=15)[1]
     assert process.returncode == 0, errors
     assert "Traceback" not in errors, errors
+
+
+def test_every_example_says_how_to_run_it_and_is_run_here() -> None:
+    source = Path(__file__).read_text(encoding="utf-8")
+    examples = sorted((ROOT / "examples").glob("[!_]*.py"))
+    assert len(examples) >= 7
+    for path in examples:
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        assert docstring and f"python examples/{path.name}" in docstring, path.name
+        assert f'"{path.name}"' in source, f"no test runs examples/{path.name}"
