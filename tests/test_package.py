@@ -112,7 +112,8 @@ def test_the_sdist_holds_what_a_build_needs(dists: Dists) -> None:
     assert source_modules() <= names
     # a whole source release: the tests and what they read run from it too
     assert {"tests/conftest.py", "tests/test_package.py", "docs/index.rst",
-            "docs/examples/services.json", "benchmarks/picks.py"} <= names
+            "docs/examples/services.json", "benchmarks/picks.py",
+            "examples/requests_session.py", "examples/_backends.py"} <= names
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 
 
