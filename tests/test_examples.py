@@ -269,6 +269,7 @@ def check_cart_affinity(url: str) -> set[str]:
     return {next(iter(found)) for found in homes.values()}
 
 
+@pytest.mark.slow  # gunicorn workers: the main run only
 @pytest.mark.parametrize("example", sorted(WEB_APPS))
 def test_the_web_example_under_gunicorn_balances_over_the_configured_backends(
         example: str, backend_factory: Factory, tmp_path: Path) -> None:
