@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 import tai_lb
-from tai_lb import ServiceConfig
+from tai_lb import LoadBalancerConfig, ServiceConfig
+
+from .conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
@@ -143,3 +145,31 @@ def test_the_nginx_upstream_maps_as_the_table_says() -> None:
     assert config.retries.statuses == {int(word[5:]) for word in next_upstream
                                        if word.startswith("http_")}
     assert config.retries.deadline == seconds(one["proxy_next_upstream_timeout"][0])
+
+
+def test_the_haproxy_example_sends_to_servers_up_and_to_the_backup_only_when_none_is() -> None:
+    # The page says: only endpoints that pass their checks get traffic (HAProxy never sends to
+    # a server marked down), and the backup takes it when no primary is up, and only then.
+    down: set[str] = set()
+    users_config = users("from_haproxy.json")
+    assert users_config.health_check is not None
+    fast_check = users_config.health_check.new(  # the file's check, probing without a network
+        type="function", function=lambda endpoint: endpoint.address not in down,
+        interval=0.01, jitter=0.0, healthy_threshold=1, unhealthy_threshold=1)
+    config = LoadBalancerConfig({"users": users_config.new(health_check=fast_check)})
+
+    def picked() -> set[str]:
+        chosen = set()
+        for _ in range(200):
+            with lb.pick("users") as lease:
+                chosen.add(lease.endpoint.address)
+        return chosen
+
+    with tai_lb.LoadBalancer.from_config(config) as lb:
+        assert picked() == {"10.0.1.11:8001", "10.0.1.12:8001", "10.0.1.13:8001"}
+        down.update({"10.0.1.11:8001", "10.0.1.12:8001"})
+        assert wait_for(lambda: picked() == {"10.0.1.13:8001"})  # no panic: the one up
+        down.add("10.0.1.13:8001")
+        assert wait_for(lambda: picked() == {"10.1.1.11:8001"})  # the backup
+        down.discard("10.0.1.12:8001")
+        assert wait_for(lambda: picked() == {"10.0.1.12:8001"})  # one primary back: failback
