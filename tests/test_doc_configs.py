@@ -7,13 +7,16 @@ docs/migrating.rst pairs an HAProxy backend (``haproxy.cfg``) and an nginx upstr
 (``nginx.conf``) with the tai-lb configuration that replaces each (``from_haproxy.json``,
 ``from_nginx.json``); the tests below read the numbers out of the proxy's file and check that
 the tai-lb file carries them as the page's mapping table says, so that neither side of the
-example can change without the other.
+example can change without the other. HAProxy and nginx themselves check their files (both
+are installed by scripts/test.sh), and the HAProxy equivalent runs with endpoints failing to
+show it keeps HAProxy's rule for servers down and backups.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +176,23 @@ def test_the_haproxy_example_sends_to_servers_up_and_to_the_backup_only_when_non
         assert wait_for(lambda: picked() == {"10.1.1.11:8001"})  # the backup
         down.discard("10.0.1.12:8001")
         assert wait_for(lambda: picked() == {"10.0.1.12:8001"})  # one primary back: failback
+
+
+def program(name: str) -> str:
+    """The path of a Debian-installed server program (scripts/test.sh installs it)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    assert found, f"{name} is missing: apt-get install {name} (scripts/test.sh does)"
+    return found
+
+
+def test_haproxy_accepts_the_example_backend() -> None:
+    done = subprocess.run([program("haproxy"), "-c", "-f", str(EXAMPLES / "haproxy.cfg")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_nginx_accepts_the_example_upstream(tmp_path: Path) -> None:
+    done = subprocess.run([program("nginx"), "-t", "-q", "-e", "stderr", "-p", f"{tmp_path}/",
+                           "-c", str(EXAMPLES / "nginx.conf"), "-g", "pid nginx.pid;"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
