@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # The discovery tests run a real etcd and a real DNS server (dnsmasq); they fail without them.
 # The status page test drives a real headless Chromium (Debian's, with its chromedriver).
 # The Redis example and its tests run real redis-server processes.
-apt_install etcd-server dnsmasq-base chromium chromium-driver redis-server
+# tests/test_doc_configs.py checks the migration page's proxy files with haproxy -c and nginx -t.
+apt_install etcd-server dnsmasq-base chromium chromium-driver redis-server haproxy nginx
 ensure_venv .venv "${PYTHON:-python3}"
 pip_install .venv -e '.[test,lint,docs,all]'
 
