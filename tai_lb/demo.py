@@ -161,14 +161,14 @@ def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
     with LoadBalancer.from_config(config) as lb:
         started = time.monotonic()
         clients = _Clients(lb, threads=4)
-        requests_at_kill: Optional[int] = None
+        failures_at_kill: Optional[int] = None
         next_print = 0.0
         try:
             while (elapsed := time.monotonic() - started) < duration:
-                if requests_at_kill is None and elapsed >= duration / 2:
+                if failures_at_kill is None and elapsed >= duration / 2:
                     victim.kill()
-                    requests_at_kill = lb.stats("users")[victim.address].requests
-                note = (f"{victim.name} killed at {duration / 2:.1f} s" if requests_at_kill
+                    failures_at_kill = lb.stats("users")[victim.address].failures
+                note = (f"{victim.name} killed at {duration / 2:.1f} s" if failures_at_kill
                         is not None else f"{victim.name} will be killed at {duration / 2:.1f} s")
                 lines = _table(lb, backends, clients, elapsed, note)
                 if live:
@@ -188,14 +188,15 @@ def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
                     backend.kill("stopped")
         elapsed = time.monotonic() - started
         final = _table(lb, backends, clients, elapsed, "finished")
-        after_kill = lb.stats("users")[victim.address].requests - (requests_at_kill or 0)
+        # Failures since the kill: a request in flight at the kill may still have succeeded.
+        after_kill = lb.stats("users")[victim.address].failures - (failures_at_kill or 0)
     if live and shown:
         out.write(f"\x1b[{shown}F")
     out.write("".join(f"{line}\x1b[K\n" if live else f"{line}\n" for line in final))
     out.write(f"\n{clients.ok} requests succeeded and {clients.failed} failed in {elapsed:.1f} s "
               f"({clients.ok / elapsed:.0f} per second).\n"
-              f"After {victim.name} was killed, {after_kill} attempts went to it; each failed "
-              f"fast and was retried on another endpoint ({clients.retried} retries in all), "
+              f"After {victim.name} was killed, {after_kill} attempts failed on it, each fast "
+              f"and retried on another endpoint ({clients.retried} retries in all), "
               f"and outlier detection ejected it.\n")
     if clients.last_error:
         out.write(f"Last failure: {clients.last_error}\n")
