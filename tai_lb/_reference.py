@@ -37,12 +37,15 @@ from .routing.locality import LocalityConfig
 from .routing.rebalancing import RebalanceConfig
 from .routing.slow_start import SlowStartConfig
 from .routing.subsets import SubsetConfig
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, Strategy
 from .strategies.names import OPTIONS
 
-__all__ = ["Row", "Section", "allowed_text", "param_docs", "sections", "shown_default"]
+__all__ = ["Row", "Section", "allowed_text", "as_configured", "param_docs", "sections",
+           "shown_default"]
 
 _PARAM = re.compile(r"^:param (\w+):(.*)$")
+_CONFIG_WORDS = {"None": "null", "True": "true", "False": "false"}
+_PYTHON_WORDS = re.compile(r"\b(None|True|False)\b")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class Section:
     rows: tuple[Row, ...]
     build: Optional[Callable[..., Any]] = None
 
+    @property
+    def title(self) -> str:
+        """The section's title: its path as a literal (the top level has none)."""
+        return f"``{self.path}``" if self.path else "The top level"
+
 
 def param_docs(obj: object) -> dict[str, str]:
     """The ``:param NAME: text`` lines of ``obj``'s docstring, by name, each on one line."""
@@ -101,7 +109,7 @@ def param_docs(obj: object) -> dict[str, str]:
 
 
 def _intro(obj: object) -> str:
-    return (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+    return as_configured((inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " "))
 
 
 def _number(value: float) -> str:
@@ -125,8 +133,9 @@ def shown_default(value: Any) -> str:
         return "[" + ", ".join(shown_default(item) for item in items) + "]"
     if isinstance(value, Settings):
         return "the defaults below"
-    name = getattr(value, "name", None)  # a strategy
-    return f'"{name}"' if isinstance(name, str) else repr(value)
+    if isinstance(value, Strategy):
+        return f'"{value.name}"'
+    return repr(value)
 
 
 def allowed_text(meta: Mapping[str, Any], integer: bool) -> str:
@@ -148,11 +157,18 @@ def allowed_text(meta: Mapping[str, Any], integer: bool) -> str:
     return "; ".join(parts)
 
 
+def as_configured(text: str) -> str:
+    """A docstring's words as a configuration spells them: None, True and False as null, true
+    and false."""
+    return _PYTHON_WORDS.sub(lambda match: _CONFIG_WORDS[match[0]], text)
+
+
 def _row(key: str, default: str, meta: Mapping[str, Any], meaning: str, integer: bool) -> Row:
     return Row(key=meta.get("key") or key, default=meta.get("default") or default,
                unit=meta.get("unit", ""), allowed=allowed_text(meta, integer),
-               meaning=meta.get("meaning") or meaning, field=key, low=meta.get("low"),
-               high=meta.get("high"), low_open=bool(meta.get("low_open")), integer=integer)
+               meaning=as_configured(meta.get("meaning") or meaning), field=key,
+               low=meta.get("low"), high=meta.get("high"), low_open=bool(meta.get("low_open")),
+               integer=integer)
 
 
 def _is_int(annotation: object) -> bool:
@@ -201,7 +217,7 @@ def _strategy_rows() -> tuple[Row, ...]:
     rows = []
     for name, cls in STRATEGIES.items():
         options = ", ".join(f"``{option}``" for option in OPTIONS[name])
-        rows.append(Row(key=f'"{name}"', default='this one' if name == "round_robin" else "",
+        rows.append(Row(key=f'"{name}"', default="the default" if name == "round_robin" else "",
                         unit="", allowed=f"options: {options}" if options else "no options",
                         meaning=(inspect.getdoc(cls) or "").split("\n")[0]))
     return tuple(rows)
@@ -212,13 +228,13 @@ def _by_keyword(cls: type[Settings], **base: Any) -> Callable[..., Any]:
 
 
 def sections() -> tuple[Section, ...]:
-    """Every mapping of a configuration, with its keys, in the order of the reference page."""
+    """Every mapping of a configuration, with its keys: the top level and metrics, a service,
+    then the mappings of a service's keys in the order of :data:`~tai_lb.config.SERVICE_KEYS`."""
     service = {row.key: row for row in settings_rows(config.ServiceConfig, skip=("failover",))}
     top = settings_rows(config.LoadBalancerConfig)
-    loader_keys = table_rows(config.LOADER_KEYS)
     result = [
-        Section("top", "(the top level)", "The top level of a configuration.",
-                (*top, *loader_keys)),
+        Section("top", "", "The top level of a configuration.",
+                (*top, *table_rows(config.LOADER_KEYS))),
         Section("metrics", "metrics", _intro(MetricsConfig), settings_rows(MetricsConfig)),
         Section("metrics.statsd", "metrics.statsd", _intro(StatsdConfig),
                 settings_rows(StatsdConfig), StatsdConfig),
@@ -228,20 +244,23 @@ def sections() -> tuple[Section, ...]:
                 "but ``endpoints`` and ``discovery``). A service needs ``endpoints`` or "
                 "``discovery``; every other key is optional.",
                 tuple(service[key] for key in config.SERVICE_KEYS)),
-        Section("endpoint", "services.NAME.endpoints[]", "An endpoint written as a mapping "
-                "(or as a ``\"host:port\"`` string).", table_rows(ENDPOINT_KEYS, Endpoint),
-                lambda **changes: Endpoint(**{"host": "127.0.0.1", "port": 80, **changes})),
-        Section("strategy", "services.NAME.strategy", "A strategy name, or a mapping with "
-                "``name`` and the strategy's options next to it: ``{\"name\": "
-                "\"consistent_hash\", \"load_bound\": 1.25}``.", _strategy_rows()),
     ]
+    parts: dict[str, list[Section]] = {key: [] for key in config.SERVICE_KEYS}
+    parts["endpoints"].append(Section(
+        "endpoint", "services.NAME.endpoints[]", "An endpoint written as a mapping (or as a "
+        "``\"host:port\"`` string).", table_rows(ENDPOINT_KEYS, Endpoint),
+        lambda **changes: Endpoint(**{"host": "127.0.0.1", "port": 80, **changes})))
+    parts["strategy"].append(Section(
+        "strategy", "services.NAME.strategy", "A strategy name, or a mapping with ``name`` and "
+        "the strategy's options next to it: ``{\"name\": \"consistent_hash\", \"load_bound\": "
+        "1.25}``.", _strategy_rows()))
     for name, table in OPTIONS.items():
         if table:
-            result.append(Section(
+            parts["strategy"].append(Section(
                 f"strategy.{name}", f"services.NAME.strategy (name {name})",
                 f"The options of ``{name}``.", table_rows(table, STRATEGIES[name]),
                 STRATEGIES[name]))
-    parts: list[tuple[str, type[Settings], Callable[..., Any]]] = [
+    own: list[tuple[str, type[Settings], Callable[..., Any]]] = [
         ("health_check", HealthCheckConfig, _by_keyword(HealthCheckConfig, path="/")),
         ("outlier_detection", OutlierConfig, OutlierConfig),
         ("circuit_breaker", BreakerConfig, BreakerConfig),
@@ -253,29 +272,32 @@ def sections() -> tuple[Section, ...]:
         ("rebalance", RebalanceConfig, RebalanceConfig),
         ("slow_start", SlowStartConfig, SlowStartConfig),
     ]
-    for key, cls, build in parts:
-        result.append(Section(key, f"services.NAME.{key}", _intro(cls), settings_rows(cls),
-                              build))
-    result.append(Section(
+    for key, cls, build in own:
+        parts[key].append(Section(key, f"services.NAME.{key}", _intro(cls), settings_rows(cls),
+                                  build))
+    parts["backups"].append(Section(
         "backups", "services.NAME.backups", "A list of endpoints, or a mapping of the endpoints "
         "and the failover thresholds (which apply to every priority group). " + _intro(
             FailoverConfig), (Row("endpoints", "[]", "", "a list of endpoints, as ``endpoints``",
                                   "the backup endpoints: their priorities come after every "
                                   "primary endpoint's"), *settings_rows(FailoverConfig)),
         FailoverConfig))
-    result.append(Section(
+    parts["timeout"].append(Section(
         "timeout", "services.NAME.timeout", "A number (both timeouts), a list ``[connect, "
         "read]`` or a mapping of these keys, for HTTP requests that set no timeout of their "
         "own; null, the default, waits as long as plain requests does.",
         table_rows(config.TIMEOUT_KEYS),
         lambda **changes: config.parse_timeout(changes, "timeout")))
-    result.append(Section(
+    parts["discovery"].append(Section(
         "discovery", "services.NAME.discovery", _intro(DiscoveryConfig) + " The keys of "
         "every type are below; these apply to all of them.",
         (*settings_rows(DiscoveryConfig, skip=("source", "watch")), *settings_rows(WatchConfig)),
         WatchConfig))
-    for kind, cls in (("static", StaticConfig), ("file", FileConfig), ("dns", DnsConfig),
-                      ("etcd", EtcdConfig)):
-        result.append(Section(f"discovery.{kind}", f"services.NAME.discovery (type {kind})",
-                              _intro(cls), settings_rows(cls), cls))
+    for kind, source in (("static", StaticConfig), ("file", FileConfig), ("dns", DnsConfig),
+                         ("etcd", EtcdConfig)):
+        parts["discovery"].append(Section(
+            f"discovery.{kind}", f"services.NAME.discovery (type {kind})", _intro(source),
+            settings_rows(source), source))
+    for key in config.SERVICE_KEYS:
+        result.extend(parts[key])
     return tuple(result)

@@ -145,7 +145,7 @@ _OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
 class ServiceConfig(Settings):
     """The settings of one service.
 
-    :param endpoints: the static endpoints.
+    :param endpoints: the static endpoints (a service needs these, ``discovery``, or both).
     :param strategy: how to pick among them (default round robin).
     :param scheme: ``"http"`` or ``"https"``: the scheme of health probes (a request's URL sets
         its own).
@@ -171,7 +171,7 @@ class ServiceConfig(Settings):
     """
 
     endpoints: tuple[Endpoint, ...] = field(default=(), metadata=doc(
-        allowed="a list of \"host:port\" or mappings (below)", default="required"))
+        allowed="a list of \"host:port\" or mappings (below)"))
     strategy: Strategy = field(default_factory=RoundRobin, metadata=doc(
         allowed="a strategy name, or a mapping of name and options (below)"))
     scheme: Literal["http", "https"] = field(default="http", metadata=doc(

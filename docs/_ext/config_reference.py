@@ -21,6 +21,7 @@ from tai_lb import _reference
 
 _SPECIAL = re.compile(r"([\\*`|_])")
 _QUOTED = re.compile(r'("[^"]*")')
+_IN_WORDS = ("required", "the defaults below", "the default")
 
 
 def plain(text: str) -> str:
@@ -30,19 +31,36 @@ def plain(text: str) -> str:
                    for index, part in enumerate(_QUOTED.split(text)))
 
 
+def _default(text: str) -> str:
+    """A default as a literal value, or in words (*required*, *the defaults below*)."""
+    if not text:
+        return ""
+    return f"*{text}*" if text in _IN_WORDS else f"``{text}``"
+
+
 def section_lines(section: _reference.Section) -> list[str]:
     """One section as reStructuredText: a label, a title, the intro and a table of its keys."""
-    title = f"``{section.path}``"
+    title = section.title
     lines = [f".. _config-{section.id}:", "", title, "-" * len(title), "", section.intro, "",
              ".. list-table::", "   :header-rows: 1", "   :widths: 20 12 11 27 30", "",
              "   * - Key", "     - Default", "     - Unit", "     - Allowed values",
              "     - Meaning"]
     for row in section.rows:
-        cells = (f"``{row.key}``", f"``{row.default}``" if row.default else "",
+        cells = (f"``{row.key}``", _default(row.default),
                  plain(row.unit), plain(row.allowed), row.meaning)
         lines.append(f"   * - {cells[0]}")
         lines.extend(f"     - {cell}" if cell else "     -" for cell in cells[1:])
     return [*lines, ""]
+
+
+_SECTIONS: list[_reference.Section] = []
+
+
+def _read_sections(app: Sphinx) -> None:
+    # Read before any page: autodoc_preserve_defaults replaces the defaults of the functions
+    # it documents with their source text ("1 << 16"), and the reference reads some defaults
+    # from signatures (an endpoint's keys, a strategy's options).
+    _SECTIONS[:] = _reference.sections()
 
 
 class ConfigReference(SphinxDirective):
@@ -52,7 +70,7 @@ class ConfigReference(SphinxDirective):
 
     def run(self) -> list[nodes.Node]:
         lines = StringList()
-        for section in _reference.sections():
+        for section in _SECTIONS or _reference.sections():
             for line in section_lines(section):
                 lines.append(line, "<tai-lb configuration reference>")
         container = nodes.section()
@@ -63,4 +81,5 @@ class ConfigReference(SphinxDirective):
 
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("tai-lb-config-reference", ConfigReference)
+    app.connect("builder-inited", _read_sections)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -123,7 +123,7 @@ class DiscoveryConfig(Settings):
     :param watch: how the source is polled and guarded.
     """
 
-    type: str = field(metadata=doc(allowed='"static", "file", "dns" or "etcd"; required'))
+    type: str = field(metadata=doc(allowed='"static", "file", "dns" or "etcd"'))
     source: SourceConfig
     watch: WatchConfig = field(default_factory=WatchConfig)
 

@@ -75,7 +75,7 @@ class DnsConfig(Settings):
         only; for tests).
     """
 
-    name: str = field(default="", metadata=doc(allowed="a DNS name; required",
+    name: str = field(default="", metadata=doc(allowed="a DNS name",
                                                default="required"))
     record: str = field(default="SRV", metadata=doc(allowed='"SRV", "A" or "AAAA" (any case)'))
     nameserver: Optional[str] = field(default=None, metadata=doc(

@@ -62,7 +62,7 @@ class AffinityConfig(Settings):
     """
 
     key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]] = field(metadata=doc(
-        allowed='"header:NAME", "cookie:NAME", "source_ip" or "user_id"; required'))
+        allowed='"header:NAME", "cookie:NAME", "source_ip" or "user_id"'))
     ttl: float = field(default=300.0, metadata=doc("seconds", low=0, high=MAX_SECONDS,
                                                    low_open=True))
     max_entries: int = field(default=100_000, metadata=doc("keys", low=1, high=100_000_000))

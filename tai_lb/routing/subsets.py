@@ -62,7 +62,7 @@ class SubsetConfig(Settings):
     """
 
     key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]] = field(metadata=doc(
-        allowed='"header:NAME", "cookie:NAME", "source_ip" or "user_id"; required'))
+        allowed='"header:NAME", "cookie:NAME", "source_ip" or "user_id"'))
     by: str = field(default="version", metadata=doc(
         allowed='"version", "zone", "region" or "label:NAME"'))
     fallback: str = field(default="any", metadata=doc(allowed='"any" or "fail"'))
