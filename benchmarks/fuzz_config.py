@@ -130,6 +130,17 @@ def valid_configs() -> list[dict[str, Any]]:
                                       "fallback": "any"}},
             },
         },
+        {
+            # a tuning profile under the configuration's own defaults; null turns a part off
+            "profile": "production_unstable",
+            "defaults": {"retries": {"attempts": 2}, "timeout": {"read": 2}},
+            "services": {
+                "users": {"endpoints": ["127.0.0.1:8401", "127.0.0.1:8402"],
+                          "health_check": {"type": "http", "path": "/healthz"}},
+                "orders": {"endpoints": ["127.0.0.1:8403"], "circuit_breaker": None,
+                           "slow_start": None, "rebalance": None},
+            },
+        },
     ]
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath("_ext"))  # config_reference: the generated reference
 
 import tai_lb
 
@@ -22,9 +23,10 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
+    "config_reference",
 ]
 
-exclude_patterns = ["_build", "examples", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_ext", "examples", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 
 # The docstrings use Sphinx ``:param:`` fields; type hints are shown next to them.

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import reprlib
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Optional, TypeVar, cast
 
 from .exceptions import ConfigError
 
@@ -143,6 +143,31 @@ def check_number(value: object, key: str, low: float = 0.0, high: float = MAX_SE
                   else f"from {low:.15g} to {high:.15g}")
         raise ConfigError(key, f"must be {what} {bounds}, got {shown(value)}")
     return float(value)
+
+
+def doc(unit: str = "", allowed: str = "", *, low: Optional[float] = None,
+        high: Optional[float] = None, low_open: bool = False, key: str = "",
+        default: str = "", meaning: str = "") -> dict[str, Any]:
+    """What the configuration reference (``docs/reference.rst``) says of a key, kept next to
+    the field as its ``dataclasses.field(metadata=...)``.
+
+    :param unit: the unit of a number, in words (``"seconds"``, ``"count"``, ``"share"``...).
+    :param allowed: the values allowed, in words, when not (only) a range.
+    :param low: the lowest value allowed (above it only, with ``low_open``).
+    :param high: the highest value allowed.
+    :param low_open: ``low`` itself is refused.
+    :param key: the key in a configuration, when it is not the field's name
+        (``"backoff.base"`` for ``backoff_base``).
+    :param default: the default as shown, when the field's default does not show well.
+    :param meaning: the meaning, for a key that has no ``:param`` line in its class's docstring.
+
+    ``low``, ``high`` and ``low_open`` repeat the bounds that the class's checks apply:
+    ``tests/test_reference.py`` tries each against the class, so the two cannot drift apart.
+    """
+    given = {"unit": unit, "allowed": allowed, "low": low, "high": high, "low_open": low_open,
+             "key": key, "default": default, "meaning": meaning}
+    return {name: value for name, value in given.items()
+            if value is not None and value != "" and value is not False}
 
 
 class Settings:

@@ -11,18 +11,16 @@ Keys of the specification that this version does not implement yet are rejected 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Optional, Union
 
-from ._settings import Settings, check_instance, check_number, key_text, shown
+from ._config_files import read_config_file
+from ._settings import MAX_SECONDS, Settings, check_instance, check_number, doc, key_text, shown
 from .discovery import DiscoveryConfig
-from .discovery.base import read_regular_file
 from .endpoint import Endpoint
 from .exceptions import ConfigError
 from .failover import BreakerConfig, FailoverConfig
@@ -30,6 +28,7 @@ from .health import HealthCheckConfig
 from .metrics import MetricsConfig
 from .outlier import OutlierConfig
 from .pool import PoolConfig
+from .profiles import PROFILES, profile_defaults
 from .registry import check_service_name
 from .retry import RetryConfig
 from .routing.affinity import AffinityConfig
@@ -54,7 +53,25 @@ SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "hea
                 "rebalance", "slow_start", "pool", "timeout", "locality", "subset")
 """Every key a service may have (some not supported yet, see :data:`NOT_SUPPORTED_YET`)."""
 
-TOP_LEVEL_KEYS = ("services", "defaults", "metrics", "zone")
+TOP_LEVEL_KEYS = ("services", "defaults", "metrics", "zone", "profile")
+
+#: the top-level keys that are no field of :class:`LoadBalancerConfig`, for the reference
+LOADER_KEYS: Mapping[str, Mapping[str, Any]] = {
+    "defaults": doc(allowed="a mapping of service keys but endpoints and discovery", default="{}",
+                    meaning="service keys given to every service; a service's own value wins, "
+                            "and two mappings merge one level deep"),
+    "profile": doc(allowed=", ".join(f'"{name}"' for name in PROFILES) + ", or null",
+                   default="null", meaning="a tuning profile (:doc:`tuning`), whose "
+                   "``defaults`` come before the configuration's own"),
+}
+#: the keys of a ``timeout`` mapping
+TIMEOUT_KEYS: Mapping[str, Mapping[str, Any]] = {
+    name: doc("seconds", "or null (no limit)", low=0, high=MAX_SECONDS, low_open=True,
+              default="null", meaning=meaning)
+    for name, meaning in (("connect", "the longest wait to connect, a free pooled connection "
+                                      "included"),
+                          ("read", "the longest wait for data, each time (not the whole "
+                                   "response: see retries.deadline)"))}
 
 NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType({})
 """Keys of the specification that this version rejects, with the reason shown to the user."""
@@ -128,7 +145,7 @@ _OPTIONAL_PARTS: tuple[tuple[str, type[Any]], ...] = (
 class ServiceConfig(Settings):
     """The settings of one service.
 
-    :param endpoints: the static endpoints.
+    :param endpoints: the static endpoints (a service needs these, ``discovery``, or both).
     :param strategy: how to pick among them (default round robin).
     :param scheme: ``"http"`` or ``"https"``: the scheme of health probes (a request's URL sets
         its own).
@@ -153,19 +170,27 @@ class ServiceConfig(Settings):
     :param subset: routing by endpoint metadata, or None.
     """
 
-    endpoints: tuple[Endpoint, ...] = ()
-    strategy: Strategy = field(default_factory=RoundRobin)
-    scheme: Literal["http", "https"] = "http"
-    hash_key: Optional[KeySource] = None
-    retries: RetryConfig = field(default_factory=RetryConfig)
+    endpoints: tuple[Endpoint, ...] = field(default=(), metadata=doc(
+        allowed="a list of \"host:port\" or mappings (below)"))
+    strategy: Strategy = field(default_factory=RoundRobin, metadata=doc(
+        allowed="a strategy name, or a mapping of name and options (below)"))
+    scheme: Literal["http", "https"] = field(default="http", metadata=doc(
+        allowed='"http" or "https"'))
+    hash_key: Optional[KeySource] = field(default=None, metadata=doc(
+        allowed='"header:NAME", "cookie:NAME", "source_ip", "user_id", or null'))
+    retries: RetryConfig = field(default_factory=RetryConfig, metadata=doc(
+        allowed="a mapping (below), or false (one attempt)"))
     pool: PoolConfig = field(default_factory=PoolConfig)
-    timeout: Optional[tuple[Optional[float], Optional[float]]] = None
+    timeout: Optional[tuple[Optional[float], Optional[float]]] = field(default=None, metadata=doc(
+        "seconds", "a number, [connect, read] or {connect, read} (below); null: none"))
     health_check: Optional[HealthCheckConfig] = None
     outlier_detection: Optional[OutlierConfig] = None
     circuit_breaker: Optional[BreakerConfig] = None
-    backups: tuple[Endpoint, ...] = ()
+    backups: tuple[Endpoint, ...] = field(default=(), metadata=doc(
+        allowed="a list of endpoints, or a mapping (below)"))
     failover: FailoverConfig = field(default_factory=FailoverConfig)
-    discovery: Optional[DiscoveryConfig] = None
+    discovery: Optional[DiscoveryConfig] = field(default=None, metadata=doc(
+        allowed="a mapping with a type (below)"))
     affinity: Optional[AffinityConfig] = None
     locality: Optional[LocalityConfig] = None
     subset: Optional[SubsetConfig] = None
@@ -209,13 +234,20 @@ class ServiceConfig(Settings):
 
 @dataclass(frozen=True)
 class LoadBalancerConfig(Settings):
-    """A whole balancer's settings: the services by name, where metrics go, and its own zone
-    (``zone``; when None, the environment variable ``TAI_LB_ZONE`` gives it: see
-    :attr:`local_zone`)."""
+    """A whole balancer's settings: the services by name, where metrics go, and its own zone.
 
-    services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
+    :param services: the services by name (lower-case host names); required.
+    :param metrics: where metrics go.
+    :param zone: the balancer's zone, for zone-aware routing; when None, the environment
+        variable ``TAI_LB_ZONE`` gives it (see :attr:`local_zone`).
+    """
+
+    services: Mapping[str, ServiceConfig] = field(
+        default_factory=lambda: MappingProxyType({}),
+        metadata=doc(allowed="a mapping of service names to service mappings", default="required"))
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    zone: Optional[str] = None
+    zone: Optional[str] = field(default=None, metadata=doc(
+        allowed="a zone name (at most 253 characters), or null"))
 
     @property
     def local_zone(self) -> Optional[str]:
@@ -258,6 +290,8 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
         defaults = {}
     if not isinstance(defaults, Mapping):
         raise ConfigError("defaults", f"must be a mapping of service keys, got {shown(defaults)}")
+    if data.get("profile") is not None:  # its defaults first: the configuration's own win
+        defaults = _merge(profile_defaults(data["profile"]), defaults)
     for key in ("endpoints", "discovery"):
         if key in defaults:
             raise ConfigError(f"defaults.{key}", "is per service and not allowed in defaults")
@@ -282,6 +316,11 @@ def parse_config(data: Mapping[str, Any]) -> LoadBalancerConfig:
         built[name] = ServiceConfig(**_parse_service_fields(_merge(defaults, settings), path))
     zone = check_zone(data.get("zone"), "zone")
     return LoadBalancerConfig(MappingProxyType(built), metrics, zone)
+
+
+#: the parts of a service that null cannot turn off (null turns off the others, when set in
+#: defaults or a profile)
+_NEVER_NULL = ("retries", "pool", "discovery")
 
 
 def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
@@ -318,7 +357,7 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
         fields["strategy"] = resolve_strategy(strategy, _join(path, "strategy"))
     if "scheme" in settings:
         fields["scheme"] = settings["scheme"]
-    if "hash_key" in settings:
+    if settings.get("hash_key") is not None:  # null: none (undoes one set in defaults)
         fields["hash_key"] = KeySource.parse(settings["hash_key"], _join(path, "hash_key"))
     for key, build in (("retries", RetryConfig.from_config), ("pool", PoolConfig.from_config),
                        ("discovery", DiscoveryConfig.from_config),
@@ -330,7 +369,7 @@ def _parse_service_fields(settings: Mapping[str, Any], path: str) -> dict[str, A
                        ("subset", SubsetConfig.from_config),
                        ("rebalance", RebalanceConfig.from_config),
                        ("slow_start", SlowStartConfig.from_config)):
-        if key in settings:
+        if key in settings and (settings[key] is not None or key in _NEVER_NULL):
             try:
                 fields[key] = build(settings[key])
             except ConfigError as error:
@@ -379,7 +418,7 @@ def parse_timeout(value: Any, path: str) -> tuple[Optional[float], Optional[floa
     """A timeout setting as (connect, read) seconds: a number, a pair or ``{connect, read}``."""
     if isinstance(value, Mapping):
         for key in value:
-            if key not in ("connect", "read"):
+            if key not in TIMEOUT_KEYS:
                 raise ConfigError(f"{path}.{key_text(key)}", "unknown key; allowed: connect, read")
         pair = (value.get("connect"), value.get("read"))
         names = (f"{path}.connect", f"{path}.read")
@@ -413,50 +452,3 @@ def load_config(source: Union[Mapping[str, Any], str, os.PathLike[str],
         raise ConfigError("", "the configuration must be a mapping or a file path, "
                               f"got {type(source).__name__}")
     return parse_config(read_config_file(os.fspath(source)))
-
-
-def read_config_file(path: str) -> Mapping[str, Any]:
-    """Read a configuration file by its extension: ``.json``, ``.toml``, ``.yaml`` or ``.yml``."""
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in (".json", ".toml", ".yaml", ".yml"):
-        raise ConfigError("", f"{path}: a configuration file must end in .json, .toml, .yaml or "
-                              f".yml, got {shown(extension or 'no extension')}")
-    try:
-        raw, _ = read_regular_file(path)  # never blocks: a FIFO or a directory is refused
-    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
-        message = error.strerror if isinstance(error, OSError) else None
-        raise ConfigError("", f"{path}: cannot read the configuration file: "
-                              f"{message or error}") from None
-    try:
-        if extension == ".json":
-            data = json.loads(raw.decode("utf-8"))
-        elif extension == ".toml":
-            data = _toml_loads(raw.decode("utf-8"))
-        else:
-            data = _yaml_loads(raw.decode("utf-8"), path)
-    except ConfigError:
-        raise
-    except Exception as error:  # each parser has its own error type; all mean "malformed"
-        raise ConfigError("", f"{path}: not valid {extension[1:].upper()}: {error}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError("", f"{path}: the top level must be a mapping, got "
-                              f"{type(data).__name__}")
-    return data
-
-
-def _toml_loads(text: str) -> Mapping[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib  # noqa: PLC0415 - only needed for TOML files
-    else:  # pragma: no cover - exercised by the 3.9 run
-        import tomli as tomllib  # noqa: PLC0415
-    data: Mapping[str, Any] = tomllib.loads(text)
-    return data
-
-
-def _yaml_loads(text: str, path: str) -> Any:
-    try:
-        import yaml  # noqa: PLC0415 - PyYAML is an optional extra
-    except ImportError:  # pragma: no cover - the test extra installs PyYAML
-        raise ConfigError("", f"{path}: reading YAML needs PyYAML: pip install "
-                              "'tai-lb[yaml]'") from None
-    return yaml.safe_load(text)

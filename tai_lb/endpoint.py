@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from ._settings import MAX_PORT, check_int, check_port, key_text, shown
+from ._settings import MAX_PORT, check_int, check_port, doc, key_text, shown
 from .exceptions import ConfigError
 
 __all__ = ["Endpoint", "Labels"]
@@ -21,8 +21,23 @@ __all__ = ["Endpoint", "Labels"]
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
 _MAX_WEIGHT = 1_000_000
-_ENDPOINT_KEYS = ("address", "host", "port", "weight", "zone", "region", "version", "labels",
-                  "priority", "tls_name")
+_NAME = "a non-empty string, or null"
+#: the keys of an endpoint mapping, with what the configuration reference says of each (the
+#: meaning of the others is their ``:param`` line in :class:`Endpoint`'s docstring)
+ENDPOINT_KEYS: Mapping[str, Mapping[str, Any]] = {
+    "address": doc(allowed='"host:port" ("[v6]:port" for IPv6); or host and port',
+                   default="required",
+                   meaning="where the endpoint listens, as in a ``\"host:port\"`` item"),
+    "host": doc(allowed="a host name (at most 253 characters) or an IP address"),
+    "port": doc("port", low=1, high=MAX_PORT),
+    "weight": doc("relative share", low=1, high=_MAX_WEIGHT),
+    "zone": doc(allowed=_NAME), "region": doc(allowed=_NAME),
+    "version": doc(allowed=_NAME + " (quote numbers in YAML and TOML)"),
+    "labels": doc(allowed="a mapping of names (1 to 253 of letters, digits, _./-) to strings"),
+    "priority": doc("group", low=0, high=1000),
+    "tls_name": doc(allowed="a host name or IPv4 address without a port, or null"),
+}
+_ENDPOINT_KEYS = tuple(ENDPOINT_KEYS)
 _ENDPOINT_KEY_SET = frozenset(_ENDPOINT_KEYS)
 _HOSTNAME_MATCH = _HOSTNAME.match
 _LABEL_KEY_MATCH = _LABEL_KEY.match

@@ -19,13 +19,13 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import pybreaker
 
 from . import _forksafe
-from ._settings import Settings, check_int, check_number, shown
+from ._settings import MAX_SECONDS, Settings, check_int, check_number, doc, shown
 from .exceptions import ConfigError
 
 __all__ = ["BreakerConfig", "EndpointBreaker", "FailoverConfig", "FailoverPolicy"]
@@ -42,9 +42,10 @@ class BreakerConfig(Settings):
     :param success_threshold: successful probes that close a half-open breaker.
     """
 
-    fail_max: int = 5
-    reset_timeout: float = 30.0
-    success_threshold: int = 1
+    fail_max: int = field(default=5, metadata=doc("failures", low=1, high=10_000))
+    reset_timeout: float = field(default=30.0, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                            low_open=True))
+    success_threshold: int = field(default=1, metadata=doc("successes", low=1, high=10_000))
 
     def __post_init__(self) -> None:
         for name in ("fail_max", "success_threshold"):
@@ -62,8 +63,10 @@ class FailoverConfig(Settings):
         it is usable again (above ``failover_below``, so traffic does not flap).
     """
 
-    failover_below: float = 0.5
-    failback_at: float = 0.7
+    failover_below: float = field(default=0.5, metadata=doc("share", low=0, high=1,
+                                                            low_open=True))
+    failback_at: float = field(default=0.7, metadata=doc(
+        "share", "at least failover_below", low=0, high=1, low_open=True))
 
     def __post_init__(self) -> None:
         for name in ("failover_below", "failback_at"):

@@ -50,11 +50,11 @@ import re
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import _forksafe
-from ._settings import Settings, check_port, key_text, shown
+from ._settings import Settings, check_port, doc, key_text, shown
 from .exceptions import ConfigError
 from .histogram import bucket_middle
 from .prometheus import EndpointRow, PrometheusConfig
@@ -80,12 +80,22 @@ Tags = Union[bool, Mapping[str, str], tuple[tuple[str, str], ...]]
 class StatsdConfig(Settings):
     """``metrics.statsd``: where StatsD listens (UDP), the prefix of every name, and whether
     the service and endpoint are sent as DogStatsD-style tags (``tags``: false, true, or a
-    mapping of constant tags sent with every line, which turns tags on)."""
+    mapping of constant tags sent with every line, which turns tags on).
 
-    host: str = "127.0.0.1"
-    port: int = 8125
-    prefix: str = "tai_lb"
-    tags: Tags = False
+    :param host: the StatsD server's host name or address (resolved when the balancer is built).
+    :param port: its UDP port.
+    :param prefix: the first part of every metric name.
+    :param tags: send the service and endpoint as DogStatsD tags rather than in the names;
+        a mapping adds constant tags (``{"env": "prod"}``) to every line.
+    """
+
+    host: str = field(default="127.0.0.1", metadata=doc(allowed="a host name or address"))
+    port: int = field(default=8125, metadata=doc("port", low=1, high=65535))
+    prefix: str = field(default="tai_lb", metadata=doc(
+        allowed="letters, digits, '_', '-' and '.'"))
+    tags: Tags = field(default=False, metadata=doc(
+        allowed="true, false or a mapping of tag names to values (letters, digits, "
+                "'_', '.', ':', '/', '-')"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -124,10 +134,17 @@ class StatsdConfig(Settings):
 
 @dataclass(frozen=True)
 class MetricsConfig(Settings):
-    """The top-level ``metrics`` setting."""
+    """The top-level ``metrics`` setting.
 
-    statsd: Optional[StatsdConfig] = None
-    prometheus: Optional[PrometheusConfig] = None
+    :param statsd: send metrics to StatsD (see ``metrics.statsd``), or null for not.
+    :param prometheus: export metrics to Prometheus (see ``metrics.prometheus``; needs the
+        ``prometheus`` extra), or null for not.
+    """
+
+    statsd: Optional[StatsdConfig] = field(default=None, metadata=doc(
+        allowed="a mapping (below), or null"))
+    prometheus: Optional[PrometheusConfig] = field(default=None, metadata=doc(
+        allowed="a mapping (below), or null"))
 
     @classmethod
     def from_config(cls, value: Any) -> MetricsConfig:

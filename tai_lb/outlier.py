@@ -22,11 +22,11 @@ import math
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import _forksafe
-from ._settings import Settings, check_int, check_number, shown
+from ._settings import MAX_SECONDS, Settings, check_int, check_number, doc, shown
 from .exceptions import ConfigError
 from .stats import EndpointStats
 
@@ -48,12 +48,16 @@ class OutlierConfig(Settings):
         (one endpoint is always ejectable).
     """
 
-    consecutive_5xx: int = 5
-    consecutive_gateway_failure: int = 5
-    consecutive_local_origin_failure: int = 5
-    base_ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
-    max_ejection_percent: float = 10.0
+    consecutive_5xx: int = field(default=5, metadata=doc("failures", low=1, high=10_000))
+    consecutive_gateway_failure: int = field(default=5, metadata=doc("failures", low=1,
+                                                                     high=10_000))
+    consecutive_local_origin_failure: int = field(default=5, metadata=doc("failures", low=1,
+                                                                          high=10_000))
+    base_ejection_time: float = field(default=30.0, metadata=doc(
+        "seconds", low=0, high=MAX_SECONDS, low_open=True))
+    max_ejection_time: float = field(default=300.0, metadata=doc(
+        "seconds", "at least base_ejection_time", low=0, high=MAX_SECONDS, low_open=True))
+    max_ejection_percent: float = field(default=10.0, metadata=doc("percent", low=0, high=100))
 
     def __post_init__(self) -> None:
         for name in ("consecutive_5xx", "consecutive_gateway_failure",

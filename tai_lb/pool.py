@@ -23,14 +23,14 @@ import queue
 import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 
 from . import _forksafe
 from ._deadline import DeadlineHTTPConnection, DeadlineHTTPSConnection
-from ._settings import Settings, check_bool, check_int, check_number
+from ._settings import MAX_SECONDS, Settings, check_bool, check_int, check_number, doc
 
 __all__ = ["EndpointPools", "FairQueue", "PoolConfig"]
 
@@ -54,10 +54,12 @@ class PoolConfig(Settings):
         it below the backends' keep-alive timeout (gunicorn's is 2 s).
     """
 
-    maxsize: int = 10
-    block: bool = True
-    timeout: float = 5.0
-    idle_timeout: float = 1.5
+    maxsize: int = field(default=10, metadata=doc("connections", low=1, high=10_000))
+    block: bool = field(default=True, metadata=doc(allowed="true or false"))
+    timeout: float = field(default=5.0, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                     low_open=True))
+    idle_timeout: float = field(default=1.5, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                          low_open=True))
 
     def __post_init__(self) -> None:
         check_int(self.maxsize, "maxsize", 1, 10_000)

@@ -47,10 +47,10 @@ import re
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._settings import Settings, shown
+from ._settings import Settings, doc, shown
 from .exceptions import ConfigError
 from .histogram import BOUNDS, bucket_middle
 from .request_metrics import ERROR_KINDS
@@ -69,9 +69,13 @@ DURATION_BUCKETS: tuple[float, ...] = tuple(float(f"{bound:.6g}") for bound in B
 
 @dataclass(frozen=True)
 class PrometheusConfig(Settings):
-    """``metrics.prometheus``: the namespace (prefix) of every Prometheus name."""
+    """``metrics.prometheus``: the namespace (prefix) of every Prometheus name.
 
-    namespace: str = "tai_lb"
+    :param namespace: the first part of every name (``<namespace>_requests_total``...).
+    """
+
+    namespace: str = field(default="tai_lb", metadata=doc(
+        allowed="letters, digits and '_', not starting with a digit"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not re.fullmatch(

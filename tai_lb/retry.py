@@ -12,7 +12,7 @@ import collections
 import threading
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 from urllib3.exceptions import (
@@ -27,7 +27,16 @@ from urllib3.exceptions import (
 )
 
 from . import _forksafe
-from ._settings import Settings, check_int, check_number, is_int, key_text, shown
+from ._settings import (
+    MAX_SECONDS,
+    Settings,
+    check_int,
+    check_number,
+    doc,
+    is_int,
+    key_text,
+    shown,
+)
 from .exceptions import ConfigError
 
 __all__ = ["IDEMPOTENT_METHODS", "FailureKind", "RetryBudget", "RetryBudgets", "RetryConfig",
@@ -63,15 +72,23 @@ class RetryConfig(Settings):
     :param budget_ttl: seconds of history the budget counts.
     """
 
-    attempts: int = 3
-    statuses: frozenset[int] = frozenset({502, 503, 504})
-    methods: frozenset[str] = IDEMPOTENT_METHODS
-    backoff_base: float = 0.025
-    backoff_max: float = 0.25
-    deadline: Optional[float] = None
-    budget_percent: float = 0.2
-    budget_min_per_second: float = 10.0
-    budget_ttl: float = 10.0
+    attempts: int = field(default=3, metadata=doc("attempts", low=1, high=10))
+    statuses: frozenset[int] = field(default=frozenset({502, 503, 504}), metadata=doc(
+        allowed="a list of HTTP statuses, 100 to 599"))
+    methods: frozenset[str] = field(default=IDEMPOTENT_METHODS, metadata=doc(
+        allowed="a list of upper-case HTTP methods"))
+    backoff_base: float = field(default=0.025, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                            key="backoff.base"))
+    backoff_max: float = field(default=0.25, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                          key="backoff.max"))
+    deadline: Optional[float] = field(default=None, metadata=doc(
+        "seconds", "or null (none)", low=0, high=MAX_SECONDS, low_open=True))
+    budget_percent: float = field(default=0.2, metadata=doc(
+        "share", "0.2 is 20%", low=0, high=10, key="budget.percent"))
+    budget_min_per_second: float = field(default=10.0, metadata=doc(
+        "retries a second", low=0, high=MAX_RETRIES_PER_SECOND, key="budget.min_per_second"))
+    budget_ttl: float = field(default=10.0, metadata=doc(
+        "seconds", low=0, high=MAX_SECONDS, low_open=True, key="budget.ttl"))
 
     def __post_init__(self) -> None:
         check_int(self.attempts, "attempts", 1, 10)

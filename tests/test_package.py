@@ -95,6 +95,9 @@ def test_the_wheel_holds_every_module_of_the_source_tree_and_py_typed(dists: Dis
     files = wheel_files(dists.wheel)
     assert modules_in(dists.wheel) == source_modules()
     assert f"{PACKAGE}/py.typed" in files
+    profiles = {path.relative_to(ROOT).as_posix()
+                for path in (ROOT / PACKAGE).glob("profiles/*.toml")}
+    assert profiles and profiles <= files, profiles - files  # "profile": NAME reads them
     assert not [name for name in files if name.startswith(("tests/", "benchmarks/"))]
     licenses = [name for name in files if name.endswith("/LICENSE")]
     assert licenses and all(".dist-info/" in name for name in licenses), licenses
@@ -151,3 +154,10 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_demo_and_check(
                             capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert result.returncode == 2, result
     assert "services.users.strategy: unknown strategy 'fastest'" in result.stderr
+
+    # a tuning profile is read from the installed package's data files
+    profiled = tmp_path / "profiled.json"
+    profiled.write_text('{"profile": "production_stable", '
+                        '"services": {"users": {"endpoints": ["127.0.0.1:8001"]}}}')
+    checked = run(command, "check", profiled, cwd=tmp_path).stdout
+    assert f"{profiled}: valid; services: users (1 endpoints, peak_ewma)" in checked, checked

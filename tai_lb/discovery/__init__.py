@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Protocol
 
-from .._settings import Settings, key_text, shown
+from .._settings import Settings, doc, key_text, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import DiscoveryWatcher, Provider, SourceError, WatchConfig, WatchSettings
@@ -51,9 +51,13 @@ class SourceConfig(Protocol):
 
 @dataclass(frozen=True)
 class StaticConfig(Settings):
-    """``{"type": "static", "endpoints": [...]}``: a fixed list."""
+    """``{"type": "static", "endpoints": [...]}``: a fixed list.
 
-    endpoints: tuple[Endpoint, ...] = ()
+    :param endpoints: the endpoints, as a service's ``endpoints``.
+    """
+
+    endpoints: tuple[Endpoint, ...] = field(default=(), metadata=doc(
+        allowed='a list of "host:port" or endpoint mappings', default="required"))
 
     @classmethod
     def from_config(cls, value: Any) -> StaticConfig:
@@ -71,9 +75,12 @@ class StaticConfig(Settings):
 
 @dataclass(frozen=True)
 class FileConfig(Settings):
-    """``{"type": "file", "path": ...}``: a watched JSON or YAML file."""
+    """``{"type": "file", "path": ...}``: a watched JSON or YAML file.
 
-    path: str = ""
+    :param path: the file, read again when it changes (``.yaml`` and ``.yml`` need PyYAML).
+    """
+
+    path: str = field(default="", metadata=doc(allowed="a file path", default="required"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -107,9 +114,16 @@ _WATCH_KEYS = tuple(f.name for f in fields(WatchConfig))
 
 @dataclass(frozen=True)
 class DiscoveryConfig(Settings):
-    """The ``discovery`` setting of a service: its type, the type's settings, how to watch."""
+    """The ``discovery`` setting of a service: its type, the type's settings, how to watch.
 
-    type: str
+    :param type: where the endpoints come from: a fixed list, a watched file, DNS records or
+        etcd keys.
+    :param source: the type's own settings (a :class:`StaticConfig`, :class:`FileConfig`,
+        :class:`DnsConfig` or :class:`EtcdConfig`).
+    :param watch: how the source is polled and guarded.
+    """
+
+    type: str = field(metadata=doc(allowed='"static", "file", "dns" or "etcd"'))
     source: SourceConfig
     watch: WatchConfig = field(default_factory=WatchConfig)
 

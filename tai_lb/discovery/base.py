@@ -26,11 +26,19 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .. import _forksafe
-from .._settings import MAX_SECONDS, MIN_INTERVAL, Settings, check_int, check_number, shown
+from .._settings import (
+    MAX_SECONDS,
+    MIN_INTERVAL,
+    Settings,
+    check_int,
+    check_number,
+    doc,
+    shown,
+)
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError, LoadBalancerError
 
@@ -112,11 +120,12 @@ class WatchConfig(Settings):
     :param cache_path: file where the last applied set is saved, to start warm.
     """
 
-    interval: float = 1.0
-    max_removal_share: float = 0.5
-    confirmations: int = 3
-    empty_hold: float = 30.0
-    cache_path: Optional[str] = None
+    interval: float = field(default=1.0, metadata=doc("seconds", low=MIN_INTERVAL, high=3600))
+    max_removal_share: float = field(default=0.5, metadata=doc("share", low=0, high=1))
+    confirmations: int = field(default=3, metadata=doc("reads", low=1, high=100))
+    empty_hold: float = field(default=30.0, metadata=doc("seconds", low=0, high=MAX_SECONDS))
+    cache_path: Optional[str] = field(default=None, metadata=doc(
+        allowed="a file path, or null (none)"))
 
     def __post_init__(self) -> None:
         check_number(self.interval, "interval", MIN_INTERVAL, 3600.0, low_open=False)

@@ -30,10 +30,10 @@ import logging
 import random
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from .._settings import MIN_INTERVAL, Settings, check_number, check_port, shown
+from .._settings import MIN_INTERVAL, Settings, check_number, check_port, doc, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 from .base import Provider, SourceError
@@ -75,14 +75,18 @@ class DnsConfig(Settings):
         only; for tests).
     """
 
-    name: str = ""
-    record: str = "SRV"
-    nameserver: Optional[str] = None
-    port: int = 53
-    endpoint_port: Optional[int] = None
-    min_ttl: float = 1.0
-    max_ttl: float = 60.0
-    timeout: float = 2.0
+    name: str = field(default="", metadata=doc(allowed="a DNS name",
+                                               default="required"))
+    record: str = field(default="SRV", metadata=doc(allowed='"SRV", "A" or "AAAA" (any case)'))
+    nameserver: Optional[str] = field(default=None, metadata=doc(
+        allowed="an IP address, or null (the system's name servers)"))
+    port: int = field(default=53, metadata=doc("port", low=1, high=65535))
+    endpoint_port: Optional[int] = field(default=None, metadata=doc(
+        "port", "required for A and AAAA, refused for SRV", low=1, high=65535))
+    min_ttl: float = field(default=1.0, metadata=doc("seconds", low=MIN_INTERVAL, high=3600))
+    max_ttl: float = field(default=60.0, metadata=doc(
+        "seconds", "at least min_ttl", low=0, high=86400, low_open=True))
+    timeout: float = field(default=2.0, metadata=doc("seconds", low=0, high=60, low_open=True))
     resolv_conf: str = "/etc/resolv.conf"
 
     python_only = ("resolv_conf",)

@@ -13,10 +13,20 @@ import importlib.util
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
-from .._settings import MIN_INTERVAL, Settings, check_bool, check_int, check_number, is_int, shown
+from .._settings import (
+    MAX_SECONDS,
+    MIN_INTERVAL,
+    Settings,
+    check_bool,
+    check_int,
+    check_number,
+    doc,
+    is_int,
+    shown,
+)
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
 
@@ -92,23 +102,32 @@ class HealthCheckConfig(Settings):
         directory.
     """
 
-    type: Literal["http", "tcp", "grpc", "function"] = "http"
-    path: Optional[str] = None
-    service: str = ""
-    expected_statuses: frozenset[int] = frozenset(range(200, 400))
-    interval: float = 1.0
-    jitter: float = 0.1
-    timeout: float = 0.5
-    healthy_threshold: int = 2
-    unhealthy_threshold: int = 2
-    grace: float = 0.0
-    history: int = 10
-    skip_if_traffic: bool = True
-    max_skips: int = 2
-    panic_threshold: float = 0.5
-    verify: Union[bool, str] = True
+    type: Literal["http", "tcp", "grpc", "function"] = field(default="http", metadata=doc(
+        allowed='"http", "tcp" or "grpc" ("function" from Python only)'))
+    path: Optional[str] = field(default=None, metadata=doc(
+        allowed="a path starting with /; required for http"))
+    service: str = field(default="", metadata=doc(allowed="a string of at most 1000 "
+                                                          "characters"))
+    expected_statuses: frozenset[int] = field(default=frozenset(range(200, 400)), metadata=doc(
+        allowed='a list of statuses (200) and ranges ("200-399"), 100 to 599',
+        default='"200-399"'))
+    interval: float = field(default=1.0, metadata=doc("seconds", low=MIN_INTERVAL,
+                                                      high=MAX_SECONDS))
+    jitter: float = field(default=0.1, metadata=doc("share", low=0, high=1))
+    timeout: float = field(default=0.5, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                     low_open=True))
+    healthy_threshold: int = field(default=2, metadata=doc("checks", low=1, high=1000))
+    unhealthy_threshold: int = field(default=2, metadata=doc("checks", low=1, high=1000))
+    grace: float = field(default=0.0, metadata=doc("seconds", low=0, high=MAX_SECONDS))
+    history: int = field(default=10, metadata=doc("checks", low=1, high=1000))
+    skip_if_traffic: bool = field(default=True, metadata=doc(allowed="true or false"))
+    max_skips: int = field(default=2, metadata=doc("probes", low=0, high=1000))
+    panic_threshold: float = field(default=0.5, metadata=doc("share", low=0, high=1))
+    verify: Union[bool, str] = field(default=True, metadata=doc(
+        allowed="true, false or a CA bundle path"))
     function: Optional[ProbeFunction] = None
-    share: Union[bool, str] = False
+    share: Union[bool, str] = field(default=False, metadata=doc(
+        allowed="true, false or an absolute directory path"))
 
     def __post_init__(self) -> None:
         if self.type not in ("http", "tcp", "grpc", "function"):

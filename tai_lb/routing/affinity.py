@@ -24,13 +24,13 @@ import itertools
 import logging
 import threading
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import cachetools
 
 from .. import _forksafe
-from .._settings import Settings, check_int, check_number, keyed_settings
+from .._settings import MAX_SECONDS, Settings, check_int, check_number, doc, keyed_settings
 from .picking import excluding
 
 if TYPE_CHECKING:
@@ -60,10 +60,13 @@ class AffinityConfig(Settings):
         its keys move at this rate, not all at once).
     """
 
-    key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]]
-    ttl: float = 300.0
-    max_entries: int = 100_000
-    max_moves_per_second: float = 50.0
+    key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]] = field(metadata=doc(
+        allowed='"header:NAME", "cookie:NAME", "source_ip" or "user_id"'))
+    ttl: float = field(default=300.0, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                   low_open=True))
+    max_entries: int = field(default=100_000, metadata=doc("keys", low=1, high=100_000_000))
+    max_moves_per_second: float = field(default=50.0, metadata=doc("keys a second", low=0,
+                                                                   high=1e9))
 
     def __post_init__(self) -> None:
         from ..config import KeySource  # noqa: PLC0415 - config imports this module

@@ -23,11 +23,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .._settings import Settings, check_bool, check_int, check_number, key_text, shown
+from .._settings import Settings, check_bool, check_int, check_number, doc, key_text, shown
 from ..exceptions import ConfigError
 from ..strategies import EXCLUDING, ConsistentHash, Maglev
 from .slow_start import ramped
@@ -69,9 +69,11 @@ class LocalityConfig(Settings):
         (``{"eu-1a": 2, "eu-1b": 1}``: any non-negative numbers, normalised to sum 1).
     """
 
-    enabled: bool = True
-    min_cluster_size: int = 6
-    caller_distribution: Optional[Mapping[str, float]] = None
+    enabled: bool = field(default=True, metadata=doc(allowed="true or false"))
+    min_cluster_size: int = field(default=6, metadata=doc("endpoints", low=1, high=1_000_000))
+    caller_distribution: Optional[Mapping[str, float]] = field(default=None, metadata=doc(
+        "shares", "a mapping of zone names to numbers from 0 to 10^9 (one above 0), or null "
+        "(the endpoints' distribution)"))
 
     def __post_init__(self) -> None:
         check_bool(self.enabled, "enabled")

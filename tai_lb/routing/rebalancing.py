@@ -10,11 +10,11 @@ import collections
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .._settings import MAX_SECONDS, Settings, check_number, shown
+from .._settings import MAX_SECONDS, Settings, check_number, doc, shown
 from ..exceptions import ConfigError
 from .slow_start import Ramps, SlowStartConfig
 
@@ -43,8 +43,9 @@ class RebalanceConfig(Settings):
         modes): its pools then close whatever is still in flight.
     """
 
-    mode: str = "immediate"
-    drain_timeout: float = 30.0
+    mode: str = field(default="immediate", metadata=doc(
+        allowed='"immediate", "gradual" or "manual"'))
+    drain_timeout: float = field(default=30.0, metadata=doc("seconds", low=0, high=MAX_SECONDS))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

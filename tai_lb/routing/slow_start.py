@@ -32,11 +32,11 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._forksafe import ForkRandom
-from .._settings import MAX_SECONDS, Settings, check_number
+from .._settings import MAX_SECONDS, Settings, check_number, doc
 from ..strategies.base import weight_of
 
 if TYPE_CHECKING:
@@ -63,9 +63,11 @@ class SlowStartConfig(Settings):
         gets (from the moment it is added).
     """
 
-    window: float = 30.0
-    aggression: float = 1.0
-    min_weight_percent: float = 10.0
+    window: float = field(default=30.0, metadata=doc("seconds", low=0, high=MAX_SECONDS,
+                                                     low_open=True))
+    aggression: float = field(default=1.0, metadata=doc("exponent", low=0, high=100,
+                                                        low_open=True))
+    min_weight_percent: float = field(default=10.0, metadata=doc("percent", low=0, high=100))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", check_number(self.window, "window", 0.0, MAX_SECONDS))

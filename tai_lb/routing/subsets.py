@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .. import context
-from .._settings import Settings, keyed_settings, shown
+from .._settings import Settings, doc, keyed_settings, shown
 from ..endpoint import _LABEL_KEY_MATCH
 from ..exceptions import ConfigError, NoEndpointAvailable
 from ..strategies import EXCLUDING
@@ -61,9 +61,11 @@ class SubsetConfig(Settings):
         (:class:`~tai_lb.NoEndpointAvailable`).
     """
 
-    key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]]
-    by: str = "version"
-    fallback: str = "any"
+    key: Union[KeySource, str, Callable[[Any], Optional[RoutingKey]]] = field(metadata=doc(
+        allowed='"header:NAME", "cookie:NAME", "source_ip" or "user_id"'))
+    by: str = field(default="version", metadata=doc(
+        allowed='"version", "zone", "region" or "label:NAME"'))
+    fallback: str = field(default="any", metadata=doc(allowed='"any" or "fail"'))
 
     def __post_init__(self) -> None:
         from ..config import KeySource  # noqa: PLC0415 - config imports this module

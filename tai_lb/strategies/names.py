@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Union
 
-from .._settings import key_text, shown
+from .._settings import MAX_SECONDS, doc, key_text, shown
 from ..exceptions import ConfigError
 from .base import FunctionStrategy, Strategy, StrategyFunction
 from .hashing import ConsistentHash
@@ -33,16 +33,24 @@ STRATEGIES: Mapping[str, type[Strategy]] = {
 StrategyLike = Union[str, Strategy, StrategyFunction, Mapping[str, Any]]
 """A strategy name, a `Strategy`, a function, or a config dict ``{"name": ..., **options}``."""
 
-_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "round_robin": (),
-    "weighted_round_robin": (),
-    "random": (),
-    "weighted": (),
-    "least_connections": (),
-    "consistent_hash": ("vnodes", "load_bound", "max_ring_size"),
-    "maglev": ("table_size", "load_bound"),
-    "peak_ewma": ("decay", "default_latency"),
+_LOAD_BOUND = doc("times the mean load", "or null (off)", low=1, high=1000, low_open=True)
+_SECONDS = doc("seconds", low=0, high=MAX_SECONDS, low_open=True)
+
+OPTIONS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
+    "round_robin": {},
+    "weighted_round_robin": {},
+    "random": {},
+    "weighted": {},
+    "least_connections": {},
+    "consistent_hash": {"vnodes": doc("points per unit of weight", low=4, high=10_000),
+                        "load_bound": _LOAD_BOUND,
+                        "max_ring_size": doc("points", low=1024, high=1 << 24)},
+    "maglev": {"table_size": doc("slots", "a prime", low=7, high=1_000_003),
+               "load_bound": _LOAD_BOUND},
+    "peak_ewma": {"decay": _SECONDS, "default_latency": _SECONDS},
 }
+"""The options of each strategy in a configuration (``{"name": ..., **options}``), with what
+the configuration reference says of each (their meaning is the class's ``:param`` line)."""
 
 
 def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
@@ -66,8 +74,8 @@ def resolve_strategy(value: StrategyLike, path: str = "strategy") -> Strategy:
                               f"unknown strategy {shown(name)}; allowed: {allowed_names}")
         options = {k: v for k, v in value.items() if k != "name"}
         for key in options:
-            if key not in _OPTIONS[name]:
-                allowed = ", ".join(_OPTIONS[name]) or "none"
+            if key not in OPTIONS[name]:
+                allowed = ", ".join(OPTIONS[name]) or "none"
                 raise ConfigError(f"{path}.{key_text(key)}",
                                   f"unknown option of {name}; allowed: {allowed}")
         try:

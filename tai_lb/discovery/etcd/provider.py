@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from ... import _forksafe
-from ..._settings import MAX_PORT, Settings, check_number, is_int, shown
+from ..._settings import MAX_PORT, Settings, check_number, doc, is_int, shown
 from ...endpoint import Endpoint
 from ...exceptions import ConfigError
 from ..base import Provider, SourceError
@@ -43,9 +43,10 @@ class EtcdConfig(Settings):
     :param timeout: seconds to connect to etcd and to wait for each answer.
     """
 
-    urls: tuple[str, ...] = ()
-    prefix: str = "/services"
-    timeout: float = 2.0
+    urls: tuple[str, ...] = field(default=(), metadata=doc(
+        allowed="a non-empty list of http:// or https:// URLs", default="required"))
+    prefix: str = field(default="/services", metadata=doc(allowed="a key prefix starting with /"))
+    timeout: float = field(default=2.0, metadata=doc("seconds", low=0, high=60, low_open=True))
 
     def __post_init__(self) -> None:
         urls: Any = self.urls  # from a configuration file: any value
