@@ -390,7 +390,16 @@ def test_a_lease_of_a_dead_process_is_taken_over_at_once(tmp_path: Path,
 
 @pytest.mark.parametrize("content", [b"[" * 100_000, b'{"endpoints": []}', b'"x"',
                                      b'{"endpoints": {"10.0.0.1:80": {"lease": ["x", "y"], '
-                                     b'"started": "z", "seq": null, "healthy": 3}}}'])
+                                     b'"started": "z", "seq": null, "healthy": 3}}}',
+                                     # pids os.kill cannot take, or int() cannot read
+                                     b'{"endpoints": {"10.0.0.1:80": {"lease": '
+                                     b'["99999999999999999999:x", 1e18]}}}',
+                                     b'{"endpoints": {"10.0.0.1:80": {"lease": '
+                                     b'["\\u00b2:x", 1e18]}}}',
+                                     # a live pid's lease no process could have written (a
+                                     # file from before a reboot: the clock started again)
+                                     b'{"endpoints": {"10.0.0.1:80": {"lease": ["%d:x", 1e18]}}}'
+                                     % os.getppid()])
 def test_any_file_content_is_survived(tmp_path: Path, clock: FakeClock, content: bytes) -> None:
     config = HealthCheckConfig(**CHECKS, share=str(tmp_path))
     sharer = ProbeSharing(clock)
@@ -399,6 +408,21 @@ def test_any_file_content_is_survived(tmp_path: Path, clock: FakeClock, content:
                                        ["10.0.0.1:80"])
     assert claimed == {"10.0.0.1:80"}
     assert records["10.0.0.1:80"]["failures"] == 1
+
+
+def test_a_file_locked_for_ever_by_another_process_does_not_stop_the_checks(
+        backends: list[Backend], tmp_path: Path) -> None:
+    a = backends[0]
+    flag_health(a, {"code": 503})
+    config = config_for([a], str(tmp_path))
+    checks = HealthCheckConfig.from_config(config["services"]["users"]["health_check"])
+    path = tmp_path / share_file_name("users", checks, "http")
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a worker stopped (SIGSTOP, a debugger) holding it
+        with LoadBalancer.from_config(config) as lb:
+            assert wait_for(lambda: not lb.health_checker.is_healthy("users", a.address))
+            assert "users" in lb.status()["health_checker"]["sharing"]["probing_alone"]
+        assert not [t for t in threading.enumerate() if t.name.startswith("tai-lb")]
 
 
 def test_the_share_thread_runs_only_while_a_service_shares(tmp_path: Path) -> None:

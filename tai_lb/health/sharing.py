@@ -5,7 +5,8 @@ check settings) in a directory of the host: ``/dev/shm/tai-lb-<uid>/`` by defaul
 system's temporary directory where there is no ``/dev/shm``), or a directory the settings name.
 The file holds one record per endpoint; a process changes it only under an exclusive
 ``fcntl.flock`` of the file, held for the few microseconds of one read and one write, never
-during a probe.
+during a probe; a process that cannot have the lock within :data:`LOCK_WAIT` seconds (another
+one holding it is stopped or stuck) probes alone, as after any ``OSError``.
 
 A record says who claimed the endpoint's current check (the *lease*: owner, and until when),
 when that check started, and the last result with the shared rise and fall counts::
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 AVAILABLE = fcntl is not None
 """Whether this platform can share checks (it has ``fcntl.flock``)."""
 
+LOCK_WAIT = 0.5
+"""Seconds a process waits for the file's lock before it probes alone (another process that
+holds it longer is stopped or stuck: it must not stop this one's checks, nor its close())."""
+
 LEASE_MARGIN = 1.0
 """Seconds a lease outlives the check's timeout before another process takes it over."""
 
@@ -101,7 +106,7 @@ def _alive(pid: Any) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all (a malformed file)
         return False
     except OSError:  # EPERM: alive, another user's
         return True
@@ -140,6 +145,22 @@ def adopt(target: HealthTarget, record: Mapping[str, Any], now: float) -> Option
     health.healthy = (record.get("healthy") is not False
                       or now - health.added_at < target.config.grace)
     return detail
+
+
+def _lock(fd: int) -> None:
+    # flock without LOCK_NB would wait for ever on a holder that is stopped or stuck.
+    deadline = time.monotonic() + LOCK_WAIT
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise BlockingIOError(errno.EWOULDBLOCK, f"the share file stayed locked by "
+                                      f"another process for {LOCK_WAIT:g} s") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 class ProbeSharing:
@@ -223,7 +244,7 @@ class ProbeSharing:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(path, flags, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd)
             try:
                 records = self._read(fd)
                 now = self.clock()
@@ -289,11 +310,13 @@ class ProbeSharing:
         if isinstance(lease, list) and len(lease) == 2:
             owner, until = lease
             until = _number(until)
-            if until is not None and now < until:
+            # a lease no process could have written (a file from before a reboot, or malformed)
+            # is void: none lasts longer than the check's timeout and the margin
+            if until is not None and now < until <= now + config.timeout + LEASE_MARGIN:
                 if owner == self.owner:
                     return False  # our own check still runs
                 pid = owner.split(":", 1)[0] if isinstance(owner, str) else ""
-                if _alive(int(pid) if pid.isdigit() else -1):
+                if _alive(int(pid) if pid.isascii() and pid.isdigit() else -1):
                     return False  # another process probes it now
             return True  # its prober died, or overran its timeout
         started = _number(record.get("started"))
