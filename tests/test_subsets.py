@@ -16,10 +16,13 @@ from tai_lb import ConfigError, LoadBalancer, NoEndpointAvailable
 from tai_lb.context import routing_context
 from tai_lb.routing.affinity import AffinityConfig
 from tai_lb.routing.locality import LocalityConfig
+from tai_lb.routing.slow_start import SlowStartConfig
 from tai_lb.routing.subsets import SubsetConfig
 from tai_lb.stats import EndpointStats
 from tai_lb.strategies import ConsistentHash, Picker, RoundRobin, resolve_strategy
 from tai_lb.trace import trace_of
+
+from .conftest import FakeClock
 
 VERSIONS = {"1": 4, "2": 2}
 
@@ -83,6 +86,33 @@ def test_a_user_id_key_reads_the_routing_context_s_user() -> None:
             assert set(_versions(lb)) == {"2"}
         with routing_context(user_id="stable"):
             assert set(_versions(lb)) == {"1"}
+
+
+def test_a_user_id_key_reads_a_user_looked_up_on_demand() -> None:
+    # The Flask and Django integrations set user_id_of (and source_ip_of), never user_id: a
+    # pick must look the user up as the HTTP path does.
+    with _balancer(subset=SubsetConfig(key="user_id", by="label:track",
+                                       fallback="fail")) as lb:
+        with routing_context(user_id_of=lambda: "canary"):
+            assert set(_versions(lb)) == {"2"}
+        with routing_context(user_id_of=lambda: "stable"):
+            assert set(_versions(lb)) == {"1"}
+
+
+def test_a_new_endpoint_ramps_within_its_subset() -> None:
+    clock = FakeClock()
+    endpoints = [tai_lb.Endpoint("10.0.0.1", 80, version="2"),
+                 tai_lb.Endpoint("10.0.0.2", 80, version="2")]
+    lb = LoadBalancer(config=tai_lb.LoadBalancerConfig({"svc": tai_lb.ServiceConfig(
+        endpoints=tuple(endpoints), subset=SubsetConfig(key="header:X-Version"),
+        slow_start=SlowStartConfig(window=30))}), clock=clock)
+    with lb:
+        lb.registry.register("svc", tai_lb.Endpoint("10.0.0.3", 80, version="2"))
+        for value in (None, "2"):  # the whole route, then the subset: the same ramp
+            with routing_context(subset=value):
+                picks = collections.Counter(lb.pick("svc").endpoint.address
+                                            for _ in range(6000))
+            assert picks["10.0.0.3:80"] / 6000 < 0.1, (value, picks)
 
 
 def test_fallback_any_uses_the_whole_route_and_fail_names_the_subset() -> None:

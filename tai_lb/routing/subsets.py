@@ -32,13 +32,14 @@ from ..exceptions import ConfigError, NoEndpointAvailable
 from ..strategies import EXCLUDING
 from .picking import excluding, selected
 from .route import Route
+from .slow_start import ramped
 
 _current_context = context._current.get  # context.current() minus a call: on every pick
 if TYPE_CHECKING:
     from ..config import KeySource
     from ..endpoint import Endpoint
     from ..stats import EndpointStats
-    from ..strategies import Picker, RoutingKey
+    from ..strategies import Picker, RoutingKey, Strategy
     from .locality import Locality, ZoneSplit
     from .route import RouteState, Selector
 
@@ -135,14 +136,16 @@ class SubsetSelector:
         self.config = config
         self.table = table
         kind = config.source.kind
-        self._from_context = kind if kind in ("user_id", "source_ip") else None
+        # RoutingContext.user() / .source(): the integrations set user_id_of / source_ip_of
+        # (looked up only when a key needs them), not user_id / source_ip
+        self._from_context = {"user_id": "user", "source_ip": "source"}.get(kind)
 
     def value(self) -> Optional[str]:
         """The current request's subset value (from the routing context), or None."""
         current = context.current()
         value = current.subset
         if value is None and self._from_context is not None:
-            value = getattr(current, self._from_context)
+            value = getattr(current, self._from_context)()
         return value
 
     def subset(self) -> Optional[SubsetRoute]:
@@ -156,7 +159,7 @@ class SubsetSelector:
         if value is None:
             if self._from_context is None:
                 return None
-            value = getattr(current, self._from_context)
+            value = getattr(current, self._from_context)()
             if value is None:
                 return None
         subset = self.table.get(value)
@@ -191,7 +194,7 @@ class SubsetSelector:
             found = current()
             value = found.subset
             if value is None and attribute is not None:
-                value = getattr(found, attribute)
+                value = getattr(found, attribute)()
             if value is not None:
                 subset = table.get(value)
                 if subset is not None:
@@ -272,12 +275,13 @@ class Subsets:
             split = None
             if self.locality is not None:
                 split, picker = self.locality.prepare(wholes[value], members, state.panic,
-                                                      strategy, part=value)
+                                                      strategy, part=value, ramp=state.ramp)
             if picker is None:
                 last = self._last.get(value)
                 picker = (strategy.prepare_next(members, last) if last is not None
                           else strategy.prepare(members))
                 self._last[value] = picker
+                picker = _ramping(strategy, picker, members, state.ramp)
             table[value] = SubsetRoute(state, tuple(members), picker, split)
         for gone in [v for v in self._last if v not in groups]:
             del self._last[gone]
@@ -293,6 +297,17 @@ class Subsets:
     def reset_after_fork(self) -> None:
         """Forget the last pickers: one may hold a lock a parent's thread held at the fork."""
         self._last = {}
+
+
+def _ramping(strategy: Strategy, picker: Picker, members: Sequence[EndpointStats],
+             ramp: Optional[Mapping[str, float]]) -> Picker:
+    # Slow start within a subset, as over the whole route (when some of it ramps, not all).
+    if not ramp:
+        return picker
+    steady = [s for s in members if s.endpoint.address not in ramp]
+    if not 0 < len(steady) < len(members):
+        return picker
+    return ramped(strategy, picker, strategy.prepare(steady), members, ramp)
 
 
 def pick_reason(route: Route, endpoint: Endpoint) -> str:
