@@ -161,8 +161,11 @@ class EndpointStats:
         The reported latency average uses the real latency.
         """
         # This runs once per request: plain comparisons rather than max() calls.
-        self.load.pop()
-        self.service_load.pop()
+        try:
+            self.load.pop()
+            self.service_load.pop()
+        except IndexError:  # a lease older than a fork: the child's counts started at zero
+            pass
         if not 0.0 <= latency < math.inf:  # negative, infinite or NaN: a broken measurement
             latency = 0.0 if latency < 0.0 else FAILURE_PENALTY_CAP
         lock = self._lock
@@ -242,11 +245,15 @@ class EndpointStats:
 
     def reset_after_fork(self) -> None:
         """In a forked child: a fresh lock, here and in the breaker (a parent's thread may have
-        held one at the fork); the old ones are kept, never freed in the child."""
+        held one at the fork), and no request in flight; the old ones are kept, never freed in
+        the child."""
         from . import _forksafe  # noqa: PLC0415 - imported only where a fork happened
 
-        _forksafe.inherited(self._lock)
+        _forksafe.inherited(self._lock, self.load)
         self._lock = threading.Lock()
+        # The parent's requests in flight never end here (their threads are not in the child):
+        # the child counts from zero (Membership gives the service's shared count anew).
+        self.load = collections.deque()
         if self.figures is not None:
             self.figures.reset_after_fork()
         if self.breaker is not None:

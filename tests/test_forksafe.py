@@ -131,3 +131,30 @@ def test_a_child_closes_its_copies_of_the_parents_idle_connections_on_first_use(
             assert [c.sock for c in idle] == sockets  # reused, not reconnected
     finally:
         backend.stop()
+
+
+@pytest.mark.parametrize("strategy", ["least_connections", "peak_ewma"])
+def test_a_forked_child_counts_none_of_the_parents_requests_in_flight(strategy: str) -> None:
+    # The parent's requests in flight at the fork never finish in the child (their threads do not
+    # exist there): counted, they would keep a load-aware strategy off the endpoint for ever.
+    reg = ServiceRegistry()
+    reg.register_many("users", ["10.0.0.1:80", "10.0.0.2:80"])
+    with LoadBalancer(reg, strategy=strategy) as lb:
+        leases = [lb.pick("users", exclude=("10.0.0.2:80",)) for _ in range(3)]
+        assert {lease.address for lease in leases} == {"10.0.0.1:80"}
+
+        def child() -> dict[str, Any]:
+            with lb.pick("users") as first, lb.pick("users") as second:
+                leases[0].done()  # a lease from before the fork may end here: no error
+                picked = sorted([first.address, second.address])
+            stats = lb.stats("users")
+            return {"picked": picked, "in_flight": {a: s.in_flight for a, s in
+                                                          stats.items()},
+                    "service": lb.status()["services"]["users"]["in_flight"]}
+
+        report = in_forked_child(child, timeout=20)
+        for lease in leases:
+            lease.done()
+    assert report["picked"] == ["10.0.0.1:80", "10.0.0.2:80"]  # two held at once: one each
+    assert report["service"] == 0
+    assert report["in_flight"] == {"10.0.0.1:80": 0, "10.0.0.2:80": 0}

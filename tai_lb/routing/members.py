@@ -119,12 +119,15 @@ class Membership:
             self.figures.pop(address, None)
 
     def reset_after_fork(self) -> None:
-        """Fresh locks for the figures (a parent's thread may have held one at the fork); the
-        old ones are kept, never freed in the child."""
-        _forksafe.inherited(self._lock)
+        """Fresh locks for the figures (a parent's thread may have held one at the fork), and
+        no request in flight (the parent's never end here); the old ones are kept, never freed
+        in the child."""
+        _forksafe.inherited(self._lock, self.load)
         self._lock = threading.Lock()
+        self.load = collections.deque()
         for stats in self.figures.values():
             stats.reset_after_fork()
+            stats.service_load = self.load
 
 
 def figures_factory(service: str, settings: ServiceConfig, clock: Callable[[], float],
