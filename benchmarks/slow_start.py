@@ -152,9 +152,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "route rebuilt by the tai-lb-rebalance thread every window / 40; one thread picks and "
         "releases (recording 1 ms: equal endpoints) until 1.2 windows have passed.  The new "
         "endpoint's share in each phase over its share in [1.05, 1.2) windows (steady); "
-        "medians over the rounds, the strategies in a shuffled order per round.  The formula "
-        "gives 0.1 in the first 10%, 0.5 in the middle tenth and 0.95 to 1 in the last 5% "
-        "(the route lags by up to window / 40).",
+        "medians over the rounds, the strategies in a shuffled order per round.  Its weight is "
+        "1 x the factor against 4 for the others, so the formula gives 5f / (4 + f) x steady: "
+        "0.12 in the first 10%, 0.56 in the middle tenth and 0.96 to 1 in the last 5% (the "
+        "route lags by up to window / 40).",
         "",
         *(f"- {line}" for line in summary),
         "",

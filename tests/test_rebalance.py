@@ -70,7 +70,8 @@ def test_a_new_endpoints_share_ramps_over_the_window(strategy: str) -> None:
             lb.rebalance("svc")  # the route as of now (the rebalance thread does it too)
             share = shares(lb)[NEW] / steady
             seen.append((at, round(share, 3)))
-            assert abs(share - factor) < 0.06, seen
+            # SPEC: its weight is 1 x factor, against 4 for the others: factor / (4 + factor)
+            assert abs(share - factor / (4 + factor) / steady) < 0.06, seen
         # the others share what the newcomer does not take, evenly
         final = shares(lb)
         assert all(abs(final[a] - steady) < 0.03 for a in OLD), final
@@ -509,3 +510,25 @@ def test_slow_start_ramps_a_new_endpoint_inside_its_zone_with_zone_aware_routing
     assert sum(share for address, share in got.items()
                if address.startswith("10.0.1.")) == pytest.approx(1.0)
     assert got["10.0.1.9:80"] < 0.06
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "peak_ewma", "consistent_hash", "maglev"])
+def test_a_ramping_endpoints_weight_is_its_weight_times_the_factor(strategy: str) -> None:
+    # SPEC: weight x max(min_weight_percent / 100, (t / window) ** (1 / aggression)).  With one
+    # old endpoint of weight 1 and a new one at factor f, the new one's share is f / (1 + f)
+    # (0.091 at f = 0.1, a third at f = 0.5), not f x its full half.
+    clock = FakeClock()
+    config = {"services": {"svc": {"endpoints": [OLD[0]], "strategy": strategy,
+                                   "rebalance": {"mode": "gradual"},
+                                   "slow_start": {"window": WINDOW}}}}
+    with LoadBalancer.from_config(config, clock=clock) as lb:
+        lb.registry.register("svc", NEW)
+        for at, factor in ((0.0, 0.1), (WINDOW / 2, 0.5)):
+            clock.now = 1000.0 + at
+            lb.rebalance("svc")
+            keyed = strategy in ("consistent_hash", "maglev")
+            counts: collections.Counter[str] = collections.Counter()
+            for i in range(20_000):
+                with lb.pick("svc", f"user-{i}" if keyed else None) as lease:
+                    counts[lease.address] += 1
+            assert counts[NEW] / 20_000 == pytest.approx(factor / (1 + factor), abs=0.02)

@@ -6,19 +6,22 @@ seconds after it was added on the balancer's clock, the factor (Envoy's slow sta
 
     max(min_weight_percent / 100, (t / window) ** (1 / aggression))
 
-and receives that factor of its share at full weight: :class:`SlowStart` sets ``state.ramp``
-(address -> factor) and :class:`~tai_lb.routing.Prepare` builds the picker around the
-strategy's, one of two ways:
+and its weight is multiplied by that factor, so its share of the picks is ``factor x weight /
+total`` where ``total`` is the candidates' weights, each ramping one's multiplied by its factor
+(with four old endpoints and a new one, all of weight 1: ``0.1 / 4.1`` at first, a fifth at the
+end).  :class:`SlowStart` sets ``state.ramp`` (address -> factor) and
+:class:`~tai_lb.routing.Prepare` builds the picker around the strategy's, one of two ways:
 
 * :func:`split` (every strategy but the hashing ones): a pick goes to a ramping endpoint with
-  probability ``factor x weight / total weight`` of the candidates, and otherwise to the
-  strategy's picker over the endpoints that do not ramp.  The share is set before the strategy
+  that probability, and otherwise to the strategy's picker over the endpoints that do not
+  ramp.  The share is set before the strategy
   chooses, so a load-aware strategy (``least_connections``, ``peak_ewma``), which would send
   more to an endpoint that looks idle because it gets little, cannot undo the ramp; and
   ``round_robin``, which reads no weight, ramps too.
 * :func:`thinned` (``consistent_hash``, ``maglev``): a pick that lands on a ramping endpoint
-  stays there with probability ``factor``, else goes to the strategy's picker over the others,
-  so only the keys the new endpoint takes over move, gradually.
+  stays there with the probability that gives it the same share (``factor x full total /
+  total``, at most 1), else goes to the strategy's picker over the others, so only the keys the
+  new endpoint takes over move, gradually.
 
 The factor is read when a route is built, so routes are rebuilt while an endpoint ramps (every
 ``window / 40`` seconds, at most one second apart, by the ``tai-lb-rebalance`` thread); a pick
@@ -59,8 +62,8 @@ class SlowStartConfig(Settings):
     :param window: seconds from an endpoint's addition to its full weight.
     :param aggression: the ramp's exponent is ``1 / aggression``: 1 ramps linearly, above 1
         faster at first, below 1 slower at first (Envoy's ``aggression``).
-    :param min_weight_percent: the least share, in percent of the full one, a ramping endpoint
-        gets (from the moment it is added).
+    :param min_weight_percent: the least factor of a ramping endpoint's weight, in percent
+        (from the moment it is added).
     """
 
     window: float = field(default=30.0, metadata=doc("seconds", low=0, high=MAX_SECONDS,
@@ -140,10 +143,12 @@ class SlowStart:
             state.ramp = ramp
 
 
-def thinned(picker: Picker, steady: Picker, ramp: Mapping[str, float]) -> Picker:
-    """A picker that keeps a pick landing on a ramping endpoint with its factor's probability,
-    and otherwise asks ``steady`` (the strategy's picker over the endpoints that do not ramp)."""
-    factor_of = ramp.get
+def thinned(picker: Picker, steady: Picker, ramp: Mapping[str, float],
+            keep: Optional[Mapping[str, float]] = None) -> Picker:
+    """A picker that keeps a pick landing on a ramping endpoint with probability ``keep[address]``
+    (by default its factor), and otherwise asks ``steady`` (the strategy's picker over the
+    endpoints that do not ramp)."""
+    factor_of = (keep if keep is not None else ramp).get
     draw = _rng.random
 
     def pick(key: Optional[RoutingKey]) -> EndpointStats:
@@ -180,10 +185,17 @@ def ramped(strategy: Strategy, picker: Picker, steady: Picker,
            candidates: Sequence[EndpointStats], ramp: Mapping[str, float]) -> Picker:
     """The picker over ``candidates`` while the endpoints in ``ramp`` ramp up: :func:`split`
     or, for hashing strategies, :func:`thinned`."""
+    full = sum(map(weight_of, candidates))
+    # Each ramping endpoint's weight times its factor (SPEC): the candidates' total shrinks too.
+    total = sum(weight_of(s) * ramp.get(s.endpoint.address, 1.0) for s in candidates)
+    if total <= 0.0:  # every candidate ramps from 0%: share as the strategy gives
+        return picker
     if strategy.name in KEYED:
-        return thinned(picker, steady, ramp)
-    total = sum(map(weight_of, candidates))
-    ramping = [(s, ramp[s.endpoint.address] * s.endpoint.weight / total) for s in candidates
+        # A key lands on an endpoint with its full share (weight / full); kept with probability
+        # factor x full / total, it keeps factor x weight / total.
+        keep = {address: min(1.0, factor * full / total) for address, factor in ramp.items()}
+        return thinned(picker, steady, ramp, keep)
+    ramping = [(s, ramp[s.endpoint.address] * weight_of(s) / total) for s in candidates
                if s.endpoint.address in ramp]
     return split(steady, ramping, ramp)
 
