@@ -4,6 +4,11 @@ Each :class:`DemoBackend` is a threaded ``http.server`` on a free port of 127.0.
 every GET with 200 and a JSON body naming itself, ``{"backend": "alpha", "path": "/..."}``, so a
 caller can see which endpoint served it.  :meth:`DemoBackend.kill` closes its listening socket
 and every open connection, as a crashed process would: new connections are refused.
+
+Run as a script, it serves on the ports it is given until Ctrl-C, for the quickstart's first
+example (``docs/quickstart.rst``)::
+
+    python examples/_backends.py 8001 8002
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import http.server
 import json
 import socket
 import socketserver
+import sys
 import threading
 from typing import Any
 
@@ -49,8 +55,8 @@ class DemoBackend(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, name: str) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, name: str, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.name = name
         self.alive = True
         self._sockets: list[socket.socket] = []
@@ -86,3 +92,13 @@ class DemoBackend(socketserver.ThreadingMixIn, http.server.HTTPServer):
 def start_backends(*names: str) -> list[DemoBackend]:
     """One running backend per name."""
     return [DemoBackend(name) for name in names]
+
+
+if __name__ == "__main__":
+    running = [DemoBackend(f"backend-{port}", int(port)) for port in sys.argv[1:] or ["8001"]]
+    print("serving on", ", ".join(backend.address for backend in running), "(Ctrl-C stops)",
+          flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+    for backend in running:
+        backend.kill()

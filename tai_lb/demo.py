@@ -147,6 +147,10 @@ def _table(lb: LoadBalancer, backends: list[_Backend], clients: _Clients, elapse
     return lines
 
 
+def _count(number: int, one: str, many: str = "") -> str:
+    return f"{number} {one if number == 1 else many or one + 's'}"
+
+
 def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
     """Run the demonstration for ``duration`` seconds; returns 0 if no request failed."""
     backends = [_Backend("alpha", 0.002), _Backend("bravo", 0.002), _Backend("charlie", 0.002),
@@ -166,8 +170,9 @@ def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
         try:
             while (elapsed := time.monotonic() - started) < duration:
                 if failures_at_kill is None and elapsed >= duration / 2:
-                    victim.kill()
+                    # read first: the kill fails the requests in flight on it at once
                     failures_at_kill = lb.stats("users")[victim.address].failures
+                    victim.kill()
                 note = (f"{victim.name} killed at {duration / 2:.1f} s" if failures_at_kill
                         is not None else f"{victim.name} will be killed at {duration / 2:.1f} s")
                 lines = _table(lb, backends, clients, elapsed, note)
@@ -190,14 +195,18 @@ def run_demo(duration: float = 10.0, out: TextIO = sys.stdout) -> int:
         final = _table(lb, backends, clients, elapsed, "finished")
         # Failures since the kill: a request in flight at the kill may still have succeeded.
         after_kill = lb.stats("users")[victim.address].failures - (failures_at_kill or 0)
+        outlier = lb.status()["services"]["users"]["endpoints"].get(victim.address, {}).get(
+            "outlier") or {}
+    ejection = ("outlier detection ejected it" if outlier.get("ejected") else
+                "outlier detection did not eject it (status() shows it in use)")
     if live and shown:
         out.write(f"\x1b[{shown}F")
     out.write("".join(f"{line}\x1b[K\n" if live else f"{line}\n" for line in final))
     out.write(f"\n{clients.ok} requests succeeded and {clients.failed} failed in {elapsed:.1f} s "
               f"({clients.ok / elapsed:.0f} per second).\n"
-              f"After {victim.name} was killed, {after_kill} attempts failed on it, each fast "
-              f"and retried on another endpoint ({clients.retried} retries in all), "
-              f"and outlier detection ejected it.\n")
+              f"After {victim.name} was killed, {_count(after_kill, 'attempt')} failed on it, "
+              f"each fast and retried on another endpoint "
+              f"({_count(clients.retried, 'retry', 'retries')} in all), and {ejection}.\n")
     if clients.last_error:
         out.write(f"Last failure: {clients.last_error}\n")
     out.flush()

@@ -236,8 +236,10 @@ class Metrics:
         self._followed: dict[str, weakref.WeakSet[EndpointStats]] = {}
         self._last: weakref.WeakKeyDictionary[EndpointStats, dict[str, Any]] = (
             weakref.WeakKeyDictionary())
-        #: sends that failed (each logged)
+        #: sends that failed (each counted; logged once until that export works again)
         self.errors = 0
+        # exporter ("statsd", "prometheus") -> its error, while its sends fail
+        self._failing: dict[str, str] = {}
         #: lines sent (counter increments, timers, gauges)
         self.sent = 0
         self._flushing = threading.Lock()  # one flush at a time (close() and the thread)
@@ -351,6 +353,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._counts = {}  # the parent sends its own
+        self._failing = {}  # the child's exports are its own (its own files, say)
         # The parent sends what was counted before the fork: the child's baseline is the fork.
         self._last = weakref.WeakKeyDictionary({
             stats: {**stats.figures.counts(), "in_flight": len(stats.load)}
@@ -390,8 +393,9 @@ class Metrics:
             try:
                 writer.write((row, counters, buckets) for row, _, counters, buckets in changes)
             except Exception as error:  # an exporter must never break the balancer
-                self.errors += 1
-                log.warning("tai-lb: writing Prometheus metrics failed: %s", error)
+                self._failed("prometheus", "writing Prometheus metrics", error)
+            else:
+                self._worked("prometheus", "writing Prometheus metrics")
 
     def _send_statsd(self, client: Any, counts: dict[tuple[str, str], int],
                      changes: list[Any]) -> None:
@@ -412,8 +416,22 @@ class Metrics:
                     sent += _send_service(pipe, service, items, suffix)
             self.sent += sent
         except Exception as error:  # an exporter must never break the balancer
-            self.errors += 1
-            log.warning("tai-lb: sending metrics to StatsD failed: %s", error)
+            self._failed("statsd", "sending metrics to StatsD", error)
+        else:
+            self._worked("statsd", "sending metrics to StatsD")
+
+    def _failed(self, exporter: str, what: str, error: Exception) -> None:
+        # Counted every time, logged once: a missing PROMETHEUS_MULTIPROC_DIR fails every
+        # pass (twice a second) for as long as it is missing.
+        self.errors += 1
+        if exporter not in self._failing:
+            log.warning("tai-lb: %s failed: %s (counted, not logged again until it works)",
+                        what, error)
+        self._failing[exporter] = f"{type(error).__name__}: {error}"[:300]
+
+    def _worked(self, exporter: str, what: str) -> None:
+        if self._failing.pop(exporter, None) is not None:
+            log.info("tai-lb: %s works again", what)
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable state of the export."""
@@ -423,7 +441,7 @@ class Metrics:
                 "prometheus": None if prometheus_config is None else {
                     "namespace": prometheus_config.namespace,
                     "multiprocess": self._writer is not None},
-                "sent": self.sent, "errors": self.errors}
+                "sent": self.sent, "errors": self.errors, "failing": dict(self._failing)}
 
 
 def _tag(text: str) -> str:

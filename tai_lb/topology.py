@@ -18,6 +18,7 @@ within the list.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections.abc import Sequence
@@ -111,9 +112,10 @@ class TopologyFollower:
         kinds = list(map(_kind_of, changes))
         state = self.rebalancer.service(service)
         if hold and state.applied is not None:  # manual mode: held until rebalance()
-            state.held += len(changes)
-            state.record("held", **_counts(kinds), held=state.held)
-            return
+            held = state.hold(len(changes))
+            if held is not None:
+                state.record("held", **_counts(kinds), held=held)
+                return
         self._record(state, changes, kinds)
         checks = self.checks(service)
         if checks is not None:
@@ -224,12 +226,10 @@ class TopologyFollower:
         # registry write or other reader takes it: closing the idle pools of removed endpoints
         # under it can only make another rebalance() of the service wait.
         with state.lock:
-            applied = state.applied
-            current = self._registry.get_snapshot(service)
+            applied, current, held = state.take(
+                functools.partial(self._registry.get_snapshot, service))
             if applied is not None and current is not None:
-                changes = _difference(service, applied[service], current)
-                held = state.held
-                state.apply(current)
+                changes = _difference(service, applied, current)
                 if changes:
                     self.apply(service, changes, hold=False)
                 state.record("applied", **_counts(list(map(_kind_of, changes))), held=held)

@@ -67,6 +67,15 @@ def test_demo_routes_around_the_killed_backend_with_no_failures() -> None:
     assert "KILLED" in result.stdout and "bravo killed at 1.5 s" in result.stdout
     killed_line = next(line for line in result.stdout.splitlines()[::-1] if "KILLED" in line)
     assert "bravo" in killed_line
+    # The closing sentence quotes the final table: bravo's failures (none before the kill),
+    # and whether status() shows it ejected.
+    row = re.search(r"KILLED\s+(ejected|in use)\s+\d+\s+[\d.]+%\s+(\d+)\s", killed_line)
+    assert row, killed_line
+    ejected, failures = row[1] == "ejected", int(row[2])
+    attempts = "1 attempt failed" if failures == 1 else f"{failures} attempts failed"
+    assert f"After bravo was killed, {attempts} on it, " in result.stdout
+    assert ("and outlier detection ejected it." in result.stdout) is ejected
+    assert ("and outlier detection did not eject it" in result.stdout) is not ejected
 
 
 # -- status ---------------------------------------------------------------------------------------

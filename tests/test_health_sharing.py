@@ -290,6 +290,28 @@ def test_a_corrupt_file_is_counted_and_rewritten(backends: list[Backend],
         assert lb.health_checker.is_healthy("users", a.address)
 
 
+def test_a_corrupt_file_is_logged_at_most_once_a_minute(tmp_path: Path, clock: FakeClock,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    config = HealthCheckConfig(**CHECKS, share=str(tmp_path))
+    sharer = ProbeSharing(clock)
+    path = tmp_path / share_file_name("users", config, "http")
+
+    def corrupt_and_exchange() -> list[str]:
+        path.write_bytes(b'{"version": 1, "endpoints": {"10.0.0.1:80": ')
+        sharer.exchange("users", config, "http", [("10.0.0.1:80", True, "HTTP 200")], [])
+        return [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, "tai_lb"):
+        warnings = corrupt_and_exchange()
+        assert len(warnings) == 1 and str(path) in warnings[0]
+        assert json.loads(path.read_bytes())["endpoints"]["10.0.0.1:80"]["ok"] is True
+        clock.advance(59)
+        assert len(corrupt_and_exchange()) == 1  # counted, not logged again within a minute
+        clock.advance(1)
+        assert len(corrupt_and_exchange()) == 2
+    assert sharer.corrupt == 3
+
+
 def test_a_default_directory_another_user_could_write_is_refused(
         backends: list[Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shared_tmp = tmp_path / "tai-lb-open"

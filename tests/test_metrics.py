@@ -111,7 +111,7 @@ def test_without_statsd_nothing_is_sent_and_no_thread_runs(clock: FakeClock) -> 
         assert not lb.metrics.enabled
         assert not any(t.name == "tai-lb-metrics" for t in threading.enumerate())
         assert lb.status()["metrics"] == {"statsd": None, "prometheus": None, "sent": 0,
-                                          "errors": 0}
+                                          "errors": 0, "failing": {}}
 
 
 @pytest.mark.parametrize(("metrics", "path", "fragment"), [

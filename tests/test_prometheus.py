@@ -278,6 +278,52 @@ assert not any(t.name.startswith("tai-lb-") for t in threading.enumerate())
                                    "prometheus_client: pip install 'tai-lb[prometheus]'")
 
 
+def test_a_missing_multiprocess_directory_is_logged_once_until_it_works_again(
+        backends: tuple[Backend, Backend], tmp_path: Path) -> None:
+    # prometheus_client picks its multiprocess values at import: a process of its own.
+    script = """
+import json, logging, os, shutil, sys
+from tai_lb import LoadBalancer
+logged = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        if record.name == "tai_lb.metrics":
+            logged.append(record.levelname)
+logging.getLogger("tai_lb").addHandler(Keep())
+logging.getLogger("tai_lb").setLevel(logging.INFO)
+directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+config = {"metrics": {"prometheus": {"namespace": "tlb_gone"}},
+          "services": {"users": {"endpoints": [sys.argv[1]]}}}
+figures = {}
+with LoadBalancer.from_config(config) as lb, lb.session() as session:
+    session.get("http://users/", timeout=5)  # the endpoint has figures from now on
+    for _ in range(20):  # ten seconds of the metrics thread's passes
+        lb.metrics.flush()
+    figures["missing"] = lb.status()["metrics"]
+    os.mkdir(directory)
+    lb.metrics.flush()  # only the gauges' files (no new request): open from now on
+    figures["made"] = lb.status()["metrics"]
+    shutil.rmtree(directory)
+    session.get("http://users/", timeout=5)  # the counters' file: made now
+    lb.metrics.flush()
+    figures["removed"] = lb.status()["metrics"]
+    figures["logged"] = logged[:]
+print(json.dumps(figures))
+"""
+    directory = tmp_path / "multiproc"
+    done = subprocess.run([sys.executable, "-c", script, backends[0].address],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    # once while missing, INFO when it worked again, once when it failed again
+    assert figures["logged"] == ["WARNING", "INFO", "WARNING"]
+    assert figures["missing"]["errors"] >= 20  # every failed pass is counted
+    assert "FileNotFoundError" in figures["missing"]["failing"]["prometheus"]
+    assert figures["made"]["failing"] == {}
+    assert "prometheus" in figures["removed"]["failing"]
+
+
 def test_the_multiprocess_writer_adds_increases_and_zeroes_a_removed_endpoint() -> None:
     """The writer's objects (in memory here: PROMETHEUS_MULTIPROC_DIR is not set in this
     process) get each pass's increases; an endpoint gone since the last pass has in_flight 0."""

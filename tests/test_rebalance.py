@@ -24,7 +24,7 @@ from tai_lb.config import LoadBalancerConfig, ServiceConfig
 from tai_lb.rebalance import Rebalancer
 
 from .backends import Backend, Factory
-from .conftest import FakeClock, in_forked_child, wait_for
+from .conftest import FakeClock, functions_on_stack, in_forked_child, wait_for
 
 OLD = [f"10.0.0.{i}:80" for i in range(1, 5)]
 NEW = "10.0.0.9:80"
@@ -386,6 +386,38 @@ def test_manual_mode_holds_changes_until_rebalance() -> None:
         assert applied["kind"] == "applied"
         assert (applied["added"], applied["removed"], applied["changed"]) == (1, 1, 1)
         assert lb.rebalance("svc") == []  # nothing held any more
+        assert lb.status()["services"]["svc"]["rebalance"]["held"] == 0
+
+
+def test_manual_mode_counts_a_change_delivered_while_rebalance_reads_the_registry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A change registered (by another thread) just after rebalance() read the registry is not
+    # in what it applies: it must stay counted as held, not be reset with the others.
+    config = {"services": {"svc": {"endpoints": OLD, "rebalance": {"mode": "manual"}}}}
+    with LoadBalancer.from_config(config) as lb:
+        lb.registry.register("svc", NEW)
+        assert lb.status()["services"]["svc"]["rebalance"]["held"] == 1
+        read = lb.registry.get_snapshot
+        late = "10.0.0.10:80"
+        writers: list[threading.Thread] = []
+
+        def get_snapshot(service: str) -> Any:
+            snapshot = read(service)
+            if not writers:
+                writer = threading.Thread(target=lb.registry.register, args=("svc", late))
+                writers.append(writer)
+                writer.start()
+                # until the change is counted, or its delivery waits for rebalance()'s step
+                assert wait_for(lambda: not writer.is_alive()
+                                or "hold" in functions_on_stack(writer))
+            return snapshot
+
+        monkeypatch.setattr(lb.registry, "get_snapshot", get_snapshot)
+        changes = lb.rebalance("svc")
+        writers[0].join(5)
+        assert [(c.kind, c.endpoint.address) for c in changes] == [("added", NEW)]
+        assert lb.status()["services"]["svc"]["rebalance"]["held"] == 1  # the late one waits
+        assert [(c.kind, c.endpoint.address) for c in lb.rebalance("svc")] == [("added", late)]
         assert lb.status()["services"]["svc"]["rebalance"]["held"] == 0
 
 

@@ -28,8 +28,9 @@ otherwise.
 Times are ``time.monotonic()``, the same clock for every process of a host (Linux's
 ``CLOCK_MONOTONIC``, macOS's ``mach_absolute_time``).  Any ``OSError`` (a directory that cannot
 be made or written, a full disk) is logged once per service, counted, and the service's checks go
-back to probing alone; sharing is tried again a minute later.  Without ``fcntl`` (Windows),
-sharing is off.
+back to probing alone; sharing is tried again a minute later.  A file that cannot be read (cut
+short by a writer that died mid-write, say) counts as empty and is rewritten: counted, and logged
+as a warning at most once per file per minute.  Without ``fcntl`` (Windows), sharing is off.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ LEASE_MARGIN = 1.0
 
 RETRY_AFTER = 60.0
 """Seconds a service probes alone after sharing failed, before sharing is tried again."""
+
+CORRUPT_LOG_EVERY = 60.0
+"""Seconds between two warnings about the same corrupt share file (each one is counted)."""
 
 KEEP_FOR = 60.0
 """Records untouched for this long (or ten intervals, if longer) are dropped from the file."""
@@ -181,6 +185,7 @@ class ProbeSharing:
         self.failed: dict[str, tuple[str, float]] = {}
         self._checked_directories: set[str] = set()
         self._logged: set[str] = set()
+        self._corrupt_logged: dict[str, float] = {}  # file -> when it may be logged again
         self.directories: dict[str, str] = {}  # service -> directory in use
 
     def reset_after_fork(self) -> None:
@@ -246,7 +251,7 @@ class ProbeSharing:
         try:
             _lock(fd)
             try:
-                records = self._read(fd)
+                records = self._read(fd, path)
                 now = self.clock()
                 changed = False
                 for key, ok, detail in results:
@@ -270,7 +275,7 @@ class ProbeSharing:
         self.failed.pop(service, None)
         return records, claimed
 
-    def _read(self, fd: int) -> dict[str, dict[str, Any]]:
+    def _read(self, fd: int, path: str) -> dict[str, dict[str, Any]]:
         chunks: list[bytes] = []
         offset = 0
         while True:
@@ -286,8 +291,14 @@ class ProbeSharing:
             records = data["endpoints"]
             if not isinstance(records, dict):
                 raise TypeError("endpoints is not a mapping")
-        except (ValueError, TypeError, KeyError, RecursionError):  # cut short mid-write, say
+        except (ValueError, TypeError, KeyError, RecursionError) as error:  # cut short, say
             self.corrupt += 1
+            now = self.clock()
+            if now >= self._corrupt_logged.get(path, -1e300):
+                self._corrupt_logged[path] = now + CORRUPT_LOG_EVERY
+                log.warning("tai-lb: skipped a corrupt health share file %s (%s: %s, %d bytes);"
+                            " it is rewritten", path, type(error).__name__, str(error)[:100],
+                            offset)
             return {}
         return {key: record for key, record in records.items()
                 if isinstance(key, str) and isinstance(record, dict)}

@@ -84,6 +84,9 @@ class ServiceRebalance:
         #: manual mode: changes held since the last rebalance()
         self.held = 0
         self.lock = threading.Lock()  # serialises rebalance() calls of the service
+        # Guards held with the applied snapshot: only a counter and a reference under it, so
+        # the registry's delivering thread never waits for more than that.
+        self._held_lock = threading.Lock()
 
     @property
     def manual(self) -> bool:
@@ -117,11 +120,35 @@ class ServiceRebalance:
         applied = self.applied
         return applied[self.service] if applied is not None else current()
 
+    def hold(self, count: int) -> Optional[int]:
+        """Manual mode: count ``count`` changes as held and return the changes held now; None
+        (nothing counted) when no snapshot is applied (another mode, or not built yet)."""
+        with self._held_lock:
+            if self.applied is None:
+                return None
+            self.held += count
+            return self.held
+
+    def take(self, current: Callable[[], Optional[ServiceSnapshot]],
+             ) -> tuple[Optional[ServiceSnapshot], Optional[ServiceSnapshot], int]:
+        """Manual mode: make ``current()`` the snapshot picks use, in one step with ending
+        the count of held changes (a change delivered meanwhile is held for the next
+        rebalance(), not lost from the count); returns the snapshot applied until now (None
+        in the other modes, which apply nothing), the new one, and the changes held."""
+        with self._held_lock:
+            applied, snapshot, held = self.applied, current(), self.held
+            if applied is None or snapshot is None:
+                return None, snapshot, held
+            self.applied = MappingProxyType({self.service: snapshot})
+            self.held = 0
+            return applied[self.service], snapshot, held
+
     def apply(self, snapshot: Optional[ServiceSnapshot]) -> None:
         """Manual mode: make ``snapshot`` the one picks use."""
-        if snapshot is not None:
-            self.applied = MappingProxyType({self.service: snapshot})
-        self.held = 0
+        with self._held_lock:
+            if snapshot is not None:
+                self.applied = MappingProxyType({self.service: snapshot})
+            self.held = 0
 
     def ramp(self, addresses: list[str], now: float) -> None:
         """Begin the slow start of endpoints just added (nothing without slow start)."""
