@@ -39,6 +39,7 @@ from .routing.subsets import SubsetConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
+    "TOKEN_PATTERN",
     "KeySource",
     "LoadBalancerConfig",
     "ServiceConfig",
@@ -46,7 +47,8 @@ __all__ = [
     "parse_config",
 ]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+TOKEN_PATTERN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""What a header or cookie name may be: an HTTP token (RFC 9110), one character or more."""
 
 SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "health_check",
                 "outlier_detection", "circuit_breaker", "retries", "affinity", "backups",
@@ -95,7 +97,7 @@ class KeySource:
 
     def __post_init__(self) -> None:
         if self.kind in ("header", "cookie"):
-            if not isinstance(self.name, str) or not _TOKEN.match(self.name):
+            if not isinstance(self.name, str) or not TOKEN_PATTERN.match(self.name):
                 raise ConfigError("name", f"a {self.kind} name must be an HTTP token, "
                                           f"got {shown(self.name)}")
         elif self.kind == "function":

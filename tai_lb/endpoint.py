@@ -15,11 +15,12 @@ from typing import Any, Optional, Union
 from ._settings import MAX_PORT, check_int, check_port, doc, key_text, shown
 from .exceptions import ConfigError
 
-__all__ = ["Endpoint", "Labels"]
+__all__ = ["LABEL_KEY_PATTERN", "Endpoint", "Labels"]
 
 # \Z, not $: "$" also matches before a trailing newline, which would let "host\n" through.
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
+LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
+"""What a label's name may be: 1 to 253 of letters, digits and ``_./-``."""
 _MAX_WEIGHT = 1_000_000
 _NAME = "a non-empty string, or null"
 #: the keys of an endpoint mapping, with what the configuration reference says of each (the
@@ -40,7 +41,7 @@ ENDPOINT_KEYS: Mapping[str, Mapping[str, Any]] = {
 _ENDPOINT_KEYS = tuple(ENDPOINT_KEYS)
 _ENDPOINT_KEY_SET = frozenset(_ENDPOINT_KEYS)
 _HOSTNAME_MATCH = _HOSTNAME.match
-_LABEL_KEY_MATCH = _LABEL_KEY.match
+_LABEL_KEY_MATCH = LABEL_KEY_PATTERN.match
 
 
 def _join(path: str, key: str) -> str:

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .. import context
 from .._settings import Settings, doc, keyed_settings, shown
-from ..endpoint import _LABEL_KEY_MATCH
+from ..endpoint import LABEL_KEY_PATTERN
 from ..exceptions import ConfigError, NoEndpointAvailable
 from ..strategies import EXCLUDING
 from .picking import excluding, selected
 from .route import Route
 from .slow_start import ramped
 
-_current_context = context._current.get  # context.current() minus a call: on every pick
 if TYPE_CHECKING:
     from ..config import KeySource
     from ..endpoint import Endpoint
@@ -75,7 +74,7 @@ class SubsetConfig(Settings):
             object.__setattr__(self, "key", KeySource.parse(self.key, "key"))
         by = self.by
         if not (isinstance(by, str) and (by in ("version", "zone", "region") or (
-                by.startswith("label:") and _LABEL_KEY_MATCH(by[6:])))):
+                by.startswith("label:") and LABEL_KEY_PATTERN.match(by[6:])))):
             raise ConfigError("by", "must be \"version\", \"zone\", \"region\" or "
                                     f"\"label:NAME\", got {shown(by)}")
         if self.fallback not in ("any", "fail"):
@@ -154,7 +153,7 @@ class SubsetSelector:
 
         :raises NoEndpointAvailable: a value no candidate has, with fallback ``fail``.
         """
-        current = _current_context()  # value(), inline
+        current = context.current()  # value(), inline
         value = current.subset
         if value is None:
             if self._from_context is None:
@@ -187,7 +186,7 @@ class SubsetSelector:
         """The route's picker: this selector and the whole route's picker in one function (a
         pick costs two calls less than through the selectors), carrying ``excluding`` (a
         retry stays in the subset) and ``subsets`` (this selector)."""
-        table, current, attribute = self.table, _current_context, self._from_context
+        table, current, attribute = self.table, context.current, self._from_context
         refuse = self._refuse if self.config.fallback == "fail" else None
 
         def pick(key: Optional[RoutingKey]) -> EndpointStats:
