@@ -47,7 +47,8 @@ __all__ = [
     "parse_config",
 ]
 
-TOKEN_PATTERN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "X-User\n" through.
+TOKEN_PATTERN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 """What a header or cookie name may be: an HTTP token (RFC 9110), one character or more."""
 
 SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "health_check",

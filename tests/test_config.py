@@ -100,6 +100,7 @@ BAD: list[tuple[Any, str, str]] = [
      "services.users.strategy.default_latency", "seconds > 0"),
     (users(hash_key="query:id"), "services.users.hash_key", "header:NAME"),
     (users(hash_key="header:bad name"), "services.users.hash_key", "HTTP token"),
+    (users(hash_key="header:X-User\n"), "services.users.hash_key", "HTTP token"),
     (users(hash_key=7), "services.users.hash_key", "got 7"),
     ({"defaults": [], "services": {}}, "defaults", "mapping of service keys"),
     ({"defaults": {"strategy": "fastest"}, "services": {}}, "defaults.strategy",
