@@ -58,6 +58,9 @@ SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "hea
 
 TOP_LEVEL_KEYS = ("services", "defaults", "metrics", "zone", "profile")
 
+#: the environment variable that gives the balancer's zone when the configuration has none
+_ZONE_VARIABLE = "TAI_LB_ZONE"
+
 #: the top-level keys that are no field of :class:`LoadBalancerConfig`, for the reference
 LOADER_KEYS: Mapping[str, Mapping[str, Any]] = {
     "defaults": doc(allowed="a mapping of service keys but endpoints and discovery", default="{}",
@@ -254,11 +257,18 @@ class LoadBalancerConfig(Settings):
 
     @property
     def local_zone(self) -> Optional[str]:
-        """The balancer's zone: ``zone`` if set, else ``TAI_LB_ZONE`` if set and not empty."""
-        return self.zone if self.zone is not None else (os.environ.get("TAI_LB_ZONE") or None)
+        """The balancer's zone: ``zone`` if set, else ``TAI_LB_ZONE`` if set and not empty.
+
+        :raises ConfigError: ``TAI_LB_ZONE`` is used and is no zone name (``"eu-1a "``, whose
+            space would match no endpoint's zone and turn zone-aware routing off unseen).
+        """
+        if self.zone is not None:
+            return self.zone
+        return check_zone(os.environ.get(_ZONE_VARIABLE) or None, _ZONE_VARIABLE)
 
     def __post_init__(self) -> None:
         check_zone(self.zone, "zone")
+        self.local_zone  # noqa: B018 - checks TAI_LB_ZONE at load time, when it gives the zone
         for name, service in self.services.items():
             check_service_name(name, f"services.{key_text(name)}")
             check_instance(service, f"services.{key_text(name)}", ServiceConfig)
