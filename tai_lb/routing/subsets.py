@@ -167,8 +167,9 @@ class SubsetSelector:
         return subset
 
     def _refuse(self, value: str) -> None:
+        # shown(): the value is the client's (a header of 1 MB made a message of 1 MB)
         raise NoEndpointAvailable(self.service, f"no endpoint in subset {self.config.by}="
-                                                f"{value!r} (key {self.config.key})")
+                                                f"{shown(value)} (key {self.config.key})")
 
     def select(self, route: Route, key: Optional[RoutingKey],
                exclude: Collection[str] = ()) -> Optional[EndpointStats]:
@@ -311,7 +312,8 @@ def _ramping(strategy: Strategy, picker: Picker, members: Sequence[EndpointStats
 
 def pick_reason(route: Route, endpoint: Endpoint) -> str:
     """Why ``endpoint`` was picked, as far as subsets and zones tell (for the decision trace):
-    the request's subset (read from the routing context, as the pick did) and the zone."""
+    the request's subset (read from the routing context, as the pick did; its value cut to
+    about 60 characters) and the zone."""
     parts = []
     selector = subsets_of(route)
     if selector is not None:
@@ -320,10 +322,11 @@ def pick_reason(route: Route, endpoint: Endpoint) -> str:
         if value is None:
             parts.append(f"no {selector.config.key} value: any subset")
         elif subset is not None and endpoint.address in subset.addresses:
-            parts.append(f"subset {selector.config.by}={value!r}")
+            parts.append(f"subset {selector.config.by}={shown(value)}")
             route = subset
         else:
-            parts.append(f"no endpoint in subset {selector.config.by}={value!r}: fallback any")
+            parts.append(f"no endpoint in subset {selector.config.by}={shown(value)}: "
+                         f"fallback any")
     if route.locality is not None:
         parts.append(route.locality.explain(endpoint.zone))
     return ", ".join(parts)
