@@ -39,6 +39,7 @@ from .routing.subsets import SubsetConfig
 from .strategies import RoundRobin, RoutingKey, Strategy, StrategyLike, resolve_strategy
 
 __all__ = [
+    "TOKEN_PATTERN",
     "KeySource",
     "LoadBalancerConfig",
     "ServiceConfig",
@@ -46,7 +47,9 @@ __all__ = [
     "parse_config",
 ]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "X-User\n" through.
+TOKEN_PATTERN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+"""What a header or cookie name may be: an HTTP token (RFC 9110), one character or more."""
 
 SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "health_check",
                 "outlier_detection", "circuit_breaker", "retries", "affinity", "backups",
@@ -54,6 +57,9 @@ SERVICE_KEYS = ("endpoints", "discovery", "strategy", "scheme", "hash_key", "hea
 """Every key a service may have (some not supported yet, see :data:`NOT_SUPPORTED_YET`)."""
 
 TOP_LEVEL_KEYS = ("services", "defaults", "metrics", "zone", "profile")
+
+#: the environment variable that gives the balancer's zone when the configuration has none
+_ZONE_VARIABLE = "TAI_LB_ZONE"
 
 #: the top-level keys that are no field of :class:`LoadBalancerConfig`, for the reference
 LOADER_KEYS: Mapping[str, Mapping[str, Any]] = {
@@ -95,7 +101,7 @@ class KeySource:
 
     def __post_init__(self) -> None:
         if self.kind in ("header", "cookie"):
-            if not isinstance(self.name, str) or not _TOKEN.match(self.name):
+            if not isinstance(self.name, str) or not TOKEN_PATTERN.match(self.name):
                 raise ConfigError("name", f"a {self.kind} name must be an HTTP token, "
                                           f"got {shown(self.name)}")
         elif self.kind == "function":
@@ -251,11 +257,18 @@ class LoadBalancerConfig(Settings):
 
     @property
     def local_zone(self) -> Optional[str]:
-        """The balancer's zone: ``zone`` if set, else ``TAI_LB_ZONE`` if set and not empty."""
-        return self.zone if self.zone is not None else (os.environ.get("TAI_LB_ZONE") or None)
+        """The balancer's zone: ``zone`` if set, else ``TAI_LB_ZONE`` if set and not empty.
+
+        :raises ConfigError: ``TAI_LB_ZONE`` is used and is no zone name (``"eu-1a "``, whose
+            space would match no endpoint's zone and turn zone-aware routing off unseen).
+        """
+        if self.zone is not None:
+            return self.zone
+        return check_zone(os.environ.get(_ZONE_VARIABLE) or None, _ZONE_VARIABLE)
 
     def __post_init__(self) -> None:
         check_zone(self.zone, "zone")
+        self.local_zone  # noqa: B018 - checks TAI_LB_ZONE at load time, when it gives the zone
         for name, service in self.services.items():
             check_service_name(name, f"services.{key_text(name)}")
             check_instance(service, f"services.{key_text(name)}", ServiceConfig)

@@ -36,7 +36,8 @@ from typing import Any, Callable, Optional, Union
 
 from requests.structures import CaseInsensitiveDict
 
-__all__ = ["RoutingContext", "current", "routing_context", "subset_value", "using"]
+__all__ = ["RoutingContext", "current", "enter", "leave", "routing_context", "subset_value",
+           "using"]
 
 _NOTHING: Mapping[str, str] = MappingProxyType({})
 
@@ -93,10 +94,26 @@ _EMPTY = RoutingContext()
 _current: contextvars.ContextVar[RoutingContext] = contextvars.ContextVar("tai_lb_routing",
                                                                           default=_EMPTY)
 
+#: The routing context of the running thread (or task).  It is the context variable's own
+#: ``get``, with no Python function around it: subsets read it on every pick.
+current: Callable[[], RoutingContext] = _current.get
 
-def current() -> RoutingContext:
-    """The routing context of the running thread (or task)."""
-    return _current.get()
+
+def enter(routing: RoutingContext) -> contextvars.Token[RoutingContext]:
+    """Make ``routing`` the routing context, as it is, until :func:`leave` is given the token
+    this returns.
+
+    For integrations that cannot use a ``with`` block (a framework's before- and after-request
+    hooks, a middleware's ``try``/``finally``); :func:`using` otherwise.  The calls must pair
+    up, the last entered left first.
+    """
+    return _current.set(routing)
+
+
+def leave(token: contextvars.Token[RoutingContext]) -> None:
+    """Restore the routing context that was current before the :func:`enter` that returned
+    ``token``."""
+    _current.reset(token)
 
 
 @contextlib.contextmanager

@@ -15,13 +15,17 @@ from typing import Any, Optional, Union
 from ._settings import MAX_PORT, check_int, check_port, doc, key_text, shown
 from .exceptions import ConfigError
 
-__all__ = ["Endpoint", "Labels"]
+__all__ = ["LABEL_KEY_PATTERN", "Endpoint", "Labels"]
 
 # \Z, not $: "$" also matches before a trailing newline, which would let "host\n" through.
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
+LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_./-]{1,253}\Z")
+"""What a label's name may be: 1 to 253 of letters, digits and ``_./-``."""
 _MAX_WEIGHT = 1_000_000
-_NAME = "a non-empty string, or null"
+#: the longest zone, region, version or label value (as a DNS name, and the balancer's zone):
+#: each is copied into every status() and trace, so a 1 MB version would make them megabytes
+_MAX_VALUE_LENGTH = 253
+_NAME = f"a non-empty string of at most {_MAX_VALUE_LENGTH} characters, or null"
 #: the keys of an endpoint mapping, with what the configuration reference says of each (the
 #: meaning of the others is their ``:param`` line in :class:`Endpoint`'s docstring)
 ENDPOINT_KEYS: Mapping[str, Mapping[str, Any]] = {
@@ -33,14 +37,15 @@ ENDPOINT_KEYS: Mapping[str, Mapping[str, Any]] = {
     "weight": doc("relative share", low=1, high=_MAX_WEIGHT),
     "zone": doc(allowed=_NAME), "region": doc(allowed=_NAME),
     "version": doc(allowed=_NAME + " (quote numbers in YAML and TOML)"),
-    "labels": doc(allowed="a mapping of names (1 to 253 of letters, digits, _./-) to strings"),
+    "labels": doc(allowed="a mapping of names (1 to 253 of letters, digits, _./-) to strings "
+                          f"(at most {_MAX_VALUE_LENGTH} characters)"),
     "priority": doc("group", low=0, high=1000),
     "tls_name": doc(allowed="a host name or IPv4 address without a port, or null"),
 }
 _ENDPOINT_KEYS = tuple(ENDPOINT_KEYS)
 _ENDPOINT_KEY_SET = frozenset(_ENDPOINT_KEYS)
 _HOSTNAME_MATCH = _HOSTNAME.match
-_LABEL_KEY_MATCH = _LABEL_KEY.match
+_LABEL_KEY_MATCH = LABEL_KEY_PATTERN.match
 
 
 def _join(path: str, key: str) -> str:
@@ -61,8 +66,10 @@ class Labels(Mapping[str, str]):
             if not (type(key) is str or isinstance(key, str)) or not _LABEL_KEY_MATCH(key):
                 raise ConfigError(path, f"label names must be 1-253 characters of letters, digits "
                                         f"and _./-, got {shown(key)}")
-            if not (type(value) is str or isinstance(value, str)):
-                raise ConfigError(_join(path, key), f"label values must be strings, "
+            if not ((type(value) is str or isinstance(value, str))
+                    and len(value) <= _MAX_VALUE_LENGTH):
+                raise ConfigError(_join(path, key), f"label values must be strings of at most "
+                                                    f"{_MAX_VALUE_LENGTH} characters, "
                                                     f"got {shown(value)}")
             data[key] = value
         # The sorted pairs, as a tuple: endpoints compare and hash labels through it, in C.
@@ -178,11 +185,13 @@ class Endpoint:
             port = check_port(port, _join(path, "port"), what="an integer")
         if not (type(weight) is int and 1 <= weight <= _MAX_WEIGHT):
             weight = check_int(weight, _join(path, "weight"), 1, _MAX_WEIGHT)
-        if zone is not None and (type(zone) is not str or not zone):
+        if zone is not None and (type(zone) is not str or not 0 < len(zone) <= _MAX_VALUE_LENGTH):
             zone = _check_name(zone, _join(path, "zone"))
-        if region is not None and (type(region) is not str or not region):
+        if region is not None and (type(region) is not str
+                                   or not 0 < len(region) <= _MAX_VALUE_LENGTH):
             region = _check_name(region, _join(path, "region"))
-        if version is not None and (type(version) is not str or not version):
+        if version is not None and (type(version) is not str
+                                    or not 0 < len(version) <= _MAX_VALUE_LENGTH):
             version = _check_name(version, _join(path, "version"))
         if labels is None:
             labels = _NO_LABELS
@@ -359,6 +368,7 @@ def _check_host(host: object, path: str) -> str:
 def _check_name(value: object, path: str) -> Optional[str]:
     if value is None:
         return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(path, f"must be a non-empty string or null, got {shown(value)}")
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_VALUE_LENGTH:
+        raise ConfigError(path, f"must be a non-empty string of at most {_MAX_VALUE_LENGTH} "
+                                f"characters, or null, got {shown(value)}")
     return value

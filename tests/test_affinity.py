@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import tracemalloc
 from typing import Any, Callable, Optional
 
 import pytest
@@ -94,6 +95,49 @@ def test_pick_with_a_key_uses_affinity_and_without_one_the_strategy() -> None:
         first = picked(lb, "alice")
         assert [picked(lb, "alice") for _ in range(8)] == [first] * 8
         assert len({picked(lb, None) for _ in range(8)}) == 4  # type: ignore[arg-type]
+
+
+def test_long_keys_are_held_as_digests_and_still_stick() -> None:
+    # A client-controlled cookie or header of 8 KB was stored whole: 100k of them held 781 MB.
+    body = "k" * 100_000
+    with pick_balancer() as lb:
+        affinity = affinity_of(lb)
+        picked(lb, "warm-up")  # the thread and the table's first allocations
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            homes = {i: picked(lb, f"{i}:{body}") for i in range(1_000)}
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 1_000_000, f"1,000 keys of 100 KB hold {held:,} bytes"
+        assert lb.status()["services"]["svc"]["affinity"]["entries"] == 1_001
+        assert len(set(homes.values())) == 4  # distinct keys, not one digest for all
+        for i in (0, 1, 999):  # each long key keeps its own endpoint
+            assert [picked(lb, f"{i}:{body}") for _ in range(4)] == [homes[i]] * 4
+            assert affinity.pinned(f"{i}:{body}") == homes[i]
+        short = "s" * 64  # short keys are stored as they are
+        picked(lb, short)
+        assert short in affinity._table and all(len(k) <= 64 for k in affinity._table)
+
+
+@pytest.mark.parametrize("key", [["alice"], {"user": 1}, 1.5, True])
+def test_a_key_of_another_type_than_str_bytes_or_int_is_a_clear_type_error(key: Any) -> None:
+    with pick_balancer() as lb, pytest.raises(
+            TypeError, match=f"routing key must be str, bytes or int, got {type(key).__name__}"):
+        lb.pick("svc", key)
+
+
+
+def test_a_key_function_returning_a_list_is_the_same_clear_type_error(
+        backend_factory: Factory) -> None:
+    server = backend_factory()
+    settings = ServiceConfig(endpoints=(Endpoint.from_value(server.address),),
+                             affinity=AffinityConfig(key=lambda request: ["tenant", "1"]))
+    with LoadBalancer(config=LoadBalancerConfig({"svc": settings})) as lb, \
+            lb.session() as session, pytest.raises(
+                TypeError, match="routing key must be str, bytes or int, got list"):
+        session.get("http://svc/")
 
 
 # -- expiry and eviction ---------------------------------------------------------------------

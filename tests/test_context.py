@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import pytest
 
+from tai_lb import context
 from tai_lb.context import RoutingContext, current, routing_context, using
 
 from .backends import Factory, balancer
@@ -114,3 +115,18 @@ def test_using_installs_a_context_as_it_is_with_lazy_lookups(backend_factory: Fa
     assert RoutingContext(source_ip="198.51.100.2", source_ip_of=source).source() == (
         "198.51.100.2")  # a value given wins: no lookup
     assert len(asked) == 4
+
+
+def test_enter_and_leave_set_the_context_without_a_with_block() -> None:
+    outer = RoutingContext(user_id="outer")
+    inner = RoutingContext(user_id="inner")
+    first = context.enter(outer)
+    try:
+        assert current() is outer
+        second = context.enter(inner)
+        assert current() is inner
+        context.leave(second)
+        assert current() is outer
+    finally:
+        context.leave(first)
+    assert current().user_id is None

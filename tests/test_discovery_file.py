@@ -65,6 +65,24 @@ def test_malformed_entries_are_skipped_and_counted(tmp_path: Path) -> None:
         assert lb.status()["services"]["users"]["discovery"]["skipped_entries"] == 3
 
 
+def test_entries_with_overlong_metadata_are_skipped_and_counted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A 1 MB version made status() 2 MB: values longer than 253 characters are malformed.
+    path = tmp_path / "users.json"
+    write(path, [{"address": "10.0.0.1:80", "version": "1" * 1_000_000},
+                 {"address": "10.0.0.2:80", "zone": "z" * 254},
+                 {"address": "10.0.0.3:80", "labels": {"team": "t" * 100_000}},
+                 {"address": "10.0.0.4:80", "version": "1" * 253, "region": "r" * 253}])
+    with caplog.at_level(logging.WARNING, logger="tai_lb.discovery"), lb_for(path) as lb:
+        assert addresses(lb) == {"10.0.0.4:80"}
+        status = lb.status()
+        assert status["services"]["users"]["discovery"]["skipped_entries"] == 3
+        assert len(json.dumps(status)) < 50_000
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("skipping 3 malformed" in w for w in warnings), warnings
+    assert all(len(w) < 2_000 for w in warnings)
+
+
 def test_a_broken_or_missing_file_keeps_the_last_good_set(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
     write(path, ["10.0.0.1:80", "10.0.0.2:80"])

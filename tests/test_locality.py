@@ -239,6 +239,23 @@ def test_the_zone_comes_from_tai_lb_zone_unless_the_config_sets_it(
         assert lb.status()["services"]["svc"]["locality"]["local_zone"] is None
 
 
+@pytest.mark.parametrize("zone", ["eu-1a ", " eu-1a", "eu-1a\n", "z" * 254])
+def test_a_bad_tai_lb_zone_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                        zone: str) -> None:
+    config = {"services": {"svc": {"endpoints": _endpoints(ZONES), "locality": {}}}}
+    monkeypatch.setenv("TAI_LB_ZONE", zone)
+    with pytest.raises(ConfigError) as caught:
+        tai_lb.load_config(config)
+    assert caught.value.path == "TAI_LB_ZONE" and "zone name" in str(caught.value)
+    with LoadBalancer.from_config({**config, "zone": "a"}) as lb:  # the configuration wins
+        assert lb.config.local_zone == "a"
+    monkeypatch.setenv("TAI_LB_ZONE", "b")
+    built = tai_lb.load_config(config)
+    monkeypatch.setenv("TAI_LB_ZONE", zone)  # changed after the load: refused where it is read
+    with pytest.raises(ConfigError, match="TAI_LB_ZONE"):
+        built.local_zone  # noqa: B018 - the property is what is tested
+
+
 @pytest.mark.parametrize("strategy", ["round_robin", "consistent_hash"])
 def test_a_retry_leaves_the_local_zone_once_every_local_endpoint_was_tried(
         health: Health, strategy: str) -> None:

@@ -149,6 +149,25 @@ def test_a_session_routes_by_header_and_fails_with_the_subset_named(backend_fact
         session.close()
 
 
+def test_a_huge_value_is_cut_short_in_the_error_and_the_trace(backend_factory: Any) -> None:
+    # A 1 MB header went whole into NoEndpointAvailable's message and each attempt's reason.
+    huge = "9" * 1_000_000
+    with _balancer(subset=SubsetConfig(key="header:X-Version", fallback="fail")) as lb, \
+            routing_context(subset=huge), pytest.raises(NoEndpointAvailable) as raised:
+        lb.pick("svc")
+    message = str(raised.value)
+    assert "subset version='9999" in message and "header:X-Version" in message
+    assert len(message) < 500, len(message)
+    endpoints = [tai_lb.Endpoint.from_value({"address": backend_factory("v1").address,
+                                             "version": "1"})]
+    with _balancer(endpoints) as lb, lb.session() as session, routing_context(subset=huge):
+        trace = trace_of(session.get("http://svc/"))
+    assert trace is not None
+    reason = trace.attempts[0].reason
+    assert "no endpoint in subset version='9999" in reason and "fallback any" in reason
+    assert len(reason) < 500, len(reason)
+
+
 def test_a_request_s_header_wins_over_the_context_s_value(backend_factory: Any) -> None:
     backends = {v: [backend_factory(f"v{v}-{i}") for i in range(n)] for v, n in VERSIONS.items()}
     endpoints = [tai_lb.Endpoint.from_value({"address": b.address, "version": v})

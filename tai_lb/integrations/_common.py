@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union, cast
 from .. import _forksafe
 from .._settings import check_int, check_number, shown
 from ..balancer import LoadBalancer
-from ..config import _TOKEN, LoadBalancerConfig, load_config
+from ..config import TOKEN_PATTERN, LoadBalancerConfig, load_config
 from ..exceptions import ConfigError, LoadBalancerError
 from ..web import DEFAULT_REFRESH, StatusApp
 
@@ -59,7 +59,7 @@ class WebSettings:
 
     def __post_init__(self) -> None:
         header = self.trusted_proxy_header
-        if header is not None and (not isinstance(header, str) or not _TOKEN.match(header)):
+        if header is not None and (not isinstance(header, str) or not TOKEN_PATTERN.match(header)):
             raise ConfigError(TRUSTED_PROXY_HEADER,
                               f"must be a header name (an HTTP token) or None, got {shown(header)}")
         check_int(self.trusted_proxies, TRUSTED_PROXIES, 1, 64)

@@ -109,7 +109,7 @@ class RoutingContextMiddleware:
         _process.drop_inherited()
         # Nothing is read from the request until an outgoing request needs a key.
         headers = Deferred(lambda: request.headers)
-        token = context._current.set(RoutingContext(
+        token = context.enter(RoutingContext(
             cookies=Deferred(lambda: request.COOKIES), headers=headers,
             user_id_of=functools.partial(self.user_id, request),
             source_ip_of=functools.partial(self.settings.client_ip,
@@ -117,7 +117,7 @@ class RoutingContextMiddleware:
         try:
             return self.get_response(request)
         finally:
-            context._current.reset(token)
+            context.leave(token)
 
 
 def status_view(request: HttpRequest, refresh: float = DEFAULT_REFRESH) -> HttpResponse:

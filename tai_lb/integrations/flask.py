@@ -141,7 +141,7 @@ class TaiLB:
         # request.
         request: flask.Request = flask.request._get_current_object()  # type: ignore[attr-defined]
         headers = Deferred(lambda: request.headers)
-        token = context._current.set(RoutingContext(
+        token = context.enter(RoutingContext(
             cookies=Deferred(lambda: request.cookies), headers=headers,
             user_id_of=functools.partial(state.user_id, request),
             source_ip_of=functools.partial(state.settings.client_ip, request.remote_addr,
@@ -152,4 +152,4 @@ class TaiLB:
     def _leave(error: Optional[BaseException]) -> None:
         token: Optional[contextvars.Token[RoutingContext]] = flask.g.pop(_CONTEXT, None)
         if token is not None:
-            context._current.reset(token)
+            context.leave(token)

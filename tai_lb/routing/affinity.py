@@ -16,10 +16,15 @@ The rules:
   repin) - at most ``max_moves_per_second`` keys a second move; a key over the rate gets a pick
   without pinning and stays pinned to its old endpoint, so it moves on a later request (or
   goes home when its endpoint comes back).
+
+A key is held as it is up to 64 characters (or bytes, or an int of 64 bytes); a longer one, a
+client's 8 KB cookie say, as its 16-byte BLAKE2b digest, so an entry's memory is bounded
+whatever the key: 1,000 keys of 100 KB hold a few hundred KB, not 100 MB.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import threading
@@ -31,6 +36,7 @@ import cachetools
 
 from .. import _forksafe
 from .._settings import MAX_SECONDS, Settings, check_int, check_number, doc, keyed_settings
+from ..strategies.hashing import key_bytes
 from .picking import excluding
 
 if TYPE_CHECKING:
@@ -93,6 +99,27 @@ class AffinityConfig(Settings):
 
 #: the TTL is counted in ticks of a tenth of it: an entry is kept this many ticks
 _TICKS_PER_TTL = 10
+
+#: the longest key held as it is (characters of a str, bytes, or bytes of an int); a longer
+#: one is held as its digest
+_SHORT_KEY = 64
+
+
+def _held(key: RoutingKey) -> RoutingKey:
+    """The key as the table holds it: itself when short, else the 16-byte BLAKE2b digest of
+    its :func:`~tai_lb.strategies.hashing.key_bytes` (so a str, bytes or int key standing for
+    the same bytes shares an entry when long, as it shares a ring position).
+
+    :raises TypeError: a key that is no str, bytes or int (as ``hash_key``'s message).
+    """
+    if isinstance(key, (str, bytes)):
+        short = len(key) <= _SHORT_KEY
+    else:
+        short = (isinstance(key, int) and not isinstance(key, bool)
+                 and key.bit_length() <= 8 * _SHORT_KEY)
+    if short:
+        return key
+    return hashlib.blake2b(key_bytes(key), digest_size=16).digest()  # TypeError for the rest
 
 
 class _Table(cachetools.LRUCache):  # type: ignore[type-arg]
@@ -180,16 +207,18 @@ class Affinity:
         """The key's sticky endpoint, or a new one pinned (None without a key: the picker's)."""
         if key is None or route.picker is None:
             return None
+        # Outside the lock: a long key is hashed (the common short str costs a type and a len)
+        held = key if type(key) is str and len(key) <= _SHORT_KEY else _held(key)
         table = self._table
         with self._lock:
             tick = int(self.clock() / self._refresh)
             try:
-                address, since = table[key]
+                address, since = table[held]
             except KeyError:
                 address = None
             else:
                 if tick - since >= _TICKS_PER_TTL:  # expired, not swept yet: a new key
-                    del table[key]
+                    del table[held]
                     address = None
                 else:
                     stats = self._by_address.get(address)
@@ -199,7 +228,7 @@ class Affinity:
                             and (stats.breaker is None or stats.breaker.state != "open")):
                         self.hits += 1
                         if since != tick:  # the TTL runs from the last request, to a tenth
-                            table.put(key, self._value(address, tick))
+                            table.put(held, self._value(address, tick))
                         return stats
         stats = route.picker(key)  # outside the lock: a strategy may take its own
         if exclude and stats.endpoint.address in exclude:
@@ -212,8 +241,8 @@ class Affinity:
             else:
                 self.deferred += 1
                 return stats  # over the move rate: this pick is not pinned
-            table.put(key, self._value(stats.endpoint.address,
-                                       int(self.clock() / self._refresh)))
+            table.put(held, self._value(stats.endpoint.address,
+                                        int(self.clock() / self._refresh)))
             self._start()
         return stats
 
@@ -237,8 +266,9 @@ class Affinity:
 
     def pinned(self, key: RoutingKey) -> Optional[str]:
         """The address ``key`` is pinned to, or None (for inspection and tests)."""
+        held = _held(key)
         with self._lock:
-            entry = self._table.peek(key)
+            entry = self._table.peek(held)
             if entry is None or self._tick() - entry[1] >= _TICKS_PER_TTL:
                 return None
             return entry[0]

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .. import context
 from .._settings import Settings, doc, keyed_settings, shown
-from ..endpoint import _LABEL_KEY_MATCH
+from ..endpoint import LABEL_KEY_PATTERN
 from ..exceptions import ConfigError, NoEndpointAvailable
 from ..strategies import EXCLUDING
 from .picking import excluding, selected
 from .route import Route
 from .slow_start import ramped
 
-_current_context = context._current.get  # context.current() minus a call: on every pick
 if TYPE_CHECKING:
     from ..config import KeySource
     from ..endpoint import Endpoint
@@ -75,7 +74,7 @@ class SubsetConfig(Settings):
             object.__setattr__(self, "key", KeySource.parse(self.key, "key"))
         by = self.by
         if not (isinstance(by, str) and (by in ("version", "zone", "region") or (
-                by.startswith("label:") and _LABEL_KEY_MATCH(by[6:])))):
+                by.startswith("label:") and LABEL_KEY_PATTERN.match(by[6:])))):
             raise ConfigError("by", "must be \"version\", \"zone\", \"region\" or "
                                     f"\"label:NAME\", got {shown(by)}")
         if self.fallback not in ("any", "fail"):
@@ -154,7 +153,7 @@ class SubsetSelector:
 
         :raises NoEndpointAvailable: a value no candidate has, with fallback ``fail``.
         """
-        current = _current_context()  # value(), inline
+        current = context.current()  # value(), inline
         value = current.subset
         if value is None:
             if self._from_context is None:
@@ -168,8 +167,9 @@ class SubsetSelector:
         return subset
 
     def _refuse(self, value: str) -> None:
+        # shown(): the value is the client's (a header of 1 MB made a message of 1 MB)
         raise NoEndpointAvailable(self.service, f"no endpoint in subset {self.config.by}="
-                                                f"{value!r} (key {self.config.key})")
+                                                f"{shown(value)} (key {self.config.key})")
 
     def select(self, route: Route, key: Optional[RoutingKey],
                exclude: Collection[str] = ()) -> Optional[EndpointStats]:
@@ -187,7 +187,7 @@ class SubsetSelector:
         """The route's picker: this selector and the whole route's picker in one function (a
         pick costs two calls less than through the selectors), carrying ``excluding`` (a
         retry stays in the subset) and ``subsets`` (this selector)."""
-        table, current, attribute = self.table, _current_context, self._from_context
+        table, current, attribute = self.table, context.current, self._from_context
         refuse = self._refuse if self.config.fallback == "fail" else None
 
         def pick(key: Optional[RoutingKey]) -> EndpointStats:
@@ -312,7 +312,8 @@ def _ramping(strategy: Strategy, picker: Picker, members: Sequence[EndpointStats
 
 def pick_reason(route: Route, endpoint: Endpoint) -> str:
     """Why ``endpoint`` was picked, as far as subsets and zones tell (for the decision trace):
-    the request's subset (read from the routing context, as the pick did) and the zone."""
+    the request's subset (read from the routing context, as the pick did; its value cut to
+    about 60 characters) and the zone."""
     parts = []
     selector = subsets_of(route)
     if selector is not None:
@@ -321,10 +322,11 @@ def pick_reason(route: Route, endpoint: Endpoint) -> str:
         if value is None:
             parts.append(f"no {selector.config.key} value: any subset")
         elif subset is not None and endpoint.address in subset.addresses:
-            parts.append(f"subset {selector.config.by}={value!r}")
+            parts.append(f"subset {selector.config.by}={shown(value)}")
             route = subset
         else:
-            parts.append(f"no endpoint in subset {selector.config.by}={value!r}: fallback any")
+            parts.append(f"no endpoint in subset {selector.config.by}={shown(value)}: "
+                         f"fallback any")
     if route.locality is not None:
         parts.append(route.locality.explain(endpoint.zone))
     return ", ".join(parts)

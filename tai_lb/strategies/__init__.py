@@ -41,6 +41,7 @@ from .base import StrategyFunction as StrategyFunction
 from .hashing import ConsistentHash
 from .hashing import bucket_index as bucket_index
 from .hashing import build_ring as build_ring
+from .hashing import key_bytes as key_bytes
 from .hashing import key_hash as key_hash
 from .hashing import ring_of as ring_of
 from .hashing import ring_points as ring_points

@@ -39,6 +39,7 @@ __all__ = [
     "build_ring",
     "check_load_bound",
     "excluding_walk",
+    "key_bytes",
     "key_hash",
     "ring_of",
     "ring_points",
@@ -374,17 +375,24 @@ _md5 = _find_md5()
 _unpack_first = struct.Struct("<I").unpack_from
 
 
+def key_bytes(key: RoutingKey) -> bytes:
+    """The bytes a routing key stands for: a str's UTF-8, bytes as they are, an int's decimal
+    digits (what :func:`key_hash` hashes, and affinity digests a long key from).
+
+    :raises TypeError: the key is of another type (a list, a float, a bool...).
+    """
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key).encode("ascii")
+    raise TypeError(f"a routing key must be str, bytes or int, got {type(key).__name__}")
+
+
 def key_hash(key: RoutingKey) -> int:
     """The 32-bit ring position of a routing key (MD5, stable across processes)."""
-    if isinstance(key, str):
-        data = key.encode("utf-8")
-    elif isinstance(key, bytes):
-        data = key
-    elif isinstance(key, int) and not isinstance(key, bool):
-        data = str(key).encode("ascii")
-    else:
-        raise TypeError(f"a routing key must be str, bytes or int, got {type(key).__name__}")
-    first: int = _unpack_first(_md5(data).digest())[0]
+    first: int = _unpack_first(_md5(key_bytes(key)).digest())[0]
     return first
 
 
