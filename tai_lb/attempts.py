@@ -13,7 +13,6 @@ exception is raised with the decision trace attached as ``error.lb_trace``.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -331,11 +330,15 @@ class _BalancedSend:
         try:
             if self.lb.closed:
                 raise NoEndpointAvailable(self.service, "the load balancer is closed")
-            with (context.subset_value(self.subset_value) if self.subset_value is not None
-                  else contextlib.nullcontext()):
+            if self.subset_value is None:  # the common case: no context to set up
                 lease = self.lb.pick(self.service, self.key, exclude=self.tried)
                 if self.explained:
                     where = _explained(self.lb, self.service, lease)
+            else:  # the pick and its explanation read the request's subset value
+                with context.subset_value(self.subset_value):
+                    lease = self.lb.pick(self.service, self.key, exclude=self.tried)
+                    if self.explained:
+                        where = _explained(self.lb, self.service, lease)
         except NoEndpointAvailable as error:
             self.trace.attempts.append(Attempt(None, "no endpoint", "no_endpoint",
                                                error=str(error), decision="stop"))
