@@ -23,9 +23,6 @@ import pytest
 
 import tai_lb
 
-pytest.importorskip("sphinx")  # the docs extra: in CI's main venv, not in the pyenv ones
-pytest.importorskip("furo")
-
 ROOT = Path(__file__).resolve().parent.parent
 
 #: public names documented in prose only (a version string has nothing for autodoc to show)

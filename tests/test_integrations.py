@@ -17,21 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
+import flask
 import pytest
 import requests
 
 from tai_lb import ConfigError, LoadBalancerError
 from tai_lb.context import current
 from tai_lb.integrations import WebSettings
+from tai_lb.integrations.flask import TaiLB
 
 from .backends import Backend
 from .conftest import in_forked_child, wait_for
-
-flask = pytest.importorskip("flask")  # the pyenv 3.9/3.13 venvs have only .[test,dns]
-pytest.importorskip("django")
-pytest.importorskip("gunicorn")
-
-from tai_lb.integrations.flask import TaiLB  # noqa: E402 - after the importorskip
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4

@@ -146,9 +146,6 @@ def _bounded() -> list[tuple[Section, Row]]:
                          ids=[f"{s.id}.{r.key}" for s, r in _bounded()])
 def test_the_bounds_shown_are_the_bounds_checked(section: Section, row: Row) -> None:
     assert section.build is not None, f"{section.id} has bounds but nothing to check them on"
-    if section.id == "discovery.dns":
-        pytest.importorskip("dns")  # the dns extra: in every CI venv, but optional
-
     def step(bound: float) -> float:
         return 1 if row.integer else 1e-6 * max(1.0, abs(bound))
 

@@ -19,6 +19,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 import requests
+from selenium import webdriver
+from werkzeug.middleware import dispatcher
 
 import tai_lb
 from tai_lb.web import render_html, status_app
@@ -206,7 +208,6 @@ def test_rebalancing_events_are_listed_under_their_service_newest_first() -> Non
 
 def test_mounts_in_a_wsgi_dispatcher(
         balancer: tuple[tai_lb.LoadBalancer, list[Backend]]) -> None:
-    dispatcher = pytest.importorskip("werkzeug.middleware.dispatcher")
 
     def main_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -275,7 +276,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
-    webdriver = pytest.importorskip("selenium.webdriver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
