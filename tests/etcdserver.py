@@ -21,13 +21,19 @@ def free_port() -> int:
         return port
 
 
+def installed_program(name: str, package: str) -> str:
+    """The executable ``name`` (on PATH or in /usr/bin); fails (never skips) the test when it
+    is missing, naming the Debian ``package`` the test command installs."""
+    found = shutil.which(name) or (Path(f"/usr/bin/{name}").exists() and f"/usr/bin/{name}")
+    if not found:
+        pytest.fail(f"{name} is not installed: run `bash scripts/test.sh`, which installs the "
+                    f"Debian package {package}")
+    return str(found)
+
+
 def etcd_binary() -> str:
     """The etcd executable; fails (never skips) the test when it is missing."""
-    found = shutil.which("etcd") or (Path("/usr/bin/etcd").exists() and "/usr/bin/etcd")
-    if not found:
-        pytest.fail("etcd is not installed: run `bash scripts/test.sh`, which installs the "
-                    "Debian package etcd-server")
-    return str(found)
+    return installed_program("etcd", "etcd-server")
 
 
 class EtcdServer:

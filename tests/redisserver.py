@@ -6,7 +6,6 @@ working directory a temporary one of its own.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,17 +14,12 @@ from typing import Optional
 import pytest
 import redis
 
-from .etcdserver import free_port
+from .etcdserver import free_port, installed_program
 
 
 def redis_binary() -> str:
     """The redis-server executable; fails (never skips) the test when it is missing."""
-    found = shutil.which("redis-server") or (
-        Path("/usr/bin/redis-server").exists() and "/usr/bin/redis-server")
-    if not found:
-        pytest.fail("redis-server is not installed: run `bash scripts/test.sh`, which installs "
-                    "the Debian package redis-server")
-    return str(found)
+    return installed_program("redis-server", "redis-server")
 
 
 class RedisServer:
