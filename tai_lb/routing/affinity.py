@@ -211,7 +211,7 @@ class Affinity:
         held = key if type(key) is str and len(key) <= _SHORT_KEY else _held(key)
         table = self._table
         with self._lock:
-            tick = int(self.clock() / self._refresh)
+            tick = self._tick()
             try:
                 address, since = table[held]
             except KeyError:
@@ -241,8 +241,7 @@ class Affinity:
             else:
                 self.deferred += 1
                 return stats  # over the move rate: this pick is not pinned
-            table.put(held, self._value(stats.endpoint.address,
-                                        int(self.clock() / self._refresh)))
+            table.put(held, self._value(stats.endpoint.address, self._tick()))
             self._start()
         return stats
 
