@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from .._settings import Settings, check_bool, check_int, check_number, doc, key_text, shown
 from ..exceptions import ConfigError
 from ..strategies import EXCLUDING, ConsistentHash, Maglev
-from .slow_start import ramped
+from .slow_start import ramped_over
 
 _NO_RAMP: Mapping[str, float] = MappingProxyType({})
 
@@ -356,10 +356,7 @@ class Locality:
             picker = (strategy.prepare_next(items, last) if last is not None
                       else strategy.prepare(items))
             self._last[(part, zone)] = picker
-            steady = [s for s in items if s.endpoint.address not in ramp] if ramp else items
-            if 0 < len(steady) < len(items):  # some ramp here (when all do, none is favoured)
-                picker = ramped(strategy, picker, strategy.prepare(steady), items, ramp)
-            pickers[zone] = picker
+            pickers[zone] = ramped_over(strategy, picker, items, ramp)
         for gone in [k for k in self._last if k[0] == part and k[1] not in members]:
             del self._last[gone]
         return split, ZonePicker(split, pickers, members, strategy.rng.random,

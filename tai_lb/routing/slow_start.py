@@ -200,6 +200,19 @@ def ramped(strategy: Strategy, picker: Picker, steady: Picker,
     return split(steady, ramping, ramp)
 
 
+def ramped_over(strategy: Strategy, picker: Picker, members: Sequence[EndpointStats],
+                ramp: Optional[Mapping[str, float]]) -> Picker:
+    """``picker`` over ``members`` (a zone's, a subset's), made to share with those of them in
+    ``ramp`` as :func:`ramped` does, over a picker the strategy prepares for the others; as it
+    is when none of them ramps, or all do (none is then favoured)."""
+    if not ramp:
+        return picker
+    steady = [s for s in members if s.endpoint.address not in ramp]
+    if not 0 < len(steady) < len(members):
+        return picker
+    return ramped(strategy, picker, strategy.prepare(steady), members, ramp)
+
+
 def ramp_of(picker: Optional[Picker]) -> Mapping[str, Any]:
     """The factors of the endpoints ramping under ``picker`` (empty when none ramps)."""
     return getattr(picker, "ramp", None) or {}

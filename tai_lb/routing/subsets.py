@@ -32,13 +32,13 @@ from ..exceptions import ConfigError, NoEndpointAvailable
 from ..strategies import EXCLUDING
 from .picking import excluding, selected
 from .route import Route
-from .slow_start import ramped
+from .slow_start import ramped_over
 
 if TYPE_CHECKING:
     from ..config import KeySource
     from ..endpoint import Endpoint
     from ..stats import EndpointStats
-    from ..strategies import Picker, RoutingKey, Strategy
+    from ..strategies import Picker, RoutingKey
     from .locality import Locality, ZoneSplit
     from .route import RouteState, Selector
 
@@ -281,7 +281,7 @@ class Subsets:
                 picker = (strategy.prepare_next(members, last) if last is not None
                           else strategy.prepare(members))
                 self._last[value] = picker
-                picker = _ramping(strategy, picker, members, state.ramp)
+                picker = ramped_over(strategy, picker, members, state.ramp)
             table[value] = SubsetRoute(state, tuple(members), picker, split)
         for gone in [v for v in self._last if v not in groups]:
             del self._last[gone]
@@ -298,16 +298,6 @@ class Subsets:
         """Forget the last pickers: one may hold a lock a parent's thread held at the fork."""
         self._last = {}
 
-
-def _ramping(strategy: Strategy, picker: Picker, members: Sequence[EndpointStats],
-             ramp: Optional[Mapping[str, float]]) -> Picker:
-    # Slow start within a subset, as over the whole route (when some of it ramps, not all).
-    if not ramp:
-        return picker
-    steady = [s for s in members if s.endpoint.address not in ramp]
-    if not 0 < len(steady) < len(members):
-        return picker
-    return ramped(strategy, picker, strategy.prepare(steady), members, ramp)
 
 
 def pick_reason(route: Route, endpoint: Endpoint) -> str:
