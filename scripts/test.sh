@@ -39,7 +39,8 @@ if command -v pyenv >/dev/null && [ -z "${TAI_LB_SKIP_OTHER_PYTHONS:-}" ]; then
     if [ -n "$version" ]; then
         echo "== unit tests on Python $version with every dependency at its declared minimum"
         ensure_venv .venv-min "$(pyenv root)/versions/$version/bin/python"
-        .venv-min/bin/python scripts/min_constraints.py dns yaml > .venv-min/constraints.txt
+        .venv-min/bin/python scripts/min_constraints.py dns yaml prometheus otel flask django grpc \
+            > .venv-min/constraints.txt
         cat .venv-min/constraints.txt
         pip_install .venv-min -c .venv-min/constraints.txt -e '.[test,dns,yaml]'
         .venv-min/bin/python -m pytest -p no:cacheprovider -q -m "not slow"
