@@ -65,11 +65,7 @@ KeyOf = Callable[[Optional[KeySource], requests.PreparedRequest], Optional[Routi
 
 
 class _RetryAttempt(Exception):
-    """Raised inside the attempt loop to ask tenacity for another attempt."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    """Raised inside the attempt loop to ask tenacity for another attempt (why, as its text)."""
 
 
 def _explained(lb: LoadBalancer, service: str, lease: Lease) -> str:
@@ -221,7 +217,13 @@ def balanced_send(adapter: LoadBalancedAdapter, request: requests.PreparedReques
 
 
 class _BalancedSend:
-    """One balanced request: the attempt loop and its decisions."""
+    """One balanced request: the attempt loop and its decisions (slots: one per request)."""
+
+    __slots__ = ("adapter", "budget", "cert", "clock", "deadline", "explained", "figures",
+                 "finished", "headers", "idempotent", "key", "last_error", "lb", "method",
+                 "next_backoff", "policy", "replayable", "request", "rewind_to", "scheme",
+                 "service", "settings", "started", "strategy_name", "stream", "subset_value",
+                 "timeout", "trace", "tried", "verify")
 
     def __init__(self, adapter: LoadBalancedAdapter, request: requests.PreparedRequest,
                  service: str, scheme: str, netloc: str, stream: bool, timeout: TimeoutArg,
@@ -258,11 +260,11 @@ class _BalancedSend:
         if scheme == "https":
             _check_tls_paths(verify, cert)
         self.tried: list[str] = []
-        self.trace = DecisionTrace(service, self.method, request.path_url)
+        self.trace = DecisionTrace(service, self.method, request.path_url)  # urlopen's too
         self.last_error: Optional[BaseException] = None
         self.finished = False
         self.next_backoff = 0.0
-        self.strategy_name = lb.strategy_name(service)
+        self.strategy_name = self.settings.strategy.name
         subset = self.settings.subset  # its value is read from the routing context by picks
         value = key_of(subset.source, request) if subset is not None else None
         self.subset_value = (value.decode("utf-8", "replace") if isinstance(value, bytes)
@@ -390,7 +392,7 @@ class _BalancedSend:
         # deadline (see _deadline.py): a read timeout alone bounds only each wait for data.
         token = DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         try:
-            raw = pool.urlopen(method=self.method, url=self.request.path_url, body=body,
+            raw = pool.urlopen(method=self.method, url=self.trace.path, body=body,
                                headers=self.headers, redirect=False, assert_same_host=False,
                                preload_content=False, decode_content=False,
                                retries=_NO_RETRIES, timeout=timeout, chunked=chunked,
