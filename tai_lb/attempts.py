@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import requests
 import tenacity
 from requests.exceptions import ChunkedEncodingError, ContentDecodingError, ReadTimeout
-from requests.structures import CaseInsensitiveDict
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, extract_zipped_paths
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
@@ -56,6 +55,7 @@ log = logging.getLogger("tai_lb.adapter")
 _NO_RETRIES = Retry(0, read=False)  # what requests passes: urllib3 never retries by itself
 _MIN_TIMEOUT = 0.001  # an attempt started just before the deadline still gets a valid timeout
 _MIN_ATTEMPT_TIME = 0.005  # no retry starts with less time than this left before the deadline
+_REPLACED_HEADERS = frozenset(("host", "proxy-authorization"))  # lower case
 TimeoutArg = Union[float, tuple[Optional[float], Optional[float]], Timeout, None]
 """What requests passes as ``timeout``: seconds, ``(connect, read)`` or a urllib3 `Timeout`."""
 CertArg = Union[bytes, str, tuple[Union[bytes, str], Union[bytes, str]], None]
@@ -247,10 +247,10 @@ class _BalancedSend:
         self.timeout = _resolve_timeout(timeout if timeout is not None
                                         else self.settings.timeout)
         self.method = (request.method or "GET").upper()
-        # Case-insensitive, so a caller's own "host" header is replaced, not doubled; proxies
-        # are bypassed for services, so a proxy's credentials must not reach an endpoint.
-        self.headers = CaseInsensitiveDict(request.headers)
-        self.headers.pop("Proxy-Authorization", None)
+        # A caller's "host" header (any case) is replaced, not doubled; proxies are bypassed for
+        # services, so their credentials never reach an endpoint.  (A CaseInsensitiveDict: 2.7 us.)
+        self.headers = {name: value for name, value in request.headers.items()
+                        if name.lower() not in _REPLACED_HEADERS}
         self.headers["Host"] = netloc.rpartition("@")[2]
         self.idempotent = (self.method in self.policy.methods
                            or "Idempotency-Key" in request.headers)
