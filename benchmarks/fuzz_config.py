@@ -1,23 +1,26 @@
 """Fuzzes configurations: each one either builds a balancer or raises ``ConfigError``, and a
 construction that fails leaves no tai-lb thread running.
 
+::
+
+    python benchmarks/fuzz_config.py            # 26,000 configurations; updates RESULTS.md
+    python benchmarks/fuzz_config.py --quick    # 300 configurations; never writes RESULTS.md
+    python benchmarks/fuzz_config.py -n 2000 --seed 7
+
 The configurations are mutations of valid ones (a leaf or a whole part replaced by a huge
 integer, inf, nan, a list nested a thousand deep, a long string, an alias bomb, an unhashable
 value, non-ASCII digits...; keys deleted; unknown keys added) and random JSON-like structures.
-``tests/test_config_fuzz.py`` drives the same generators from hypothesis::
-
-    python benchmarks/fuzz_config.py                 # 26,000 configurations, a few minutes
-    python benchmarks/fuzz_config.py -n 2000 --seed 7
+``tests/test_config_fuzz.py`` drives the same generators from hypothesis.
 
 It prints a table of outcomes (built / ConfigError / any other exception, by type) and the
-tai-lb threads left behind, and exits 1 if anything but ``ConfigError`` was raised or a thread
-was left.  No network is needed: endpoints are on 127.0.0.1, discovery is static or a file that
-does not exist, and a StatsD host is 127.0.0.1 or a name that fails before any DNS query.
+tai-lb threads left behind, writes it to the "fuzz_config.py" section of RESULTS.md (not with
+``--quick`` or ``--no-write``), and exits 1 if anything but ``ConfigError`` was raised or a
+thread was left.  No network is needed: endpoints are on 127.0.0.1, discovery is static or a
+file that does not exist, and a StatsD host is 127.0.0.1 or a name that fails before any DNS
+query.
 """
-
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import copy
@@ -36,6 +39,8 @@ from tai_lb import ConfigError, LoadBalancer, LoadBalancerError
 
 THREAD_PREFIX = "tai-lb"
 DEFAULT_COUNT = 26_000
+QUICK_COUNT = 300
+SECTION = "## fuzz_config.py"
 HANG_SECONDS = 60  # one configuration taking longer is a hang
 
 Container = Union[dict[Any, Any], list[Any]]
@@ -325,44 +330,117 @@ def _threads_after_stop(timeout: float = 2.0) -> list[str]:
     return left
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the fuzz and print its table; 1 if anything but ConfigError was raised."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", "--count", type=int, default=DEFAULT_COUNT,
-                        help=f"configurations to try (default {DEFAULT_COUNT:,})")
-    parser.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
-    args = parser.parse_args(argv)
-    logging.getLogger("tai_lb").setLevel(logging.CRITICAL)  # failing discovery logs a lot
-    rng = random.Random(args.seed)
-    counts: collections.Counter[str] = collections.Counter()
-    examples: dict[str, str] = {}
-    leaks = 0
+@dataclass
+class Tally:
+    """What a run of the fuzz found."""
+
+    count: int
+    seed: int
+    seconds: float = 0.0
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    leaks: int = 0  # runs leaving tai-lb threads
+
+    @property
+    def others(self) -> int:
+        """Configurations that raised anything but ConfigError (target 0)."""
+        return sum(n for result, n in self.outcomes.items()
+                   if result not in ("built", "ConfigError"))
+
+    @property
+    def failed(self) -> bool:
+        """Whether a target was missed."""
+        return bool(self.others or self.leaks)
+
+
+def run(count: int, seed: int) -> Tally:
+    """Try ``count`` fuzzed configurations drawn from ``seed``."""
+    rng = random.Random(seed)
+    tally = Tally(count, seed)
     started = time.perf_counter()
-    for _ in range(args.count):
+    for _ in range(count):
         config = fuzzed_config(rng)
         # A configuration that hangs the balancer (a scheduler spinning...) ends the run with
         # every thread's stack rather than a run that never ends.
         faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
         outcome = try_config(config)
         faulthandler.cancel_dump_traceback_later()
-        counts[outcome.result] += 1
-        if outcome.error is not None and outcome.result not in examples:
-            examples[outcome.result] = str(outcome.error)[:200]
+        tally.outcomes[outcome.result] += 1
+        if outcome.error is not None and outcome.result not in tally.examples:
+            tally.examples[outcome.result] = str(outcome.error)[:200]
         if outcome.threads_left:
-            leaks += 1
-            examples.setdefault("threads left", ", ".join(outcome.threads_left)[:200])
-    elapsed = time.perf_counter() - started
-    print(f"tai-lb {tai_lb.__version__}, Python {sys.version.split()[0]}: "
-          f"{args.count:,} fuzzed configurations (seed {args.seed}) in {elapsed:.0f} s\n")
-    print(f"{'outcome':<40}{'configurations':>16}")
-    for result, count in counts.most_common():
-        print(f"{result:<40}{count:>16,}")
-    others = sum(n for result, n in counts.items() if result not in ("built", "ConfigError"))
-    print(f"{'other exceptions (target 0)':<40}{others:>16,}")
-    print(f"{'runs leaving tai-lb threads (target 0)':<40}{leaks:>16,}")
-    for result, text in examples.items():
-        print(f"\n{result}: {text}")
-    return 1 if others or leaks else 0
+            tally.leaks += 1
+            tally.examples.setdefault("threads left", ", ".join(outcome.threads_left)[:200])
+    tally.seconds = time.perf_counter() - started
+    return tally
+
+
+def outcome_rows(tally: Tally) -> tuple[list[str], list[list[str]]]:
+    """The outcome table: what the configurations did, with the targets."""
+    from picks import verdict  # see main()
+
+    header = ["outcome", "configurations", "target", "verdict"]
+    rows = [["configurations tried", f"{tally.count:,}", "", ""],
+            ["built (picked from, then closed)", f"{tally.outcomes['built']:,}", "", ""],
+            ["ConfigError", f"{tally.outcomes['ConfigError']:,}", "", ""]]
+    rows += [[f"other: {result}", f"{n:,}", "", ""]
+             for result, n in sorted(tally.outcomes.items())
+             if result not in ("built", "ConfigError")]
+    rows += [["other exceptions", f"{tally.others:,}", "0", verdict(tally.others == 0)],
+             ["runs leaving tai-lb threads", f"{tally.leaks:,}", "0", verdict(tally.leaks == 0)],
+             ["seed", str(tally.seed), "", ""],
+             ["time (s)", f"{tally.seconds:,.0f}", "", ""]]
+    return header, rows
+
+
+def markdown_report(tally: Tally) -> str:
+    """The Markdown section for RESULTS.md (without its heading)."""
+    from picks import environment_line, markdown_table  # see main()
+
+    examples = [f"- {result}: `{text}`" for result, text in tally.examples.items()]
+    return "\n".join([
+        environment_line(f"{tally.count:,} configurations (seed {tally.seed}) in "
+                         f"{tally.seconds:.0f} s"),
+        "",
+        "Each configuration is a mutation of a valid one (85%: a leaf or a part replaced by a "
+        "huge integer, inf, nan, a list nested 1,000 deep, an alias bomb, an unhashable value, "
+        "non-ASCII digits...; keys deleted; unknown keys added) or a random JSON-like "
+        "structure.  `LoadBalancer.from_config()` must build it (then every service is picked "
+        "from, `status()` read and the balancer closed) or raise `ConfigError`, and leave no "
+        "tai-lb thread running either way.",
+        "",
+        markdown_table(*outcome_rows(tally)),
+        *(["", "First message of each failure:", "", *examples] if examples else []),
+    ])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the fuzz, print its table and, unless told not to, update RESULTS.md; 1 if anything
+    but ConfigError was raised or a thread was left."""
+    # picks.py is on the path only when this runs as a script; the tests import this module
+    # as benchmarks.fuzz_config for its generators, which need nothing from it.
+    from picks import benchmark_parser, publish, verdict
+
+
+    parser = benchmark_parser(__doc__, f"{QUICK_COUNT} configurations (smoke test); no write",
+                              "random seed (default 2026)",
+                              f"the file whose '{SECTION}' section is replaced")
+    parser.set_defaults(seed=2026)
+    parser.add_argument("-n", "--count", type=int,
+                        help=f"configurations to try (default {DEFAULT_COUNT:,}; "
+                             f"{QUICK_COUNT} with --quick)")
+    args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    count = args.count or (QUICK_COUNT if args.quick else DEFAULT_COUNT)
+    logging.getLogger("tai_lb").setLevel(logging.CRITICAL)  # failing discovery logs a lot
+    tally = run(count, args.seed)
+    summary = [f"tai-lb {tai_lb.__version__}: {count:,} fuzzed configurations (seed "
+               f"{args.seed}) in {tally.seconds:.0f} s: {tally.others:,} other exceptions, "
+               f"{tally.leaks:,} runs leaving threads: {verdict(not tally.failed)}"]
+    publish(args, "--quick: a smoke test of a few hundred configurations; no write", summary,
+            [outcome_rows(tally)], markdown_report(tally), SECTION)
+    return 1 if tally.failed else 0
 
 
 if __name__ == "__main__":
