@@ -576,7 +576,8 @@ def markdown_report(tally: Tally) -> str:
         environment_line(f"{tally.count:,} configurations (seed {tally.seed}) in "
                          f"{tally.seconds:.0f} s"),
         "",
-        "Each configuration is a mutation of a valid one (85%: a leaf or a part replaced by a "
+        "Each configuration is a mutation of a valid one (85% of those drawn by fuzzed_config(): "
+        "a leaf or a part replaced by a "
         "huge integer, inf, nan, a list nested 1,000 deep, an alias bomb, an unhashable value, "
         "non-ASCII digits...; keys deleted; unknown keys added) or a random JSON-like "
         "structure.  `LoadBalancer.from_config()` must build it (then every service is picked "
