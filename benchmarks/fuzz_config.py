@@ -1,41 +1,69 @@
 """Fuzzes configurations: each one either builds a balancer or raises ``ConfigError``, and a
 construction that fails leaves no tai-lb thread running.
 
+::
+
+    python benchmarks/fuzz_config.py            # 26,000 configurations; updates RESULTS.md
+    python benchmarks/fuzz_config.py --quick    # 300 configurations; never writes RESULTS.md
+    python benchmarks/fuzz_config.py -n 2000 --seed 7
+
 The configurations are mutations of valid ones (a leaf or a whole part replaced by a huge
 integer, inf, nan, a list nested a thousand deep, a long string, an alias bomb, an unhashable
 value, non-ASCII digits...; keys deleted; unknown keys added) and random JSON-like structures.
-``tests/test_config_fuzz.py`` drives the same generators from hypothesis::
+``tests/test_config_fuzz.py`` drives the same generators from hypothesis.
 
-    python benchmarks/fuzz_config.py                 # 26,000 configurations, a few minutes
-    python benchmarks/fuzz_config.py -n 2000 --seed 7
+Nearly every configuration that fails is refused by ``load_config``, before anything starts.
+So one in twenty is instead a valid configuration, loaded, with a part that fails when the
+balancer starts it, after other parts started (validate first, start last, undo on failure):
+a custom discovery source (a ``SourceConfig`` of the Python API) whose provider raises in
+``start()``, placed anywhere among the services, so after the StatsD export's thread and the
+discovery threads of the services before it; or a Prometheus namespace whose names are already
+registered, after the StatsD client opened its socket.  Each must raise what failed and leave
+no tai-lb thread and no file descriptor open.
 
-It prints a table of outcomes (built / ConfigError / any other exception, by type) and the
-tai-lb threads left behind, and exits 1 if anything but ``ConfigError`` was raised or a thread
-was left.  No network is needed: endpoints are on 127.0.0.1, discovery is static or a file that
-does not exist, and a StatsD host is 127.0.0.1 or a name that fails before any DNS query.
+It prints a table of outcomes (built / ConfigError / failed after starting / any other
+exception, by type) and the tai-lb threads and descriptors left behind, writes it to the
+"fuzz_config.py" section of RESULTS.md (not with ``--quick`` or ``--no-write``), and exits 1 if
+anything but ``ConfigError`` was raised (or what failed to start did not raise) or a thread or
+descriptor was left.  No network is needed: endpoints are on 127.0.0.1, discovery is static or
+a file that does not exist, and a StatsD host is 127.0.0.1 or a name that fails before any DNS
+query.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import copy
+import dataclasses
+import errno
 import faulthandler
 import logging
+import os
 import random
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import tai_lb
-from tai_lb import ConfigError, LoadBalancer, LoadBalancerError
+from tai_lb import (
+    ConfigError,
+    Endpoint,
+    LoadBalancer,
+    LoadBalancerConfig,
+    LoadBalancerError,
+    ServiceConfig,
+    load_config,
+)
+from tai_lb.discovery import DiscoveryConfig, Provider
 
 THREAD_PREFIX = "tai-lb"
 DEFAULT_COUNT = 26_000
+QUICK_COUNT = 300
+SECTION = "## fuzz_config.py"
 HANG_SECONDS = 60  # one configuration taking longer is a hang
 
 Container = Union[dict[Any, Any], list[Any]]
@@ -278,30 +306,38 @@ def fuzzed_config(rng: random.Random) -> Any:
     return config
 
 
-def tai_lb_threads() -> list[str]:
-    """Names of the tai-lb threads alive now."""
+def tai_lb_threads(but: Collection[threading.Thread] = ()) -> list[str]:
+    """Names of the tai-lb threads alive now, but those of ``but``."""
     return [t.name for t in threading.enumerate()
-            if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+            if t.name.startswith(THREAD_PREFIX) and t.is_alive() and t not in but]
+
+
+def _running() -> frozenset[threading.Thread]:
+    # The tai-lb threads alive before a run: one left by an earlier run is counted once, there.
+    return frozenset(t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX))
 
 
 @dataclass
 class Outcome:
     """What building a balancer from one configuration did."""
 
-    result: str  # "built", "ConfigError", or the type name of another exception
+    result: str  # "built", "ConfigError", "failed after starting", or another exception's type
     error: Optional[BaseException] = None
     threads_left: list[str] = field(default_factory=list)
+    threads_at_failure: list[str] = field(default_factory=list)  # of a failing start
+    descriptors_left: int = 0  # after a failing start
 
 
 def try_config(config: Any) -> Outcome:
     """Build a balancer from ``config``, use and close it; what happened, and the tai-lb
-    threads still running after a failed construction or after close()."""
+    threads it left running after a failed construction or after close()."""
+    before = _running()
     try:
         lb = LoadBalancer.from_config(config)
     except ConfigError:
-        return Outcome("ConfigError", threads_left=_threads_after_stop())
+        return Outcome("ConfigError", threads_left=_threads_after_stop(before))
     except Exception as error:
-        return Outcome(type(error).__name__, error, _threads_after_stop())
+        return Outcome(type(error).__name__, error, _threads_after_stop(before))
     try:
         for name in lb.config.services:  # a configuration that loads never breaks a pick
             # NoEndpointAvailable (nothing healthy, discovery failing) is an answer
@@ -310,59 +346,283 @@ def try_config(config: Any) -> Outcome:
         lb.status()
     except Exception as error:
         lb.close()
-        return Outcome(f"after load: {type(error).__name__}", error, _threads_after_stop())
+        return Outcome(f"after load: {type(error).__name__}", error,
+                       _threads_after_stop(before))
     lb.close()
-    return Outcome("built", threads_left=_threads_after_stop())
+    return Outcome("built", threads_left=_threads_after_stop(before))
 
 
-def _threads_after_stop(timeout: float = 2.0) -> list[str]:
+def _threads_after_stop(before: Collection[threading.Thread], timeout: float = 2.0,
+                        ) -> list[str]:
     # Stopped threads have been joined, so this is normally empty at once.
     deadline = time.monotonic() + timeout
-    left = tai_lb_threads()
+    left = tai_lb_threads(but=before)
     while left and time.monotonic() < deadline:
         time.sleep(0.01)
-        left = tai_lb_threads()
+        left = tai_lb_threads(but=before)
     return left
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the fuzz and print its table; 1 if anything but ConfigError was raised."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", "--count", type=int, default=DEFAULT_COUNT,
-                        help=f"configurations to try (default {DEFAULT_COUNT:,})")
-    parser.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
-    args = parser.parse_args(argv)
-    logging.getLogger("tai_lb").setLevel(logging.CRITICAL)  # failing discovery logs a lot
-    rng = random.Random(args.seed)
-    counts: collections.Counter[str] = collections.Counter()
-    examples: dict[str, str] = {}
-    leaks = 0
+#: share of the configurations with a part that fails when started
+FAILING_START_SHARE = 0.05
+FAILED_AFTER_STARTING = "failed after starting"
+#: what a custom discovery source raises when started (a source that is down, a bug...)
+START_ERRORS: tuple[Callable[[], Exception], ...] = (
+    lambda: RuntimeError("the source is broken"),
+    lambda: OSError(errno.ECONNREFUSED, "connection refused"),
+    lambda: ValueError("a bad answer"),
+    lambda: ConfigError("discovery", "refused when started"),
+)
+#: a Prometheus namespace whose names the fuzz registers itself, so that a balancer's clash
+CLASH_NAMESPACE = "tai_lb_fuzz_clash"
+
+
+class BrokenProvider(Provider):
+    """A custom discovery provider whose ``start()`` raises ``error``, after noting the tai-lb
+    threads running at that moment (what the failed construction must stop)."""
+
+    def __init__(self, error: Exception, running: list[str],
+                 before: Collection[threading.Thread]) -> None:
+        self.error = error
+        self.running = running
+        self.before = before
+
+    def fetch(self) -> Optional[list[Endpoint]]:
+        """Nothing new (never reached: start() fails first)."""
+        return None
+
+    def start(self, notify: Callable[[], None]) -> None:
+        """Fail, as a source that cannot be reached would."""
+        self.running.extend(tai_lb_threads(but=self.before))
+        raise self.error
+
+
+@dataclass(eq=False)
+class BrokenSource:
+    """A custom discovery source (a ``SourceConfig``) whose providers fail to start."""
+
+    error: Exception
+    running: list[str] = field(default_factory=list)
+    before: Collection[threading.Thread] = field(default_factory=_running)
+
+    def provider(self, service: str) -> Provider:
+        """A provider of ``service`` that fails when started."""
+        return BrokenProvider(self.error, self.running, self.before)
+
+
+@dataclass
+class FailingStart:
+    """A valid configuration, loaded, with a part that fails when the balancer starts it."""
+
+    config: LoadBalancerConfig
+    part: str  # what fails
+    expected: Callable[[BaseException], bool]  # whether an exception is that failure
+    running: list[str] = field(default_factory=list)  # tai-lb threads when the source failed
+
+
+def _register_clashing_names() -> None:
+    # Once per process: a metric of the application with a name of CLASH_NAMESPACE's.
+    from prometheus_client import Counter
+
+    with contextlib.suppress(ValueError):  # registered already
+        Counter(f"{CLASH_NAMESPACE}_requests", "An application's own metric.")
+
+
+def failing_start(rng: random.Random) -> FailingStart:
+    """A valid configuration with StatsD on (its thread starts first) and a part that fails
+    when started: a custom discovery source at a random place among the services (three in
+    four), or a Prometheus namespace already registered."""
+    mapping = rng.choice(valid_configs())
+    metrics = mapping.setdefault("metrics", {})
+    metrics.setdefault("statsd", {"host": "127.0.0.1"})
+    if rng.random() < 0.25:
+        _register_clashing_names()
+        metrics["prometheus"] = {"namespace": CLASH_NAMESPACE}
+        return FailingStart(load_config(mapping), "Prometheus namespace", lambda error: (
+            isinstance(error, ConfigError) and error.path == "metrics.prometheus.namespace"))
+    config = load_config(mapping)
+    source = BrokenSource(rng.choice(START_ERRORS)())
+    services = list(config.services.items())
+    services.insert(rng.randrange(len(services) + 1),
+                    ("broken", ServiceConfig(discovery=DiscoveryConfig("custom", source))))
+    return FailingStart(dataclasses.replace(config, services=dict(services)),
+                        "custom discovery source", lambda error: error is source.error,
+                        source.running)
+
+
+def open_descriptors() -> int:
+    """The file descriptors open in this process (0 where /proc/self/fd does not exist)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def try_failing_start(case: FailingStart) -> Outcome:
+    """Build a balancer whose start fails; what happened, and the tai-lb threads and file
+    descriptors left after the failure (counted without a ``gc.collect()``, so that a socket
+    dropped in a reference cycle rather than closed counts)."""
+    before, descriptors = _running(), open_descriptors()
+    try:
+        lb = LoadBalancer(config=case.config)
+    except Exception as error:
+        threads = _threads_after_stop(before)
+        left = max(0, open_descriptors() - descriptors)
+        result = FAILED_AFTER_STARTING if case.expected(error) else type(error).__name__
+        return Outcome(result, None if case.expected(error) else error, threads,
+                       list(case.running), left)
+    lb.close()
+    return Outcome("built though a part failed to start", None, _threads_after_stop(before))
+
+
+@dataclass
+class Tally:
+    """What a run of the fuzz found."""
+
+    count: int
+    seed: int
+    seconds: float = 0.0
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    leaks: int = 0  # runs leaving tai-lb threads
+    #: failing starts by the part that failed, of them with tai-lb threads running at the
+    #: failure, and of them leaving threads or file descriptors
+    failing_starts: collections.Counter[str] = field(default_factory=collections.Counter)
+    started_threads: int = 0
+    start_thread_leaks: int = 0
+    descriptor_leaks: int = 0
+
+    @property
+    def others(self) -> int:
+        """Configurations that raised anything but ConfigError, or anything but what failed
+        to start (target 0)."""
+        return sum(n for result, n in self.outcomes.items()
+                   if result not in ("built", "ConfigError", FAILED_AFTER_STARTING))
+
+    @property
+    def failed(self) -> bool:
+        """Whether a target was missed."""
+        return bool(self.others or self.leaks or self.descriptor_leaks)
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one configuration's outcome."""
+        self.outcomes[outcome.result] += 1
+        if outcome.error is not None and outcome.result not in self.examples:
+            self.examples[outcome.result] = str(outcome.error)[:200]
+        if outcome.threads_left:
+            self.leaks += 1
+            self.examples.setdefault("threads left", ", ".join(outcome.threads_left)[:200])
+
+
+def run(count: int, seed: int) -> Tally:
+    """Try ``count`` fuzzed configurations drawn from ``seed``."""
+    rng = random.Random(seed)
+    tally = Tally(count, seed)
     started = time.perf_counter()
-    for _ in range(args.count):
-        config = fuzzed_config(rng)
+    for _ in range(count):
         # A configuration that hangs the balancer (a scheduler spinning...) ends the run with
         # every thread's stack rather than a run that never ends.
-        faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
-        outcome = try_config(config)
-        faulthandler.cancel_dump_traceback_later()
-        counts[outcome.result] += 1
-        if outcome.error is not None and outcome.result not in examples:
-            examples[outcome.result] = str(outcome.error)[:200]
-        if outcome.threads_left:
-            leaks += 1
-            examples.setdefault("threads left", ", ".join(outcome.threads_left)[:200])
-    elapsed = time.perf_counter() - started
-    print(f"tai-lb {tai_lb.__version__}, Python {sys.version.split()[0]}: "
-          f"{args.count:,} fuzzed configurations (seed {args.seed}) in {elapsed:.0f} s\n")
-    print(f"{'outcome':<40}{'configurations':>16}")
-    for result, count in counts.most_common():
-        print(f"{result:<40}{count:>16,}")
-    others = sum(n for result, n in counts.items() if result not in ("built", "ConfigError"))
-    print(f"{'other exceptions (target 0)':<40}{others:>16,}")
-    print(f"{'runs leaving tai-lb threads (target 0)':<40}{leaks:>16,}")
-    for result, text in examples.items():
-        print(f"\n{result}: {text}")
-    return 1 if others or leaks else 0
+        if rng.random() < FAILING_START_SHARE:
+            case = failing_start(rng)
+            faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+            outcome = try_failing_start(case)
+            faulthandler.cancel_dump_traceback_later()
+            tally.failing_starts[case.part] += 1
+            tally.started_threads += bool(outcome.threads_at_failure)
+            tally.start_thread_leaks += bool(outcome.threads_left)
+            tally.descriptor_leaks += bool(outcome.descriptors_left)
+        else:
+            config = fuzzed_config(rng)
+            faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+            outcome = try_config(config)
+            faulthandler.cancel_dump_traceback_later()
+        tally.add(outcome)
+    tally.seconds = time.perf_counter() - started
+    return tally
+
+
+def outcome_rows(tally: Tally) -> tuple[list[str], list[list[str]]]:
+    """The outcome table: what the configurations did, with the targets."""
+    from picks import verdict  # see main()
+
+    header = ["outcome", "configurations", "target", "verdict"]
+    rows = [["configurations tried", f"{tally.count:,}", "", ""],
+            ["built (picked from, then closed)", f"{tally.outcomes['built']:,}", "", ""],
+            ["ConfigError", f"{tally.outcomes['ConfigError']:,}", "", ""],
+            ["failed after starting", f"{tally.outcomes[FAILED_AFTER_STARTING]:,}", "", ""]]
+    rows += [[f"- failing part: {part}", f"{n:,}", "", ""]
+             for part, n in sorted(tally.failing_starts.items())]
+    rows += [["- tai-lb threads running at the failure", f"{tally.started_threads:,}", "", ""],
+             ["- tai-lb threads left after it", f"{tally.start_thread_leaks:,}", "0",
+              verdict(tally.start_thread_leaks == 0)],
+             ["- file descriptors left after it", f"{tally.descriptor_leaks:,}", "0",
+              verdict(tally.descriptor_leaks == 0)]]
+    rows += [[f"other: {result}", f"{n:,}", "", ""]
+             for result, n in sorted(tally.outcomes.items())
+             if result not in ("built", "ConfigError", FAILED_AFTER_STARTING)]
+    rows += [["other exceptions", f"{tally.others:,}", "0", verdict(tally.others == 0)],
+             ["runs leaving tai-lb threads", f"{tally.leaks:,}", "0", verdict(tally.leaks == 0)],
+             ["seed", str(tally.seed), "", ""],
+             ["time (s)", f"{tally.seconds:,.0f}", "", ""]]
+    return header, rows
+
+
+def markdown_report(tally: Tally) -> str:
+    """The Markdown section for RESULTS.md (without its heading)."""
+    from picks import environment_line, markdown_table  # see main()
+
+    examples = [f"- {result}: `{text}`" for result, text in tally.examples.items()]
+    return "\n".join([
+        environment_line(f"{tally.count:,} configurations (seed {tally.seed}) in "
+                         f"{tally.seconds:.0f} s"),
+        "",
+        "Each configuration is a mutation of a valid one (85% of those drawn by fuzzed_config(): "
+        "a leaf or a part replaced by a "
+        "huge integer, inf, nan, a list nested 1,000 deep, an alias bomb, an unhashable value, "
+        "non-ASCII digits...; keys deleted; unknown keys added) or a random JSON-like "
+        "structure.  `LoadBalancer.from_config()` must build it (then every service is picked "
+        "from, `status()` read and the balancer closed) or raise `ConfigError`, and leave no "
+        "tai-lb thread running either way.  One in twenty is instead a valid configuration "
+        "(StatsD on) with a part that fails when started, after others started: a custom "
+        "discovery source raising in `start()` (a `RuntimeError`, `OSError`, `ValueError` or "
+        "`ConfigError`) at a random place among the services, or a Prometheus namespace "
+        "already registered (a `ConfigError` after the StatsD socket opened); it must raise "
+        "that error and leave no tai-lb thread and no file descriptor open (counted in "
+        "/proc/self/fd, with no `gc.collect()`: a socket dropped rather than closed counts).",
+        "",
+        markdown_table(*outcome_rows(tally)),
+        *(["", "First message of each failure:", "", *examples] if examples else []),
+    ])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the fuzz, print its table and, unless told not to, update RESULTS.md; 1 if anything
+    but ConfigError was raised or a thread was left."""
+    # picks.py is on the path only when this runs as a script; the tests import this module
+    # as benchmarks.fuzz_config for its generators, which need nothing from it.
+    from picks import benchmark_parser, publish, verdict
+
+
+    parser = benchmark_parser(__doc__, f"{QUICK_COUNT} configurations (smoke test); no write",
+                              "random seed (default 2026)",
+                              f"the file whose '{SECTION}' section is replaced")
+    parser.set_defaults(seed=2026)
+    parser.add_argument("-n", "--count", type=int,
+                        help=f"configurations to try (default {DEFAULT_COUNT:,}; "
+                             f"{QUICK_COUNT} with --quick)")
+    args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    count = args.count or (QUICK_COUNT if args.quick else DEFAULT_COUNT)
+    logging.getLogger("tai_lb").setLevel(logging.CRITICAL)  # failing discovery logs a lot
+    tally = run(count, args.seed)
+    summary = [f"tai-lb {tai_lb.__version__}: {count:,} fuzzed configurations (seed "
+               f"{args.seed}) in {tally.seconds:.0f} s: {tally.others:,} other exceptions, "
+               f"{tally.leaks:,} runs leaving threads, {tally.descriptor_leaks:,} leaving "
+               f"descriptors: {verdict(not tally.failed)}"]
+    publish(args, "--quick: a smoke test of a few hundred configurations; no write", summary,
+            [outcome_rows(tally)], markdown_report(tally), SECTION)
+    return 1 if tally.failed else 0
 
 
 if __name__ == "__main__":

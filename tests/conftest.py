@@ -43,6 +43,19 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return condition()
 
 
+def open_descriptors() -> dict[int, str]:
+    """The file descriptors open in this process, with what each is (Linux: /proc/self/fd).
+
+    Taken after a ``gc.collect()``, so that garbage of earlier tests is not in it; compare one
+    taken later without collecting again, so that a socket dropped rather than closed shows.
+    """
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the directory's own descriptor, closed by now
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return found
+
+
 def functions_on_stack(thread: threading.Thread) -> set[str]:
     """The names of the Python functions ``thread`` is in now."""
     frame = sys._current_frames().get(thread.ident or 0)

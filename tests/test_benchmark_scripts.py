@@ -186,3 +186,30 @@ def test_prober_sharing_benchmark_quick_mode_prints_its_tables() -> None:
                  "sees a failure within"):
         assert text in done.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_fuzz_config_benchmark_prints_its_table_and_writes_only_its_section(
+        tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "fuzz_config.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    done = subprocess.run([sys.executable, str(script), "--quick", "-n", "40"],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert done.returncode == 0, done.stderr + done.stdout
+    for text in ("| configurations tried | 40 |", "| ConfigError |", "| other exceptions | 0 |",
+                 "| runs leaving tai-lb threads | 0 |", "| seed | 2026 |"):
+        assert text in done.stdout
+    assert (results.read_text() if results.exists() else None) == before
+    # Without --quick it replaces its own section of the results file, and nothing else.
+    other = tmp_path / "RESULTS.md"
+    other.write_text("# Results\n\n## picks.py\n\nkept\n")
+    done = subprocess.run([sys.executable, str(script), "-n", "20", "--seed", "5", "--results",
+                           str(other)], capture_output=True, text=True, timeout=120,
+                          check=False, env=env)
+    assert done.returncode == 0, done.stderr + done.stdout
+    text = other.read_text()
+    assert "## picks.py\n\nkept\n" in text
+    assert "## fuzz_config.py" in text and "| configurations tried | 20 |" in text
+    assert "| seed | 5 |" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -26,7 +27,7 @@ from tai_lb.metrics import MetricsConfig, StatsdConfig
 from tai_lb.strategies import ConsistentHash, Maglev, PeakEwma
 
 from .backends import Backend
-from .conftest import THREAD_PREFIX, wait_for
+from .conftest import THREAD_PREFIX, open_descriptors, wait_for
 
 
 def users(**settings: Any) -> dict[str, Any]:
@@ -479,11 +480,14 @@ def test_unresolvable_statsd_host_is_a_config_error_and_leaves_no_thread(
                                      "discovery": {"type": "static",
                                                    "endpoints": [backend.address]}}},
               "metrics": {"statsd": {"host": "nonexistent.invalid"}}}
+    gc.collect()
+    descriptors = open_descriptors()
     with pytest.raises(ConfigError) as caught:
         LoadBalancer.from_config(config)
     assert caught.value.path == "metrics.statsd.host"
     assert "nonexistent.invalid" in str(caught.value)
     assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+    assert open_descriptors().items() <= descriptors.items()  # no socket or file left open
 
 
 class _FailingProvider(Provider):
@@ -508,9 +512,13 @@ def test_a_failure_while_starting_closes_what_started(backend: Backend) -> None:
     failing = ServiceConfig(discovery=DiscoveryConfig("custom", _FailingSource()))
     config = LoadBalancerConfig({"a": started, "b": failing},
                                 MetricsConfig(StatsdConfig("127.0.0.1", backend.port)))
+    gc.collect()
+    descriptors = open_descriptors()
     with pytest.raises(RuntimeError, match="the source is broken"):
         LoadBalancer(config=config)
     assert wait_for(lambda: not tai_lb_threads(), 2.0), tai_lb_threads()
+    # The StatsD client's socket was open: it is closed, not dropped (no gc.collect() here).
+    assert open_descriptors().items() <= descriptors.items()
 
 
 def test_etcd_answering_200_with_another_shape_is_a_failed_read(backend: Backend) -> None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
+import trustme
 import urllib3
 
 from tai_lb import LoadBalancer, trace_of
 
-from .backends import Factory, Trickle, balancer
+from .backends import Factory, Trickle, balancer, sni_recording_context
 from .conftest import wait_for
 
 TIMEOUT = (1, 2)  # each wait for data is at most 0.05 s: the read timeout never fires
@@ -88,6 +91,32 @@ def test_the_connection_cut_at_the_deadline_is_not_reused(backend_factory: Facto
         assert wait_for(trickle.cut.is_set, timeout=5)
         # The next request went out on a new connection and was answered in full.
         assert lb.stats("users")[backend.address].in_flight == 0
+
+
+def test_a_trickling_https_response_ends_at_the_deadline(backend_factory: Factory,
+                                                         tmp_path: Path) -> None:
+    # The issue's target over TLS (DeadlineHTTPSConnection): an 80-byte body at 4 bytes a second
+    # would take 20 s; a 1 s deadline ends the request long before (no tight bound here).  A
+    # wait of 0.25 s is under any read timeout the deadline sets (1 s at the start): at a byte a
+    # second, the read timeout alone would end the request at the first byte.
+    ca = trustme.CA()
+    backend = backend_factory(tls_context=sni_recording_context(ca.issue_cert("users")))
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    trickle = Trickle("body", size=80, interval=0.25)
+    backend.behaviour = trickle
+    with balancer(backend, retries={"deadline": 1}) as lb:
+        started = time.monotonic()
+        with pytest.raises((requests.exceptions.Timeout,
+                            requests.exceptions.ConnectionError)) as caught:
+            lb.session().get("https://users/", timeout=TIMEOUT, verify=str(bundle))
+        elapsed = time.monotonic() - started
+        assert elapsed < 10, elapsed
+        assert backend.received[-1]["sni"] == "users"  # it went over TLS
+        trace = trace_of(caught.value)
+        assert trace is not None and len(trace.attempts) == 1, trace
+        assert "deadline" in trace.attempts[0].decision
+        assert_cut_at_the_deadline(trickle, lb, backend.address)
 
 
 def test_without_a_deadline_a_trickling_response_is_read_to_the_end(

@@ -120,6 +120,27 @@ def test_malformed_values_are_skipped_and_the_last_good_value_kept(
         assert discovery(lb)["skipped_entries"] == 4
 
 
+def test_500_malformed_keys_are_one_warning_with_their_count_and_a_few_examples(
+        etcd: EtcdServer, client: EtcdClient, prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    put(client, prefix, "a", {"address": "10.0.0.1:80"})
+    for i in range(500):
+        put(client, prefix, f"bad{i:03}", "{not json" if i % 2 else {"address": "10.0.0.2:0"})
+    put(client, prefix, "b", {"address": "10.0.0.1:80"})  # a repeat, the other kind of skip
+    with caplog.at_level(logging.WARNING, logger="tai_lb"), lb_for([etcd.url], prefix) as lb:
+        assert addresses(lb) == {"10.0.0.1:80"}
+        assert discovery(lb)["skipped_entries"] == 501
+    skips = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    malformed = [m for m in skips if "holding no valid endpoint" in m]
+    assert len(malformed) == 1, skips
+    assert f"etcd keys {prefix}/users/*: skipping 500 key(s)" in malformed[0]
+    assert "bad000" in malformed[0] and "bad001" in malformed[0]  # examples of both kinds
+    assert "bad499" not in malformed[0] and len(malformed[0]) < 1000
+    assert [m for m in skips if "repeating an endpoint" in m] == [
+        f"tai-lb: etcd keys {prefix}/users/*: skipping 1 key(s) repeating an endpoint, such "
+        f"as: {prefix}/users/b repeats 10.0.0.1:80"]
+
+
 def test_a_watch_on_a_compacted_revision_lists_again_and_loses_no_change(
         etcd: EtcdServer, client: EtcdClient, prefix: str) -> None:
     for i in range(1, 6):

@@ -45,8 +45,11 @@ def test_forked_workers_start_on_different_endpoints_and_draw_different_picks() 
     spread = {service: len({r[service] for r in reports}) for service in ("rr", "wrr", "rand")}
     print(f"distinct first picks of {WORKERS} forked workers over {len(ENDPOINTS)} endpoints: "
           f"{spread}")
-    # Each worker's picks are uniform over 10 endpoints: all 8 alike has odds 1e-7.
-    assert all(count > 1 for count in spread.values()), spread
+    # The target: 8 workers start on at least 3 different endpoints of 10.  Each
+    # worker's first pick is uniform over the 10, so 8 of them land on 2 or fewer with odds
+    # (10 + 45 x (2**8 - 2)) / 10**8 = 1.1e-4 per service: this fails by chance about once in
+    # 3,000 runs (three services); in step, as before the reseed, they land on 1.
+    assert all(count >= 3 for count in spread.values()), spread
 
 
 @fork_only

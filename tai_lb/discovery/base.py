@@ -77,7 +77,7 @@ def read_regular_file(path: str) -> tuple[bytes, os.stat_result]:
 class Provider(ABC):
     """Fetches the full endpoint set of one service from one source."""
 
-    #: malformed entries skipped so far (each is also logged)
+    #: malformed entries skipped so far (logged as one warning per read, with a few examples)
     skipped: int = 0
 
     @abstractmethod
@@ -105,6 +105,33 @@ class Provider(ABC):
     def snapshot(self) -> Optional[dict[str, Any]]:
         """JSON-serialisable state of the source for ``status()``, if it has any."""
         return None
+
+
+class Skipped:
+    """The malformed entries one read of a source skips: counted, with the first few reasons,
+    for one warning however many there are (100,000 bad entries are one line, not 100,000)."""
+
+    #: reasons quoted in the warning (the count says how many there were)
+    EXAMPLES = 3
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples: list[str] = []
+
+    def add(self, reason: str) -> None:
+        """Count one skipped entry, and why it was skipped."""
+        self.count += 1
+        if len(self.examples) < self.EXAMPLES:
+            self.examples.append(reason[:200])
+
+    def report(self, logger: logging.Logger, provider: Provider, source: str,
+               what: str) -> None:
+        """Add the count to ``provider.skipped`` and log one warning naming ``source`` and
+        ``what`` was skipped (a plural noun: ``"malformed endpoint(s)"``), if any was."""
+        if self.count:
+            provider.skipped += self.count
+            logger.warning("tai-lb: %s: skipping %d %s, such as: %s", source, self.count, what,
+                           "; ".join(self.examples))
 
 
 @dataclass(frozen=True)

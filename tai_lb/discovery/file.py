@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
-from .base import Provider, SourceError, read_regular_file
+from .base import Provider, Skipped, SourceError, read_regular_file
 
 __all__ = ["YAML_SUFFIXES", "FileProvider", "parse_endpoint_list"]
 
@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 
 #: file names read as YAML (with PyYAML, the ``yaml`` extra); any other is read as JSON
 YAML_SUFFIXES = (".yaml", ".yml")
-
-_EXAMPLES = 3
-"""Skipped entries quoted in the one warning of a parse (the count says how many there were)."""
 
 
 def parse_endpoint_list(data: Any, source: str, provider: Provider) -> list[Endpoint]:
@@ -43,8 +40,7 @@ def parse_endpoint_list(data: Any, source: str, provider: Provider) -> list[Endp
         raise SourceError(f"{source}: expected a list of endpoints or {{\"endpoints\": [...]}}")
     endpoints: list[Endpoint] = []
     seen: set[str] = set()
-    skipped = 0
-    examples: list[str] = []
+    skipped = Skipped()
     for index, item in enumerate(data):
         try:
             endpoint = Endpoint.from_value(item, path=f"[{index}]")
@@ -56,13 +52,8 @@ def parse_endpoint_list(data: Any, source: str, provider: Provider) -> list[Endp
                 endpoints.append(endpoint)
                 continue
             reason = f"[{index}]: duplicate endpoint {endpoint.address}"
-        skipped += 1
-        if len(examples) < _EXAMPLES:
-            examples.append(reason[:200])
-    if skipped:
-        provider.skipped += skipped
-        log.warning("tai-lb: %s: skipping %d malformed or duplicate endpoint(s), such as: %s",
-                    source, skipped, "; ".join(examples))
+        skipped.add(reason)
+    skipped.report(log, provider, source, "malformed or duplicate endpoint(s)")
     return endpoints
 
 

@@ -21,7 +21,7 @@ from ... import _forksafe
 from ..._settings import MAX_PORT, Settings, check_number, doc, is_int, shown
 from ...endpoint import Endpoint
 from ...exceptions import ConfigError
-from ..base import Provider, SourceError
+from ..base import Provider, Skipped, SourceError
 from .client import Backoff, EtcdClient, decode_key, interrupt, shown_key, unb64
 from .errors import EtcdError, WatchCompacted, WatchIdle
 from .watch import WATCH_IDLE
@@ -173,28 +173,30 @@ class EtcdProvider(Provider):
         endpoints: list[Endpoint] = []
         seen: set[str] = set()
         repeats: set[str] = set()
+        skipped = Skipped()
         for key, endpoint in sorted(entries):
             if endpoint.address in seen:
                 repeats.add(key)
                 if key not in self._repeats:  # counted and logged once while it stays
-                    self.skipped += 1
-                    log.warning("tai-lb: etcd key %s repeats endpoint %s; skipped",
-                                shown_key(key), endpoint.address)
+                    skipped.add(f"{shown_key(key)} repeats {endpoint.address}")
                 continue
             seen.add(endpoint.address)
             endpoints.append(endpoint)
         self._repeats = repeats
+        skipped.report(log, self, self._source, "key(s) repeating an endpoint")
         return endpoints
 
-    def _parse(self, key: str, value: bytes) -> Optional[Endpoint]:
+    @property
+    def _source(self) -> str:
+        return f"etcd keys {shown_key(self.prefix)}*"
+
+    def _parse(self, key: str, value: bytes, skipped: Skipped) -> Optional[Endpoint]:
         try:
             data = json.loads(value)
             return Endpoint.from_value(data, path=shown_key(key))
         except (ValueError, TypeError) as error:  # ConfigError is a ValueError
-            self.skipped += 1
-            log.warning("tai-lb: etcd key %s holds no valid endpoint (%s); skipped",
-                        shown_key(key),
-                        error if isinstance(error, ConfigError) else f"{value[:200]!r}")
+            skipped.add(str(error) if isinstance(error, ConfigError)
+                        else f"{shown_key(key)}: {value[:100]!r}")
             return None
 
     def _list(self) -> int:
@@ -202,12 +204,14 @@ class EtcdProvider(Provider):
         with self._lock:
             old = dict(self._entries)
         entries: dict[str, Endpoint] = {}
+        skipped = Skipped()
         for key, value in pairs:
-            endpoint = self._parse(key, value)
+            endpoint = self._parse(key, value, skipped)
             if endpoint is None:
                 endpoint = old.get(key)  # a bad value keeps the key's last good one
             if endpoint is not None:
                 entries[key] = endpoint
+        skipped.report(log, self, self._source, "key(s) holding no valid endpoint")
         with self._lock:
             changed = entries != self._entries
             self._entries = entries
@@ -222,6 +226,7 @@ class EtcdProvider(Provider):
     def _apply(self, events: Sequence[Mapping[str, Any]]) -> None:
         updates: dict[str, Optional[Endpoint]] = {}
         revision = 0
+        skipped = Skipped()
         for event in events:
             kv = event.get("kv", {})
             key = decode_key(unb64(kv.get("key", "")))
@@ -229,9 +234,10 @@ class EtcdProvider(Provider):
             if event.get("type") == "DELETE":
                 updates[key] = None
                 continue
-            endpoint = self._parse(key, unb64(kv.get("value", "")))
+            endpoint = self._parse(key, unb64(kv.get("value", "")), skipped)
             if endpoint is not None:
                 updates[key] = endpoint
+        skipped.report(log, self, self._source, "key(s) holding no valid endpoint")
         with self._lock:
             for key, endpoint in updates.items():
                 if endpoint is None:
