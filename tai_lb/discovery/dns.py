@@ -20,7 +20,8 @@ stopping the provider cuts it short.  A server that times out, fails (SERVFAIL),
 refuses (REFUSED) or cannot be reached raises :class:`~tai_lb.discovery.SourceError`: the last good
 set stays.  A name that does not exist (NXDOMAIN) or has no records is an empty set, which the
 watcher applies only once confirmed.  A record that cannot become an endpoint (port 0, a target
-without an address) is skipped, counted and logged once while it stays in the answers.
+without an address) is skipped, counted and logged once while it stays in the answers, in one
+warning per answer however many there are.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from .._settings import MIN_INTERVAL, Settings, check_number, check_port, doc, shown
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError
-from .base import Provider, SourceError
+from .base import Provider, Skipped, SourceError
 
 if TYPE_CHECKING:
     import dns.message
@@ -336,13 +337,15 @@ class DnsProvider(Provider):
         return found
 
     def _report(self, problems: list[str]) -> None:
-        """Count and log each malformed record once while it stays in the answers."""
-        new = [p for p in dict.fromkeys(problems) if p not in self._reported]
+        """Count malformed records once while they stay in the answers, in one warning an
+        answer (with a few examples), however many records it holds."""
+        skipped = Skipped()
+        for problem in dict.fromkeys(problems):
+            if problem not in self._reported:
+                skipped.add(problem)
         self._reported = frozenset(problems)
-        self.skipped += len(new)
-        for problem in new:
-            log.warning("tai-lb: DNS %s %s: skipping a record: %s", self.settings.record,
-                        self.settings.name, problem)
+        skipped.report(log, self, f"DNS {self.settings.record} {self.settings.name}",
+                       "malformed record(s)")
 
 
 def _is_ip(text: str) -> bool:
