@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def test_the_connection_cut_at_the_deadline_is_not_reused(backend_factory: Facto
 def test_a_trickling_https_response_ends_at_the_deadline(backend_factory: Factory,
                                                          tmp_path: Path) -> None:
     # The target over TLS (DeadlineHTTPSConnection): an 80-byte body at 4 bytes a second
-    # would take 20 s; a 1 s deadline ends the request long before (no tight bound here).  A
+    # would take 20 s; a 1 s deadline cuts it before the body is all sent (checked below).  A
     # wait of 0.25 s is under any read timeout the deadline sets (1 s at the start): at a byte a
     # second, the read timeout alone would end the request at the first byte.
     ca = trustme.CA()
@@ -106,12 +105,9 @@ def test_a_trickling_https_response_ends_at_the_deadline(backend_factory: Factor
     trickle = Trickle("body", size=80, interval=0.25)
     backend.behaviour = trickle
     with balancer(backend, retries={"deadline": 1}) as lb:
-        started = time.monotonic()
         with pytest.raises((requests.exceptions.Timeout,
                             requests.exceptions.ConnectionError)) as caught:
             lb.session().get("https://users/", timeout=TIMEOUT, verify=str(bundle))
-        elapsed = time.monotonic() - started
-        assert elapsed < 10, elapsed
         assert backend.received[-1]["sni"] == "users"  # it went over TLS
         trace = trace_of(caught.value)
         assert trace is not None and len(trace.attempts) == 1, trace
