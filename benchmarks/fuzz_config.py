@@ -38,6 +38,7 @@ import copy
 import dataclasses
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import random
@@ -326,30 +327,44 @@ class Outcome:
     threads_left: list[str] = field(default_factory=list)
     threads_at_failure: list[str] = field(default_factory=list)  # of a failing start
     descriptors_left: int = 0  # after a failing start
+    metrics_left: list[str] = field(default_factory=list)  # Prometheus families left registered
+
+
+def registered_metrics() -> frozenset[str]:
+    """The metric families in prometheus_client's default registry (none without it)."""
+    try:
+        from prometheus_client import REGISTRY  # an optional extra
+    except ImportError:
+        return frozenset()
+    return frozenset(family.name for family in REGISTRY.collect())
 
 
 def try_config(config: Any) -> Outcome:
     """Build a balancer from ``config``, use and close it; what happened, and the tai-lb
-    threads it left running after a failed construction or after close()."""
-    before = _running()
+    threads and Prometheus metrics it left after a failed construction or after close()."""
+    before, metrics = _running(), registered_metrics()
     try:
         lb = LoadBalancer.from_config(config)
     except ConfigError:
-        return Outcome("ConfigError", threads_left=_threads_after_stop(before))
+        outcome = Outcome("ConfigError", threads_left=_threads_after_stop(before))
     except Exception as error:
-        return Outcome(type(error).__name__, error, _threads_after_stop(before))
-    try:
-        for name in lb.config.services:  # a configuration that loads never breaks a pick
-            # NoEndpointAvailable (nothing healthy, discovery failing) is an answer
-            with contextlib.suppress(LoadBalancerError):
-                lb.pick(name).done()
-        lb.status()
-    except Exception as error:
-        lb.close()
-        return Outcome(f"after load: {type(error).__name__}", error,
-                       _threads_after_stop(before))
-    lb.close()
-    return Outcome("built", threads_left=_threads_after_stop(before))
+        outcome = Outcome(type(error).__name__, error, _threads_after_stop(before))
+    else:
+        try:
+            for name in lb.config.services:  # a configuration that loads never breaks a pick
+                # NoEndpointAvailable (nothing healthy, discovery failing) is an answer
+                with contextlib.suppress(LoadBalancerError):
+                    lb.pick(name).done()
+            lb.status()
+        except Exception as error:
+            lb.close()
+            outcome = Outcome(f"after load: {type(error).__name__}", error,
+                              _threads_after_stop(before))
+        else:
+            lb.close()
+            outcome = Outcome("built", threads_left=_threads_after_stop(before))
+    outcome.metrics_left = sorted(registered_metrics() - metrics)
+    return outcome
 
 
 def _threads_after_stop(before: Collection[threading.Thread], timeout: float = 2.0,
@@ -450,27 +465,33 @@ def failing_start(rng: random.Random) -> FailingStart:
                         source.running)
 
 
-def open_descriptors() -> int:
-    """The file descriptors open in this process (0 where /proc/self/fd does not exist)."""
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return 0
+def open_descriptors() -> set[tuple[int, str]]:
+    """The file descriptors open in this process, with what each is (none where
+    /proc/self/fd does not exist)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                found.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+    return found
 
 
 def try_failing_start(case: FailingStart) -> Outcome:
-    """Build a balancer whose start fails; what happened, and the tai-lb threads and file
-    descriptors left after the failure (counted without a ``gc.collect()``, so that a socket
-    dropped in a reference cycle rather than closed counts)."""
-    before, descriptors = _running(), open_descriptors()
+    """Build a balancer whose start fails; what happened, and the tai-lb threads, file
+    descriptors and Prometheus metrics left after the failure.  Descriptors are listed after a
+    ``gc.collect()`` before and without one after, so that garbage of earlier runs closing
+    meanwhile cannot hide a leak, and a socket dropped in a reference cycle rather than closed
+    counts."""
+    gc.collect()
+    before, descriptors, metrics = _running(), open_descriptors(), registered_metrics()
     try:
         lb = LoadBalancer(config=case.config)
     except Exception as error:
         threads = _threads_after_stop(before)
-        left = max(0, open_descriptors() - descriptors)
+        left = len(open_descriptors() - descriptors)
         result = FAILED_AFTER_STARTING if case.expected(error) else type(error).__name__
         return Outcome(result, None if case.expected(error) else error, threads,
-                       list(case.running), left)
+                       list(case.running), left, sorted(registered_metrics() - metrics))
     lb.close()
     return Outcome("built though a part failed to start", None, _threads_after_stop(before))
 
@@ -485,6 +506,7 @@ class Tally:
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: dict[str, str] = field(default_factory=dict)
     leaks: int = 0  # runs leaving tai-lb threads
+    metric_leaks: int = 0  # runs leaving Prometheus metrics registered
     #: failing starts by the part that failed, of them with tai-lb threads running at the
     #: failure, and of them leaving threads or file descriptors
     failing_starts: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -502,7 +524,7 @@ class Tally:
     @property
     def failed(self) -> bool:
         """Whether a target was missed."""
-        return bool(self.others or self.leaks or self.descriptor_leaks)
+        return bool(self.others or self.leaks or self.descriptor_leaks or self.metric_leaks)
 
     def add(self, outcome: Outcome) -> None:
         """Count one configuration's outcome."""
@@ -512,6 +534,9 @@ class Tally:
         if outcome.threads_left:
             self.leaks += 1
             self.examples.setdefault("threads left", ", ".join(outcome.threads_left)[:200])
+        if outcome.metrics_left:
+            self.metric_leaks += 1
+            self.examples.setdefault("metrics left", ", ".join(outcome.metrics_left)[:200])
 
 
 def run(count: int, seed: int) -> Tally:
@@ -562,6 +587,8 @@ def outcome_rows(tally: Tally) -> tuple[list[str], list[list[str]]]:
              if result not in ("built", "ConfigError", FAILED_AFTER_STARTING)]
     rows += [["other exceptions", f"{tally.others:,}", "0", verdict(tally.others == 0)],
              ["runs leaving tai-lb threads", f"{tally.leaks:,}", "0", verdict(tally.leaks == 0)],
+             ["runs leaving Prometheus metrics registered", f"{tally.metric_leaks:,}", "0",
+              verdict(tally.metric_leaks == 0)],
              ["seed", str(tally.seed), "", ""],
              ["time (s)", f"{tally.seconds:,.0f}", "", ""]]
     return header, rows
@@ -587,8 +614,10 @@ def markdown_report(tally: Tally) -> str:
         "discovery source raising in `start()` (a `RuntimeError`, `OSError`, `ValueError` or "
         "`ConfigError`) at a random place among the services, or a Prometheus namespace "
         "already registered (a `ConfigError` after the StatsD socket opened); it must raise "
-        "that error and leave no tai-lb thread and no file descriptor open (counted in "
-        "/proc/self/fd, with no `gc.collect()`: a socket dropped rather than closed counts).",
+        "that error and leave no tai-lb thread and no file descriptor open (listed in "
+        "/proc/self/fd after a `gc.collect()` before and without one after: a socket dropped "
+        "in a reference cycle rather than closed counts).  No run may leave a metric family "
+        "registered in prometheus_client's default registry.",
         "",
         markdown_table(*outcome_rows(tally)),
         *(["", "First message of each failure:", "", *examples] if examples else []),
@@ -619,7 +648,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = [f"tai-lb {tai_lb.__version__}: {count:,} fuzzed configurations (seed "
                f"{args.seed}) in {tally.seconds:.0f} s: {tally.others:,} other exceptions, "
                f"{tally.leaks:,} runs leaving threads, {tally.descriptor_leaks:,} leaving "
-               f"descriptors: {verdict(not tally.failed)}"]
+               f"descriptors, {tally.metric_leaks:,} leaving metrics: "
+               f"{verdict(not tally.failed)}"]
     publish(args, "--quick: a smoke test of a few hundred configurations; no write", summary,
             [outcome_rows(tally)], markdown_report(tally), SECTION)
     return 1 if tally.failed else 0

@@ -35,6 +35,7 @@ def test_the_valid_configurations_build() -> None:
         outcome = try_config(config)
         assert outcome.result == "built", outcome.error
         assert outcome.threads_left == []
+        assert outcome.metrics_left == []  # closed, the Prometheus export is unregistered
 
 
 @FUZZ
@@ -44,6 +45,7 @@ def test_mutated_configurations_build_or_raise_config_error(index: int,
     outcome = try_config(mutate(valid_configs()[index], rng))
     assert outcome.result in ("built", "ConfigError"), repr(outcome.error)
     assert outcome.threads_left == []
+    assert outcome.metrics_left == []
 
 
 @FUZZ
@@ -69,3 +71,4 @@ def test_a_part_failing_to_start_after_others_started_leaves_nothing_open(
         assert "tai-lb-metrics" in outcome.threads_at_failure  # something had started
     assert outcome.threads_left == []
     assert outcome.descriptors_left == 0
+    assert outcome.metrics_left == []
