@@ -42,7 +42,7 @@ from .._settings import (
 from ..endpoint import Endpoint
 from ..exceptions import ConfigError, LoadBalancerError
 
-__all__ = ["DiscoveryWatcher", "Provider", "SourceError", "WatchConfig", "WatchSettings"]
+__all__ = ["DiscoveryWatcher", "Provider", "Skipped", "SourceError", "WatchConfig", "WatchSettings"]
 
 log = logging.getLogger(__name__)
 
