@@ -329,6 +329,38 @@ def test_the_flask_context_lives_for_the_request_and_reads_it_only_when_asked() 
         ext.close()
 
 
+def test_an_extension_made_first_and_set_up_later_serves_the_app_as_its_balancer() -> None:
+    # The app factory pattern: TaiLB() at import, init_app(app) in the factory; SPEC: "the
+    # balancer at app.extensions['tai_lb']".
+    backend = _backend("f2")
+    ext = TaiLB()
+    app = _app(TAI_LB={"services": {"users": {"endpoints": [backend.address]}}})
+    ext.init_app(app)
+    seen: list[Any] = []
+
+    @app.get("/call")
+    def call() -> str:
+        seen.append(current().header("x-test"))
+        lb = flask.current_app.extensions["tai_lb"]
+        with lb.pick("users") as lease:  # the balancer's own API, through the extension
+            seen.append(lease.address)
+        seen.append(list(lb.status()["services"]))
+        return ext.session().get("http://users/echo").json()["backend"]  # type: ignore[no-any-return]
+
+    try:
+        with app.test_client() as client:
+            answer = client.get("/call", headers={"X-Test": "yes"}).get_data(as_text=True)
+        assert answer == "f2"
+        assert seen == ["yes", backend.address, ["users"]]
+        with app.app_context():
+            assert app.extensions["tai_lb"].route("users") is ext.balancer.route("users")
+        with pytest.raises(AttributeError):
+            app.extensions["tai_lb"]._services  # noqa: B018 - private names are not passed on
+    finally:
+        ext.close(app)  # no app of its own: which app's balancer is said
+        backend.stop()
+
+
 _DJANGO_SETUP = """
 import json, sys
 from django.conf import settings

@@ -62,9 +62,14 @@ class _AppState:
 class TaiLB:
     """The Flask extension: one balancer per worker process for each app it is set up on.
 
-    ``app.extensions["tai_lb"]`` is this object.  Nothing is made when the app is set up; the
-    process's balancer is made on the first use of :attr:`balancer` (or :meth:`session`), in
-    the worker, and closed at exit or by :meth:`close`.  Before each request, the request's
+    ``app.extensions["tai_lb"]`` is this object, and it answers as the app's balancer: any
+    public attribute of :class:`~tai_lb.LoadBalancer` it does not define itself (``pick``,
+    ``status``, ``route``, ``connection``, ``rebalance``...) is the process's balancer's, so
+    ``app.extensions["tai_lb"].status()`` is that balancer's status.  (The extension, rather
+    than the balancer, is stored: each worker makes its own balancer after the fork.)
+    Nothing is made when the app is set up; the process's balancer is made on the first use
+    of :attr:`balancer` (or :meth:`session`, or any of its attributes), in the worker, and
+    closed at exit or by :meth:`close`.  Before each request, the request's
     client address, user and cookies and headers become the routing context
     (:mod:`tai_lb.context`); after it, the context is reset.
 
@@ -96,6 +101,14 @@ class TaiLB:
     def balancer(self) -> LoadBalancer:
         """The process's balancer of the app (``self.app``, else the current app)."""
         return self._state().process.get()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names the extension lacks: the balancer's public API (SPEC: "the balancer
+        # at app.extensions['tai_lb']").  Private names never reach it (nor copy or pickle
+        # probes made before __init__ has run).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.balancer, name)
 
     def session(self) -> requests.Session:
         """A balanced :class:`requests.Session` of the balancer, one per thread, kept."""
