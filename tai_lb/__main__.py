@@ -1,11 +1,11 @@
 """The ``tai-lb`` command (``python -m tai_lb``).
 
 ``demo [--duration S]`` balances live traffic over backends on loopback and kills one midway.
-``check CONFIG_FILE`` loads a configuration and exits 0 when it is valid, or prints the
-`ConfigError` and exits 2.  ``status CONFIG_FILE`` probes every endpoint once, prints a table and
-exits 0 when every service has a healthy endpoint, 1 when one has none (2 for a bad
-configuration).  ``picks`` shows how every strategy spreads picks.  ``tai-lb COMMAND --help``
-describes each.
+``check CONFIG_FILE`` loads a configuration, resolves the StatsD host as building a balancer
+would, and exits 0 when it is valid, or prints the `ConfigError` and exits 2.
+``status CONFIG_FILE`` probes every endpoint once, prints a table and exits 0 when every service
+has a healthy endpoint, 1 when one has none (2 for a bad configuration).  ``picks`` shows how
+every strategy spreads picks.  ``tai-lb COMMAND --help`` describes each.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .balancer import LoadBalancer
 from .cli_status import DEFAULT_DISCOVERY_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WORKERS
 from .config import LoadBalancerConfig, load_config
 from .exceptions import ConfigError
+from .metrics import resolve_hosts
 from .strategies import STRATEGIES
 
 __all__ = ["main"]
@@ -40,6 +41,11 @@ def _load(path: str) -> Optional[LoadBalancerConfig]:
 def _check(path: str) -> int:
     config = _load(path)
     if config is None:
+        return 2
+    try:  # the lookup construction makes (load_config makes none)
+        resolve_hosts(config.metrics)
+    except ConfigError as error:
+        print(f"tai-lb: invalid configuration: {error}", file=sys.stderr)
         return 2
     services = ", ".join(f"{name} ({len(s.endpoints)} endpoints, {s.strategy.name})"
                          for name, s in config.services.items())
@@ -126,8 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="how long to run (default 10)")
     check = command("check", "validate a configuration file",
                     "Load a configuration file (.json, .toml, .yaml, .yml) with every check "
-                    "LoadBalancer.from_config makes. Exits 0 when it is valid, 2 with the "
-                    "ConfigError on standard error when not.")
+                    "LoadBalancer.from_config makes, the StatsD host's lookup included. "
+                    "Exits 0 when it is valid, 2 with the ConfigError on standard error when "
+                    "not.")
     check.add_argument("config_file", metavar="CONFIG_FILE")
     status = command("status", "probe every endpoint once and print its health",
                      "Load a configuration file and probe every endpoint of every service "

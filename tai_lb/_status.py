@@ -58,8 +58,8 @@ def balancer_status(route: Route, health: HealthChecker, outliers: OutlierDetect
         endpoint = stats.endpoint
         entry = endpoint.to_dict()
         del entry["address"]
-        if stats.breaker is not None:
-            entry["breaker"] = stats.breaker.snapshot()
+        # always there (SPEC: breaker state per endpoint): null when the service has no breaker
+        entry["breaker"] = None if stats.breaker is None else stats.breaker.snapshot()
         outlier = outliers.state(name, endpoint.address)
         if outlier is not None:
             entry["outlier"] = outlier

@@ -44,6 +44,7 @@ sends the increases since the fork: what came before is the parent's to send.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -163,6 +164,35 @@ class MetricsConfig(Settings):
                     raise ConfigError(f"{key}.{error.path}" if error.path else key,
                                       error.reason) from None
         return cls(**built)
+
+    def __post_init__(self) -> None:  # find_spec() imports nothing
+        if self.prometheus is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigError("prometheus", "Prometheus export needs prometheus_client: "
+                                            "pip install 'tai-lb[prometheus]'")
+
+
+def open_statsd(config: StatsdConfig) -> Any:
+    """A ``statsd.StatsClient`` for ``config``, its host resolved now (the one lookup building
+    a balancer makes; ``tai-lb check`` makes it too, through :func:`resolve_hosts`).
+
+    :raises ConfigError: ``metrics.statsd.host`` does not resolve to an IPv4 address.
+    """
+    import statsd  # noqa: PLC0415 - a dependency, imported only when used
+
+    try:  # the client resolves the host once, here (an IPv4 address, as statsd does)
+        return statsd.StatsClient(config.host, config.port, prefix=config.prefix or None)
+    except (OSError, UnicodeError, ValueError) as error:  # gaierror; bad IDNA label
+        raise ConfigError("metrics.statsd.host", f"cannot resolve {shown(config.host)} to an "
+                                                 f"IPv4 address: {error}") from None
+
+
+def resolve_hosts(config: MetricsConfig) -> None:
+    """Resolve what building a balancer resolves (the StatsD host), keeping nothing open: the
+    lookup ``tai-lb check`` adds to :func:`~tai_lb.load_config` (which makes none).
+
+    :raises ConfigError: as :meth:`Metrics.start` would, with the same message."""
+    if config.statsd is not None:
+        open_statsd(config.statsd).close()
 
 
 def _segment(name: str) -> str:
@@ -294,31 +324,17 @@ class Metrics:
     def start(self) -> None:
         """Start exporting (does nothing with no export configured).
 
-        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``),
-            prometheus_client is not installed (``metrics.prometheus``) or the Prometheus names
-            clash with metrics already registered; nothing is left open then.
+        :raises ConfigError: the StatsD host does not resolve (``metrics.statsd.host``) or the
+            Prometheus names clash with metrics already registered; nothing is left open then.
         """
         statsd_config, prometheus_config = self.config.statsd, self.config.prometheus
         if self._thread is not None:
             return
         if statsd_config is not None and self._client is None:
-            import statsd  # noqa: PLC0415 - a dependency, imported only when used
-
-            try:  # the client resolves the host once, here (an IPv4 address, as statsd does)
-                self._client = statsd.StatsClient(statsd_config.host, statsd_config.port,
-                                                  prefix=statsd_config.prefix or None)
-            except (OSError, UnicodeError, ValueError) as error:  # gaierror; bad IDNA label
-                raise ConfigError("metrics.statsd.host", f"cannot resolve "
-                                  f"{shown(statsd_config.host)} to an IPv4 address: "
-                                  f"{error}") from None
-        if prometheus_config is not None:
+            self._client = open_statsd(statsd_config)
+        if prometheus_config is not None:  # prometheus_client is there: MetricsConfig checked
             from . import prometheus  # noqa: PLC0415 - prometheus_client only when used
 
-            try:
-                import prometheus_client  # noqa: F401, PLC0415 - an optional extra
-            except ImportError:
-                raise ConfigError("metrics.prometheus", "Prometheus export needs "
-                                  "prometheus_client: pip install 'tai-lb[prometheus]'") from None
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 self._writer = prometheus.MultiprocessWriter(prometheus_config.namespace)
             elif not self._attached:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tai_lb import ConfigError, LoadBalancer, NoEndpointAvailable, load_config
+from tai_lb.web import render_html
 
 from . import backends
 from .backends import Backend
@@ -39,6 +40,21 @@ def test_breaker_opens_after_fail_max_and_refuses_until_reset(clock: FakeClock) 
             "state"] == "open"
         clock.advance(9.9)
         assert {lb.pick("db").address for _ in range(10)} == {"10.0.0.2:5432"}
+
+
+def test_status_has_the_breaker_key_null_without_a_breaker(clock: FakeClock) -> None:
+    config = {"services": {"plain": {"endpoints": ["10.0.0.1:5432"]},
+                           "guarded": {"endpoints": ["10.0.0.2:5432"],
+                                       "circuit_breaker": {"fail_max": 3}}}}
+    with LoadBalancer.from_config(config, clock=clock) as lb:
+        services = lb.status()["services"]
+        plain = services["plain"]["endpoints"]["10.0.0.1:5432"]
+        assert "breaker" in plain and plain["breaker"] is None
+        assert services["guarded"]["endpoints"]["10.0.0.2:5432"]["breaker"]["state"] == "closed"
+        page = render_html(lb.status())  # the status page shows "-" for no breaker
+        row = page.split(">10.0.0.1:5432</td>", 1)[1].split("</tr>", 1)[0].split("</td>")
+        header = page.split("<thead><tr>", 1)[1].split("</tr>", 1)[0].split("</th>")
+        assert row[header.index("<th>breaker") - 1] == "<td>-"
 
 
 def test_half_open_admits_exactly_one_probe_then_closes(clock: FakeClock) -> None:

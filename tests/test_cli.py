@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
+from tai_lb import ConfigError, LoadBalancer
 from tai_lb.__main__ import main
 
 from . import backends
@@ -43,6 +44,32 @@ def test_check_invalid_config_exits_2_with_the_message(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "services.users.endpoints[0].port: must be an integer from 1 to 65535, got 0" in (
         result.stderr)
+
+
+def test_check_an_unresolvable_statsd_host_exits_2_with_the_construction_message(
+        tmp_path: Path) -> None:
+    config = {"services": {"users": {"endpoints": ["127.0.0.1:8001"]}},
+              "metrics": {"statsd": {"host": "nonexistent.invalid"}}}  # .invalid never resolves
+    with pytest.raises(ConfigError) as built:
+        LoadBalancer.from_config(config)
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps(config))
+    result = run("check", str(path))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr == f"tai-lb: invalid configuration: {built.value}\n"
+    assert "metrics.statsd.host: cannot resolve 'nonexistent.invalid'" in result.stderr
+
+
+def test_check_metrics_prometheus_without_prometheus_client_exits_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"services": {}, "metrics": {"prometheus": {}}}))
+    assert main(["check", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "tai-lb: invalid configuration: metrics.prometheus: Prometheus export needs "
+        "prometheus_client: pip install 'tai-lb[prometheus]'\n")
 
 
 def test_check_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -112,6 +113,24 @@ def test_without_statsd_nothing_is_sent_and_no_thread_runs(clock: FakeClock) -> 
         assert not any(t.name == "tai-lb-metrics" for t in threading.enumerate())
         assert lb.status()["metrics"] == {"statsd": None, "prometheus": None, "sent": 0,
                                           "errors": 0, "failing": {}}
+
+
+def test_metrics_prometheus_without_prometheus_client_fails_at_load(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    with pytest.raises(ConfigError) as caught:
+        load_config({"services": {}, "metrics": {"prometheus": {"namespace": "app"}}})
+    assert caught.value.path == "metrics.prometheus"
+    assert caught.value.reason == ("Prometheus export needs prometheus_client: "
+                                   "pip install 'tai-lb[prometheus]'")
+
+
+def test_load_config_leaves_the_statsd_lookup_to_construction() -> None:
+    config = load_config({"services": {}, "metrics": {"statsd": {"host": "nonexistent.invalid"}}})
+    assert config.metrics.statsd is not None
+    with pytest.raises(ConfigError) as caught:
+        LoadBalancer(config=config)
+    assert caught.value.path == "metrics.statsd.host"
 
 
 @pytest.mark.parametrize(("metrics", "path", "fragment"), [
