@@ -16,15 +16,20 @@ from tai_lb import ConnectionPool, Endpoint, LoadBalancer, ServiceRegistry
 from tai_lb.config import LoadBalancerConfig, ServiceConfig, load_config
 
 
-def config(**top: Any) -> LoadBalancerConfig:
-    """A minimal configuration: one service, ``users``, with one endpoint, and ``top``."""
-    return load_config({"services": {"users": {"endpoints": ["127.0.0.1:8001"]}}, **top})
+# Any: the cases read optional parts (affinity, locality, ...) that the key they pass has set.
+def config(**top: Any) -> Any:
+    """A minimal configuration (a :class:`LoadBalancerConfig`): one service, ``users``, with one
+    endpoint, and ``top``."""
+    built: LoadBalancerConfig = load_config(
+        {"services": {"users": {"endpoints": ["127.0.0.1:8001"]}}, **top})
+    return built
 
 
-def service(**keys: Any) -> ServiceConfig:
-    """The parsed settings of a minimal service with ``keys`` added."""
-    return load_config({"services": {"users": {"endpoints": ["127.0.0.1:8001"], **keys}}}
-                       ).services["users"]
+def service(**keys: Any) -> Any:
+    """The parsed settings (a :class:`ServiceConfig`) of a minimal service with ``keys``."""
+    settings: ServiceConfig = load_config(
+        {"services": {"users": {"endpoints": ["127.0.0.1:8001"], **keys}}}).services["users"]
+    return settings
 
 
 def registry_strategy() -> str:
