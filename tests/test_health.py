@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 from tai_lb import ConfigError, Endpoint, LoadBalancer, NoEndpointAvailable, ServiceRegistry
 from tai_lb.config import ServiceConfig, load_config
 from tai_lb.health import HealthCheckConfig, HealthChecker
 
-from .backends import Backend
+from .backends import Backend, Factory, sni_recording_context
 from .conftest import FakeClock, wait_for
 
 FAST = {"interval": 0.05, "jitter": 0.2, "timeout": 0.5, "healthy_threshold": 2,
@@ -69,6 +70,62 @@ def test_http_check_takes_an_endpoint_out_and_back(servers: list[Backend]) -> No
         assert wait_for(lambda: a.address in {lb.pick("users").address for _ in range(20)})
     probe = next(r for r in a.received if r["path"] == "/healthz")
     assert probe["headers"]["Host"] == "users"  # probes carry the service name
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def https_lb(address: str, verify: Any) -> LoadBalancer:
+    return LoadBalancer.from_config({"services": {"users": {
+        "endpoints": [address], "scheme": "https",
+        "health_check": {"path": "/healthz", **FAST, "verify": verify}}}})
+
+
+def endpoint_health(lb: LoadBalancer, address: str) -> str:
+    state: str = lb.status()["services"]["users"]["endpoints"][address]["health"]
+    return state
+
+
+def check_details(lb: LoadBalancer, address: str) -> list[tuple[bool, str]]:
+    health = lb.health_checker.health("users", address)
+    return [] if health is None else [(ok, detail) for _, ok, detail in health.history]
+
+
+@pytest.mark.parametrize(("cert_name", "verify"), [("users", "bundle"), ("billing", False)],
+                         ids=["verified_against_the_ca", "verify_false_accepts_another_name"])
+def test_https_check_probes_over_tls_with_the_service_name(
+        backend_factory: Factory, ca: trustme.CA, tmp_path: Any, cert_name: str,
+        verify: Any) -> None:
+    # SPEC: "Health checks probe with the service's scheme and a Host header of the service name"
+    backend = backend_factory(tls_context=sni_recording_context(ca.issue_cert(cert_name)))
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with https_lb(backend.address, str(bundle) if verify == "bundle" else verify) as lb:
+        assert wait_for(lambda: len(check_details(lb, backend.address)) >= 2)
+        assert set(check_details(lb, backend.address)) == {(True, "HTTP 200")}
+        assert endpoint_health(lb, backend.address) == "healthy"
+    with backend.lock:
+        probes = [r for r in backend.received if r["path"] == "/healthz"]
+    assert probes and all(r["sni"] == "users" for r in probes)  # over TLS, SNI the service
+    assert all(r["host_headers"] == ["users"] for r in probes)
+
+
+@pytest.mark.parametrize("wrong", ["certificate_for_another_name", "unknown_ca"])
+def test_https_check_fails_an_endpoint_whose_certificate_does_not_verify(
+        backend_factory: Factory, ca: trustme.CA, tmp_path: Any, wrong: str) -> None:
+    name = "billing" if wrong == "certificate_for_another_name" else "users"
+    backend = backend_factory(tls_context=sni_recording_context(ca.issue_cert(name)))
+    bundle = tmp_path / "ca.pem"
+    (ca if wrong == "certificate_for_another_name" else trustme.CA()).cert_pem.write_to_path(
+        str(bundle))
+    with https_lb(backend.address, str(bundle)) as lb:
+        assert wait_for(lambda: endpoint_health(lb, backend.address) == "unhealthy")
+        details = check_details(lb, backend.address)
+    assert details and all(not ok and detail.startswith("SSLCertVerificationError")
+                           for ok, detail in details)
+    assert backend.received == []  # no probe got past the handshake
 
 
 def test_tcp_check_notices_a_dead_endpoint(servers: list[Backend]) -> None:
@@ -142,6 +199,32 @@ def test_panic_spreads_over_all_and_fail_closed_refuses() -> None:
         assert wait_for(lambda: lb.status()["services"]["users"]["endpoints_pickable"] == 0)
         with pytest.raises(NoEndpointAvailable, match="4 of 4 unhealthy"):
             lb.pick("users")
+
+
+@pytest.mark.parametrize(("healthy", "panic"), [(2, False), (1, True)],
+                         ids=["2_of_4_at_threshold", "1_of_4_below_threshold"])
+def test_panic_starts_strictly_below_the_threshold(healthy: int, panic: bool) -> None:
+    # SPEC: "Panic starts when the healthy share is strictly below the threshold": 2 of 4 is
+    # exactly 0.5, so only the two healthy endpoints are picked; 1 of 4 is below, so all four.
+    addresses = [f"10.0.0.{i}:80" for i in range(1, 5)]
+    good = set(addresses[:healthy])
+    config = ServiceConfig(endpoints=tuple(Endpoint.parse(a) for a in addresses),
+                           health_check=HealthCheckConfig(
+                               type="function", function=lambda e: e.address in good,
+                               interval=0.02, unhealthy_threshold=1, healthy_threshold=1,
+                               panic_threshold=0.5, skip_if_traffic=False))
+    with LoadBalancer(config=load_config({"services": {}}).new(services={"users": config})) as lb:
+        assert wait_for(lambda: all(not lb.health_checker.is_healthy("users", a)
+                                    for a in addresses if a not in good))
+
+        def route_is(in_panic: bool, pickable: int) -> bool:
+            service = lb.status()["services"]["users"]
+            return bool(service["panic"] is in_panic and service["endpoints_pickable"] == pickable)
+
+        # the route is rebuilt off the request path: wait for it to reflect every failed check
+        assert wait_for(lambda: route_is(panic, 4 if panic else healthy))
+        picked = {lb.pick("users").address for _ in range(200)}
+    assert picked == (set(addresses) if panic else good)
 
 
 def test_a_hanging_check_never_delays_the_others() -> None:
