@@ -125,11 +125,19 @@ class Skipped:
             self.examples.append(reason[:200])
 
     def report(self, logger: logging.Logger, provider: Provider, source: str,
-               what: str) -> None:
+               what: str, lock: Optional[threading.Lock] = None) -> None:
         """Add the count to ``provider.skipped`` and log one warning naming ``source`` and
-        ``what`` was skipped (a plural noun: ``"malformed endpoint(s)"``), if any was."""
+        ``what`` was skipped (a plural noun: ``"malformed endpoint(s)"``), if any was.
+
+        :param lock: the provider's lock, for a provider that reads on more than one thread:
+            the count is added under it (the warning is logged after it is released).
+        """
         if self.count:
-            provider.skipped += self.count
+            if lock is None:
+                provider.skipped += self.count
+            else:
+                with lock:
+                    provider.skipped += self.count
             logger.warning("tai-lb: %s: skipping %d %s, such as: %s", source, self.count, what,
                            "; ".join(self.examples))
 

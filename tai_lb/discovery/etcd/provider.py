@@ -183,7 +183,7 @@ class EtcdProvider(Provider):
             seen.add(endpoint.address)
             endpoints.append(endpoint)
         self._repeats = repeats
-        skipped.report(log, self, self._source, "key(s) repeating an endpoint")
+        skipped.report(log, self, self._source, "key(s) repeating an endpoint", self._lock)
         return endpoints
 
     @property
@@ -211,7 +211,8 @@ class EtcdProvider(Provider):
                 endpoint = old.get(key)  # a bad value keeps the key's last good one
             if endpoint is not None:
                 entries[key] = endpoint
-        skipped.report(log, self, self._source, "key(s) holding no valid endpoint")
+        skipped.report(log, self, self._source, "key(s) holding no valid endpoint",
+                       self._lock)
         with self._lock:
             changed = entries != self._entries
             self._entries = entries
@@ -237,7 +238,8 @@ class EtcdProvider(Provider):
             endpoint = self._parse(key, unb64(kv.get("value", "")), skipped)
             if endpoint is not None:
                 updates[key] = endpoint
-        skipped.report(log, self, self._source, "key(s) holding no valid endpoint")
+        skipped.report(log, self, self._source, "key(s) holding no valid endpoint",
+                       self._lock)
         with self._lock:
             for key, endpoint in updates.items():
                 if endpoint is None:
