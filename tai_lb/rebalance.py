@@ -29,6 +29,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _forksafe
+from ._threads import ThreadOwner
 from .routing.rebalancing import (
     ADDRESSES_SHOWN,
     EVENTS_KEPT,
@@ -59,8 +60,9 @@ class _Drain:
         self.deadline = deadline
 
 
-class Rebalancer:
-    """The rebalancing of every service of a balancer, and the thread that moves it on.
+class Rebalancer(ThreadOwner):
+    """The rebalancing of every service of a balancer, and the thread that moves it on (the
+    ``tai-lb-rebalance`` thread, while something ramps or drains).
 
     :param config: the balancer's settings (each service's ``rebalance`` and ``slow_start``).
     :param clock: the balancer's monotonic clock (ramps and drain deadlines run on it).
@@ -69,16 +71,13 @@ class Rebalancer:
 
     def __init__(self, config: LoadBalancerConfig, clock: Callable[[], float],
                  rebuild: Callable[[str], None]) -> None:
+        super().__init__()  # its lock guards the tables and the thread's start and end
         self._config = config
         self.clock = clock
         #: rebuilds the route of a service
         self.rebuild = rebuild
         self._services: dict[str, ServiceRebalance] = {}
         self._drains: list[_Drain] = []
-        self._lock = threading.Lock()  # guards the tables and the thread's start and end
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._closed = False
         #: False while the balancer is being built: endpoints added then start at full weight
         self.built = False
         _forksafe.after_fork_in_child(self, Rebalancer._reset_after_fork)
@@ -183,26 +182,8 @@ class Rebalancer:
             except Exception:  # never let a round end the thread
                 log.exception("tai-lb: a round of rebalancing failed")
 
-    @property
-    def thread(self) -> Optional[threading.Thread]:
-        """The ``tai-lb-rebalance`` thread while something ramps or drains, else None."""
-        return self._thread
-
-    def close(self) -> None:
-        """Stop the thread (it ends within a second); safe to call twice."""
-        with self._lock:
-            self._closed = True
-            thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
-
     def _reset_after_fork(self) -> None:
-        # The parent's thread does not exist here, and its lock may have been held at the fork.
-        _forksafe.inherited(self._lock, self._thread, self._stop)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
+        self._fresh_after_fork()
         for state in self._services.values():
             _forksafe.inherited(state.lock)
             state.lock = threading.Lock()

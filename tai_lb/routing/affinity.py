@@ -36,6 +36,7 @@ import cachetools
 
 from .. import _forksafe
 from .._settings import MAX_SECONDS, Settings, check_int, check_number, doc, keyed_settings
+from .._threads import ThreadOwner
 from ..strategies.hashing import key_bytes
 from .picking import excluding
 
@@ -163,8 +164,9 @@ class _Table(cachetools.LRUCache):  # type: ignore[type-arg]
         return len(oldest) == limit
 
 
-class Affinity:
-    """Stage and selector: the sticky endpoint of each key of one service.
+class Affinity(ThreadOwner):
+    """Stage and selector: the sticky endpoint of each key of one service, and the thread that
+    expires keys (``tai-lb-affinity-<service>``, started with the first pinned key).
 
     :param service: the service's name (for the thread's name and logs).
     :param config: its affinity settings.
@@ -174,11 +176,11 @@ class Affinity:
 
     def __init__(self, service: str, config: AffinityConfig, clock: Callable[[], float],
                  interval: float = 1.0) -> None:
+        super().__init__()  # its lock guards the table, the counters and the move budget
         self.service = service
         self.config = config
         self.clock = clock
         self.interval = interval
-        self._lock = threading.Lock()  # guards the table, the counters and the move budget
         #: key -> (address, the tick its TTL last started in; a tick is a tenth of the TTL): a
         #: hit in a later tick starts it again, so a key expires 0.9 to 1 TTL after its last use
         self._table = _Table(config.max_entries)
@@ -188,9 +190,6 @@ class Affinity:
         self.hits = self.misses = self.repins = self.deferred = 0
         self._tokens = self._rate = config.max_moves_per_second
         self._refilled = clock()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._closed = False
         _forksafe.after_fork_in_child(self, Affinity._reset_after_fork)
 
     # -- stage ------------------------------------------------------------------------------
@@ -297,11 +296,6 @@ class Affinity:
 
     # -- the expiry thread ------------------------------------------------------------------
 
-    @property
-    def thread(self) -> Optional[threading.Thread]:
-        """The expiry thread, once a key has been pinned (None before, and after close)."""
-        return self._thread
-
     def _start(self) -> None:
         # Called with the lock held, on a pin: the thread starts with the first key.
         if self._thread is None and not self._closed:
@@ -317,22 +311,8 @@ class Affinity:
             except Exception:  # never let a sweep end the thread
                 log.exception("tai-lb: expiring the affinity keys of %s failed", self.service)
 
-    def close(self) -> None:
-        """Stop the expiry thread (it ends within a second); safe to call twice."""
-        with self._lock:  # no pin starts a thread after this
-            self._closed = True
-            thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
-
     def _reset_after_fork(self) -> None:
-        # The parent's thread does not exist here, and its lock may have been held at the fork:
-        # a fresh lock, and a new thread with the next pin (the table is kept).
-        _forksafe.inherited(self._lock, self._thread, self._stop)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
+        self._fresh_after_fork()  # a new thread with the next pin (the table is kept)
         if not self._closed and len(self._table):
             with self._lock:
                 self._start()
