@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import json
 import os
 import select
@@ -10,12 +12,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from collections.abc import Hashable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pytest
 
 from .backends import Backend, Factory
+
+if TYPE_CHECKING:
+    from tai_lb import Endpoint, LoadBalancer
 
 THREAD_PREFIX = "tai-lb"
 
@@ -41,6 +46,32 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.005)
     return condition()
+
+
+def picks_by(lb: LoadBalancer, of: Callable[[Endpoint], Hashable], picks: int,
+             threads: int = 4, key: Any = None, service: str = "svc",
+             ) -> collections.Counter[Any]:
+    """``of(endpoint)`` counted over ``picks`` picks (and releases) of ``service`` from
+    ``threads`` threads, each run in a copy of the caller's routing context."""
+    counts: collections.Counter[Any] = collections.Counter()
+    lock = threading.Lock()
+
+    def run() -> None:
+        mine: collections.Counter[Any] = collections.Counter()
+        for _ in range(picks // threads):
+            lease = lb.pick(service, key)
+            mine[of(lease.endpoint)] += 1
+            lease.done()
+        with lock:
+            counts.update(mine)
+
+    workers = [threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                                name=f"test-picker-{i}") for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return counts
 
 
 def open_descriptors() -> dict[int, str]:

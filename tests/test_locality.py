@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import pickle
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ from tai_lb.routing.locality import LocalityConfig, zone_split
 from tai_lb.strategies import resolve_strategy
 from tai_lb.trace import trace_of
 
-from .conftest import in_forked_child, wait_for
+from .conftest import in_forked_child, picks_by, wait_for
 
 ZONES = {"a": 3, "b": 5, "c": 4}
 
@@ -61,23 +60,7 @@ def _balancer(health: Health, zone: Optional[str] = "a", endpoints: Any = None,
 def _zone_shares(lb: LoadBalancer, picks: int = 12_000, threads: int = 4,
                  key: Any = None) -> dict[Optional[str], float]:
     """The share of picks per zone, ``picks`` picks from ``threads`` threads."""
-    counts: collections.Counter[Optional[str]] = collections.Counter()
-    lock = threading.Lock()
-
-    def run() -> None:
-        mine: collections.Counter[Optional[str]] = collections.Counter()
-        for _ in range(picks // threads):
-            lease = lb.pick("svc", key)
-            mine[lease.endpoint.zone] += 1
-            lease.done()
-        with lock:
-            counts.update(mine)
-
-    workers = [threading.Thread(target=run, name=f"test-picker-{i}") for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    counts = picks_by(lb, lambda endpoint: endpoint.zone, picks, threads, key)
     total = sum(counts.values())
     return {zone: n / total for zone, n in counts.items()}
 

@@ -4,7 +4,6 @@ zone, region or label equals it; tables prepared per route build, never per pick
 from __future__ import annotations
 
 import collections
-import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ from tai_lb.stats import EndpointStats
 from tai_lb.strategies import ConsistentHash, Picker, RoundRobin, resolve_strategy
 from tai_lb.trace import trace_of
 
-from .conftest import FakeClock
+from .conftest import FakeClock, picks_by
 
 VERSIONS = {"1": 4, "2": 2}
 
@@ -48,27 +47,7 @@ def _versions(lb: LoadBalancer, picks: int = 400, key: Any = None,
               threads: int = 4) -> collections.Counter[Optional[str]]:
     """The versions picked by ``picks`` picks from ``threads`` threads, in the caller's
     routing context (each thread runs in a copy of it)."""
-    import contextvars
-
-    counts: collections.Counter[Optional[str]] = collections.Counter()
-    lock = threading.Lock()
-
-    def run() -> None:
-        mine: collections.Counter[Optional[str]] = collections.Counter()
-        for _ in range(picks // threads):
-            lease = lb.pick("svc", key)
-            mine[lease.endpoint.version] += 1
-            lease.done()
-        with lock:
-            counts.update(mine)
-
-    workers = [threading.Thread(target=contextvars.copy_context().run, args=(run,),
-                                name=f"test-picker-{i}") for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return counts
+    return picks_by(lb, lambda endpoint: endpoint.version, picks, threads, key)
 
 
 def test_a_value_in_the_routing_context_picks_within_its_subset() -> None:
