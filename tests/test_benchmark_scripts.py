@@ -12,202 +12,76 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_picks_benchmark_quick_mode_prints_its_tables() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "picks.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    for name in ("round_robin", "consistent_hash", "peak_ewma", "x raw GET"):
-        assert name in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+CHECKOUT = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
+
+#: script and its arguments besides --quick, the longest it may take, what its output shows
+QUICK_RUNS = [
+    ("picks.py", (), 300, ("round_robin", "consistent_hash", "peak_ewma", "x raw GET")),
+    ("discovery.py", (), 300, ("set_endpoints: half of the set replaced",
+                               "deregister(): one endpoint", "consistent_hash",
+                               "round_robin, checked", "target ms")),
+    ("faults.py", ("--trickle",), 300, ("status line, a byte per", "chunked body",
+                                        "streamed body", "x deadline")),
+    ("pool_fairness.py", (), 120, ("urllib3 LifoQueue", "tai-lb FairQueue", "p99 / p50",
+                                   "per-thread requests")),
+    ("churn.py", (), 120, ("round_robin", "consistent_hash", "steady", "churn", "p99.9 ms")),
+    ("pool.py", (), 120, ("queue.Queue get/put", "ConnectionPool borrow/return",
+                          "lb.connection()", "vs queue.Queue",
+                          "target ConnectionPool borrow and return <= 20 us")),
+    ("hashing.py", (), 120, ("consistent_hash", "maglev", "memory MB", "moved x 1/10",
+                             "at home >= 90%")),
+    ("affinity.py", (), 120, ("plain pick", "affinity hit", "vs plain pick",
+                              "1,000,000 entries")),
+    ("locality.py", (), 120, ("ideal local %", "measured local %", "plain pick",
+                              "zone aware + subset", "vs plain pick", "local share vs ideal")),
+    ("metrics_overhead.py", (), 120, ("| off |", "| on |", "| on + StatsD |",
+                                      "| on + Prometheus |", "x off", "| OTel absent |",
+                                      "| OTel API, no SDK |", "| OTel SDK, recording |")),
+    ("slow_start.py", (), 120, ("round_robin", "weighted", "least_connections", "peak_ewma",
+                                "first 10% x steady", "last 5% x steady", "steady share")),
+    ("integrations.py", (), 120, ("| Flask | integration |",
+                                  "| Django | integration, keys read |", "x plain")),
+    ("prober_sharing.py", (), 120, ("1 worker", "8 workers, alone", "8 workers, shared",
+                                    "x one worker", "sees a failure within")),
+]
+
+
+def quick_run(script: str, *args: str, timeout: float = 120) -> str:
+    """Run ``benchmarks/<script> <args> --quick`` with this checkout's tai_lb; check that it
+    succeeded and left RESULTS.md as it was, and return what it printed."""
+    before = RESULTS.read_text() if RESULTS.exists() else None
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--quick"],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          env=CHECKOUT)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert (RESULTS.read_text() if RESULTS.exists() else None) == before
+    return done.stdout
 
 
 @pytest.mark.slow
-def test_discovery_benchmark_quick_mode_prints_its_tables() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "discovery.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    for text in ("set_endpoints: half of the set replaced", "deregister(): one endpoint",
-                 "consistent_hash", "round_robin, checked", "target ms"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_faults_benchmark_trickle_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--trickle",
-                           "--quick"], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    for text in ("status line, a byte per", "chunked body", "streamed body", "x deadline"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_pool_fairness_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pool_fairness.py"),
-                           "--quick"], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    for text in ("urllib3 LifoQueue", "tai-lb FairQueue", "p99 / p50", "per-thread requests"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_churn_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    for text in ("round_robin", "consistent_hash", "steady", "churn", "p99.9 ms"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_pool_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pool.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    for text in ("queue.Queue get/put", "ConnectionPool borrow/return", "lb.connection()",
-                 "vs queue.Queue", "target ConnectionPool borrow and return <= 20 us"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-
-@pytest.mark.slow
-def test_hashing_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hashing.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, check=False, env=env)
-    assert done.returncode == 0, done.stderr
-    for text in ("consistent_hash", "maglev", "memory MB", "moved x 1/10", "at home >= 90%"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_affinity_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "affinity.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, check=False, env=env)
-    assert done.returncode == 0, done.stderr
-    for text in ("plain pick", "affinity hit", "vs plain pick", "1,000,000 entries"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-
-@pytest.mark.slow
-def test_locality_benchmark_quick_mode_prints_its_tables() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "locality.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, check=False, env=env)
-    assert done.returncode == 0, done.stderr
-    for text in ("ideal local %", "measured local %", "plain pick", "zone aware + subset",
-                 "vs plain pick", "local share vs ideal"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_metrics_overhead_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "metrics_overhead.py"),
-                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    for text in ("| off |", "| on |", "| on + StatsD |", "| on + Prometheus |", "x off",
-                 "| OTel absent |", "| OTel API, no SDK |", "| OTel SDK, recording |"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_slow_start_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slow_start.py"),
-                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    for strategy in ("round_robin", "weighted", "least_connections", "peak_ewma"):
-        assert strategy in done.stdout
-    for text in ("first 10% x steady", "last 5% x steady", "steady share"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-
-@pytest.mark.slow
-def test_integrations_benchmark_quick_mode_prints_its_table() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integrations.py"),
-                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    for text in ("| Flask | integration |", "| Django | integration, keys read |", "x plain"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
-
-
-@pytest.mark.slow
-def test_prober_sharing_benchmark_quick_mode_prints_its_tables() -> None:
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prober_sharing.py"),
-                           "--quick"], capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's tai_lb
-    assert done.returncode == 0, done.stderr
-    for text in ("1 worker", "8 workers, alone", "8 workers, shared", "x one worker",
-                 "sees a failure within"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
+@pytest.mark.parametrize(("script", "args", "timeout", "shown"), QUICK_RUNS,
+                         ids=[run[0] for run in QUICK_RUNS])
+def test_a_benchmark_s_quick_mode_prints_its_tables_and_writes_nothing(
+        script: str, args: tuple[str, ...], timeout: float, shown: tuple[str, ...]) -> None:
+    printed = quick_run(script, *args, timeout=timeout)
+    for text in shown:
+        assert text in printed
 
 
 @pytest.mark.slow
 def test_fuzz_config_benchmark_prints_its_table_and_writes_only_its_section(
         tmp_path: Path) -> None:
-    script = ROOT / "benchmarks" / "fuzz_config.py"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tai_lb, not an installed one
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    before = results.read_text() if results.exists() else None
-    done = subprocess.run([sys.executable, str(script), "--quick", "-n", "40"],
-                          capture_output=True, text=True, timeout=120, check=False, env=env)
-    assert done.returncode == 0, done.stderr + done.stdout
+    printed = quick_run("fuzz_config.py", "-n", "40")
     for text in ("| configurations tried | 40 |", "| ConfigError |", "| other exceptions | 0 |",
                  "| runs leaving tai-lb threads | 0 |", "| seed | 2026 |"):
-        assert text in done.stdout
-    assert (results.read_text() if results.exists() else None) == before
+        assert text in printed
     # Without --quick it replaces its own section of the results file, and nothing else.
     other = tmp_path / "RESULTS.md"
     other.write_text("# Results\n\n## picks.py\n\nkept\n")
-    done = subprocess.run([sys.executable, str(script), "-n", "20", "--seed", "5", "--results",
-                           str(other)], capture_output=True, text=True, timeout=120,
-                          check=False, env=env)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz_config.py"), "-n",
+                           "20", "--seed", "5", "--results", str(other)], capture_output=True,
+                          text=True, timeout=120, check=False, env=CHECKOUT)
     assert done.returncode == 0, done.stderr + done.stdout
     text = other.read_text()
     assert "## picks.py\n\nkept\n" in text
