@@ -72,7 +72,7 @@ class LoadBalancer:
                  clock: Clock = time.monotonic) -> None:
         self.registry = registry if registry is not None else ServiceRegistry()
         self.config = config if config is not None else LoadBalancerConfig()
-        self._default_strategy = resolve_strategy(strategy)
+        self._defaults = ServiceConfig(strategy=resolve_strategy(strategy))  # made once
         self.clock = clock
         self._lock = threading.Lock()  # guards the tables below (never held while building)
         self._services: dict[str, ServiceRouting] = {}
@@ -197,7 +197,7 @@ class LoadBalancer:
         if service not in self.registry:
             raise UnknownService(service)
         settings = self.config.services.get(service)
-        return settings if settings is not None else ServiceConfig(strategy=self._default_strategy)
+        return settings if settings is not None else self._defaults
 
     def strategy_name(self, service: str) -> str:
         """The name of the strategy ``service`` uses."""
@@ -326,7 +326,7 @@ class LoadBalancer:
     def __reduce__(self) -> tuple[Any, ...]:
         # The recipe (configuration, endpoints, default strategy): a pickled session balances.
         endpoints = {name: self.registry.endpoints(name) for name in self.registry.services()}
-        return (_restore, (self.config, endpoints, self._default_strategy))
+        return (_restore, (self.config, endpoints, self._defaults.strategy))
 
     def __enter__(self) -> LoadBalancer:
         return self
