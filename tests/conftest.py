@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -72,6 +73,18 @@ def picks_by(lb: LoadBalancer, of: Callable[[Endpoint], Hashable], picks: int,
     for worker in workers:
         worker.join()
     return counts
+
+
+def end_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> str:
+    """Stop ``process``: SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds.
+    Returns its standard error when that was piped ("" when not)."""
+    process.terminate()
+    try:
+        errors = process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        errors = process.communicate()[1]
+    return errors.decode(errors="replace") if isinstance(errors, bytes) else errors or ""
 
 
 def open_descriptors() -> dict[int, str]:

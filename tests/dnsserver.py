@@ -25,6 +25,8 @@ import dns.message
 import dns.query
 import pytest
 
+from .conftest import end_process
+
 ZONE = "tai.test"
 MISSING = ("dnsmasq is not installed: run scripts/test.sh, which installs the Debian package "
            "dnsmasq-base")
@@ -167,12 +169,7 @@ class DnsServer:
         """Stop dnsmasq (the port and the records stay for the next start)."""
         process, self._process = self._process, None
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            end_process(process, 5)
 
     def log_text(self) -> str:
         """The end of dnsmasq's log, for failure messages."""

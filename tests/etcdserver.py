@@ -13,6 +13,8 @@ import pytest
 
 from tai_lb.discovery.etcd import EtcdClient, EtcdError
 
+from .conftest import end_process
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -75,12 +77,7 @@ class EtcdServer:
         """Stop etcd (its data stays for the next start)."""
         process, self._process = self._process, None
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            end_process(process)
 
     def client(self) -> EtcdClient:
         """A client of this server (for the tests' own writes)."""

@@ -14,6 +14,7 @@ from typing import Optional
 import pytest
 import redis
 
+from .conftest import end_process
 from .etcdserver import free_port, installed_program
 
 
@@ -61,12 +62,7 @@ class RedisServer:
         """Stop redis-server (its keys are lost: nothing is saved); again does nothing."""
         process, self._process = self._process, None
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            end_process(process)
 
     @property
     def running(self) -> bool:

@@ -27,7 +27,7 @@ from redis.retry import Retry
 from tai_lb import Endpoint, LoadBalancer
 
 from .backends import Factory
-from .conftest import wait_for
+from .conftest import end_process, wait_for
 from .redisserver import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,12 +247,7 @@ def gunicorn(target: str, env: dict[str, str]) -> Iterator[str]:
         assert wait_for(up, timeout=30)
         yield url
     finally:
-        process.terminate()
-        try:
-            errors = process.communicate(timeout=15)[1].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            process.kill()
-            errors = process.communicate()[1].decode(errors="replace")
+        errors = end_process(process, 15)
     assert process.returncode == 0, f"gunicorn exited with {process.returncode}: {errors}"
     assert "Traceback" not in errors, errors
 

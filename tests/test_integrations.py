@@ -27,7 +27,7 @@ from tai_lb.integrations import WebSettings
 from tai_lb.integrations.flask import TaiLB
 
 from .backends import Backend
-from .conftest import in_forked_child, wait_for
+from .conftest import end_process, in_forked_child, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
@@ -109,12 +109,7 @@ def _gunicorn(target: str, config: dict[str, Any]) -> Iterator[tuple[str, subpro
     try:
         yield url, process
     finally:
-        process.terminate()
-        try:
-            errors = process.communicate(timeout=15)[1].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            process.kill()
-            errors = process.communicate()[1].decode(errors="replace")
+        errors = end_process(process, 15)
     assert process.returncode == 0, f"gunicorn exited with {process.returncode}: {errors}"
     assert "Traceback" not in errors, errors  # no worker failed, at exit included
 

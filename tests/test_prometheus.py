@@ -25,7 +25,7 @@ from tai_lb.request_metrics import ERROR_KINDS
 
 from .backends import Backend
 from .backends import status as backend_status
-from .conftest import wait_for
+from .conftest import end_process, wait_for
 from .prometheus_app import PRELOADED
 
 NAMES = ("requests", "retries", "retry_refusals", "request_duration_seconds",
@@ -251,12 +251,7 @@ def test_gunicorn_multiprocess_mode_sums_the_workers(backends: tuple[Backend, Ba
         assert len(list(multiproc.glob("counter_*.db"))) == len(set(pids)) + (1 if preload
                                                                                else 0)
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        end_process(server)
 
 
 def test_without_prometheus_client_the_key_is_a_config_error() -> None:
